@@ -1,0 +1,469 @@
+//! The SQL shared by both backends, written once: both engines accept the
+//! same statements (`$N` placeholders, `RETURNING`, `ON CONFLICT`), so a
+//! macro instantiates one implementation per sqlx driver.
+
+macro_rules! impl_backend {
+    ($backend:ident, $db:ty, $notify:expr) => {
+        #[async_trait::async_trait]
+        impl $crate::storage::Backend for $backend {
+            async fn apply(
+                &self,
+                ops: &[$crate::storage::WriteOp],
+            ) -> portico_core::Result<Vec<$crate::storage::Event>> {
+                use $crate::storage::{db_error, op_code, Event, Op, PutMode, WriteOp};
+                use sqlx::Row;
+                let mut tx = self.pool.begin().await.map_err(db_error)?;
+                // Lock the counter first: writers queue here until the holder
+                // commits, so revision order is commit order and existence
+                // checks below cannot race another writer.
+                let start: i64 = sqlx::query("UPDATE revision_counter SET value = value WHERE id = 1 RETURNING value")
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(db_error)?
+                    .try_get(0)
+                    .map_err(db_error)?;
+                let mut rev = start;
+                let mut events = Vec::with_capacity(ops.len());
+                for op in ops {
+                    match op {
+                        WriteOp::Put { kind, name, value, expires, mode } => {
+                            let existing = sqlx::query(
+                                "SELECT revision FROM resources WHERE kind = $1 AND name = $2",
+                            )
+                            .bind(kind.as_str())
+                            .bind(name.as_str())
+                            .fetch_optional(&mut *tx)
+                            .await
+                            .map_err(db_error)?;
+                            match (mode, existing.is_some()) {
+                                (PutMode::Create, true) => {
+                                    return Err(portico_core::Error::already_exists(format!(
+                                        "{kind} {name:?} already exists; use -f to overwrite it"
+                                    )));
+                                }
+                                (PutMode::Update, false) => {
+                                    return Err(portico_core::Error::not_found(format!(
+                                        "{kind} {name:?} not found"
+                                    )));
+                                }
+                                _ => {}
+                            }
+                            rev += 1;
+                            sqlx::query(
+                                "INSERT INTO resources (kind, name, revision, value, expires) VALUES ($1, $2, $3, $4, $5)
+                                 ON CONFLICT (kind, name) DO UPDATE SET revision = excluded.revision, value = excluded.value, expires = excluded.expires",
+                            )
+                            .bind(kind.as_str())
+                            .bind(name.as_str())
+                            .bind(rev)
+                            .bind(value.as_str())
+                            .bind(*expires)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db_error)?;
+                            let ev = Event { revision: rev, op: Op::Put, kind: *kind, name: name.clone(), value: value.clone() };
+                            insert_event(&mut tx, &ev).await?;
+                            events.push(ev);
+                        }
+                        WriteOp::Delete { kind, name, expired_before } => {
+                            let row = sqlx::query(
+                                "SELECT value, expires FROM resources WHERE kind = $1 AND name = $2",
+                            )
+                            .bind(kind.as_str())
+                            .bind(name.as_str())
+                            .fetch_optional(&mut *tx)
+                            .await
+                            .map_err(db_error)?;
+                            let Some(row) = row else {
+                                if expired_before.is_some() {
+                                    continue;
+                                }
+                                return Err(portico_core::Error::not_found(format!(
+                                    "{kind} {name:?} not found"
+                                )));
+                            };
+                            let value: String = row.try_get(0).map_err(db_error)?;
+                            let expires: Option<i64> = row.try_get(1).map_err(db_error)?;
+                            if let Some(t) = expired_before {
+                                if !matches!(expires, Some(e) if e < *t) {
+                                    continue;
+                                }
+                            }
+                            rev += 1;
+                            sqlx::query("DELETE FROM resources WHERE kind = $1 AND name = $2")
+                                .bind(kind.as_str())
+                                .bind(name.as_str())
+                                .execute(&mut *tx)
+                                .await
+                                .map_err(db_error)?;
+                            let ev = Event { revision: rev, op: Op::Delete, kind: *kind, name: name.clone(), value };
+                            insert_event(&mut tx, &ev).await?;
+                            events.push(ev);
+                        }
+                    }
+                }
+                if !events.is_empty() {
+                    sqlx::query("UPDATE revision_counter SET value = $1 WHERE id = 1")
+                        .bind(rev)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db_error)?;
+                    sqlx::query($notify).execute(&mut *tx).await.map_err(db_error)?;
+                }
+                tx.commit().await.map_err(db_error)?;
+                let _ = op_code;
+                Ok(events)
+            }
+
+            async fn get(
+                &self,
+                kind: portico_core::Kind,
+                name: &str,
+            ) -> portico_core::Result<Option<$crate::storage::Record>> {
+                use $crate::storage::db_error;
+                let row = sqlx::query(
+                    "SELECT kind, name, revision, value, expires FROM resources WHERE kind = $1 AND name = $2",
+                )
+                .bind(kind.as_str())
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db_error)?;
+                row.map(|r| record(&r)).transpose()
+            }
+
+            async fn list(
+                &self,
+                kind: portico_core::Kind,
+            ) -> portico_core::Result<Vec<$crate::storage::Record>> {
+                use $crate::storage::db_error;
+                let rows = sqlx::query(
+                    "SELECT kind, name, revision, value, expires FROM resources WHERE kind = $1 ORDER BY name",
+                )
+                .bind(kind.as_str())
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_error)?;
+                rows.iter().map(record).collect()
+            }
+
+            async fn snapshot(
+                &self,
+                kinds: &[portico_core::Kind],
+            ) -> portico_core::Result<(Vec<$crate::storage::Record>, i64)> {
+                use $crate::storage::db_error;
+                use sqlx::Row;
+                let mut tx = self.pool.begin().await.map_err(db_error)?;
+                sqlx::query(Self::SNAPSHOT_ISOLATION).execute(&mut *tx).await.map_err(db_error)?;
+                let rev: i64 = sqlx::query("SELECT value FROM revision_counter WHERE id = 1")
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(db_error)?
+                    .try_get(0)
+                    .map_err(db_error)?;
+                let rows = sqlx::query(
+                    "SELECT kind, name, revision, value, expires FROM resources ORDER BY kind, name",
+                )
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db_error)?;
+                tx.commit().await.map_err(db_error)?;
+                let mut out = Vec::new();
+                for r in &rows {
+                    let rec = record(r)?;
+                    if kinds.is_empty() || kinds.contains(&rec.kind) {
+                        out.push(rec);
+                    }
+                }
+                Ok((out, rev))
+            }
+
+            async fn events_after(
+                &self,
+                after: i64,
+                limit: i64,
+            ) -> portico_core::Result<Vec<$crate::storage::Event>> {
+                use $crate::storage::{db_error, kind_from_db, op_from_code, Event};
+                use sqlx::Row;
+                let mut tx = self.pool.begin().await.map_err(db_error)?;
+                sqlx::query(Self::SNAPSHOT_ISOLATION).execute(&mut *tx).await.map_err(db_error)?;
+                let horizon: i64 = sqlx::query("SELECT value FROM meta WHERE key = 'compacted_through'")
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(db_error)?
+                    .try_get(0)
+                    .map_err(db_error)?;
+                if after < horizon {
+                    return Err(portico_core::Error::new(
+                        portico_core::Code::TooOld,
+                        format!("revision {after} is older than the compaction horizon {horizon}; re-sync from a snapshot"),
+                    ));
+                }
+                let rows = sqlx::query(
+                    "SELECT revision, op, kind, name, value FROM events WHERE revision > $1 ORDER BY revision LIMIT $2",
+                )
+                .bind(after)
+                .bind(limit)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db_error)?;
+                tx.commit().await.map_err(db_error)?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(Event {
+                            revision: r.try_get(0).map_err(db_error)?,
+                            op: op_from_code(r.try_get(1).map_err(db_error)?),
+                            kind: kind_from_db(r.try_get::<&str, _>(2).map_err(db_error)?)?,
+                            name: r.try_get(3).map_err(db_error)?,
+                            value: r.try_get(4).map_err(db_error)?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn current_revision(&self) -> portico_core::Result<i64> {
+                use $crate::storage::db_error;
+                use sqlx::Row;
+                sqlx::query("SELECT value FROM revision_counter WHERE id = 1")
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(db_error)?
+                    .try_get(0)
+                    .map_err(db_error)
+            }
+
+            async fn expired(
+                &self,
+                now_ms: i64,
+            ) -> portico_core::Result<Vec<(portico_core::Kind, String)>> {
+                use $crate::storage::{db_error, kind_from_db};
+                use sqlx::Row;
+                let rows = sqlx::query(
+                    "SELECT kind, name FROM resources WHERE expires IS NOT NULL AND expires < $1 LIMIT 1000",
+                )
+                .bind(now_ms)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_error)?;
+                rows.iter()
+                    .map(|r| {
+                        Ok((
+                            kind_from_db(r.try_get::<&str, _>(0).map_err(db_error)?)?,
+                            r.try_get(1).map_err(db_error)?,
+                        ))
+                    })
+                    .collect()
+            }
+
+            async fn compact(&self, keep: i64) -> portico_core::Result<i64> {
+                use $crate::storage::db_error;
+                use sqlx::Row;
+                let mut tx = self.pool.begin().await.map_err(db_error)?;
+                // Take the writers' lock so the horizon and the deletion agree.
+                let rev: i64 = sqlx::query("UPDATE revision_counter SET value = value WHERE id = 1 RETURNING value")
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(db_error)?
+                    .try_get(0)
+                    .map_err(db_error)?;
+                let horizon = (rev - keep).max(0);
+                let old: i64 = sqlx::query("SELECT value FROM meta WHERE key = 'compacted_through'")
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(db_error)?
+                    .try_get(0)
+                    .map_err(db_error)?;
+                if horizon > old {
+                    sqlx::query("DELETE FROM events WHERE revision <= $1")
+                        .bind(horizon)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db_error)?;
+                    sqlx::query("UPDATE meta SET value = $1 WHERE key = 'compacted_through'")
+                        .bind(horizon)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db_error)?;
+                }
+                tx.commit().await.map_err(db_error)?;
+                Ok(horizon.max(old))
+            }
+
+            async fn set_password(&self, user: &str, hash: &str) -> portico_core::Result<()> {
+                use $crate::storage::db_error;
+                sqlx::query(
+                    "INSERT INTO credentials (username, hash) VALUES ($1, $2)
+                     ON CONFLICT (username) DO UPDATE SET hash = excluded.hash",
+                )
+                .bind(user)
+                .bind(hash)
+                .execute(&self.pool)
+                .await
+                .map_err(db_error)?;
+                Ok(())
+            }
+
+            async fn password(&self, user: &str) -> portico_core::Result<Option<String>> {
+                use $crate::storage::db_error;
+                use sqlx::Row;
+                let row = sqlx::query("SELECT hash FROM credentials WHERE username = $1")
+                    .bind(user)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db_error)?;
+                row.map(|r| r.try_get(0).map_err(db_error)).transpose()
+            }
+
+            async fn delete_principal(&self, user: &str) -> portico_core::Result<()> {
+                use $crate::storage::db_error;
+                let mut tx = self.pool.begin().await.map_err(db_error)?;
+                sqlx::query("DELETE FROM credentials WHERE username = $1")
+                    .bind(user)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_error)?;
+                sqlx::query("DELETE FROM sessions WHERE principal = $1 AND ptype = 'user'")
+                    .bind(user)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_error)?;
+                tx.commit().await.map_err(db_error)
+            }
+
+            async fn put_session(&self, s: &$crate::storage::SessionRow) -> portico_core::Result<()> {
+                use $crate::storage::db_error;
+                sqlx::query(
+                    "INSERT INTO sessions (token_hash, principal, ptype, roles, expires) VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(s.token_hash.as_str())
+                .bind(s.principal.as_str())
+                .bind(s.ptype.as_str())
+                .bind(s.roles.as_str())
+                .bind(s.expires)
+                .execute(&self.pool)
+                .await
+                .map_err(db_error)?;
+                Ok(())
+            }
+
+            async fn session(
+                &self,
+                token_hash: &str,
+            ) -> portico_core::Result<Option<$crate::storage::SessionRow>> {
+                use $crate::storage::{db_error, SessionRow};
+                use sqlx::Row;
+                let row = sqlx::query(
+                    "SELECT token_hash, principal, ptype, roles, expires FROM sessions WHERE token_hash = $1",
+                )
+                .bind(token_hash)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db_error)?;
+                row.map(|r| {
+                    Ok(SessionRow {
+                        token_hash: r.try_get(0).map_err(db_error)?,
+                        principal: r.try_get(1).map_err(db_error)?,
+                        ptype: r.try_get(2).map_err(db_error)?,
+                        roles: r.try_get(3).map_err(db_error)?,
+                        expires: r.try_get(4).map_err(db_error)?,
+                    })
+                })
+                .transpose()
+            }
+
+            async fn purge_sessions(&self, now_ms: i64) -> portico_core::Result<u64> {
+                use $crate::storage::db_error;
+                let r = sqlx::query("DELETE FROM sessions WHERE expires IS NOT NULL AND expires < $1")
+                    .bind(now_ms)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db_error)?;
+                Ok(r.rows_affected())
+            }
+
+            async fn append_audit(&self, e: &$crate::storage::AuditRecord) -> portico_core::Result<()> {
+                use $crate::storage::db_error;
+                sqlx::query(
+                    "INSERT INTO audit (time_ms, type, actor, success, fields) VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(e.time_ms)
+                .bind(e.kind.as_str())
+                .bind(e.actor.as_str())
+                .bind(if e.success { 1i64 } else { 0i64 })
+                .bind(e.fields.as_str())
+                .execute(&self.pool)
+                .await
+                .map_err(db_error)?;
+                Ok(())
+            }
+
+            async fn list_audit(
+                &self,
+                kind: Option<&str>,
+                since_ms: i64,
+                limit: i64,
+            ) -> portico_core::Result<Vec<$crate::storage::AuditRecord>> {
+                use $crate::storage::{db_error, AuditRecord};
+                use sqlx::Row;
+                let rows = sqlx::query(
+                    "SELECT id, time_ms, type, actor, success, fields FROM (
+                       SELECT id, time_ms, type, actor, success, fields FROM audit
+                       WHERE time_ms >= $1 AND ($2 = '' OR type = $2 OR type LIKE $3)
+                       ORDER BY id DESC LIMIT $4) recent ORDER BY id",
+                )
+                .bind(since_ms)
+                .bind(kind.unwrap_or(""))
+                .bind(format!("{}.%", kind.unwrap_or("")))
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_error)?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(AuditRecord {
+                            id: r.try_get(0).map_err(db_error)?,
+                            time_ms: r.try_get(1).map_err(db_error)?,
+                            kind: r.try_get(2).map_err(db_error)?,
+                            actor: r.try_get(3).map_err(db_error)?,
+                            success: r.try_get::<i64, _>(4).map_err(db_error)? != 0,
+                            fields: r.try_get(5).map_err(db_error)?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn subscribe_remote_changes(&self) -> Option<tokio::sync::mpsc::Receiver<()>> {
+                self.remote_changes().await
+            }
+        }
+
+        async fn insert_event(
+            tx: &mut sqlx::Transaction<'static, $db>,
+            ev: &$crate::storage::Event,
+        ) -> portico_core::Result<()> {
+            use $crate::storage::{db_error, op_code};
+            sqlx::query("INSERT INTO events (revision, kind, name, op, value) VALUES ($1, $2, $3, $4, $5)")
+                .bind(ev.revision)
+                .bind(ev.kind.as_str())
+                .bind(ev.name.as_str())
+                .bind(op_code(ev.op))
+                .bind(ev.value.as_str())
+                .execute(&mut **tx)
+                .await
+                .map_err(db_error)?;
+            Ok(())
+        }
+
+        fn record(r: &<$db as sqlx::Database>::Row) -> portico_core::Result<$crate::storage::Record> {
+            use $crate::storage::{db_error, kind_from_db, Record};
+            use sqlx::Row;
+            Ok(Record {
+                kind: kind_from_db(r.try_get::<&str, _>(0).map_err(db_error)?)?,
+                name: r.try_get(1).map_err(db_error)?,
+                revision: r.try_get(2).map_err(db_error)?,
+                value: r.try_get(3).map_err(db_error)?,
+                expires: r.try_get(4).map_err(db_error)?,
+            })
+        }
+    };
+}

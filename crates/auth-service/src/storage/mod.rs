@@ -1,0 +1,148 @@
+//! Storage: one `Backend` trait, SQLite and Postgres behind it. Every write
+//! takes the next revision from a counter row (whose row lock serialises
+//! writers until commit, so revision order is commit order) and appends an
+//! event in the same transaction.
+
+use async_trait::async_trait;
+use portico_core::{Error, Kind, Result};
+
+#[macro_use]
+mod common;
+pub mod postgres;
+pub mod sqlite;
+
+pub use postgres::PostgresBackend;
+pub use sqlite::SqliteBackend;
+
+/// A stored resource: its JSON without server-set metadata, which travels here.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    pub kind: Kind,
+    pub name: String,
+    pub revision: i64,
+    pub value: String,
+    pub expires: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Put,
+    Delete,
+}
+
+/// One change, as the feed delivers it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub revision: i64,
+    pub op: Op,
+    pub kind: Kind,
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutMode {
+    /// Fails with AlreadyExists if the record exists.
+    Create,
+    /// Fails with NotFound if it does not.
+    Update,
+    Upsert,
+}
+
+#[derive(Debug, Clone)]
+pub enum WriteOp {
+    Put { kind: Kind, name: String, value: String, expires: Option<i64>, mode: PutMode },
+    /// `expired_before`: delete only if the record expired before this time
+    /// (expiry sweeps); such a delete of a missing or renewed record is skipped.
+    Delete { kind: Kind, name: String, expired_before: Option<i64> },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionRow {
+    pub token_hash: String,
+    pub principal: String,
+    /// user, service or admin
+    pub ptype: String,
+    /// JSON list of role names, used for service identities.
+    pub roles: String,
+    pub expires: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditRecord {
+    pub id: i64,
+    pub time_ms: i64,
+    pub kind: String,
+    pub actor: String,
+    pub success: bool,
+    pub fields: String,
+}
+
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// Applies every op in one transaction; all or nothing.
+    async fn apply(&self, ops: &[WriteOp]) -> Result<Vec<Event>>;
+    async fn get(&self, kind: Kind, name: &str) -> Result<Option<Record>>;
+    async fn list(&self, kind: Kind) -> Result<Vec<Record>>;
+    /// The current records of these kinds and the revision they are consistent at.
+    async fn snapshot(&self, kinds: &[Kind]) -> Result<(Vec<Record>, i64)>;
+    /// Events after `after`, oldest first; `TooOld` if compaction removed some.
+    async fn events_after(&self, after: i64, limit: i64) -> Result<Vec<Event>>;
+    async fn current_revision(&self) -> Result<i64>;
+    /// Records whose TTL passed before `now_ms`.
+    async fn expired(&self, now_ms: i64) -> Result<Vec<(Kind, String)>>;
+    /// Drops events older than the newest `keep`; returns the new horizon.
+    async fn compact(&self, keep: i64) -> Result<i64>;
+
+    async fn set_password(&self, user: &str, hash: &str) -> Result<()>;
+    async fn password(&self, user: &str) -> Result<Option<String>>;
+    async fn delete_principal(&self, user: &str) -> Result<()>;
+    async fn put_session(&self, s: &SessionRow) -> Result<()>;
+    async fn session(&self, token_hash: &str) -> Result<Option<SessionRow>>;
+    async fn purge_sessions(&self, now_ms: i64) -> Result<u64>;
+
+    async fn append_audit(&self, e: &AuditRecord) -> Result<()>;
+    async fn list_audit(&self, kind: Option<&str>, since_ms: i64, limit: i64) -> Result<Vec<AuditRecord>>;
+
+    /// Wakes the change feed when another instance commits (Postgres LISTEN).
+    async fn subscribe_remote_changes(&self) -> Option<tokio::sync::mpsc::Receiver<()>>;
+}
+
+/// Turns a sqlx error into a domain error; causes are logged, not shown.
+pub(crate) fn db_error(e: sqlx::Error) -> Error {
+    match &e {
+        sqlx::Error::Database(d) if d.is_unique_violation() => {
+            Error::already_exists("the resource already exists")
+        }
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => {
+            tracing::warn!(error = %e, "database unavailable");
+            Error::unavailable("the database is unavailable; try again shortly")
+        }
+        _ => {
+            tracing::error!(error = %e, "database error");
+            Error::internal("an internal database error occurred")
+        }
+    }
+}
+
+pub(crate) fn kind_from_db(s: &str) -> Result<Kind> {
+    Kind::parse(s).ok_or_else(|| {
+        tracing::error!(kind = s, "unknown kind in storage");
+        Error::internal("an internal database error occurred")
+    })
+}
+
+pub(crate) fn op_code(op: Op) -> i64 {
+    match op {
+        Op::Put => 0,
+        Op::Delete => 1,
+    }
+}
+
+pub(crate) fn op_from_code(c: i64) -> Op {
+    if c == 1 { Op::Delete } else { Op::Put }
+}

@@ -1,0 +1,17 @@
+//! Portico's resource model: resources and their validation, label matching,
+//! RBAC evaluation and the error code shared by every service. No I/O here.
+
+pub mod error;
+pub mod labels;
+pub mod parse;
+pub mod rbac;
+pub mod resource;
+pub mod time;
+
+pub use error::{Code, Error, Result};
+pub use labels::{LabelSelector, Pattern};
+pub use rbac::{AccessChecker, Kind, Verb};
+pub use resource::{
+    App, AppServer, AppServerSpec, AppSpec, McpSpec, Metadata, Object, Resource, Role, RoleSpec,
+    Token, TokenSpec, User, UserSpec,
+};
