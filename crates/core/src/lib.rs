@@ -2,6 +2,7 @@
 //! RBAC evaluation and the error code shared by every service. No I/O here.
 
 pub mod error;
+pub mod identity;
 pub mod labels;
 pub mod parse;
 pub mod rbac;

@@ -1,0 +1,210 @@
+//! The change feed: one tailer per auth instance reads committed events in
+//! revision order and fans them out; each watch stream sends a snapshot,
+//! then every later event exactly once, filling gaps from storage.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use portico_core::{Code, Error, Kind};
+use portico_proto::v1::{WatchEvent, watch_event};
+use tokio::sync::{Notify, broadcast, mpsc, watch};
+
+use crate::storage::{Backend, Event, Op};
+
+const FANOUT_CAPACITY: usize = 4096;
+const PAGE: i64 = 1000;
+/// How often the tailer looks even without a wake-up (a lost NOTIFY, say).
+const SAFETY_POLL: Duration = Duration::from_millis(1000);
+
+pub struct Hub {
+    backend: Arc<dyn Backend>,
+    tx: broadcast::Sender<Arc<Event>>,
+    poke: Notify,
+    last: AtomicI64,
+    stop: watch::Receiver<bool>,
+}
+
+impl Hub {
+    /// Starts the tailer; it stops when `stop` turns true.
+    pub async fn start(backend: Arc<dyn Backend>, stop: watch::Receiver<bool>) -> portico_core::Result<Arc<Hub>> {
+        let last = backend.current_revision().await?;
+        let (tx, _) = broadcast::channel(FANOUT_CAPACITY);
+        let hub = Arc::new(Hub { backend, tx, poke: Notify::new(), last: AtomicI64::new(last), stop });
+        let remote = hub.backend.subscribe_remote_changes().await;
+        tokio::spawn(tail(hub.clone(), remote));
+        Ok(hub)
+    }
+
+    /// Wakes the tailer after a local commit.
+    pub fn poke(&self) {
+        self.poke.notify_one();
+    }
+
+    pub fn last_revision(&self) -> i64 {
+        self.last.load(Ordering::Acquire)
+    }
+
+    pub fn watchers(&self) -> usize {
+        self.tx.receiver_count()
+    }
+
+    /// Opens a watch; events (or one final error) arrive on the returned channel.
+    pub fn watch(self: &Arc<Self>, kinds: Vec<Kind>, from: i64) -> mpsc::Receiver<Result<WatchEvent, Error>> {
+        let (out, rx) = mpsc::channel(1024);
+        let sub = self.tx.subscribe();
+        let hub = self.clone();
+        tokio::spawn(async move {
+            let mut w = Watcher { hub, kinds, out, next: from + 1 };
+            if let Err(e) = w.run(sub, from).await {
+                let _ = w.out.send(Err(e)).await;
+            }
+        });
+        rx
+    }
+}
+
+async fn tail(hub: Arc<Hub>, mut remote: Option<mpsc::Receiver<()>>) {
+    let mut stop = hub.stop.clone();
+    loop {
+        let mut last = hub.last.load(Ordering::Acquire);
+        loop {
+            match hub.backend.events_after(last, PAGE).await {
+                Ok(evs) if evs.is_empty() => break,
+                Ok(evs) => {
+                    for e in evs {
+                        last = e.revision;
+                        hub.last.store(last, Ordering::Release);
+                        let _ = hub.tx.send(Arc::new(e));
+                    }
+                }
+                Err(e) if e.code == Code::TooOld => {
+                    // Compaction overtook the tailer; watchers resync themselves.
+                    if let Ok(cur) = hub.backend.current_revision().await {
+                        hub.last.store(cur, Ordering::Release);
+                    }
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "change feed cannot read events");
+                    break;
+                }
+            }
+        }
+        let remote_wake = async {
+            match remote.as_mut() {
+                Some(r) => r.recv().await.is_some(),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = hub.poke.notified() => {}
+            alive = remote_wake => if !alive { remote = None; },
+            _ = tokio::time::sleep(SAFETY_POLL) => {}
+            _ = stop.changed() => return,
+        }
+        if *stop.borrow() {
+            return;
+        }
+    }
+}
+
+struct Watcher {
+    hub: Arc<Hub>,
+    kinds: Vec<Kind>,
+    out: mpsc::Sender<Result<WatchEvent, Error>>,
+    /// The revision this watcher must deliver next.
+    next: i64,
+}
+
+impl Watcher {
+    async fn run(&mut self, mut sub: broadcast::Receiver<Arc<Event>>, from: i64) -> Result<(), Error> {
+        if from <= 0 {
+            let (records, rev) = self.hub.backend.snapshot(&self.kinds).await?;
+            for r in records {
+                self.send(WatchEvent {
+                    r#type: watch_event::Type::Put as i32,
+                    revision: r.revision,
+                    kind: r.kind.as_str().into(),
+                    name: r.name,
+                    json: crate::resources::stamp(&r.value, r.revision, r.expires),
+                })
+                .await?;
+            }
+            self.send(WatchEvent {
+                r#type: watch_event::Type::SnapshotEnd as i32,
+                revision: rev,
+                ..Default::default()
+            })
+            .await?;
+            self.next = rev + 1;
+        } else {
+            self.catch_up(i64::MAX).await?;
+        }
+        let mut stop = self.hub.stop.clone();
+        loop {
+            tokio::select! {
+                ev = sub.recv() => match ev {
+                    Ok(e) => {
+                        if e.revision < self.next {
+                            continue;
+                        }
+                        if e.revision > self.next {
+                            self.catch_up(e.revision).await?;
+                        }
+                        if e.revision == self.next {
+                            self.deliver(&e).await?;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => self.catch_up(i64::MAX).await?,
+                    Err(broadcast::error::RecvError::Closed) => return Ok(()),
+                },
+                _ = self.out.closed() => return Ok(()),
+                _ = stop.changed() => return Err(Error::unavailable("the auth service is shutting down")),
+            }
+        }
+    }
+
+    /// Reads from storage every event from `next` up to (not including) `until`.
+    async fn catch_up(&mut self, until: i64) -> Result<(), Error> {
+        while self.next < until {
+            let evs = self.hub.backend.events_after(self.next - 1, PAGE).await?;
+            if evs.is_empty() {
+                return Ok(());
+            }
+            for e in evs {
+                if e.revision >= until {
+                    return Ok(());
+                }
+                self.deliver(&e).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn deliver(&mut self, e: &Event) -> Result<(), Error> {
+        self.next = e.revision + 1;
+        if !self.kinds.is_empty() && !self.kinds.contains(&e.kind) {
+            return Ok(());
+        }
+        let (t, json) = match e.op {
+            Op::Put => (watch_event::Type::Put, crate::resources::stamp(&e.value, e.revision, None)),
+            Op::Delete => (watch_event::Type::Delete, e.value.clone()),
+        };
+        self.send(WatchEvent {
+            r#type: t as i32,
+            revision: e.revision,
+            kind: e.kind.as_str().into(),
+            name: e.name.clone(),
+            json,
+        })
+        .await
+    }
+
+    async fn send(&self, ev: WatchEvent) -> Result<(), Error> {
+        self.out
+            .send(Ok(ev))
+            .await
+            .map_err(|_| Error::unavailable("watcher went away"))
+    }
+}
