@@ -9,4 +9,5 @@ pub mod v1 {
 pub use v1::auth_service_client::AuthServiceClient;
 pub use v1::auth_service_server::{AuthService, AuthServiceServer};
 
+pub mod client;
 pub mod convert;

@@ -1,1 +1,2 @@
+//! `psh`: the user's command line: log in once, list and connect to MCP servers.
 fn main() {}
