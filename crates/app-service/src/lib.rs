@@ -1,1 +1,265 @@
-//! placeholder
+//! Portico's app-service agent: joins the cluster, watches `app` resources,
+//! serves those its selectors match (plus static ones), announces them with
+//! heartbeats, dials the proxies' tunnels and runs one MCP process per session.
+
+pub mod registry;
+pub mod session;
+pub mod spawn;
+pub mod tunnel;
+mod watcher;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use portico_core::identity::IdentityFile;
+use portico_core::resource::{AppSpec, Metadata};
+use portico_core::{App, Error, Kind, LabelSelector, Object};
+use portico_proto::client::{connect, connect_lazy, AuthClient};
+use serde::Deserialize;
+use tokio::sync::watch;
+
+pub use registry::Registry;
+
+/// The `app_service` section of `portico.yaml`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    /// Where the auth API is: an auth-service (host:3025) or a proxy's web address.
+    #[serde(default)]
+    pub auth_servers: Vec<String>,
+    /// The proxies' tunnel listeners (host:3024) to dial.
+    #[serde(default)]
+    pub proxy_servers: Vec<String>,
+    #[serde(default)]
+    pub join_token: Option<String>,
+    #[serde(default)]
+    pub join_token_file: Option<PathBuf>,
+    /// This agent's name; generated at join when absent.
+    #[serde(default)]
+    pub host_id: Option<String>,
+    /// Label selectors: an app is served if any of them matches.
+    #[serde(default)]
+    pub resources: Vec<ResourceSelector>,
+    /// Apps served whatever the cluster says.
+    #[serde(default)]
+    pub apps: Vec<StaticApp>,
+    /// Largest JSON-RPC message relayed, in bytes (default 4 MiB).
+    #[serde(default)]
+    pub max_message_bytes: Option<usize>,
+    /// Time between SIGINT and SIGKILL when a session ends (default 10s).
+    #[serde(default)]
+    pub shutdown_grace: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceSelector {
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticApp {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub uri: String,
+    pub mcp: Option<portico_core::McpSpec>,
+}
+
+pub const DEFAULT_MAX_MESSAGE: usize = 4 * 1024 * 1024;
+const HEARTBEAT_TTL: Duration = Duration::from_secs(15);
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
+
+#[derive(Default)]
+pub struct Metrics {
+    pub sessions: AtomicU64,
+    pub live: AtomicU64,
+}
+
+/// Shared by the watcher, the heartbeats and every session.
+pub struct AgentState {
+    pub host_id: String,
+    pub registry: Registry,
+    pub max_message: usize,
+    pub grace: Duration,
+    pub metrics: Metrics,
+    pub(crate) api: AuthClient,
+}
+
+impl AgentConfig {
+    fn selectors(&self) -> Result<Vec<LabelSelector>, Error> {
+        self.resources
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                LabelSelector::from_single(&r.labels)
+                    .map_err(|e| Error::bad_request(format!("app_service.resources[{i}].labels: {e}")))
+            })
+            .collect()
+    }
+
+    fn statics(&self) -> Result<Vec<App>, Error> {
+        self.apps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let mut meta = Metadata::named(&s.name);
+                meta.description = s.description.clone();
+                meta.labels = s.labels.clone();
+                let app: App = Object::new(Kind::App, meta, AppSpec { uri: s.uri.clone(), mcp: s.mcp.clone() });
+                portico_core::Resource::App(app.clone())
+                    .validate()
+                    .map_err(|e| Error::bad_request(format!("app_service.apps[{i}]: {e}")))?;
+                Ok(app)
+            })
+            .collect()
+    }
+}
+
+/// How the agent proves who it is.
+pub enum Credentials {
+    /// An identity token already issued (the all-in-one, or a saved identity).
+    Identity { host_id: String, token: String },
+    /// Join with the configured token and save the identity under `data_dir`.
+    Join { data_dir: PathBuf },
+}
+
+const IDENTITY_FILE: &str = "agent-identity.yaml";
+
+/// Loads a saved identity or joins with the join token, saving the result.
+async fn identity(cfg: &AgentConfig, data_dir: &Path) -> Result<(String, String), Error> {
+    let auth = cfg
+        .auth_servers
+        .first()
+        .ok_or_else(|| Error::bad_request("app_service.auth_servers: at least one address is required"))?;
+    let path = data_dir.join(IDENTITY_FILE);
+    if let Ok(text) = std::fs::read_to_string(&path)
+        && let Ok(id) = yaml_serde::from_str::<IdentityFile>(&text)
+    {
+        return Ok((id.principal, id.token));
+    }
+    let token = match (&cfg.join_token, &cfg.join_token_file) {
+        (Some(t), _) => t.trim().to_string(),
+        (None, Some(f)) => std::fs::read_to_string(f)
+            .map_err(|e| Error::bad_request(format!("app_service.join_token_file {}: {e}", f.display())))?
+            .trim()
+            .to_string(),
+        (None, None) => {
+            return Err(Error::bad_request(
+                "app_service: no saved identity and no join_token or join_token_file; create one with pctl tokens add --type=app",
+            ));
+        }
+    };
+    let mut client = connect(auth, None).await.map_err(Error::unavailable)?;
+    let resp = client
+        .join(portico_proto::v1::JoinRequest {
+            token,
+            host_id: cfg.host_id.clone().unwrap_or_default(),
+            role: "app".into(),
+        })
+        .await
+        .map_err(|s| portico_proto::convert::from_status(&s))?
+        .into_inner();
+    let id = IdentityFile { auth_server: auth.clone(), principal: resp.host_id.clone(), token: resp.identity_token.clone() };
+    let text = yaml_serde::to_string(&id).map_err(|e| Error::internal(e.to_string()))?;
+    write_private(&path, text.as_bytes())
+        .map_err(|e| Error::unavailable(format!("cannot save the agent identity to {}: {e}", path.display())))?;
+    tracing::info!(host_id = %resp.host_id, path = %path.display(), "joined the cluster");
+    Ok((resp.host_id, resp.identity_token))
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// A running agent; dropping it does not stop it, `shutdown` does.
+pub struct Agent {
+    pub state: Arc<AgentState>,
+    stop: watch::Sender<bool>,
+}
+
+impl Agent {
+    pub fn shutdown(&self) {
+        self.state.registry.close_all("the agent is shutting down");
+        let _ = self.stop.send(true);
+    }
+}
+
+/// Starts the agent: identity, watch, heartbeats and tunnels, all in the background.
+pub async fn start(cfg: &AgentConfig, creds: Credentials) -> Result<Agent, Error> {
+    let selectors = cfg.selectors()?;
+    let statics = cfg.statics()?;
+    let grace = match &cfg.shutdown_grace {
+        Some(s) => Duration::from_millis(
+            portico_core::time::parse_duration(s)
+                .ok_or_else(|| Error::bad_request(format!("app_service.shutdown_grace: {s:?} is not a duration")))?
+                as u64,
+        ),
+        None => Duration::from_secs(10),
+    };
+    let (host_id, token) = match creds {
+        Credentials::Identity { host_id, token } => (host_id, token),
+        Credentials::Join { data_dir } => identity(cfg, &data_dir).await?,
+    };
+    let auth = cfg
+        .auth_servers
+        .first()
+        .ok_or_else(|| Error::bad_request("app_service.auth_servers: at least one address is required"))?;
+    let api = connect_lazy(auth, Some(&token)).map_err(Error::bad_request)?;
+    let state = Arc::new(AgentState {
+        host_id: host_id.clone(),
+        registry: Registry::new(selectors, statics),
+        max_message: cfg.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE),
+        grace,
+        metrics: Metrics::default(),
+        api,
+    });
+    let (stop, stop_rx) = watch::channel(false);
+    tokio::spawn(watcher::watch_apps(state.clone(), stop_rx.clone()));
+    tokio::spawn(watcher::heartbeats(state.clone(), stop_rx.clone()));
+    for proxy in &cfg.proxy_servers {
+        let st = state.clone();
+        let handler: tunnel::Handler = Arc::new(move |req| {
+            let st = st.clone();
+            Box::pin(async move { session::handle(st, req).await })
+        });
+        tokio::spawn(tunnel::dial_forever(proxy.clone(), token.clone(), handler, stop_rx.clone()));
+    }
+    tracing::info!(host_id = %host_id, proxies = cfg.proxy_servers.len(), "agent started");
+    Ok(Agent { state, stop })
+}
+
+/// Runs the agent until `shutdown` resolves, then ends its sessions.
+pub async fn serve(cfg: AgentConfig, creds: Credentials, shutdown: impl std::future::Future<Output = ()>) -> Result<(), Error> {
+    let agent = start(&cfg, creds).await?;
+    shutdown.await;
+    agent.shutdown();
+    Ok(())
+}
+
+pub(crate) fn heartbeat_ttl() -> Duration {
+    HEARTBEAT_TTL
+}
+
+pub(crate) fn heartbeat_every() -> Duration {
+    HEARTBEAT_EVERY
+}

@@ -1,0 +1,284 @@
+//! The reverse tunnel. Agents dial each proxy's tunnel listener and
+//! authenticate with a one-line handshake; the connection then carries
+//! HTTP/2 with the proxy as client and the agent as server, one stream per
+//! MCP session. Both sides live here; the proxy mounts `TunnelServer`.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rand::Rng;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// A body that streams frames from a channel.
+pub type TunnelBody = BoxBody<Bytes, std::io::Error>;
+
+pub const HANDSHAKE: &str = "PORTICO-TUNNEL/1";
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_HANDSHAKE_LINE: usize = 1024;
+
+/// Headers of a session request.
+pub const H_APP: &str = "x-portico-app";
+pub const H_SESSION: &str = "x-portico-session";
+pub const H_USER: &str = "x-portico-user";
+/// Trailer with the reason a session ended.
+pub const T_END: &str = "x-portico-end-reason";
+
+/// Full jitter exponential backoff: a random wait up to min(cap, base * 2^n).
+pub fn backoff(attempt: u32, base: Duration, cap: Duration) -> Duration {
+    let max = base.saturating_mul(1u32 << attempt.min(16)).min(cap);
+    let ms = max.as_millis().max(1) as u64;
+    Duration::from_millis(rand::rng().random_range(ms / 2..=ms))
+}
+
+async fn read_line_bounded<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> std::io::Result<String> {
+    let mut buf = Vec::with_capacity(128);
+    loop {
+        let chunk = r.fill_buf().await?;
+        if chunk.is_empty() {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed during handshake"));
+        }
+        if let Some(i) = chunk.iter().position(|b| *b == b'\n') {
+            buf.extend_from_slice(&chunk[..i]);
+            r.consume(i + 1);
+            break;
+        }
+        let n = chunk.len();
+        buf.extend_from_slice(chunk);
+        r.consume(n);
+        if buf.len() > MAX_HANDSHAKE_LINE {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "handshake line too long"));
+        }
+    }
+    String::from_utf8(buf).map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "handshake is not text"))
+}
+
+// ---- agent side ----
+
+pub type Handler = Arc<
+    dyn Fn(hyper::Request<Incoming>) -> Pin<Box<dyn Future<Output = hyper::Response<TunnelBody>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// Keeps one tunnel to `addr` up until `stop` turns true, reconnecting with backoff.
+pub async fn dial_forever(addr: String, token: String, handler: Handler, mut stop: watch::Receiver<bool>) {
+    let mut attempt = 0u32;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let started = tokio::time::Instant::now();
+        let result = tokio::select! {
+            r = dial_once(&addr, &token, handler.clone()) => r,
+            _ = stop.changed() => return,
+        };
+        match result {
+            Ok(()) => tracing::info!(proxy = %addr, "tunnel closed"),
+            Err(e) => tracing::warn!(proxy = %addr, error = %e, "tunnel failed"),
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            attempt = 0;
+        }
+        let wait = backoff(attempt, Duration::from_millis(200), Duration::from_secs(15));
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+async fn dial_once(addr: &str, token: &str, handler: Handler) -> Result<(), String> {
+    let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| format!("connect: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let mut stream = BufReader::new(stream);
+    stream
+        .get_mut()
+        .write_all(format!("{HANDSHAKE} {token}\n").as_bytes())
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let reply = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_line_bounded(&mut stream))
+        .await
+        .map_err(|_| "handshake timed out".to_string())?
+        .map_err(|e| format!("handshake: {e}"))?;
+    if let Some(msg) = reply.strip_prefix("ERR ") {
+        return Err(format!("the proxy refused the tunnel: {msg}"));
+    }
+    let Some(host) = reply.strip_prefix("OK ") else {
+        return Err("the proxy sent an unexpected handshake reply".into());
+    };
+    tracing::info!(proxy = %addr, host_id = host, "tunnel established");
+    if !stream.buffer().is_empty() {
+        return Err("the proxy sent data before the tunnel opened".into());
+    }
+    let io = TokioIo::new(stream.into_inner());
+    let svc = hyper::service::service_fn(move |req| {
+        let h = handler.clone();
+        async move { Ok::<_, Infallible>(h(req).await) }
+    });
+    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(15)))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(8 << 20)
+        .max_concurrent_streams(10_000)
+        .serve_connection(io, svc)
+        .await
+        .map_err(|e| format!("tunnel connection: {e}"))
+}
+
+// ---- proxy side ----
+
+pub type Sender = hyper::client::conn::http2::SendRequest<TunnelBody>;
+
+/// Decides whether a dialling agent's token is good; returns its host id.
+pub type Authenticator =
+    Arc<dyn Fn(String) -> Pin<Box<dyn Future<Output = Result<String, String>> + Send>> + Send + Sync>;
+
+#[derive(Clone)]
+struct Conn {
+    id: u64,
+    sender: Sender,
+}
+
+/// The agents currently connected to this proxy.
+#[derive(Default)]
+pub struct TunnelServer {
+    agents: RwLock<HashMap<String, Vec<Conn>>>,
+    next_id: AtomicU64,
+    changed: tokio::sync::Notify,
+}
+
+impl TunnelServer {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// A live connection to the agent, if it is connected.
+    pub fn sender(&self, host_id: &str) -> Option<Sender> {
+        let agents = self.agents.read().unwrap_or_else(|p| p.into_inner());
+        agents.get(host_id)?.iter().rev().find(|c| !c.sender.is_closed()).map(|c| c.sender.clone())
+    }
+
+    pub fn is_connected(&self, host_id: &str) -> bool {
+        self.sender(host_id).is_some()
+    }
+
+    pub fn connected(&self) -> Vec<String> {
+        let agents = self.agents.read().unwrap_or_else(|p| p.into_inner());
+        agents.keys().cloned().collect()
+    }
+
+    /// Resolves on the next connect or disconnect.
+    pub async fn changed(&self) {
+        self.changed.notified().await
+    }
+
+    /// Accepts agents until `stop` turns true.
+    pub async fn accept_loop(self: Arc<Self>, listener: TcpListener, auth: Authenticator, mut stop: watch::Receiver<bool>) {
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = stop.changed() => return,
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "tunnel accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let me = self.clone();
+            let auth = auth.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                if let Err(e) = me.handle(stream, auth, stop).await {
+                    tracing::warn!(peer = %peer, error = %e, "tunnel from agent ended");
+                }
+            });
+        }
+    }
+
+    async fn handle(self: Arc<Self>, stream: TcpStream, auth: Authenticator, mut stop: watch::Receiver<bool>) -> Result<(), String> {
+        let _ = stream.set_nodelay(true);
+        let mut stream = BufReader::new(stream);
+        let line = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_line_bounded(&mut stream))
+            .await
+            .map_err(|_| "handshake timed out".to_string())?
+            .map_err(|e| format!("handshake: {e}"))?;
+        let token = match line.split_once(' ') {
+            Some((HANDSHAKE, t)) if !t.is_empty() => t.to_string(),
+            _ => {
+                let _ = stream.get_mut().write_all(b"ERR unknown protocol\n").await;
+                return Err("not a tunnel handshake".into());
+            }
+        };
+        let host_id = match tokio::time::timeout(HANDSHAKE_TIMEOUT, auth(token)).await {
+            Ok(Ok(h)) => h,
+            Ok(Err(msg)) => {
+                let msg = msg.replace('\n', " ");
+                let _ = stream.get_mut().write_all(format!("ERR {msg}\n").as_bytes()).await;
+                return Err(format!("agent refused: {msg}"));
+            }
+            Err(_) => {
+                let _ = stream.get_mut().write_all(b"ERR authentication timed out\n").await;
+                return Err("agent authentication timed out".into());
+            }
+        };
+        stream
+            .get_mut()
+            .write_all(format!("OK {host_id}\n").as_bytes())
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        let io = TokioIo::new(stream.into_inner());
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(Duration::from_secs(15)))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true)
+            .initial_stream_window_size(1 << 20)
+            .initial_connection_window_size(8 << 20)
+            .handshake::<_, TunnelBody>(io)
+            .await
+            .map_err(|e| format!("http/2 handshake: {e}"))?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut agents = self.agents.write().unwrap_or_else(|p| p.into_inner());
+            agents.entry(host_id.clone()).or_default().push(Conn { id, sender });
+        }
+        self.changed.notify_waiters();
+        tracing::info!(host_id = %host_id, "agent connected");
+        let result = tokio::select! {
+            r = conn => r.map_err(|e| format!("tunnel connection: {e}")),
+            _ = stop.changed() => Ok(()),
+        };
+        {
+            let mut agents = self.agents.write().unwrap_or_else(|p| p.into_inner());
+            if let Some(list) = agents.get_mut(&host_id) {
+                list.retain(|c| c.id != id);
+                if list.is_empty() {
+                    agents.remove(&host_id);
+                }
+            }
+        }
+        self.changed.notify_waiters();
+        tracing::info!(host_id = %host_id, "agent disconnected");
+        result
+    }
+}
