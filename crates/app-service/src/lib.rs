@@ -136,49 +136,80 @@ pub enum Credentials {
 
 const IDENTITY_FILE: &str = "agent-identity.yaml";
 
-/// Loads a saved identity or joins with the join token, saving the result.
+/// What joining needs: where, with what, and where to keep the identity.
+pub struct JoinParams<'a> {
+    pub auth_server: &'a str,
+    pub join_token: Option<&'a str>,
+    pub join_token_file: Option<&'a Path>,
+    pub host_id: Option<&'a str>,
+    /// `app` or `proxy`.
+    pub role: &'a str,
+    pub identity_path: PathBuf,
+}
+
+/// Loads a saved identity, or joins with the join token and saves the result (0600).
+pub async fn load_or_join(p: JoinParams<'_>) -> Result<(String, String), Error> {
+    if let Ok(text) = std::fs::read_to_string(&p.identity_path)
+        && let Ok(id) = yaml_serde::from_str::<IdentityFile>(&text)
+    {
+        return Ok((id.principal, id.token));
+    }
+    let section = if p.role == "app" { "app_service" } else { "proxy_service" };
+    let token = match (p.join_token, p.join_token_file) {
+        (Some(t), _) => t.trim().to_string(),
+        (None, Some(f)) => std::fs::read_to_string(f)
+            .map_err(|e| Error::bad_request(format!("{section}.join_token_file {}: {e}", f.display())))?
+            .trim()
+            .to_string(),
+        (None, None) => {
+            return Err(Error::bad_request(format!(
+                "{section}: no saved identity and no join_token or join_token_file; create one with pctl tokens add --type={}",
+                p.role
+            )));
+        }
+    };
+    let mut client = connect(p.auth_server, None).await.map_err(Error::unavailable)?;
+    let resp = client
+        .join(portico_proto::v1::JoinRequest {
+            token,
+            host_id: p.host_id.unwrap_or_default().to_string(),
+            role: p.role.into(),
+        })
+        .await
+        .map_err(|s| portico_proto::convert::from_status(&s))?
+        .into_inner();
+    let id = IdentityFile {
+        auth_server: p.auth_server.to_string(),
+        principal: resp.host_id.clone(),
+        token: resp.identity_token.clone(),
+    };
+    let text = yaml_serde::to_string(&id).map_err(|e| Error::internal(e.to_string()))?;
+    write_private(&p.identity_path, text.as_bytes()).map_err(|e| {
+        Error::unavailable(format!("cannot save the identity to {}: {e}", p.identity_path.display()))
+    })?;
+    tracing::info!(host_id = %resp.host_id, role = p.role, path = %p.identity_path.display(), "joined the cluster");
+    Ok((resp.host_id, resp.identity_token))
+}
+
+/// Loads the agent's saved identity or joins with its configured token.
 async fn identity(cfg: &AgentConfig, data_dir: &Path) -> Result<(String, String), Error> {
     let auth = cfg
         .auth_servers
         .first()
         .ok_or_else(|| Error::bad_request("app_service.auth_servers: at least one address is required"))?;
-    let path = data_dir.join(IDENTITY_FILE);
-    if let Ok(text) = std::fs::read_to_string(&path)
-        && let Ok(id) = yaml_serde::from_str::<IdentityFile>(&text)
-    {
-        return Ok((id.principal, id.token));
-    }
-    let token = match (&cfg.join_token, &cfg.join_token_file) {
-        (Some(t), _) => t.trim().to_string(),
-        (None, Some(f)) => std::fs::read_to_string(f)
-            .map_err(|e| Error::bad_request(format!("app_service.join_token_file {}: {e}", f.display())))?
-            .trim()
-            .to_string(),
-        (None, None) => {
-            return Err(Error::bad_request(
-                "app_service: no saved identity and no join_token or join_token_file; create one with pctl tokens add --type=app",
-            ));
-        }
-    };
-    let mut client = connect(auth, None).await.map_err(Error::unavailable)?;
-    let resp = client
-        .join(portico_proto::v1::JoinRequest {
-            token,
-            host_id: cfg.host_id.clone().unwrap_or_default(),
-            role: "app".into(),
-        })
-        .await
-        .map_err(|s| portico_proto::convert::from_status(&s))?
-        .into_inner();
-    let id = IdentityFile { auth_server: auth.clone(), principal: resp.host_id.clone(), token: resp.identity_token.clone() };
-    let text = yaml_serde::to_string(&id).map_err(|e| Error::internal(e.to_string()))?;
-    write_private(&path, text.as_bytes())
-        .map_err(|e| Error::unavailable(format!("cannot save the agent identity to {}: {e}", path.display())))?;
-    tracing::info!(host_id = %resp.host_id, path = %path.display(), "joined the cluster");
-    Ok((resp.host_id, resp.identity_token))
+    load_or_join(JoinParams {
+        auth_server: auth,
+        join_token: cfg.join_token.as_deref(),
+        join_token_file: cfg.join_token_file.as_deref(),
+        host_id: cfg.host_id.as_deref(),
+        role: "app",
+        identity_path: data_dir.join(IDENTITY_FILE),
+    })
+    .await
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Writes a file readable only by its owner, atomically.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     if let Some(d) = path.parent() {

@@ -44,7 +44,8 @@ fn endpoint(addr: &str) -> Result<Endpoint, String> {
         })
 }
 
-fn wrap(channel: Channel, token: Option<&str>) -> Result<AuthClient, String> {
+/// A client over an existing channel that sends `token` with every call.
+pub fn with_token(channel: Channel, token: Option<&str>) -> Result<AuthClient, String> {
     let value = match token {
         Some(t) => Some(
             format!("Bearer {t}")
@@ -64,12 +65,17 @@ pub async fn connect(addr: &str, token: Option<&str>) -> Result<AuthClient, Stri
         .connect()
         .await
         .map_err(|e| format!("cannot reach {addr}: {}", source_text(&e)))?;
-    wrap(ch, token)
+    with_token(ch, token)
 }
 
 /// A client that connects on first use and reconnects after failures.
 pub fn connect_lazy(addr: &str, token: Option<&str>) -> Result<AuthClient, String> {
-    wrap(endpoint(addr)?.connect_lazy(), token)
+    with_token(endpoint(addr)?.connect_lazy(), token)
+}
+
+/// A channel that connects on first use and reconnects after failures.
+pub fn channel_lazy(addr: &str) -> Result<Channel, String> {
+    Ok(endpoint(addr)?.connect_lazy())
 }
 
 /// The innermost cause of an error, which is the one people understand.

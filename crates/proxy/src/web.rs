@@ -1,0 +1,93 @@
+//! The proxy's HTTP routes: MCP, the app listing, the forwarded auth API,
+//! health, metrics and a small web page.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{any, get, post};
+use http::StatusCode;
+use serde::Serialize;
+
+use crate::ProxyState;
+
+pub fn router(state: Arc<ProxyState>) -> Router {
+    Router::new()
+        .route("/mcp/{app}", any(crate::mcp::handle))
+        .route("/v1/apps", get(apps))
+        .route("/portico.v1.AuthService/{method}", post(crate::forward::grpc))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/", get(index))
+        .with_state(state)
+}
+
+/// One row of `psh mcp ls`.
+#[derive(Serialize)]
+pub struct AppInfo {
+    pub name: String,
+    pub description: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub allowed_tools: String,
+    pub servers: usize,
+}
+
+/// The apps the caller may reach that at least one live agent serves.
+async fn apps(State(state): State<Arc<ProxyState>>, headers: HeaderMap) -> Response {
+    let who = match crate::mcp::who(&state, &headers).await {
+        Ok(w) => w,
+        Err(r) => return r,
+    };
+    let list: Vec<AppInfo> = state
+        .cache
+        .apps()
+        .into_iter()
+        .filter(|a| who.checker.app_allowed(&a.metadata.labels))
+        .filter_map(|a| {
+            let servers = state.cache.servers(&a.metadata.name).len();
+            (servers > 0).then(|| AppInfo {
+                name: a.metadata.name.clone(),
+                description: a.metadata.description.clone(),
+                kind: a.spec.type_label().to_string(),
+                labels: a.metadata.labels.clone(),
+                allowed_tools: who.checker.tools_summary(&a.metadata.labels),
+                servers,
+            })
+        })
+        .collect();
+    axum::Json(list).into_response()
+}
+
+async fn ready(State(state): State<Arc<ProxyState>>) -> Response {
+    if state.cache.synced() {
+        "ok\n".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "waiting for the first sync with the auth service\n").into_response()
+    }
+}
+
+async fn metrics(State(state): State<Arc<ProxyState>>) -> String {
+    let m = &state.metrics;
+    format!(
+        "# TYPE portico_proxy_sessions_total counter\nportico_proxy_sessions_total {}\n\
+         # TYPE portico_proxy_sessions_live gauge\nportico_proxy_sessions_live {}\n\
+         # TYPE portico_proxy_denied_total counter\nportico_proxy_denied_total {}\n\
+         # TYPE portico_proxy_agents_connected gauge\nportico_proxy_agents_connected {}\n\
+         # TYPE portico_proxy_audit_dropped_total counter\nportico_proxy_audit_dropped_total {}\n",
+        m.sessions.load(Ordering::Relaxed),
+        state.sessions.len(),
+        m.denied.load(Ordering::Relaxed),
+        state.tunnels.connected().len(),
+        state.audit.dropped.load(Ordering::Relaxed),
+    )
+}
+
+async fn index() -> Html<&'static str> {
+    Html(include_str!("index.html"))
+}
