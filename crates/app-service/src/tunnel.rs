@@ -122,10 +122,8 @@ async fn dial_once(addr: &str, token: &str, handler: Handler) -> Result<(), Stri
         return Err("the proxy sent an unexpected handshake reply".into());
     };
     tracing::info!(proxy = %addr, host_id = host, "tunnel established");
-    if !stream.buffer().is_empty() {
-        return Err("the proxy sent data before the tunnel opened".into());
-    }
-    let io = TokioIo::new(stream.into_inner());
+    // The proxy's HTTP/2 preface may already sit in the buffer: keep reading through it.
+    let io = TokioIo::new(stream);
     let svc = hyper::service::service_fn(move |req| {
         let h = handler.clone();
         async move { Ok::<_, Infallible>(h(req).await) }
@@ -246,7 +244,7 @@ impl TunnelServer {
             .write_all(format!("OK {host_id}\n").as_bytes())
             .await
             .map_err(|e| format!("handshake: {e}"))?;
-        let io = TokioIo::new(stream.into_inner());
+        let io = TokioIo::new(stream);
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Some(Duration::from_secs(15)))

@@ -103,14 +103,17 @@ impl AuthService for Api {
             let exists = self.s.backend.get(kind, &name).await.map_err(to_status)?.is_some();
             let verb = match (exists, req.overwrite) {
                 (true, false) => {
-                    return Err(Status::already_exists(format!(
-                        "{kind} {name:?} already exists; use pctl create -f to overwrite it"
-                    )));
+                    let msg = format!("{kind} {name:?} already exists; use pctl create -f to overwrite it");
+                    self.s.audit(&format!("{kind}.create"), &p.name, false, serde_json::json!({"name": name, "error": msg})).await;
+                    return Err(Status::already_exists(msg));
                 }
                 (true, true) => Verb::Update,
                 (false, _) => Verb::Create,
             };
-            self.check(&p, kind, verb).await?;
+            if let Err(e) = p.checker.check(kind, verb) {
+                self.s.audit(&format!("{kind}.{verb}"), &p.name, false, serde_json::json!({"name": name, "error": e.message})).await;
+                return Err(to_status(e));
+            }
             plan.push((kind, name, verb, res));
         }
         let ops: Vec<WriteOp> = plan
@@ -192,7 +195,10 @@ impl AuthService for Api {
         let p = self.caller(&req).await?;
         let req = req.into_inner();
         let kind = kind_arg(&req.kind)?;
-        self.check(&p, kind, Verb::Delete).await?;
+        if let Err(e) = p.checker.check(kind, Verb::Delete) {
+            self.s.audit(&format!("{kind}.delete"), &p.name, false, serde_json::json!({"name": req.name, "error": e.message})).await;
+            return Err(to_status(e));
+        }
         let result = self
             .s
             .backend

@@ -1,1 +1,98 @@
-fn main() {}
+//! `portico start`: runs the services a `portico.yaml` enables, in one
+//! process; with no config, auth (SQLite), proxy and one wildcard agent.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+mod config;
+mod run;
+
+#[derive(Parser)]
+#[command(name = "portico", version, about = "Portico: one access plane for your MCP servers")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start the services the config enables (all three on SQLite when no config is given).
+    Start {
+        /// The portico.yaml to read.
+        #[arg(long, short = 'c', env = "PORTICO_CONFIG", value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Where state lives: the SQLite database, identities.
+        #[arg(long, env = "PORTICO_DATA_DIR", value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+        /// A tracing filter such as info or portico_proxy=debug (RUST_LOG works too).
+        #[arg(long, default_value = "info")]
+        log_level: String,
+    },
+    /// Check a portico.yaml and print what it would run.
+    Check {
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Check { config } => match config::load(&config) {
+            Ok(c) => {
+                println!("{}: ok", config.display());
+                println!("  auth_service:  {}", if c.auth.is_some() { "enabled" } else { "disabled" });
+                println!("  proxy_service: {}", if c.proxy.is_some() { "enabled" } else { "disabled" });
+                println!("  app_service:   {}", if c.agent.is_some() { "enabled" } else { "disabled" });
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::exit(1);
+            }
+        },
+        Cmd::Start { config, data_dir, log_format, log_level } => {
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_level));
+            let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+            if log_format == LogFormat::Json {
+                builder.json().init();
+            } else {
+                builder.init();
+            }
+            let cfg = match &config {
+                Some(path) => config::load(path),
+                None => Ok(config::Config::quick_start()),
+            };
+            let mut cfg = match cfg {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    std::process::exit(2);
+                }
+            };
+            if let Some(d) = data_dir {
+                cfg.data_dir = d;
+            }
+            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    std::process::exit(1);
+                }
+            };
+            if let Err(e) = rt.block_on(run::run(cfg, config.is_none())) {
+                eprintln!("error: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+}
