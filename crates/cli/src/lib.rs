@@ -1,6 +1,8 @@
 //! Shared pieces of `pctl` and `psh`: profiles and identities, connecting to
 //! the API, and printing for people.
 
+pub mod connect;
+pub mod http;
 pub mod output;
 pub mod profile;
 

@@ -1,2 +1,288 @@
-//! `psh`: the user's command line: log in once, list and connect to MCP servers.
-fn main() {}
+//! `psh`: the user's command line. Log in once through the proxy, list the
+//! MCP servers your roles reach, and connect MCP clients to them.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use portico_cli::http::{base_url, client, get_json};
+use portico_cli::output::{Format, labels_text, structured, table};
+use portico_cli::profile::{self, Profile};
+use portico_cli::{CliResult, Fail, finish};
+use portico_core::time::format_rfc3339;
+use portico_proto::client::connect;
+use portico_proto::v1;
+
+#[derive(Parser)]
+#[command(name = "psh", version, about = "Reach the MCP servers your Portico roles allow, through one proxy.",
+    after_help = "Start with: psh login --proxy=HOST:PORT --user=NAME\nYour login is kept in $PORTICO_HOME/profile.yaml (default ~/.portico), readable only by you.")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Log in to a proxy; asks for your password.
+    Login {
+        /// The proxy's address, host:port.
+        #[arg(long)]
+        proxy: String,
+        #[arg(long)]
+        user: String,
+        /// Read the password from standard input (for scripts).
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Forget the saved login.
+    Logout,
+    /// Show who you are logged in as.
+    Status {
+        /// Also print the bearer token (for MCP clients that take a header).
+        #[arg(long)]
+        token: bool,
+    },
+    /// MCP servers.
+    Mcp {
+        #[command(subcommand)]
+        cmd: McpCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum McpCmd {
+    /// List the MCP servers you can reach, optionally filtered by LABEL=VALUE.
+    Ls {
+        labels: Vec<String>,
+        /// Only servers whose name, description or labels contain this text.
+        #[arg(long)]
+        search: Option<String>,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+        /// Also show how many agents serve each and its endpoint.
+        #[arg(short, long)]
+        verbose: bool,
+    },
+    /// Print (or merge into a file) the client configuration that launches psh mcp connect.
+    Config {
+        name: Option<String>,
+        /// Every server you can reach.
+        #[arg(long)]
+        all: bool,
+        /// claude, cursor, vscode, or a path to a JSON config file to update.
+        #[arg(long)]
+        client_config: Option<String>,
+    },
+    /// Bridge stdio to an MCP server through the proxy (what MCP clients launch).
+    Connect { name: String },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => finish(Err(Fail::new(format!("cannot start: {e}")))),
+    };
+    finish(rt.block_on(run(cli)))
+}
+
+fn need_profile() -> CliResult<Profile> {
+    let p = Profile::load()?.ok_or_else(|| Fail::new("not logged in: run psh login --proxy=HOST:PORT --user=NAME"))?;
+    p.check_fresh()?;
+    Ok(p)
+}
+
+async fn run(cli: Cli) -> CliResult {
+    match cli.cmd {
+        Cmd::Login { proxy, user, password_stdin } => login(proxy, user, password_stdin).await,
+        Cmd::Logout => {
+            if Profile::remove()? {
+                println!("logged out");
+            } else {
+                println!("not logged in");
+            }
+            Ok(())
+        }
+        Cmd::Status { token } => status(token).await,
+        Cmd::Mcp { cmd } => match cmd {
+            McpCmd::Ls { labels, search, format, verbose } => ls(labels, search, format, verbose).await,
+            McpCmd::Config { name, all, client_config } => config(name, all, client_config).await,
+            McpCmd::Connect { name } => portico_cli::connect::run(need_profile()?, name).await,
+        },
+    }
+}
+
+async fn login(proxy: String, user: String, password_stdin: bool) -> CliResult {
+    let password = if password_stdin {
+        let mut s = String::new();
+        std::io::stdin()
+            .take(4096)
+            .read_to_string(&mut s)
+            .map_err(|e| Fail::new(format!("cannot read the password: {e}")))?;
+        s.trim_end_matches(['\r', '\n']).to_string()
+    } else {
+        rpassword::prompt_password(format!("password for {user}: "))
+            .map_err(|e| Fail::new(format!("cannot read the password: {e}")))?
+    };
+    let mut api = connect(&proxy, None).await.map_err(Fail::new)?;
+    let resp = api.login(v1::LoginRequest { user: user.clone(), password }).await?.into_inner();
+    let p = Profile { proxy: proxy.clone(), user: resp.user.clone(), token: resp.token, expires_ms: resp.expires_ms, roles: resp.roles.clone() };
+    p.save()?;
+    println!("logged in as {} at {proxy}", resp.user);
+    println!("roles: {}", if resp.roles.is_empty() { "(none)".into() } else { resp.roles.join(", ") });
+    println!("valid until {}", format_rfc3339(resp.expires_ms));
+    Ok(())
+}
+
+async fn status(show_token: bool) -> CliResult {
+    let p = need_profile()?;
+    let mut api = connect(&p.proxy, Some(&p.token)).await.map_err(Fail::new)?;
+    let who = api.who_am_i(v1::WhoAmIRequest {}).await?.into_inner();
+    println!("proxy:   {}", p.proxy);
+    println!("user:    {}", who.name);
+    println!("roles:   {}", who.roles.join(", "));
+    println!("expires: {}", format_rfc3339(who.expires_ms));
+    println!("profile: {}", profile::path().display());
+    if show_token {
+        println!("token:   {}", p.token);
+    }
+    Ok(())
+}
+
+#[derive(serde::Deserialize, serde::Serialize, Clone)]
+struct AppRow {
+    name: String,
+    #[serde(default)]
+    description: String,
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    allowed_tools: String,
+    #[serde(default)]
+    servers: usize,
+}
+
+async fn fetch_apps(p: &Profile) -> CliResult<Vec<AppRow>> {
+    let v = get_json(&client(), &format!("{}/v1/apps", base_url(&p.proxy)), &p.token).await?;
+    serde_json::from_value(v).map_err(|e| Fail::new(format!("unexpected answer from the proxy: {e}")))
+}
+
+async fn ls(labels: Vec<String>, search: Option<String>, format: Format, verbose: bool) -> CliResult {
+    let mut want = Vec::new();
+    for l in &labels {
+        let Some((k, v)) = l.split_once('=') else {
+            return Err(Fail::usage(format!("{l:?} is not LABEL=VALUE")));
+        };
+        want.push((k.to_string(), v.to_string()));
+    }
+    let p = need_profile()?;
+    let search = search.map(|s| s.to_lowercase());
+    let apps: Vec<AppRow> = fetch_apps(&p)
+        .await?
+        .into_iter()
+        .filter(|a| want.iter().all(|(k, v)| a.labels.get(k) == Some(v)))
+        .filter(|a| match &search {
+            Some(s) => {
+                a.name.to_lowercase().contains(s)
+                    || a.description.to_lowercase().contains(s)
+                    || a.labels.iter().any(|(k, v)| k.to_lowercase().contains(s) || v.to_lowercase().contains(s))
+            }
+            None => true,
+        })
+        .collect();
+    if format != Format::Text {
+        let values: Vec<serde_json::Value> = apps.iter().filter_map(|a| serde_json::to_value(a).ok()).collect();
+        if format == Format::Json {
+            println!("{}", serde_json::to_string_pretty(&values).unwrap_or_default());
+        } else {
+            print!("{}", structured(&values, format));
+        }
+        return Ok(());
+    }
+    let base = base_url(&p.proxy);
+    let mut header = vec!["Name", "Description", "Type", "Allowed Tools", "Labels"];
+    if verbose {
+        header.extend(["Agents", "Endpoint"]);
+    }
+    let rows: Vec<Vec<String>> = apps
+        .iter()
+        .map(|a| {
+            let mut r = vec![a.name.clone(), a.description.clone(), a.kind.clone(), a.allowed_tools.clone(), labels_text(&a.labels)];
+            if verbose {
+                r.push(a.servers.to_string());
+                r.push(format!("{base}/mcp/{}", a.name));
+            }
+            r
+        })
+        .collect();
+    print!("{}", table(&header, &rows));
+    Ok(())
+}
+
+fn server_entry(psh: &str, name: &str, vscode: bool) -> serde_json::Value {
+    let mut v = serde_json::json!({"command": psh, "args": ["mcp", "connect", name]});
+    if vscode {
+        v["type"] = "stdio".into();
+    }
+    v
+}
+
+async fn config(name: Option<String>, all: bool, client_config: Option<String>) -> CliResult {
+    let p = need_profile()?;
+    let apps = fetch_apps(&p).await?;
+    let names: Vec<String> = match (&name, all) {
+        (Some(_), true) => return Err(Fail::usage("give a NAME or --all, not both")),
+        (Some(n), false) => {
+            if !apps.iter().any(|a| &a.name == n) {
+                return Err(Fail::new(format!("no MCP server {n:?} that you can reach; see psh mcp ls")));
+            }
+            vec![n.clone()]
+        }
+        (None, true) => apps.iter().map(|a| a.name.clone()).collect(),
+        (None, false) => return Err(Fail::usage("say which server: psh mcp config NAME, or --all")),
+    };
+    let psh = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "psh".into());
+    let (key, vscode, file) = match client_config.as_deref() {
+        None | Some("claude") | Some("cursor") => ("mcpServers", false, None),
+        Some("vscode") => ("servers", true, None),
+        Some(path) => ("mcpServers", false, Some(PathBuf::from(path))),
+    };
+    let mut servers = serde_json::Map::new();
+    for n in &names {
+        servers.insert(format!("portico-{n}"), server_entry(&psh, n, vscode));
+    }
+    let Some(path) = file else {
+        let doc = serde_json::json!({ key: servers });
+        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+        return Ok(());
+    };
+    let mut doc: serde_json::Value = match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => serde_json::from_str(&t)
+            .map_err(|e| Fail::new(format!("{} is not JSON ({e}); not changed", path.display())))?,
+        Ok(_) => serde_json::json!({}),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::json!({}),
+        Err(e) => return Err(Fail::new(format!("cannot read {}: {e}", path.display()))),
+    };
+    let Some(obj) = doc.as_object_mut() else {
+        return Err(Fail::new(format!("{} does not hold a JSON object; not changed", path.display())));
+    };
+    let entry = obj.entry(key).or_insert_with(|| serde_json::json!({}));
+    let Some(map) = entry.as_object_mut() else {
+        return Err(Fail::new(format!("{key} in {} is not an object; not changed", path.display())));
+    };
+    for (k, v) in servers {
+        map.insert(k, v);
+    }
+    let text = serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n";
+    let tmp = path.with_extension("portico-tmp");
+    std::fs::write(&tmp, text)
+        .and_then(|_| std::fs::rename(&tmp, &path))
+        .map_err(|e| Fail::new(format!("cannot write {}: {e}", path.display())))?;
+    println!("added {} server(s) to {}", names.len(), path.display());
+    Ok(())
+}
+
