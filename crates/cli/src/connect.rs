@@ -33,6 +33,8 @@ struct State {
     init: Option<Vec<u8>>,
     initialized_sent: bool,
     get_task: Option<tokio::task::JoinHandle<()>>,
+    /// Responses still streaming; stdin closing waits for them.
+    inflight: Vec<tokio::task::JoinHandle<()>>,
 }
 
 enum Sent {
@@ -212,9 +214,14 @@ impl Bridge {
                         self.set_session(&r);
                     }
                     let me = self.clone();
-                    let id = id.clone();
+                    let rid = id.clone();
                     // Headers are in; the body streams while the next message goes out.
-                    tokio::spawn(async move { me.deliver(r, id, None).await });
+                    let task = tokio::spawn(async move { me.deliver(r, rid, None).await });
+                    let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                    st.inflight.retain(|t| !t.is_finished());
+                    if id.is_some() {
+                        st.inflight.push(task);
+                    }
                     return;
                 }
                 Sent::Gone | Sent::Unreachable(_) if attempt == 0 && !is_init => {
@@ -281,6 +288,9 @@ pub async fn run(profile: Profile, app: String) -> CliResult {
         }
         bridge.handle(std::mem::take(&mut line)).await;
     }
+    // Answers to requests already sent still reach the client.
+    let inflight = std::mem::take(&mut bridge.state.lock().unwrap_or_else(|p| p.into_inner()).inflight);
+    let _ = tokio::time::timeout(Duration::from_secs(30), futures_util::future::join_all(inflight)).await;
     if let Some(sid) = bridge.session() {
         let _ = bridge.send(hyper::Method::DELETE, None, Some(&sid)).await;
     }
