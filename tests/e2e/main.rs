@@ -1,1 +1,7 @@
+//! Portico's end-to-end suites, in one test binary.
 
+mod agents;
+mod conformance;
+mod control_plane;
+mod mcp;
+mod watch;

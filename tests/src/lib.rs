@@ -1,1 +1,11 @@
+//! The end-to-end harness: real services started in-process on
+//! `127.0.0.1:0` through their `serve()`/`start()` entry points, a real
+//! database (SQLite in a temporary directory, or a fresh Postgres database
+//! per cluster), real MCP servers as child processes, and real clients.
 
+pub mod cluster;
+pub mod pg;
+pub mod util;
+
+pub use cluster::{Cluster, ClusterBuilder, Storage};
+pub use util::{TempDir, bin, eventually};

@@ -1,0 +1,1 @@
+//! Agents: label-selected registration, tunnels and MCP process supervision.

@@ -1,0 +1,1 @@
+//! MCP sessions through the proxy with real clients.

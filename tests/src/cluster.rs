@@ -1,0 +1,341 @@
+//! `ClusterBuilder::new().proxy().agent_yaml("a1", ...).start().await`:
+//! an auth-service, optionally a proxy and agents, joined with real tokens.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use portico_agent::{Agent, AgentConfig, ResourceSelector};
+use portico_auth::{AuthConfig, AuthServer, StorageConfig};
+use portico_core::identity::ADMIN_IDENTITY_FILE;
+use portico_proto::client::{AuthClient, connect};
+use portico_proto::v1;
+use portico_proxy::{Proxy, ProxyConfig};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::pg::PgDb;
+use crate::util::{TempDir, bin, eventually};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Storage {
+    Sqlite,
+    Postgres,
+}
+
+pub struct ClusterBuilder {
+    storage: Storage,
+    proxy: bool,
+    agents: Vec<(String, AgentConfig)>,
+    session_ttl: Option<String>,
+    idle_timeout: Option<String>,
+}
+
+impl Default for ClusterBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ClusterBuilder {
+    pub fn new() -> Self {
+        ClusterBuilder { storage: Storage::Sqlite, proxy: false, agents: vec![], session_ttl: None, idle_timeout: None }
+    }
+    pub fn storage(mut self, s: Storage) -> Self {
+        self.storage = s;
+        self
+    }
+    pub fn proxy(mut self) -> Self {
+        self.proxy = true;
+        self
+    }
+    pub fn session_ttl(mut self, ttl: &str) -> Self {
+        self.session_ttl = Some(ttl.into());
+        self
+    }
+    pub fn idle_timeout(mut self, t: &str) -> Self {
+        self.idle_timeout = Some(t.into());
+        self
+    }
+    /// An agent configured by a YAML document with an `app_service:` section
+    /// (the shared example files, say); addresses and the token are filled in.
+    pub fn agent_yaml(mut self, host_id: &str, yaml: &str) -> Self {
+        #[derive(serde::Deserialize)]
+        struct File {
+            app_service: AgentConfig,
+        }
+        let f: File = yaml_serde::from_str(yaml).expect("agent config parses");
+        self.agents.push((host_id.to_string(), f.app_service));
+        self
+    }
+    /// An agent serving every app.
+    pub fn wildcard_agent(mut self, host_id: &str) -> Self {
+        self.agents.push((
+            host_id.to_string(),
+            AgentConfig {
+                enabled: true,
+                resources: vec![ResourceSelector { labels: BTreeMap::from([("*".into(), "*".into())]) }],
+                shutdown_grace: Some("2s".into()),
+                ..AgentConfig::default()
+            },
+        ));
+        self
+    }
+
+    pub async fn start(self) -> Cluster {
+        let dir = TempDir::new("portico-e2e");
+        let pg = match self.storage {
+            Storage::Sqlite => None,
+            Storage::Postgres => Some(PgDb::create().await),
+        };
+        let storage = match &pg {
+            None => StorageConfig::Sqlite { path: Some(dir.path().join("db")) },
+            Some(db) => StorageConfig::Postgres { conn_string: db.url.clone() },
+        };
+        let auth_cfg = AuthConfig { storage, session_ttl: self.session_ttl.clone(), ..AuthConfig::default() };
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind auth");
+        let auth_addr = listener.local_addr().expect("addr");
+        let (auth, auth_stop) = start_auth(&auth_cfg, dir.path().to_path_buf(), listener, auth_addr).await;
+        let mut c = Cluster {
+            pg,
+            auth,
+            auth_cfg,
+            auth_addr,
+            auth_stop,
+            proxy: None,
+            agents: vec![],
+            dir,
+        };
+        if self.proxy {
+            let cfg = ProxyConfig {
+                auth_servers: vec![c.auth_addr.to_string()],
+                session_idle_timeout: self.idle_timeout.clone(),
+                ..ProxyConfig::default()
+            };
+            c.start_proxy(cfg).await;
+        }
+        for (host, cfg) in self.agents {
+            c.start_agent(&host, cfg).await;
+        }
+        c
+    }
+}
+
+async fn start_auth(cfg: &AuthConfig, data_dir: PathBuf, listener: TcpListener, addr: SocketAddr) -> (Arc<AuthServer>, watch::Sender<bool>) {
+    let server = AuthServer::open(cfg, &data_dir).await.expect("auth-service opens");
+    server.ensure_admin_identity(&data_dir, &addr.to_string()).await.expect("admin identity");
+    let (stop, mut rx) = watch::channel(false);
+    let s = server.clone();
+    tokio::spawn(async move {
+        let _ = portico_auth::serve(s, listener, async move {
+            let _ = rx.wait_for(|v| *v).await;
+        })
+        .await;
+    });
+    (server, stop)
+}
+
+pub struct Cluster {
+    pub pg: Option<PgDb>,
+    pub auth: Arc<AuthServer>,
+    pub auth_cfg: AuthConfig,
+    pub auth_addr: SocketAddr,
+    auth_stop: watch::Sender<bool>,
+    pub proxy: Option<Proxy>,
+    pub agents: Vec<(String, Agent)>,
+    pub dir: TempDir,
+}
+
+impl Cluster {
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+
+    pub fn admin_identity(&self) -> PathBuf {
+        self.dir.path().join(ADMIN_IDENTITY_FILE)
+    }
+
+    pub fn admin_token(&self) -> String {
+        let text = std::fs::read_to_string(self.admin_identity()).expect("admin identity");
+        let id: portico_core::identity::IdentityFile = yaml_serde::from_str(&text).expect("identity parses");
+        id.token
+    }
+
+    pub async fn admin(&self) -> AuthClient {
+        connect(&self.auth_addr.to_string(), Some(&self.admin_token())).await.expect("admin connects")
+    }
+
+    pub async fn client(&self, token: &str) -> AuthClient {
+        connect(&self.auth_addr.to_string(), Some(token)).await.expect("client connects")
+    }
+
+    pub fn proxy_addr(&self) -> SocketAddr {
+        self.proxy.as_ref().expect("cluster has a proxy").web_addr
+    }
+
+    pub fn tunnel_addr(&self) -> SocketAddr {
+        self.proxy.as_ref().expect("cluster has a proxy").tunnel_addr
+    }
+
+    pub async fn join_token(&self, role: &str) -> String {
+        self.admin()
+            .await
+            .create_token(v1::CreateTokenRequest { roles: vec![role.into()], ttl_ms: 600_000 })
+            .await
+            .expect("token")
+            .into_inner()
+            .token
+    }
+
+    pub async fn start_proxy(&mut self, mut cfg: ProxyConfig) {
+        cfg.join_token = Some(self.join_token("proxy").await);
+        let listeners = portico_proxy::Listeners {
+            web: TcpListener::bind("127.0.0.1:0").await.expect("bind web"),
+            tunnel: TcpListener::bind("127.0.0.1:0").await.expect("bind tunnel"),
+        };
+        let dir = self.dir.path().join("proxy");
+        let p = portico_proxy::start(&cfg, portico_proxy::Credentials::Join { data_dir: dir }, listeners)
+            .await
+            .expect("proxy starts");
+        let state = p.state.clone();
+        eventually(Duration::from_secs(10), "proxy cache synced", || {
+            let s = state.clone();
+            async move { s.cache.synced().then_some(()) }
+        })
+        .await;
+        self.proxy = Some(p);
+    }
+
+    pub async fn start_agent(&mut self, host_id: &str, mut cfg: AgentConfig) {
+        cfg.auth_servers = vec![self.auth_addr.to_string()];
+        if let Some(p) = &self.proxy {
+            cfg.proxy_servers = vec![p.tunnel_addr.to_string()];
+        }
+        cfg.join_token = Some(self.join_token("app").await);
+        cfg.host_id = Some(host_id.to_string());
+        if cfg.shutdown_grace.is_none() {
+            cfg.shutdown_grace = Some("2s".into());
+        }
+        let dir = self.dir.path().join(format!("agent-{host_id}"));
+        let agent = portico_agent::start(&cfg, portico_agent::Credentials::Join { data_dir: dir }).await.expect("agent starts");
+        if let Some(p) = &self.proxy {
+            let tunnels = p.state.tunnels.clone();
+            let h = host_id.to_string();
+            eventually(Duration::from_secs(10), "agent tunnel connected", || {
+                let t = tunnels.clone();
+                let h = h.clone();
+                async move { t.is_connected(&h).then_some(()) }
+            })
+            .await;
+        }
+        self.agents.push((host_id.to_string(), agent));
+    }
+
+    pub fn agent(&self, host_id: &str) -> &Agent {
+        &self.agents.iter().find(|(h, _)| h == host_id).expect("agent exists").1
+    }
+
+    /// Creates resources from YAML as the admin.
+    pub async fn create_yaml(&self, yaml: &str, overwrite: bool) -> Result<(), tonic::Status> {
+        let rs = portico_core::parse::parse_documents("test.yaml", yaml).expect("valid yaml");
+        self.admin()
+            .await
+            .create(v1::CreateRequest {
+                resources: rs.iter().map(|r| v1::Resource { kind: r.kind().as_str().into(), json: r.to_json() }).collect(),
+                overwrite,
+            })
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn add_user(&self, name: &str, roles: &[&str], password: &str) {
+        self.admin()
+            .await
+            .add_user(v1::AddUserRequest { name: name.into(), roles: roles.iter().map(|r| r.to_string()).collect(), password: password.into() })
+            .await
+            .expect("user added");
+    }
+
+    pub async fn login(&self, user: &str, password: &str) -> String {
+        let mut c = connect(&self.auth_addr.to_string(), None).await.expect("connect");
+        c.login(v1::LoginRequest { user: user.into(), password: password.into() }).await.expect("login").into_inner().token
+    }
+
+    /// Waits until the proxy routes `app` to exactly these agents.
+    pub async fn wait_servers(&self, app: &str, hosts: &[&str]) {
+        let mut want: Vec<String> = hosts.iter().map(|h| h.to_string()).collect();
+        want.sort();
+        let state = self.proxy.as_ref().expect("proxy").state.clone();
+        let app = app.to_string();
+        eventually(Duration::from_secs(10), &format!("{app} served by {want:?}"), || {
+            let s = state.clone();
+            let app = app.clone();
+            let want = want.clone();
+            async move { (s.cache.servers(&app) == want).then_some(()) }
+        })
+        .await;
+    }
+
+    /// Stops the auth-service (storage stays).
+    pub async fn stop_auth(&mut self) {
+        let _ = self.auth_stop.send(true);
+        self.auth.shutdown();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    /// Starts the auth-service again on the same address and storage.
+    pub async fn start_auth_again(&mut self) {
+        let listener = eventually(Duration::from_secs(10), "auth port free again", || {
+            let addr = self.auth_addr;
+            async move { TcpListener::bind(addr).await.ok() }
+        })
+        .await;
+        let (auth, stop) = start_auth(&self.auth_cfg, self.dir.path().to_path_buf(), listener, self.auth_addr).await;
+        self.auth = auth;
+        self.auth_stop = stop;
+    }
+
+    /// Runs `pctl` against this cluster as the local admin.
+    pub async fn pctl(&self, args: &[&str]) -> std::process::Output {
+        self.pctl_with(args, &[], None).await
+    }
+
+    pub async fn pctl_with(&self, args: &[&str], env: &[(&str, &str)], stdin: Option<&str>) -> std::process::Output {
+        let mut cmd = tokio::process::Command::new(bin("pctl"));
+        cmd.arg("--data-dir").arg(self.dir.path()).args(args).env_remove("PORTICO_HOME").env("PORTICO_HOME", self.dir.path().join("no-home"));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        run(cmd, stdin).await
+    }
+
+    pub async fn shutdown(mut self) {
+        for (_, a) in self.agents.drain(..) {
+            a.shutdown();
+        }
+        if let Some(p) = self.proxy.take() {
+            p.shutdown().await;
+        }
+        let _ = self.auth_stop.send(true);
+        self.auth.shutdown();
+    }
+}
+
+/// Runs a command to completion with optional stdin, with a timeout.
+pub async fn run(mut cmd: tokio::process::Command, stdin: Option<&str>) -> std::process::Output {
+    use tokio::io::AsyncWriteExt;
+    cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).kill_on_drop(true);
+    let mut child = cmd.spawn().expect("spawn");
+    let mut si = child.stdin.take().expect("stdin");
+    if let Some(s) = stdin {
+        si.write_all(s.as_bytes()).await.expect("write stdin");
+    }
+    drop(si);
+    tokio::time::timeout(Duration::from_secs(60), child.wait_with_output()).await.expect("command finished in 60 s").expect("output")
+}
+
+pub fn text(o: &std::process::Output) -> (String, String) {
+    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+}

@@ -1,0 +1,74 @@
+//! Small test utilities: temporary directories, locating binaries, and
+//! waiting with retrying assertions instead of sleeps.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rand::Rng;
+
+/// A directory removed when dropped.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> TempDir {
+        let n: u64 = rand::rng().random();
+        let p = std::env::temp_dir().join(format!("{prefix}-{n:016x}"));
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A binary of this workspace (built by `cargo build --workspace --bins`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/debug/deps/e2e-xxxx -> target/debug
+    let mut dir = exe.parent().expect("deps dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let p = dir.join(name);
+    assert!(p.exists(), "{} is missing: run cargo build --workspace --bins first", p.display());
+    p
+}
+
+/// Retries `f` until it returns `Some` or `timeout` passes; panics with `what` then.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut delay = Duration::from_millis(5);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// The stdio MCP server written for these tests.
+pub fn test_mcp_server() -> PathBuf {
+    bin("portico-test-mcp")
+}
+
+/// The shared examples that must work unchanged.
+pub fn shared_example(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/examples").join(name);
+    assert!(p.exists(), "{} is missing: the shared folder must sit beside the repository", p.display());
+    p
+}
