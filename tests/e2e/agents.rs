@@ -1,1 +1,182 @@
-//! Agents: label-selected registration, tunnels and MCP process supervision.
+//! Agents: label-selected dynamic registration with the shared example
+//! configs, the tunnel, and MCP process supervision with real processes.
+
+use std::time::Duration;
+
+use portico_proto::v1;
+use portico_tests::mcp_http::McpHttp;
+use portico_tests::util::{children_named, shared_example, test_app_yaml};
+use portico_tests::{ClusterBuilder, Storage, eventually};
+use serde_json::json;
+
+const ADMIN_PW: &str = "admin-password-1";
+
+async fn user_token(c: &portico_tests::Cluster) -> String {
+    c.add_user("root-user", &["admin"], ADMIN_PW).await;
+    c.login("root-user", ADMIN_PW).await
+}
+
+#[tokio::test]
+async fn seed_lifecycle_with_both_example_agents() {
+    let wildcard = std::fs::read_to_string(shared_example("agent-wildcard.yaml")).expect("example");
+    let prod_test = std::fs::read_to_string(shared_example("agent-prod-test.yaml")).expect("example");
+    let c = ClusterBuilder::new()
+        .storage(Storage::Postgres)
+        .proxy()
+        .agent_yaml("wild", &wildcard)
+        .agent_yaml("prodtest", &prod_test)
+        .start()
+        .await;
+    let token = user_token(&c).await;
+
+    c.create_yaml(&test_app_yaml("tm", "dev"), false).await.expect("create env=dev");
+    c.wait_servers("tm", &["wild"]).await;
+    assert!(c.agent("prodtest").state.registry.get("tm").is_none());
+
+    c.create_yaml(&test_app_yaml("tm", "prod"), true).await.expect("create -f env=prod");
+    c.wait_servers("tm", &["prodtest", "wild"]).await;
+
+    // Two live sessions, one waiting on a slow call while the labels change.
+    let mut s1 = McpHttp::new(c.proxy_addr(), "tm", &token);
+    s1.initialize().await.expect("initialize");
+    let echo = s1.call("echo", json!({"message": "hi"})).await;
+    assert_eq!(echo["result"]["content"][0]["text"], "hi", "{echo}");
+    let mut s2 = McpHttp::new(c.proxy_addr(), "tm", &token);
+    s2.initialize().await.expect("initialize");
+    let slow = tokio::spawn(async move {
+        let r = s2.call("slow", json!({"ms": 30000})).await;
+        (r, s2)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    c.create_yaml(&test_app_yaml("tm", "staging"), true).await.expect("labels match neither");
+    c.wait_servers("tm", &[]).await;
+    let (slow_reply, s2) = tokio::time::timeout(Duration::from_secs(15), slow).await.expect("the slow call ends").expect("task");
+    let msg = slow_reply["error"]["message"].as_str().unwrap_or_default().to_string();
+    assert!(msg.contains("unregistered"), "{slow_reply}");
+    let after = s2.post(&json!({"jsonrpc": "2.0", "id": 9, "method": "tools/list"})).await;
+    assert_eq!(after.status, http::StatusCode::NOT_FOUND);
+    let r = s1.post(&json!({"jsonrpc": "2.0", "id": 9, "method": "tools/list"})).await;
+    assert_eq!(r.status, http::StatusCode::NOT_FOUND, "the other session ended too");
+
+    c.create_yaml(&test_app_yaml("tm", "test"), true).await.expect("env=test");
+    c.wait_servers("tm", &["prodtest", "wild"]).await;
+    let o = c.pctl(&["rm", "app/tm"]).await;
+    assert!(o.status.success());
+    c.wait_servers("tm", &[]).await;
+    for (h, a) in &c.agents {
+        eventually(Duration::from_secs(5), &format!("{h} forgot tm"), || async { a.state.registry.get("tm").is_none().then_some(()) }).await;
+    }
+    let mut gone = McpHttp::new(c.proxy_addr(), "tm", &token);
+    let e = gone.initialize().await.expect_err("removed everywhere");
+    assert_eq!(e.status, http::StatusCode::NOT_FOUND);
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn crash_missing_command_and_bad_user() {
+    let c = ClusterBuilder::new().proxy().wildcard_agent("a1").start().await;
+    let token = user_token(&c).await;
+    c.create_yaml(&test_app_yaml("tm", "dev"), false).await.expect("app");
+    c.create_yaml("kind: app\nversion: v3\nmetadata: {name: nocmd}\nspec:\n  mcp: {command: /nonexistent/portico-nope, run_as_host_user: root}\n", false).await.expect("app");
+    c.create_yaml(&format!("kind: app\nversion: v3\nmetadata: {{name: nouser}}\nspec:\n  mcp: {{command: {}, run_as_host_user: no-such-user-x}}\n", portico_tests::util::test_mcp_server().display()), false)
+        .await
+        .expect("app");
+    c.create_yaml("kind: app\nversion: v3\nmetadata: {name: quits}\nspec:\n  mcp: {command: /bin/false, run_as_host_user: root}\n", false).await.expect("app");
+    for app in ["tm", "nocmd", "nouser", "quits"] {
+        c.wait_servers(app, &["a1"]).await;
+    }
+
+    let mut s = McpHttp::new(c.proxy_addr(), "tm", &token);
+    s.initialize().await.expect("initialize");
+    let r = s.call("crash", json!({})).await;
+    let msg = r["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("exited") && msg.contains("exit status 3"), "{r}");
+
+    let mut s = McpHttp::new(c.proxy_addr(), "nocmd", &token);
+    let e = s.initialize().await.expect_err("no such command");
+    assert_eq!(e.status, http::StatusCode::BAD_GATEWAY);
+    assert!(String::from_utf8_lossy(&e.body).contains("/nonexistent/portico-nope\\\" was not found"), "{:?}", e.body);
+
+    let mut s = McpHttp::new(c.proxy_addr(), "nouser", &token);
+    let e = s.initialize().await.expect_err("no such user");
+    assert!(String::from_utf8_lossy(&e.body).contains("host user \\\"no-such-user-x\\\" does not exist"), "{:?}", e.body);
+
+    let mut s = McpHttp::new(c.proxy_addr(), "quits", &token);
+    let r = s.post(&json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}})).await;
+    let m = r.messages();
+    let msg = m.first().and_then(|m| m["error"]["message"].as_str()).unwrap_or_default().to_string();
+    assert!(msg.contains("exited") && msg.contains("exit status 1"), "{:?}", String::from_utf8_lossy(&r.body));
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn two_hundred_sessions_leave_no_process_behind() {
+    let c = ClusterBuilder::new().proxy().wildcard_agent("a1").start().await;
+    let token = user_token(&c).await;
+    c.create_yaml(&test_app_yaml("tm", "dev"), false).await.expect("app");
+    c.wait_servers("tm", &["a1"]).await;
+    let proxy = c.proxy_addr();
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..8 {
+        let token = token.clone();
+        tasks.spawn(async move {
+            for i in 0..25 {
+                let mut s = McpHttp::new(proxy, "tm", &token);
+                s.initialize().await.expect("initialize");
+                if i % 5 == 0 {
+                    let r = s.call("add", json!({"a": worker, "b": i})).await;
+                    assert_eq!(r["result"]["content"][0]["text"], (worker + i).to_string());
+                }
+                assert_eq!(s.delete().await.status, http::StatusCode::OK);
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.expect("worker");
+    }
+    eventually(Duration::from_secs(30), "every MCP process reaped", || async {
+        let left = children_named("portico-test-mcp");
+        left.is_empty().then_some(())
+    })
+    .await;
+    let agent = c.agent("a1");
+    assert_eq!(agent.state.metrics.sessions.load(std::sync::atomic::Ordering::Relaxed), 200);
+    assert_eq!(agent.state.metrics.live.load(std::sync::atomic::Ordering::Relaxed), 0);
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn agents_and_proxy_ride_out_an_auth_restart() {
+    let mut c = ClusterBuilder::new().proxy().wildcard_agent("a1").start().await;
+    let token = user_token(&c).await;
+    c.create_yaml(&test_app_yaml("keep", "dev"), false).await.expect("app");
+    c.create_yaml(&test_app_yaml("doomed", "dev"), false).await.expect("app");
+    c.wait_servers("keep", &["a1"]).await;
+    c.wait_servers("doomed", &["a1"]).await;
+    let mut s = McpHttp::new(c.proxy_addr(), "keep", &token);
+    s.initialize().await.expect("initialize");
+
+    c.stop_auth().await;
+    // A live session keeps working while the auth-service is away.
+    let r = s.call("echo", json!({"message": "still here"})).await;
+    assert_eq!(r["result"]["content"][0]["text"], "still here");
+    assert!(c.agent("a1").state.registry.get("keep").is_some());
+
+    c.start_auth_again().await;
+    // Changes made right after the restart reach the agent: no missed deletion, no double registration.
+    c.admin().await.delete(v1::DeleteRequest { kind: "app".into(), name: "doomed".into() }).await.expect("delete");
+    c.create_yaml(&test_app_yaml("fresh", "dev"), false).await.expect("app after restart");
+    c.wait_servers("fresh", &["a1"]).await;
+    c.wait_servers("doomed", &[]).await;
+    let a = c.agent("a1");
+    eventually(Duration::from_secs(10), "agent re-synced", || async {
+        (a.state.registry.names() == vec!["fresh".to_string(), "keep".to_string()]).then_some(())
+    })
+    .await;
+    let r = s.call("echo", json!({"message": "after"})).await;
+    assert_eq!(r["result"]["content"][0]["text"], "after");
+    let mut s2 = McpHttp::new(c.proxy_addr(), "fresh", &token);
+    s2.initialize().await.expect("new session after the restart");
+    c.shutdown().await;
+}

@@ -72,3 +72,36 @@ pub fn shared_example(name: &str) -> PathBuf {
     assert!(p.exists(), "{} is missing: the shared folder must sit beside the repository", p.display());
     p
 }
+
+/// The user the tests run as, for `run_as_host_user`.
+pub fn me() -> String {
+    portico_agent::spawn::current_user_name().expect("the current user has a name")
+}
+
+/// An app running the repository's test MCP server.
+pub fn test_app_yaml(name: &str, env: &str) -> String {
+    format!(
+        "kind: app\nversion: v3\nmetadata:\n  name: {name}\n  description: test server {name}\n  labels: {{env: {env}}}\nspec:\n  mcp:\n    command: {}\n    run_as_host_user: {}\n",
+        test_mcp_server().display(),
+        me()
+    )
+}
+
+/// Child processes of this process with the given command name (as /proc shows it).
+pub fn children_named(comm: &str) -> Vec<(u32, char)> {
+    let me = std::process::id();
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else { return out };
+    for e in rd.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        let name = &stat[open + 1..close];
+        let rest: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+        let (Some(state), Some(ppid)) = (rest.first(), rest.get(1)) else { continue };
+        if ppid.parse::<u32>().ok() == Some(me) && comm.starts_with(name) {
+            out.push((pid, state.chars().next().unwrap_or('?')));
+        }
+    }
+    out
+}

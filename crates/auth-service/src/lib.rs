@@ -43,6 +43,20 @@ pub struct AuthConfig {
     /// How many events the change feed keeps for resuming watchers.
     #[serde(default)]
     pub event_retention: Option<i64>,
+    /// Join tokens created at the first start of a fresh database (for
+    /// deployments such as docker-compose that join without an operator).
+    #[serde(default)]
+    pub bootstrap_tokens: Vec<BootstrapToken>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootstrapToken {
+    pub token: String,
+    pub roles: Vec<String>,
+    /// How long it stays valid, e.g. `24h` (default).
+    #[serde(default)]
+    pub ttl: Option<String>,
 }
 
 fn default_listen() -> String {
@@ -57,6 +71,7 @@ impl Default for AuthConfig {
             storage: StorageConfig::default(),
             session_ttl: None,
             event_retention: None,
+            bootstrap_tokens: vec![],
         }
     }
 }
@@ -121,6 +136,7 @@ impl AuthServer {
                 .ok_or_else(|| Error::bad_request(format!("auth_service.session_ttl: {s:?} is not a duration like 12h")))?,
             None => DEFAULT_SESSION_TTL_MS,
         };
+        let fresh = backend.current_revision().await? == 0;
         let (stop, stop_rx) = watch::channel(false);
         let hub = Hub::start(backend.clone(), stop_rx.clone()).await?;
         let server = Arc::new(AuthServer {
@@ -132,6 +148,9 @@ impl AuthServer {
             stop,
         });
         server.bootstrap_roles().await?;
+        if fresh {
+            server.bootstrap_tokens(&cfg.bootstrap_tokens).await?;
+        }
         tokio::spawn(sweeper(server.clone(), stop_rx, cfg.event_retention.unwrap_or(DEFAULT_EVENT_RETENTION)));
         Ok(server)
     }
@@ -156,6 +175,46 @@ impl AuthServer {
             }
         }
         self.hub.poke();
+        Ok(())
+    }
+
+    async fn bootstrap_tokens(&self, tokens: &[BootstrapToken]) -> Result<(), Error> {
+        for (i, t) in tokens.iter().enumerate() {
+            if t.token.trim().len() < 16 {
+                return Err(Error::bad_request(format!(
+                    "auth_service.bootstrap_tokens[{i}].token: use at least 16 random characters"
+                )));
+            }
+            let ttl = match &t.ttl {
+                Some(s) => parse_duration(s).ok_or_else(|| {
+                    Error::bad_request(format!("auth_service.bootstrap_tokens[{i}].ttl: {s:?} is not a duration"))
+                })?,
+                None => 24 * 3600 * 1000,
+            };
+            let mut roles = Vec::new();
+            for r in &t.roles {
+                roles.push(match r.as_str() {
+                    "app" => portico_core::resource::SystemRole::App,
+                    "proxy" => portico_core::resource::SystemRole::Proxy,
+                    other => {
+                        return Err(Error::bad_request(format!(
+                            "auth_service.bootstrap_tokens[{i}].roles: unknown role {other:?}; use app or proxy"
+                        )));
+                    }
+                });
+            }
+            let name = identity::token_name(t.token.trim());
+            let expires = now_ms() + ttl;
+            let mut meta = portico_core::Metadata::named(&name);
+            meta.expires = Some(portico_core::time::format_rfc3339(expires));
+            let token = Resource::Token(portico_core::Object::new(Kind::Token, meta, portico_core::TokenSpec { roles }));
+            let op = WriteOp::Put { kind: Kind::Token, name, value: resources::to_stored(&token), expires: Some(expires), mode: PutMode::Upsert };
+            self.backend.apply(&[op]).await?;
+        }
+        if !tokens.is_empty() {
+            tracing::info!(count = tokens.len(), "created bootstrap join tokens");
+            self.hub.poke();
+        }
         Ok(())
     }
 

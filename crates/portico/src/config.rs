@@ -56,6 +56,7 @@ pub fn load(path: &Path) -> Result<Config, String> {
     if text.len() > 1024 * 1024 {
         return Err(format!("{} is larger than 1 MiB", path.display()));
     }
+    let text = expand_env(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     let de = yaml_serde::Deserializer::from_str(&text);
     let f: FileConfig = serde_path_to_error::deserialize(de).map_err(|e| {
         let field = e.path().to_string();
@@ -79,4 +80,41 @@ pub fn load(path: &Path) -> Result<Config, String> {
         proxy: f.proxy_service.filter(|p| enabled(p.enabled)),
         agent: f.app_service.filter(|a| enabled(a.enabled)),
     })
+}
+
+/// Replaces `${NAME}` and `${NAME:-default}` with environment values, so one
+/// file serves docker-compose and a plain process alike.
+pub fn expand_env(text: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("${") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 2..];
+        let Some(end) = after.find('}') else {
+            return Err("an unclosed ${ in the file".into());
+        };
+        let expr = &after[..end];
+        let (name, default) = match expr.split_once(":-") {
+            Some((n, d)) => (n, Some(d)),
+            None => (expr, None),
+        };
+        match (std::env::var(name).ok().filter(|v| !v.is_empty()), default) {
+            (Some(v), _) => out.push_str(&v),
+            (None, Some(d)) => out.push_str(d),
+            (None, None) => return Err(format!("the environment variable {name} is not set (used as ${{{name}}})")),
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn expands() {
+        assert_eq!(super::expand_env("a: ${PORTICO_NOPE_X:-d}").as_deref(), Ok("a: d"));
+        assert!(super::expand_env("a: ${PORTICO_NOPE_X}").is_err());
+        assert_eq!(super::expand_env("$HOME stays").as_deref(), Ok("$HOME stays"));
+    }
 }
