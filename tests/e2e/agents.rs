@@ -102,7 +102,7 @@ async fn crash_missing_command_and_bad_user() {
     let e = s.initialize().await.expect_err("no such user");
     assert!(String::from_utf8_lossy(&e.body).contains("host user \\\"no-such-user-x\\\" does not exist"), "{:?}", e.body);
 
-    let mut s = McpHttp::new(c.proxy_addr(), "quits", &token);
+    let s = McpHttp::new(c.proxy_addr(), "quits", &token);
     let r = s.post(&json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}})).await;
     let m = r.messages();
     let msg = m.first().and_then(|m| m["error"]["message"].as_str()).unwrap_or_default().to_string();

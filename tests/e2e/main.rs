@@ -3,5 +3,6 @@
 mod agents;
 mod conformance;
 mod control_plane;
+mod deploy;
 mod mcp;
 mod watch;
