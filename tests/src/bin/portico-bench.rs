@@ -1,1 +1,397 @@
-fn main() {}
+//! `portico-bench`: the figures the issues ask for, each with a baseline
+//! measured in the same run. Timings are printed, never asserted.
+//!
+//! cargo run --release -p portico-tests --bin portico-bench -- [all|store|registration|proxy|ls|memory]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use portico_proto::v1;
+use portico_tests::mcp_http::McpHttp;
+use portico_tests::util::{test_app_yaml, test_mcp_server};
+use portico_tests::{ClusterBuilder, Storage, eventually};
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
+
+fn app_req(name: &str) -> v1::CreateRequest {
+    let app = portico_core::parse::parse_documents("b", &format!("kind: app\nversion: v3\nmetadata: {{name: {name}}}\nspec: {{uri: 'mcp+http://x/mcp'}}\n")).expect("app");
+    v1::CreateRequest { resources: vec![v1::Resource { kind: "app".into(), json: app[0].to_json() }], overwrite: false }
+}
+
+async fn store(storage: Storage) {
+    let c = ClusterBuilder::new().storage(storage).start().await;
+    let admin = c.admin().await;
+    // Creates per second: one writer, then eight.
+    let n = 500;
+    let t = Instant::now();
+    let mut a = admin.clone();
+    for i in 0..n {
+        a.create(app_req(&format!("s{i}"))).await.expect("create");
+    }
+    let one = n as f64 / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for w in 0..8 {
+        let mut a = admin.clone();
+        set.spawn(async move {
+            for i in 0..(n / 8) {
+                a.create(app_req(&format!("c{w}-{i}"))).await.expect("create");
+            }
+        });
+    }
+    while set.join_next().await.is_some() {}
+    let eight = (n / 8 * 8) as f64 / t.elapsed().as_secs_f64();
+    println!("{storage:?}: creates/s one writer {one:.0}, eight writers {eight:.0}");
+
+    // Commit-to-delivery for 100 watchers.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(i64, Instant)>();
+    for _ in 0..100 {
+        let mut a = admin.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut s = a.watch(v1::WatchRequest { kinds: vec!["app".into()], from_revision: 0 }).await.expect("watch").into_inner();
+            let mut live = false;
+            while let Ok(Some(ev)) = s.message().await {
+                if ev.r#type == v1::watch_event::Type::SnapshotEnd as i32 {
+                    live = true;
+                    let _ = tx.send((-1, Instant::now()));
+                } else if live {
+                    let _ = tx.send((ev.revision, Instant::now()));
+                }
+            }
+        });
+    }
+    let mut ready = 0;
+    while ready < 100 {
+        if let Some((-1, _)) = rx.recv().await {
+            ready += 1;
+        }
+    }
+    let writes = 100;
+    let mut rpc = Vec::new();
+    let mut sent = std::collections::HashMap::new();
+    let mut a = admin.clone();
+    for i in 0..writes {
+        let t0 = Instant::now();
+        a.create(app_req(&format!("w{i}"))).await.expect("create");
+        rpc.push(ms(t0.elapsed()));
+        let rev = c.auth.backend.current_revision().await.expect("rev");
+        sent.insert(rev, t0);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut delivery = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while delivery.len() < writes * 100 && Instant::now() < deadline {
+        if let Ok(Some((rev, at))) = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await
+            && let Some(t0) = sent.get(&rev)
+        {
+            delivery.push(ms(at.duration_since(*t0)));
+        }
+    }
+    let (r50, r99) = (pct(&mut rpc, 0.5), pct(&mut rpc, 0.99));
+    let (d50, d99) = (pct(&mut delivery, 0.5), pct(&mut delivery, 0.99));
+    println!(
+        "{storage:?}: write start to delivery at 100 watchers p50 {d50:.2} ms p99 {d99:.2} ms ({} deliveries); baseline create RPC p50 {r50:.2} ms p99 {r99:.2} ms; ratio p50 {:.2}",
+        delivery.len(),
+        d50 / r50
+    );
+    c.shutdown().await;
+}
+
+async fn registration(storage: Storage) {
+    let c = ClusterBuilder::new().storage(storage).proxy().wildcard_agent("a1").start().await;
+    let state = c.proxy.as_ref().expect("proxy").state.clone();
+    let mut admin = c.admin().await;
+    let mut lat = Vec::new();
+    let mut rpc = Vec::new();
+    for i in 0..200 {
+        let name = format!("r{i}");
+        let yaml = test_app_yaml(&name, "dev");
+        let res = portico_core::parse::parse_documents("r", &yaml).expect("app");
+        let t0 = Instant::now();
+        admin
+            .create(v1::CreateRequest { resources: vec![v1::Resource { kind: "app".into(), json: res[0].to_json() }], overwrite: false })
+            .await
+            .expect("create");
+        let returned = Instant::now();
+        rpc.push(ms(returned - t0));
+        let s = state.clone();
+        eventually(Duration::from_secs(10), "registered", || {
+            let s = s.clone();
+            let n = name.clone();
+            async move { (!s.cache.servers(&n).is_empty()).then_some(()) }
+        })
+        .await;
+        lat.push(ms(returned.elapsed()));
+    }
+    let (p50, p99) = (pct(&mut lat, 0.5), pct(&mut lat, 0.99));
+    println!(
+        "{storage:?}: pctl-create-returned to app_server visible at the proxy, 200 creates: p50 {p50:.2} ms p99 {p99:.2} ms (goal p99 < 250 ms); baseline create RPC p50 {:.2} ms",
+        pct(&mut rpc, 0.5)
+    );
+    c.shutdown().await;
+}
+
+/// A direct stdio session with the test server, for baselines.
+struct Direct {
+    child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    out: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    id: i64,
+}
+
+impl Direct {
+    async fn start() -> Direct {
+        let mut child = tokio::process::Command::new(test_mcp_server())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn");
+        let stdin = child.stdin.take().expect("stdin");
+        let out = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let mut d = Direct { child, stdin, out, id: 0 };
+        d.rpc("initialize", json!({"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "bench", "version": "1"}})).await;
+        d.stdin.write_all(b"{\"jsonrpc\":\"2.0\",\"method\":\"notifications/initialized\"}\n").await.expect("write");
+        d
+    }
+    async fn rpc(&mut self, method: &str, params: serde_json::Value) -> serde_json::Value {
+        self.id += 1;
+        let msg = json!({"jsonrpc": "2.0", "id": self.id, "method": method, "params": params}).to_string() + "\n";
+        self.stdin.write_all(msg.as_bytes()).await.expect("write");
+        loop {
+            let line = self.out.next_line().await.expect("read").expect("line");
+            let v: serde_json::Value = serde_json::from_str(&line).expect("json");
+            if v["id"] == json!(self.id) {
+                return v;
+            }
+        }
+    }
+}
+
+async fn proxy_overhead() {
+    let c = ClusterBuilder::new().proxy().wildcard_agent("a1").start().await;
+    c.add_user("bench", &["admin"], "bench-password-1").await;
+    let token = c.login("bench", "bench-password-1").await;
+    c.create_yaml(&test_app_yaml("tm", "dev"), false).await.expect("app");
+    c.wait_servers("tm", &["a1"]).await;
+    let addr = c.proxy_addr();
+
+    // Session start: spawn to first response.
+    let (mut direct_start, mut proxied_start) = (Vec::new(), Vec::new());
+    for _ in 0..20 {
+        let t = Instant::now();
+        let d = Direct::start().await;
+        direct_start.push(ms(t.elapsed()));
+        drop(d);
+        let t = Instant::now();
+        let mut s = McpHttp::new(addr, "tm", &token);
+        s.initialize().await.expect("init");
+        proxied_start.push(ms(t.elapsed()));
+        s.delete().await;
+    }
+    println!(
+        "session start (spawn to initialize answered), 20 runs: direct stdio p50 {:.2} ms, through proxy+tunnel+agent p50 {:.2} ms",
+        pct(&mut direct_start, 0.5),
+        pct(&mut proxied_start, 0.5)
+    );
+
+    for sessions in [1usize, 16] {
+        let calls = if sessions == 1 { 2000 } else { 300 };
+        let mut direct = Vec::new();
+        let t = Instant::now();
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..sessions {
+            set.spawn(async move {
+                let mut d = Direct::start().await;
+                let mut v = Vec::with_capacity(calls);
+                for i in 0..calls {
+                    let t = Instant::now();
+                    d.rpc("tools/call", json!({"name": "echo", "arguments": {"message": format!("m{i}")}})).await;
+                    v.push(ms(t.elapsed()));
+                }
+                let _ = d.child.start_kill();
+                v
+            });
+        }
+        let started = t;
+        while let Some(r) = set.join_next().await {
+            direct.extend(r.expect("task"));
+        }
+        let direct_rate = direct.len() as f64 / started.elapsed().as_secs_f64();
+        let mut proxied = Vec::new();
+        let mut set = tokio::task::JoinSet::new();
+        let mut clients = Vec::new();
+        for _ in 0..sessions {
+            let mut s = McpHttp::new(addr, "tm", &token);
+            s.initialize().await.expect("init");
+            clients.push(s);
+        }
+        let t = Instant::now();
+        for mut s in clients {
+            set.spawn(async move {
+                let mut v = Vec::with_capacity(calls);
+                for i in 0..calls {
+                    let t = Instant::now();
+                    s.call("echo", json!({"message": format!("m{i}")})).await;
+                    v.push(ms(t.elapsed()));
+                }
+                s.delete().await;
+                v
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            proxied.extend(r.expect("task"));
+        }
+        let proxied_rate = proxied.len() as f64 / t.elapsed().as_secs_f64();
+        let (d50, d99) = (pct(&mut direct, 0.5), pct(&mut direct, 0.99));
+        let (p50, p99) = (pct(&mut proxied, 0.5), pct(&mut proxied, 0.99));
+        println!(
+            "tools/call echo, {sessions} session(s): direct stdio p50 {d50:.3} ms p99 {d99:.3} ms {direct_rate:.0} calls/s; proxied p50 {p50:.3} ms p99 {p99:.3} ms {proxied_rate:.0} calls/s; added p50 {:.3} ms, throughput kept {:.0}%",
+            p50 - d50,
+            100.0 * proxied_rate / direct_rate
+        );
+    }
+    c.shutdown().await;
+}
+
+async fn ls_scale() {
+    let c = ClusterBuilder::new().proxy().wildcard_agent("a1").start().await;
+    c.add_user("bench", &["admin"], "bench-password-1").await;
+    let home = c.data_dir().join("home");
+    let psh = portico_tests::bin("psh");
+    let mut login = tokio::process::Command::new(&psh);
+    login.args(["login", &format!("--proxy={}", c.proxy_addr()), "--user=bench", "--password-stdin"]).env("PORTICO_HOME", &home);
+    let _ = portico_tests::cluster::run(login, Some("bench-password-1\n")).await;
+    let mut admin = c.admin().await;
+    let measure = async |label: &str, total: usize| {
+        let state = c.proxy.as_ref().expect("proxy").state.clone();
+        eventually(Duration::from_secs(120), "all registered", || {
+            let s = state.clone();
+            async move { (s.cache.apps().iter().filter(|a| !s.cache.servers(&a.metadata.name).is_empty()).count() >= total).then_some(()) }
+        })
+        .await;
+        let mut times = Vec::new();
+        for _ in 0..5 {
+            let t = Instant::now();
+            let mut cmd = tokio::process::Command::new(&psh);
+            cmd.args(["mcp", "ls"]).env("PORTICO_HOME", &home);
+            let o = portico_tests::cluster::run(cmd, None).await;
+            assert!(o.status.success());
+            times.push(ms(t.elapsed()));
+        }
+        let p50 = pct(&mut times, 0.5);
+        println!("psh mcp ls with {label}: p50 {p50:.1} ms over 5 runs");
+        p50
+    };
+    for i in 0..10 {
+        let yaml = test_app_yaml(&format!("l{i}"), "dev");
+        c.create_yaml(&yaml, false).await.expect("app");
+    }
+    let base = measure("10 apps", 10).await;
+    let yaml_app = |i: usize| test_app_yaml(&format!("l{i}"), "dev");
+    let mut batch = Vec::new();
+    for i in 10..10_000 {
+        let r = portico_core::parse::parse_documents("l", &yaml_app(i)).expect("app");
+        batch.push(v1::Resource { kind: "app".into(), json: r[0].to_json() });
+        if batch.len() == 500 {
+            admin.create(v1::CreateRequest { resources: std::mem::take(&mut batch), overwrite: false }).await.expect("batch");
+        }
+    }
+    if !batch.is_empty() {
+        admin.create(v1::CreateRequest { resources: batch, overwrite: false }).await.expect("batch");
+    }
+    let big = measure("10,000 apps", 10_000).await;
+    println!("psh mcp ls 10,000 vs 10 apps: ratio {:.2}", big / base);
+    c.shutdown().await;
+}
+
+async fn memory() {
+    let base = rss_kib();
+    let c = ClusterBuilder::new().proxy().wildcard_agent("a1").start().await;
+    c.add_user("bench", &["admin"], "bench-password-1").await;
+    let token = c.login("bench", "bench-password-1").await;
+    let started = rss_kib();
+    let mut admin = c.admin().await;
+    let mut batch = Vec::new();
+    for i in 0..1000 {
+        let r = portico_core::parse::parse_documents("m", &test_app_yaml(&format!("m{i}"), "dev")).expect("app");
+        batch.push(v1::Resource { kind: "app".into(), json: r[0].to_json() });
+    }
+    admin.create(v1::CreateRequest { resources: batch, overwrite: false }).await.expect("batch");
+    let a = Arc::new(c);
+    let agent_state = a.agent("a1").state.clone();
+    eventually(Duration::from_secs(60), "1000 registered", || {
+        let s = agent_state.clone();
+        async move { (s.registry.len() >= 1000).then_some(()) }
+    })
+    .await;
+    let with_apps = rss_kib();
+    let mut sessions = Vec::new();
+    for _ in 0..100 {
+        let mut s = McpHttp::new(a.proxy_addr(), "m1", &token);
+        s.initialize().await.expect("init");
+        sessions.push(s);
+    }
+    let with_100 = rss_kib();
+    for _ in 100..1000 {
+        let mut s = McpHttp::new(a.proxy_addr(), "m1", &token);
+        s.initialize().await.expect("init");
+        sessions.push(s);
+    }
+    let with_1000 = rss_kib();
+    println!(
+        "memory (RSS of the process running auth+proxy+agent; MCP processes are separate): baseline {base} KiB, cluster started {started} KiB, +1000 apps registered {with_apps} KiB (+{} KiB), +100 live sessions {with_100} KiB (+{} KiB, {:.1} KiB/session), 1000 idle sessions {with_1000} KiB ({:.1} KiB/session)",
+        with_apps.saturating_sub(started),
+        with_100.saturating_sub(with_apps),
+        with_100.saturating_sub(with_apps) as f64 / 100.0,
+        (with_1000.saturating_sub(with_apps)) as f64 / 1000.0
+    );
+    for s in &sessions {
+        s.delete().await;
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let what = std::env::args().nth(1).unwrap_or_else(|| "all".into());
+    let all = what == "all";
+    if all || what == "store" {
+        store(Storage::Sqlite).await;
+        store(Storage::Postgres).await;
+    }
+    if all || what == "registration" {
+        registration(Storage::Sqlite).await;
+        registration(Storage::Postgres).await;
+    }
+    if all || what == "proxy" {
+        proxy_overhead().await;
+    }
+    if all || what == "ls" {
+        ls_scale().await;
+    }
+    if all || what == "memory" {
+        memory().await;
+    }
+}
