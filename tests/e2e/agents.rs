@@ -36,34 +36,46 @@ async fn seed_lifecycle_with_both_example_agents() {
     c.create_yaml(&test_app_yaml("tm", "prod"), true).await.expect("create -f env=prod");
     c.wait_servers("tm", &["prodtest", "wild"]).await;
 
-    // Two live sessions, one waiting on a slow call while the labels change.
-    let mut s1 = McpHttp::new(c.proxy_addr(), "tm", &token);
-    s1.initialize().await.expect("initialize");
-    let echo = s1.call("echo", json!({"message": "hi"})).await;
+    // One live session on each agent, each waiting on a slow call while the labels change.
+    let proxy = c.proxy.as_ref().expect("proxy").state.clone();
+    let mut on: std::collections::HashMap<String, McpHttp> = std::collections::HashMap::new();
+    for _ in 0..60 {
+        let mut s = McpHttp::new(c.proxy_addr(), "tm", &token);
+        s.initialize().await.expect("initialize");
+        let agent = proxy.sessions.get(s.session.as_deref().expect("session id")).expect("live").agent.clone();
+        on.entry(agent).or_insert(s);
+        if on.len() == 2 {
+            break;
+        }
+    }
+    let mut on_prodtest = on.remove("prodtest").expect("a session on prodtest");
+    let mut on_wild = on.remove("wild").expect("a session on wild");
+    let echo = on_wild.call("echo", json!({"message": "hi"})).await;
     assert_eq!(echo["result"]["content"][0]["text"], "hi", "{echo}");
-    let mut s2 = McpHttp::new(c.proxy_addr(), "tm", &token);
-    s2.initialize().await.expect("initialize");
-    let slow = tokio::spawn(async move {
-        let r = s2.call("slow", json!({"ms": 30000})).await;
-        (r, s2)
-    });
+    let slow_p = tokio::spawn(async move { (on_prodtest.call("slow", json!({"ms": 30000})).await, on_prodtest) });
+    let slow_w = tokio::spawn(async move { (on_wild.call("slow", json!({"ms": 3000})).await, on_wild) });
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    c.create_yaml(&test_app_yaml("tm", "staging"), true).await.expect("labels match neither");
-    c.wait_servers("tm", &[]).await;
-    let (slow_reply, s2) = tokio::time::timeout(Duration::from_secs(15), slow).await.expect("the slow call ends").expect("task");
-    let msg = slow_reply["error"]["message"].as_str().unwrap_or_default().to_string();
-    assert!(msg.contains("unregistered"), "{slow_reply}");
-    let after = s2.post(&json!({"jsonrpc": "2.0", "id": 9, "method": "tools/list"})).await;
-    assert_eq!(after.status, http::StatusCode::NOT_FOUND);
-    let r = s1.post(&json!({"jsonrpc": "2.0", "id": 9, "method": "tools/list"})).await;
-    assert_eq!(r.status, http::StatusCode::NOT_FOUND, "the other session ended too");
+    // env=staging matches only the wildcard agent: prodtest unregisters and ends its sessions.
+    c.create_yaml(&test_app_yaml("tm", "staging"), true).await.expect("labels changed");
+    c.wait_servers("tm", &["wild"]).await;
+    let (reply, s_p) = tokio::time::timeout(Duration::from_secs(15), slow_p).await.expect("the slow call ends").expect("task");
+    let msg = reply["error"]["message"].as_str().unwrap_or_default().to_string();
+    assert!(msg.contains("unregistered") && msg.contains("labels no longer match"), "{reply}");
+    let after = s_p.post(&json!({"jsonrpc": "2.0", "id": 9, "method": "tools/list"})).await;
+    assert_eq!(after.status, http::StatusCode::NOT_FOUND, "the session is gone");
+    let (reply, mut s_w) = tokio::time::timeout(Duration::from_secs(15), slow_w).await.expect("wild call ends").expect("task");
+    assert_eq!(reply["result"]["content"][0]["text"], "done", "the wildcard agent keeps serving: {reply}");
+    let slow_w = tokio::spawn(async move { s_w.call("slow", json!({"ms": 30000})).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
 
     c.create_yaml(&test_app_yaml("tm", "test"), true).await.expect("env=test");
     c.wait_servers("tm", &["prodtest", "wild"]).await;
     let o = c.pctl(&["rm", "app/tm"]).await;
     assert!(o.status.success());
     c.wait_servers("tm", &[]).await;
+    let reply = tokio::time::timeout(Duration::from_secs(15), slow_w).await.expect("ends").expect("task");
+    assert!(reply["error"]["message"].as_str().unwrap_or_default().contains("deleted"), "{reply}");
     for (h, a) in &c.agents {
         eventually(Duration::from_secs(5), &format!("{h} forgot tm"), || async { a.state.registry.get("tm").is_none().then_some(()) }).await;
     }

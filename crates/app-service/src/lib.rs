@@ -94,6 +94,8 @@ pub struct AgentState {
     pub grace: Duration,
     pub metrics: Metrics,
     pub(crate) api: AuthClient,
+    /// Registrations and withdrawals for the heartbeat task, in order.
+    pub(crate) announce: tokio::sync::mpsc::UnboundedSender<(String, bool)>,
 }
 
 impl AgentConfig {
@@ -256,6 +258,7 @@ pub async fn start(cfg: &AgentConfig, creds: Credentials) -> Result<Agent, Error
         .first()
         .ok_or_else(|| Error::bad_request("app_service.auth_servers: at least one address is required"))?;
     let api = connect_lazy(auth, Some(&token)).map_err(Error::bad_request)?;
+    let (announce, announcements) = tokio::sync::mpsc::unbounded_channel();
     let state = Arc::new(AgentState {
         host_id: host_id.clone(),
         registry: Registry::new(selectors, statics),
@@ -263,10 +266,11 @@ pub async fn start(cfg: &AgentConfig, creds: Credentials) -> Result<Agent, Error
         grace,
         metrics: Metrics::default(),
         api,
+        announce,
     });
     let (stop, stop_rx) = watch::channel(false);
     tokio::spawn(watcher::watch_apps(state.clone(), stop_rx.clone()));
-    tokio::spawn(watcher::heartbeats(state.clone(), stop_rx.clone()));
+    tokio::spawn(watcher::heartbeats(state.clone(), announcements, stop_rx.clone()));
     for proxy in &cfg.proxy_servers {
         let st = state.clone();
         let handler: tunnel::Handler = Arc::new(move |req| {

@@ -96,14 +96,10 @@ async fn watch_once(state: &Arc<AgentState>, attempt: &mut u32) -> Result<(), St
     Err("the watch stream ended".into())
 }
 
-/// Announces (or withdraws) one app right away, in the background.
+/// Announces (or withdraws) one app right away. One task sends every
+/// heartbeat, in order, so a withdrawal is never overtaken by a renewal.
 fn announce(state: &Arc<AgentState>, app: String, remove: bool) {
-    let st = state.clone();
-    tokio::spawn(async move {
-        if let Err(e) = heartbeat(&st, &app, remove).await {
-            tracing::warn!(app = %app, remove, error = %e, "cannot announce app; the next heartbeat retries");
-        }
-    });
+    let _ = state.announce.send((app, remove));
 }
 
 async fn heartbeat(state: &AgentState, app: &str, remove: bool) -> Result<(), String> {
@@ -116,21 +112,35 @@ async fn heartbeat(state: &AgentState, app: &str, remove: bool) -> Result<(), St
         .map_err(|s| s.message().to_string())
 }
 
-pub async fn heartbeats(state: Arc<AgentState>, mut stop: watch::Receiver<bool>) {
+pub async fn heartbeats(
+    state: Arc<AgentState>,
+    mut announcements: tokio::sync::mpsc::UnboundedReceiver<(String, bool)>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(heartbeat_every());
     loop {
         tokio::select! {
-            _ = tick.tick() => {}
+            _ = tick.tick() => {
+                for app in state.registry.names() {
+                    if let Err(e) = heartbeat(&state, &app, false).await {
+                        tracing::debug!(app = %app, error = %e, "heartbeat failed");
+                    }
+                }
+            }
+            Some((app, remove)) = announcements.recv() => {
+                // A registration may have been undone since it was queued.
+                if !remove && state.registry.get(&app).is_none() {
+                    continue;
+                }
+                if let Err(e) = heartbeat(&state, &app, remove).await {
+                    tracing::warn!(app = %app, remove, error = %e, "cannot announce app; the next heartbeat retries");
+                }
+            }
             _ = stop.changed() => {
                 for app in state.registry.names() {
                     let _ = heartbeat(&state, &app, true).await;
                 }
                 return;
-            }
-        }
-        for app in state.registry.names() {
-            if let Err(e) = heartbeat(&state, &app, false).await {
-                tracing::debug!(app = %app, error = %e, "heartbeat failed");
             }
         }
     }
