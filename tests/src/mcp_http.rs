@@ -109,7 +109,7 @@ impl McpHttp {
             return Err(r);
         }
         self.session = r.headers.get("mcp-session-id").and_then(|v| v.to_str().ok()).map(String::from);
-        let result = r.response(0);
+        let result = r.response(0)["result"].clone();
         let n = self.post(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"})).await;
         assert_eq!(n.status, StatusCode::ACCEPTED, "{:?}", String::from_utf8_lossy(&n.body));
         Ok(result)
