@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use portico_proto::v1;
 use portico_tests::mcp_http::McpHttp;
-use portico_tests::util::{children_named, shared_example, test_app_yaml};
+use portico_tests::util::{app_yaml_with_command, children_named, me, shared_example, test_app_yaml, unique_test_server};
 use portico_tests::{ClusterBuilder, Storage, eventually};
 use serde_json::json;
 
@@ -126,7 +126,8 @@ async fn crash_missing_command_and_bad_user() {
 async fn two_hundred_sessions_leave_no_process_behind() {
     let c = ClusterBuilder::new().proxy().wildcard_agent("a1").start().await;
     let token = user_token(&c).await;
-    c.create_yaml(&test_app_yaml("tm", "dev"), false).await.expect("app");
+    let (server, comm) = unique_test_server(c.data_dir().as_path());
+    c.create_yaml(&app_yaml_with_command("tm", "dev", &server), false).await.expect("app");
     c.wait_servers("tm", &["a1"]).await;
     let proxy = c.proxy_addr();
     let mut tasks = tokio::task::JoinSet::new();
@@ -148,7 +149,7 @@ async fn two_hundred_sessions_leave_no_process_behind() {
         r.expect("worker");
     }
     eventually(Duration::from_secs(30), "every MCP process reaped", || async {
-        let left = children_named("portico-test-mcp");
+        let left = children_named(&comm);
         left.is_empty().then_some(())
     })
     .await;
@@ -190,5 +191,81 @@ async fn agents_and_proxy_ride_out_an_auth_restart() {
     assert_eq!(r["result"]["content"][0]["text"], "after");
     let mut s2 = McpHttp::new(c.proxy_addr(), "fresh", &token);
     s2.initialize().await.expect("new session after the restart");
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn stubborn_processes_are_killed_and_oversized_messages_refused() {
+    let c = ClusterBuilder::new().proxy().wildcard_agent("a1").start().await;
+    let token = user_token(&c).await;
+    // A server that ignores SIGINT and stays after its input closes.
+    let script = "import json,signal,sys,time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nfor l in sys.stdin:\n    m = json.loads(l)\n    if m.get('method') == 'initialize':\n        print(json.dumps({'jsonrpc':'2.0','id':m['id'],'result':{'protocolVersion':m['params']['protocolVersion'],'capabilities':{},'serverInfo':{'name':'stubborn','version':'1'}}}), flush=True)\ntime.sleep(600)\n";
+    let marker = format!("stubborn-{}", std::process::id());
+    let yaml = format!(
+        "kind: app\nversion: v3\nmetadata: {{name: stubborn}}\nspec:\n  mcp:\n    command: python3\n    args: [\"-c\", {}, {marker}]\n    run_as_host_user: {}\n",
+        serde_json::to_string(script).expect("json"),
+        me()
+    );
+    c.create_yaml(&yaml, false).await.expect("app");
+    c.create_yaml(&test_app_yaml("tm", "dev"), false).await.expect("app");
+    c.wait_servers("stubborn", &["a1"]).await;
+    c.wait_servers("tm", &["a1"]).await;
+    let mut s = McpHttp::new(c.proxy_addr(), "stubborn", &token);
+    s.initialize().await.expect("initialize");
+    let pids = || -> Vec<u32> {
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+            .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).map(|c| String::from_utf8_lossy(&c).contains(&marker)).unwrap_or(false))
+            .collect()
+    };
+    assert_eq!(pids().len(), 1, "the server runs");
+    let ended = std::time::Instant::now();
+    assert_eq!(s.delete().await.status, http::StatusCode::OK);
+    eventually(Duration::from_secs(15), "SIGKILL after the grace period", || async { pids().is_empty().then_some(()) }).await;
+    assert!(ended.elapsed() >= Duration::from_millis(1500), "SIGINT was ignored, so only the 2 s grace period's SIGKILL ends it");
+
+    // A message over 4 MiB from the server ends the session with an error, never unbounded memory.
+    let mut s = McpHttp::new(c.proxy_addr(), "tm", &token);
+    s.initialize().await.expect("initialize");
+    let r = s.call("big", json!({"bytes": 5 * 1024 * 1024})).await;
+    assert!(r["error"]["message"].as_str().unwrap_or_default().contains("larger than"), "{}", &r.to_string()[..200.min(r.to_string().len())]);
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_lost_agent_ends_its_sessions_and_new_ones_go_elsewhere() {
+    let mut c = ClusterBuilder::new().proxy().wildcard_agent("a1").wildcard_agent("a2").start().await;
+    let token = user_token(&c).await;
+    c.create_yaml(&test_app_yaml("tm", "dev"), false).await.expect("app");
+    c.wait_servers("tm", &["a1", "a2"]).await;
+    let proxy = c.proxy.as_ref().expect("proxy").state.clone();
+    let mut on: std::collections::HashMap<String, McpHttp> = std::collections::HashMap::new();
+    for _ in 0..60 {
+        let mut s = McpHttp::new(c.proxy_addr(), "tm", &token);
+        s.initialize().await.expect("initialize");
+        let agent = proxy.sessions.get(s.session.as_deref().expect("id")).expect("live").agent.clone();
+        on.entry(agent).or_insert(s);
+        if on.len() == 2 {
+            break;
+        }
+    }
+    let mut doomed = on.remove("a2").expect("a session on a2");
+    let mut kept = on.remove("a1").expect("a session on a1");
+    let pending = tokio::spawn(async move { doomed.call("slow", json!({"ms": 30000})).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_, a2) = c.agents.remove(1);
+    a2.shutdown();
+    let r = tokio::time::timeout(Duration::from_secs(15), pending).await.expect("ends").expect("task");
+    assert!(r.get("error").is_some(), "{r}");
+    c.wait_servers("tm", &["a1"]).await;
+    assert_eq!(kept.call("echo", json!({"message": "still"})).await["result"]["content"][0]["text"], "still");
+    for _ in 0..5 {
+        let mut s = McpHttp::new(c.proxy_addr(), "tm", &token);
+        s.initialize().await.expect("new sessions go to the remaining agent");
+        assert_eq!(proxy.sessions.get(s.session.as_deref().expect("id")).expect("live").agent, "a1");
+    }
     c.shutdown().await;
 }

@@ -87,7 +87,7 @@ async fn suite(b: Arc<dyn Backend>) {
     assert!(b.password("u").await.expect("read").is_none());
     for (i, kind) in ["user.login", "app.create", "user.login"].iter().enumerate() {
         let rec = portico_auth::storage::AuditRecord { id: 0, time_ms: now + i as i64, kind: kind.to_string(), actor: "u".into(), success: i != 2, fields: "{}".into() };
-        b.append_audit(&rec).await.expect("audit");
+        b.append_audit(std::slice::from_ref(&rec)).await.expect("audit");
     }
     let logins = b.list_audit(Some("user.login"), 0, 10).await.expect("list");
     assert_eq!(logins.len(), 2);

@@ -35,6 +35,12 @@ async fn seed_lifecycle_with_pctl() {
     let o = c.pctl(&["get", "apps", "everything", "--format", "yaml"]).await;
     assert!(text(&o).0.contains("command: docker"), "{:?}", text(&o));
 
+    // --identity works from anywhere, without --data-dir.
+    let mut cmd = tokio::process::Command::new(portico_tests::bin("pctl"));
+    cmd.arg("--identity").arg(c.admin_identity()).args(["get", "roles"]).env_remove("PORTICO_DATA_DIR").env("PORTICO_HOME", c.data_dir().join("nohome"));
+    let o = portico_tests::cluster::run(cmd, None).await;
+    assert!(o.status.success() && text(&o).0.contains("mcp-user"), "{:?}", text(&o));
+
     let o = c.pctl(&["rm", "app/everything"]).await;
     assert!(o.status.success(), "{:?}", text(&o));
     let o = c.pctl(&["get", "app/everything"]).await;

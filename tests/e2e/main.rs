@@ -5,4 +5,5 @@ mod conformance;
 mod control_plane;
 mod deploy;
 mod mcp;
+mod quickstart;
 mod watch;

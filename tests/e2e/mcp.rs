@@ -528,3 +528,30 @@ async fn psh_connect_survives_a_proxy_restart() {
     client.cancel().await.expect("close");
     c.shutdown().await;
 }
+
+#[tokio::test]
+async fn mcp_inspector_cli() {
+    let node_dir = std::env::var("PORTICO_NODE_CLIENTS").map(PathBuf::from).unwrap_or_else(|_| clients_dir().join("node_modules"));
+    let launcher = node_dir.join("@modelcontextprotocol/inspector/clients/launcher/build/index.js");
+    assert!(launcher.exists(), "{} is missing: run scripts/test.sh", launcher.display());
+    let c = cluster_with_app("dev").await;
+    c.add_user("ins", &["mcp-user"], PW).await;
+    let token = c.login("ins", PW).await;
+    let url = format!("http://{}/mcp/tm", c.proxy_addr());
+    let inspector = |extra: &[&str]| {
+        let mut cmd = tokio::process::Command::new("node");
+        cmd.arg(&launcher)
+            .args(["--cli", &url, "--transport", "http", "--header", &format!("Authorization: Bearer {token}")])
+            .args(extra)
+            .env("HOME", c.data_dir());
+        run(cmd, None)
+    };
+    let o = inspector(&["--method", "tools/list"]).await;
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out} {err}");
+    assert!(out.contains("\"echo\"") && out.contains("\"slow\""), "{out}");
+    let o = inspector(&["--method", "tools/call", "--tool-name", "echo", "--tool-arg", "message=from-inspector"]).await;
+    let (out, err) = text(&o);
+    assert!(o.status.success() && out.contains("from-inspector"), "{out} {err}");
+    c.shutdown().await;
+}

@@ -59,7 +59,11 @@ impl Reply {
 impl McpHttp {
     pub fn new(proxy: std::net::SocketAddr, app: &str, token: &str) -> McpHttp {
         McpHttp {
-            client: Client::builder(TokioExecutor::new()).build_http(),
+            client: {
+                let mut conn = HttpConnector::new();
+                conn.set_nodelay(true);
+                Client::builder(TokioExecutor::new()).build(conn)
+            },
             url: format!("http://{proxy}/mcp/{app}"),
             token: token.to_string(),
             session: None,

@@ -80,11 +80,25 @@ pub fn me() -> String {
 
 /// An app running the repository's test MCP server.
 pub fn test_app_yaml(name: &str, env: &str) -> String {
+    app_yaml_with_command(name, env, &test_mcp_server())
+}
+
+pub fn app_yaml_with_command(name: &str, env: &str, command: &Path) -> String {
     format!(
         "kind: app\nversion: v3\nmetadata:\n  name: {name}\n  description: test server {name}\n  labels: {{env: {env}}}\nspec:\n  mcp:\n    command: {}\n    run_as_host_user: {}\n",
-        test_mcp_server().display(),
+        command.display(),
         me()
     )
+}
+
+/// A copy of the test MCP server under a unique short name, so that a test
+/// can count its own processes while other tests run beside it.
+pub fn unique_test_server(dir: &Path) -> (PathBuf, String) {
+    let n: u32 = rand::rng().random();
+    let name = format!("ptm{n:08x}");
+    let p = dir.join(&name);
+    std::fs::copy(test_mcp_server(), &p).expect("copy the test server");
+    (p, name)
 }
 
 /// Child processes of this process with the given command name (as /proc shows it).

@@ -235,6 +235,18 @@ impl Agent {
         self.state.registry.close_all("the agent is shutting down");
         let _ = self.stop.send(true);
     }
+
+    /// Waits until every session's process has been reaped, or `timeout` passes.
+    pub async fn drain(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.state.metrics.live.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            if tokio::time::Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
 }
 
 /// Starts the agent: identity, watch, heartbeats and tunnels, all in the background.
@@ -288,6 +300,7 @@ pub async fn serve(cfg: AgentConfig, creds: Credentials, shutdown: impl std::fut
     let agent = start(&cfg, creds).await?;
     shutdown.await;
     agent.shutdown();
+    agent.drain(agent.state.grace + Duration::from_secs(2)).await;
     Ok(())
 }
 

@@ -508,6 +508,37 @@ impl AuthService for Api {
         Ok(Response::new(EmitEventResponse {}))
     }
 
+    async fn emit_events(&self, req: Request<EmitEventsRequest>) -> Res<EmitEventResponse> {
+        let p = self.caller(&req).await?;
+        self.check(&p, Kind::Event, Verb::Create).await?;
+        let events = req.into_inner().events;
+        if events.len() > 1000 {
+            return Err(Status::invalid_argument("at most 1000 events per call"));
+        }
+        let now = now_ms();
+        let mut recs = Vec::with_capacity(events.len());
+        for e in events {
+            if e.r#type.is_empty() || e.r#type.len() > 64 || e.fields_json.len() > 64 * 1024 {
+                return Err(Status::invalid_argument("an event needs a type (at most 64 characters) and at most 64 KiB of fields"));
+            }
+            let fields: serde_json::Value = if e.fields_json.is_empty() {
+                serde_json::json!({})
+            } else {
+                serde_json::from_str(&e.fields_json).map_err(|err| Status::invalid_argument(format!("fields_json: {err}")))?
+            };
+            recs.push(crate::storage::AuditRecord {
+                id: 0,
+                time_ms: now,
+                kind: e.r#type,
+                actor: p.name.clone(),
+                success: e.success,
+                fields: fields.to_string(),
+            });
+        }
+        self.s.backend.append_audit(&recs).await.map_err(to_status)?;
+        Ok(Response::new(EmitEventResponse {}))
+    }
+
     async fn list_events(&self, req: Request<ListEventsRequest>) -> Res<ListEventsResponse> {
         let p = self.caller(&req).await?;
         let req = req.into_inner();

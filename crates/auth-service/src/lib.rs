@@ -271,7 +271,7 @@ impl AuthServer {
             success,
             fields: fields.to_string(),
         };
-        if let Err(e) = self.backend.append_audit(&rec).await {
+        if let Err(e) = self.backend.append_audit(std::slice::from_ref(&rec)).await {
             tracing::error!(error = %e, event = kind, "cannot write audit event");
         }
     }

@@ -132,11 +132,16 @@ pub async fn run(cfg: Config, quick_start: bool) -> Result<()> {
 
     shutdown_signal().await;
     tracing::info!("shutting down");
-    if let Some(a) = agent {
+    if let Some(a) = &agent {
         a.shutdown();
     }
     if let Some(p) = proxy {
         p.shutdown().await;
+    }
+    if let Some(a) = &agent
+        && !a.drain(a.state.grace + std::time::Duration::from_secs(2)).await
+    {
+        tracing::warn!("some MCP processes were still running at exit");
     }
     let _ = stop_tx.send(true);
     if let Some(t) = auth_task {

@@ -5,10 +5,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use portico_proto::client::AuthClient;
-use portico_proto::v1::EmitEventRequest;
+use portico_proto::v1::{EmitEventRequest, EmitEventsRequest};
 use tokio::sync::mpsc;
 
 const QUEUE: usize = 10_000;
+const BATCH: usize = 500;
 
 #[derive(Clone)]
 pub struct Auditor {
@@ -20,19 +21,22 @@ impl Auditor {
     pub fn start(api: AuthClient) -> Self {
         let (tx, mut rx) = mpsc::channel::<EmitEventRequest>(QUEUE);
         tokio::spawn(async move {
-            while let Some(ev) = rx.recv().await {
+            let mut batch = Vec::with_capacity(BATCH);
+            // Everything queued goes in one call: one round trip and one transaction.
+            while rx.recv_many(&mut batch, BATCH).await > 0 {
+                let req = EmitEventsRequest { events: std::mem::take(&mut batch) };
                 let mut api = api.clone();
                 let mut delay = std::time::Duration::from_millis(100);
-                // Retry a few times while the auth-service is away, then give up on this one.
+                // Retry a few times while the auth-service is away, then give up on these.
                 for _ in 0..5 {
-                    match api.emit_event(ev.clone()).await {
+                    match api.emit_events(req.clone()).await {
                         Ok(_) => break,
                         Err(s) if s.code() == tonic::Code::Unavailable => {
                             tokio::time::sleep(delay).await;
                             delay *= 2;
                         }
                         Err(s) => {
-                            tracing::warn!(event = %ev.r#type, error = %s.message(), "audit event refused");
+                            tracing::warn!(events = req.events.len(), error = %s.message(), "audit events refused");
                             break;
                         }
                     }

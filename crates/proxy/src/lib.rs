@@ -218,7 +218,12 @@ pub async fn start(cfg: &ProxyConfig, creds: Credentials, listeners: Listeners) 
         let shutdown = async move {
             let _ = web_stop.wait_for(|s| *s).await;
         };
-        if let Err(e) = axum::serve(listeners.web, router).with_graceful_shutdown(shutdown).await {
+        use axum::serve::ListenerExt;
+        let web = listeners.web.tap_io(|tcp| {
+            // Small JSON-RPC messages must not wait for Nagle's algorithm.
+            let _ = tcp.set_nodelay(true);
+        });
+        if let Err(e) = axum::serve(web, router).with_graceful_shutdown(shutdown).await {
             tracing::error!(error = %e, "proxy web server failed");
         }
     });

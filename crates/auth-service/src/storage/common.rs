@@ -12,6 +12,7 @@ macro_rules! impl_backend {
             ) -> portico_core::Result<Vec<$crate::storage::Event>> {
                 use $crate::storage::{db_error, op_code, Event, Op, PutMode, WriteOp};
                 use sqlx::Row;
+                let _writer = self.write_guard().await;
                 let mut tx = self.pool.begin().await.map_err(db_error)?;
                 // Lock the counter first: writers queue here until the holder
                 // commits, so revision order is commit order and existence
@@ -258,6 +259,7 @@ macro_rules! impl_backend {
             async fn compact(&self, keep: i64) -> portico_core::Result<i64> {
                 use $crate::storage::db_error;
                 use sqlx::Row;
+                let _writer = self.write_guard().await;
                 let mut tx = self.pool.begin().await.map_err(db_error)?;
                 // Take the writers' lock so the horizon and the deletion agree.
                 let rev: i64 = sqlx::query("UPDATE revision_counter SET value = value WHERE id = 1 RETURNING value")
@@ -381,20 +383,23 @@ macro_rules! impl_backend {
                 Ok(r.rows_affected())
             }
 
-            async fn append_audit(&self, e: &$crate::storage::AuditRecord) -> portico_core::Result<()> {
+            async fn append_audit(&self, events: &[$crate::storage::AuditRecord]) -> portico_core::Result<()> {
                 use $crate::storage::db_error;
-                sqlx::query(
-                    "INSERT INTO audit (time_ms, type, actor, success, fields) VALUES ($1, $2, $3, $4, $5)",
-                )
-                .bind(e.time_ms)
-                .bind(e.kind.as_str())
-                .bind(e.actor.as_str())
-                .bind(if e.success { 1i64 } else { 0i64 })
-                .bind(e.fields.as_str())
-                .execute(&self.pool)
-                .await
-                .map_err(db_error)?;
-                Ok(())
+                let mut tx = self.pool.begin().await.map_err(db_error)?;
+                for e in events {
+                    sqlx::query(
+                        "INSERT INTO audit (time_ms, type, actor, success, fields) VALUES ($1, $2, $3, $4, $5)",
+                    )
+                    .bind(e.time_ms)
+                    .bind(e.kind.as_str())
+                    .bind(e.actor.as_str())
+                    .bind(if e.success { 1i64 } else { 0i64 })
+                    .bind(e.fields.as_str())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_error)?;
+                }
+                tx.commit().await.map_err(db_error)
             }
 
             async fn list_audit(

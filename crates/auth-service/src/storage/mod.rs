@@ -101,7 +101,8 @@ pub trait Backend: Send + Sync + 'static {
     async fn session(&self, token_hash: &str) -> Result<Option<SessionRow>>;
     async fn purge_sessions(&self, now_ms: i64) -> Result<u64>;
 
-    async fn append_audit(&self, e: &AuditRecord) -> Result<()>;
+    /// Appends audit records in one transaction.
+    async fn append_audit(&self, events: &[AuditRecord]) -> Result<()>;
     async fn list_audit(&self, kind: Option<&str>, since_ms: i64, limit: i64) -> Result<Vec<AuditRecord>>;
 
     /// Wakes the change feed when another instance commits (Postgres LISTEN).

@@ -78,6 +78,11 @@ impl PostgresBackend {
         }
     }
 
+    async fn write_guard(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        // Writers queue on the counter row's lock in the database.
+        None
+    }
+
     async fn remote_changes(&self) -> Option<tokio::sync::mpsc::Receiver<()>> {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         let pool = self.pool.clone();

@@ -12,6 +12,9 @@ use sqlx::SqlSafeStr;
 
 pub struct SqliteBackend {
     pool: SqlitePool,
+    /// One process owns the file: queue writers here rather than in
+    /// SQLite's busy handler, which sleeps between retries.
+    writer: tokio::sync::Mutex<()>,
 }
 
 /// The embedded schema, shared by the service and the tests.
@@ -53,7 +56,11 @@ impl SqliteBackend {
             tracing::error!(error = %e, "sqlite migration failed");
             Error::internal(format!("migrating {} failed: {e}", file.display()))
         })?;
-        Ok(Self { pool })
+        Ok(Self { pool, writer: tokio::sync::Mutex::new(()) })
+    }
+
+    async fn write_guard(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        Some(self.writer.lock().await)
     }
 
     async fn remote_changes(&self) -> Option<tokio::sync::mpsc::Receiver<()>> {
