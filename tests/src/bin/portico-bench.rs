@@ -328,8 +328,13 @@ async fn ls_scale() {
 async fn memory() {
     let base = rss_kib();
     let c = ClusterBuilder::new().proxy().wildcard_agent("a1").start().await;
-    c.add_user("bench", &["admin"], "bench-password-1").await;
-    let token = c.login("bench", "bench-password-1").await;
+    // Sessions are capped per user, so spread them over several.
+    let mut tokens = Vec::new();
+    for u in 0..5 {
+        let name = format!("bench{u}");
+        c.add_user(&name, &["admin"], "bench-password-1").await;
+        tokens.push(c.login(&name, "bench-password-1").await);
+    }
     let started = rss_kib();
     let mut admin = c.admin().await;
     let mut batch = Vec::new();
@@ -347,14 +352,14 @@ async fn memory() {
     .await;
     let with_apps = rss_kib();
     let mut sessions = Vec::new();
-    for _ in 0..100 {
-        let mut s = McpHttp::new(a.proxy_addr(), "m1", &token);
+    for i in 0..100 {
+        let mut s = McpHttp::new(a.proxy_addr(), "m1", &tokens[i % tokens.len()]);
         s.initialize().await.expect("init");
         sessions.push(s);
     }
     let with_100 = rss_kib();
-    for _ in 100..1000 {
-        let mut s = McpHttp::new(a.proxy_addr(), "m1", &token);
+    for i in 100..1000 {
+        let mut s = McpHttp::new(a.proxy_addr(), "m1", &tokens[i % tokens.len()]);
         s.initialize().await.expect("init");
         sessions.push(s);
     }
