@@ -364,7 +364,13 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let routes = grpc::routes(server.clone());
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Tonic applies its own TCP_NODELAY only to listeners it binds itself.
+    let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |s| {
+        if let Ok(s) = &s {
+            let _ = s.set_nodelay(true);
+        }
+        s
+    });
     let srv = server.clone();
     let signal = async move {
         shutdown.await;
