@@ -269,3 +269,44 @@ async fn a_lost_agent_ends_its_sessions_and_new_ones_go_elsewhere() {
     }
     c.shutdown().await;
 }
+
+#[tokio::test]
+async fn processes_run_as_the_host_user_with_a_minimal_environment() {
+    let c = ClusterBuilder::new().proxy().wildcard_agent("a1").start().await;
+    let token = user_token(&c).await;
+    // Answers initialize with its uid, gid and environment as the server name and version.
+    let script = "import json,os,sys\nfor l in sys.stdin:\n    m = json.loads(l)\n    if m.get('method') == 'initialize':\n        info = {'name': '%d:%d' % (os.getuid(), os.getgid()), 'version': ','.join(sorted(os.environ))}\n        print(json.dumps({'jsonrpc':'2.0','id':m['id'],'result':{'protocolVersion':m['params']['protocolVersion'],'capabilities':{},'serverInfo':info}}), flush=True)\n";
+    // The system interpreter: a version-manager shim would add its own variables.
+    let python = if std::path::Path::new("/usr/bin/python3").exists() { "/usr/bin/python3" } else { "python3" };
+    let who = |name: &str, user: &str| {
+        format!(
+            "kind: app\nversion: v3\nmetadata: {{name: {name}}}\nspec:\n  mcp:\n    command: {python}\n    args: [\"-c\", {}]\n    env: {{EXTRA_SETTING: 'on'}}\n    run_as_host_user: {user}\n",
+            serde_json::to_string(script).expect("json")
+        )
+    };
+    c.create_yaml(&who("as-nobody", "nobody"), false).await.expect("app");
+    c.create_yaml(&who("as-me", &me()), false).await.expect("app");
+    let plain = c.data_dir().join("plain-file");
+    std::fs::write(&plain, "not a program\n").expect("write");
+    c.create_yaml(&format!("kind: app\nversion: v3\nmetadata: {{name: notexec}}\nspec:\n  mcp: {{command: {}, run_as_host_user: {}}}\n", plain.display(), me()), false).await.expect("app");
+    for app in ["as-nobody", "as-me", "notexec"] {
+        c.wait_servers(app, &["a1"]).await;
+    }
+    let mut s = McpHttp::new(c.proxy_addr(), "as-me", &token);
+    let info = s.initialize().await.expect("initialize")["serverInfo"].clone();
+    assert_eq!(info["version"], "EXTRA_SETTING,HOME,LANG,LOGNAME,PATH,USER", "only the explicit environment: {info}");
+    let nobody = portico_agent::spawn::lookup_user("nobody").expect("nobody exists");
+    if portico_agent::spawn::current_uid() == 0 {
+        let mut s = McpHttp::new(c.proxy_addr(), "as-nobody", &token);
+        let info = s.initialize().await.expect("initialize as nobody")["serverInfo"].clone();
+        assert_eq!(info["name"], format!("{}:{}", nobody.uid, nobody.gid), "{info}");
+    } else {
+        let mut s = McpHttp::new(c.proxy_addr(), "as-nobody", &token);
+        let e = s.initialize().await.expect_err("cannot switch users without root");
+        assert!(String::from_utf8_lossy(&e.body).contains("cannot switch to host user"), "{e:?}");
+    }
+    let mut s = McpHttp::new(c.proxy_addr(), "notexec", &token);
+    let e = s.initialize().await.expect_err("not executable");
+    assert!(String::from_utf8_lossy(&e.body).contains("is not executable"), "{e:?}");
+    c.shutdown().await;
+}

@@ -65,7 +65,7 @@ pub enum SpawnError {
     CannotSwitch { uid: u32, user: String },
     #[error("command {0:?} was not found on the agent")]
     NotFound(String),
-    #[error("command {0:?} is not executable")]
+    #[error("command {0:?} is not executable (check its permissions and format)")]
     NotExecutable(String),
     #[error("secret {0:?} is not set on the agent (set PORTICO_SECRET_{0})")]
     MissingSecret(String),
@@ -144,6 +144,7 @@ pub fn spawn(spec: &McpSpec) -> Result<Child, SpawnError> {
     cmd.spawn().map_err(|err| match err.kind() {
         std::io::ErrorKind::NotFound => SpawnError::NotFound(spec.command.clone()),
         std::io::ErrorKind::PermissionDenied => SpawnError::NotExecutable(spec.command.clone()),
+        _ if err.raw_os_error() == Some(libc::ENOEXEC) => SpawnError::NotExecutable(spec.command.clone()),
         _ => SpawnError::Other { cmd: spec.command.clone(), err },
     })
 }
