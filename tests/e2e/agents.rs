@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use portico_proto::v1;
 use portico_tests::mcp_http::McpHttp;
-use portico_tests::util::{app_yaml_with_command, children_named, me, shared_example, test_app_yaml, unique_test_server};
+use portico_tests::util::{
+    app_yaml_with_command, children_named, me, shared_example, test_app_yaml, unique_test_server,
+};
 use portico_tests::{ClusterBuilder, Storage, eventually};
 use serde_json::json;
 
@@ -19,7 +21,8 @@ async fn user_token(c: &portico_tests::Cluster) -> String {
 #[tokio::test]
 async fn seed_lifecycle_with_both_example_agents() {
     let wildcard = std::fs::read_to_string(shared_example("agent-wildcard.yaml")).expect("example");
-    let prod_test = std::fs::read_to_string(shared_example("agent-prod-test.yaml")).expect("example");
+    let prod_test =
+        std::fs::read_to_string(shared_example("agent-prod-test.yaml")).expect("example");
     let c = ClusterBuilder::new()
         .storage(Storage::Postgres)
         .proxy()
@@ -29,11 +32,15 @@ async fn seed_lifecycle_with_both_example_agents() {
         .await;
     let token = user_token(&c).await;
 
-    c.create_yaml(&test_app_yaml("tm", "dev"), false).await.expect("create env=dev");
+    c.create_yaml(&test_app_yaml("tm", "dev"), false)
+        .await
+        .expect("create env=dev");
     c.wait_servers("tm", &["wild"]).await;
     assert!(c.agent("prodtest").state.registry.get("tm").is_none());
 
-    c.create_yaml(&test_app_yaml("tm", "prod"), true).await.expect("create -f env=prod");
+    c.create_yaml(&test_app_yaml("tm", "prod"), true)
+        .await
+        .expect("create -f env=prod");
     c.wait_servers("tm", &["prodtest", "wild"]).await;
 
     // One live session on each agent, each waiting on a slow call while the labels change.
@@ -42,7 +49,12 @@ async fn seed_lifecycle_with_both_example_agents() {
     for _ in 0..60 {
         let mut s = McpHttp::new(c.proxy_addr(), "tm", &token);
         s.initialize().await.expect("initialize");
-        let agent = proxy.sessions.get(s.session.as_deref().expect("session id")).expect("live").agent.clone();
+        let agent = proxy
+            .sessions
+            .get(s.session.as_deref().expect("session id"))
+            .expect("live")
+            .agent
+            .clone();
         on.entry(agent).or_insert(s);
         if on.len() == 2 {
             break;
@@ -52,32 +64,77 @@ async fn seed_lifecycle_with_both_example_agents() {
     let mut on_wild = on.remove("wild").expect("a session on wild");
     let echo = on_wild.call("echo", json!({"message": "hi"})).await;
     assert_eq!(echo["result"]["content"][0]["text"], "hi", "{echo}");
-    let slow_p = tokio::spawn(async move { (on_prodtest.call("slow", json!({"ms": 30000})).await, on_prodtest) });
-    let slow_w = tokio::spawn(async move { (on_wild.call("slow", json!({"ms": 3000})).await, on_wild) });
+    let slow_p = tokio::spawn(async move {
+        (
+            on_prodtest.call("slow", json!({"ms": 30000})).await,
+            on_prodtest,
+        )
+    });
+    let slow_w =
+        tokio::spawn(async move { (on_wild.call("slow", json!({"ms": 3000})).await, on_wild) });
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // env=staging matches only the wildcard agent: prodtest unregisters and ends its sessions.
-    c.create_yaml(&test_app_yaml("tm", "staging"), true).await.expect("labels changed");
+    c.create_yaml(&test_app_yaml("tm", "staging"), true)
+        .await
+        .expect("labels changed");
     c.wait_servers("tm", &["wild"]).await;
-    let (reply, s_p) = tokio::time::timeout(Duration::from_secs(15), slow_p).await.expect("the slow call ends").expect("task");
-    let msg = reply["error"]["message"].as_str().unwrap_or_default().to_string();
-    assert!(msg.contains("unregistered") && msg.contains("labels no longer match"), "{reply}");
-    let after = s_p.post(&json!({"jsonrpc": "2.0", "id": 9, "method": "tools/list"})).await;
-    assert_eq!(after.status, http::StatusCode::NOT_FOUND, "the session is gone");
-    let (reply, mut s_w) = tokio::time::timeout(Duration::from_secs(15), slow_w).await.expect("wild call ends").expect("task");
-    assert_eq!(reply["result"]["content"][0]["text"], "done", "the wildcard agent keeps serving: {reply}");
+    let (reply, s_p) = tokio::time::timeout(Duration::from_secs(15), slow_p)
+        .await
+        .expect("the slow call ends")
+        .expect("task");
+    let msg = reply["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        msg.contains("unregistered") && msg.contains("labels no longer match"),
+        "{reply}"
+    );
+    let after = s_p
+        .post(&json!({"jsonrpc": "2.0", "id": 9, "method": "tools/list"}))
+        .await;
+    assert_eq!(
+        after.status,
+        http::StatusCode::NOT_FOUND,
+        "the session is gone"
+    );
+    let (reply, mut s_w) = tokio::time::timeout(Duration::from_secs(15), slow_w)
+        .await
+        .expect("wild call ends")
+        .expect("task");
+    assert_eq!(
+        reply["result"]["content"][0]["text"], "done",
+        "the wildcard agent keeps serving: {reply}"
+    );
     let slow_w = tokio::spawn(async move { s_w.call("slow", json!({"ms": 30000})).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    c.create_yaml(&test_app_yaml("tm", "test"), true).await.expect("env=test");
+    c.create_yaml(&test_app_yaml("tm", "test"), true)
+        .await
+        .expect("env=test");
     c.wait_servers("tm", &["prodtest", "wild"]).await;
     let o = c.pctl(&["rm", "app/tm"]).await;
     assert!(o.status.success());
     c.wait_servers("tm", &[]).await;
-    let reply = tokio::time::timeout(Duration::from_secs(15), slow_w).await.expect("ends").expect("task");
-    assert!(reply["error"]["message"].as_str().unwrap_or_default().contains("deleted"), "{reply}");
+    let reply = tokio::time::timeout(Duration::from_secs(15), slow_w)
+        .await
+        .expect("ends")
+        .expect("task");
+    assert!(
+        reply["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("deleted"),
+        "{reply}"
+    );
     for (h, a) in &c.agents {
-        eventually(Duration::from_secs(5), &format!("{h} forgot tm"), || async { a.state.registry.get("tm").is_none().then_some(()) }).await;
+        eventually(
+            Duration::from_secs(5),
+            &format!("{h} forgot tm"),
+            || async { a.state.registry.get("tm").is_none().then_some(()) },
+        )
+        .await;
     }
     let mut gone = McpHttp::new(c.proxy_addr(), "tm", &token);
     let e = gone.initialize().await.expect_err("removed everywhere");
@@ -87,9 +144,15 @@ async fn seed_lifecycle_with_both_example_agents() {
 
 #[tokio::test]
 async fn crash_missing_command_and_bad_user() {
-    let c = ClusterBuilder::new().proxy().wildcard_agent("a1").start().await;
+    let c = ClusterBuilder::new()
+        .proxy()
+        .wildcard_agent("a1")
+        .start()
+        .await;
     let token = user_token(&c).await;
-    c.create_yaml(&test_app_yaml("tm", "dev"), false).await.expect("app");
+    c.create_yaml(&test_app_yaml("tm", "dev"), false)
+        .await
+        .expect("app");
     c.create_yaml("kind: app\nversion: v3\nmetadata: {name: nocmd}\nspec:\n  mcp: {command: /nonexistent/portico-nope, run_as_host_user: root}\n", false).await.expect("app");
     c.create_yaml(&format!("kind: app\nversion: v3\nmetadata: {{name: nouser}}\nspec:\n  mcp: {{command: {}, run_as_host_user: no-such-user-x}}\n", portico_tests::util::test_mcp_server().display()), false)
         .await
@@ -103,31 +166,57 @@ async fn crash_missing_command_and_bad_user() {
     s.initialize().await.expect("initialize");
     let r = s.call("crash", json!({})).await;
     let msg = r["error"]["message"].as_str().unwrap_or_default();
-    assert!(msg.contains("exited") && msg.contains("exit status 3"), "{r}");
+    assert!(
+        msg.contains("exited") && msg.contains("exit status 3"),
+        "{r}"
+    );
 
     let mut s = McpHttp::new(c.proxy_addr(), "nocmd", &token);
     let e = s.initialize().await.expect_err("no such command");
     assert_eq!(e.status, http::StatusCode::BAD_GATEWAY);
-    assert!(String::from_utf8_lossy(&e.body).contains("/nonexistent/portico-nope\\\" was not found"), "{:?}", e.body);
+    assert!(
+        String::from_utf8_lossy(&e.body).contains("/nonexistent/portico-nope\\\" was not found"),
+        "{:?}",
+        e.body
+    );
 
     let mut s = McpHttp::new(c.proxy_addr(), "nouser", &token);
     let e = s.initialize().await.expect_err("no such user");
-    assert!(String::from_utf8_lossy(&e.body).contains("host user \\\"no-such-user-x\\\" does not exist"), "{:?}", e.body);
+    assert!(
+        String::from_utf8_lossy(&e.body)
+            .contains("host user \\\"no-such-user-x\\\" does not exist"),
+        "{:?}",
+        e.body
+    );
 
     let s = McpHttp::new(c.proxy_addr(), "quits", &token);
     let r = s.post(&json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}})).await;
     let m = r.messages();
-    let msg = m.first().and_then(|m| m["error"]["message"].as_str()).unwrap_or_default().to_string();
-    assert!(msg.contains("exited") && msg.contains("exit status 1"), "{:?}", String::from_utf8_lossy(&r.body));
+    let msg = m
+        .first()
+        .and_then(|m| m["error"]["message"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        msg.contains("exited") && msg.contains("exit status 1"),
+        "{:?}",
+        String::from_utf8_lossy(&r.body)
+    );
     c.shutdown().await;
 }
 
 #[tokio::test]
 async fn two_hundred_sessions_leave_no_process_behind() {
-    let c = ClusterBuilder::new().proxy().wildcard_agent("a1").start().await;
+    let c = ClusterBuilder::new()
+        .proxy()
+        .wildcard_agent("a1")
+        .start()
+        .await;
     let token = user_token(&c).await;
     let (server, comm) = unique_test_server(c.data_dir().as_path());
-    c.create_yaml(&app_yaml_with_command("tm", "dev", &server), false).await.expect("app");
+    c.create_yaml(&app_yaml_with_command("tm", "dev", &server), false)
+        .await
+        .expect("app");
     c.wait_servers("tm", &["a1"]).await;
     let proxy = c.proxy_addr();
     let mut tasks = tokio::task::JoinSet::new();
@@ -148,23 +237,49 @@ async fn two_hundred_sessions_leave_no_process_behind() {
     while let Some(r) = tasks.join_next().await {
         r.expect("worker");
     }
-    eventually(Duration::from_secs(30), "every MCP process reaped", || async {
-        let left = children_named(&comm);
-        left.is_empty().then_some(())
-    })
+    eventually(
+        Duration::from_secs(30),
+        "every MCP process reaped",
+        || async {
+            let left = children_named(&comm);
+            left.is_empty().then_some(())
+        },
+    )
     .await;
     let agent = c.agent("a1");
-    assert_eq!(agent.state.metrics.sessions.load(std::sync::atomic::Ordering::Relaxed), 200);
-    assert_eq!(agent.state.metrics.live.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(
+        agent
+            .state
+            .metrics
+            .sessions
+            .load(std::sync::atomic::Ordering::Relaxed),
+        200
+    );
+    assert_eq!(
+        agent
+            .state
+            .metrics
+            .live
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
     c.shutdown().await;
 }
 
 #[tokio::test]
 async fn agents_and_proxy_ride_out_an_auth_restart() {
-    let mut c = ClusterBuilder::new().proxy().wildcard_agent("a1").start().await;
+    let mut c = ClusterBuilder::new()
+        .proxy()
+        .wildcard_agent("a1")
+        .start()
+        .await;
     let token = user_token(&c).await;
-    c.create_yaml(&test_app_yaml("keep", "dev"), false).await.expect("app");
-    c.create_yaml(&test_app_yaml("doomed", "dev"), false).await.expect("app");
+    c.create_yaml(&test_app_yaml("keep", "dev"), false)
+        .await
+        .expect("app");
+    c.create_yaml(&test_app_yaml("doomed", "dev"), false)
+        .await
+        .expect("app");
     c.wait_servers("keep", &["a1"]).await;
     c.wait_servers("doomed", &["a1"]).await;
     let mut s = McpHttp::new(c.proxy_addr(), "keep", &token);
@@ -178,8 +293,17 @@ async fn agents_and_proxy_ride_out_an_auth_restart() {
 
     c.start_auth_again().await;
     // Changes made right after the restart reach the agent: no missed deletion, no double registration.
-    c.admin().await.delete(v1::DeleteRequest { kind: "app".into(), name: "doomed".into() }).await.expect("delete");
-    c.create_yaml(&test_app_yaml("fresh", "dev"), false).await.expect("app after restart");
+    c.admin()
+        .await
+        .delete(v1::DeleteRequest {
+            kind: "app".into(),
+            name: "doomed".into(),
+        })
+        .await
+        .expect("delete");
+    c.create_yaml(&test_app_yaml("fresh", "dev"), false)
+        .await
+        .expect("app after restart");
     c.wait_servers("fresh", &["a1"]).await;
     c.wait_servers("doomed", &[]).await;
     let a = c.agent("a1");
@@ -190,13 +314,19 @@ async fn agents_and_proxy_ride_out_an_auth_restart() {
     let r = s.call("echo", json!({"message": "after"})).await;
     assert_eq!(r["result"]["content"][0]["text"], "after");
     let mut s2 = McpHttp::new(c.proxy_addr(), "fresh", &token);
-    s2.initialize().await.expect("new session after the restart");
+    s2.initialize()
+        .await
+        .expect("new session after the restart");
     c.shutdown().await;
 }
 
 #[tokio::test]
 async fn stubborn_processes_are_killed_and_oversized_messages_refused() {
-    let c = ClusterBuilder::new().proxy().wildcard_agent("a1").start().await;
+    let c = ClusterBuilder::new()
+        .proxy()
+        .wildcard_agent("a1")
+        .start()
+        .await;
     let token = user_token(&c).await;
     // A server that ignores SIGINT and stays after its input closes.
     let script = "import json,signal,sys,time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nfor l in sys.stdin:\n    m = json.loads(l)\n    if m.get('method') == 'initialize':\n        print(json.dumps({'jsonrpc':'2.0','id':m['id'],'result':{'protocolVersion':m['params']['protocolVersion'],'capabilities':{},'serverInfo':{'name':'stubborn','version':'1'}}}), flush=True)\ntime.sleep(600)\n";
@@ -207,7 +337,9 @@ async fn stubborn_processes_are_killed_and_oversized_messages_refused() {
         me()
     );
     c.create_yaml(&yaml, false).await.expect("app");
-    c.create_yaml(&test_app_yaml("tm", "dev"), false).await.expect("app");
+    c.create_yaml(&test_app_yaml("tm", "dev"), false)
+        .await
+        .expect("app");
     c.wait_servers("stubborn", &["a1"]).await;
     c.wait_servers("tm", &["a1"]).await;
     let mut s = McpHttp::new(c.proxy_addr(), "stubborn", &token);
@@ -218,35 +350,66 @@ async fn stubborn_processes_are_killed_and_oversized_messages_refused() {
             .flatten()
             .flatten()
             .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
-            .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).map(|c| String::from_utf8_lossy(&c).contains(&marker)).unwrap_or(false))
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .map(|c| String::from_utf8_lossy(&c).contains(&marker))
+                    .unwrap_or(false)
+            })
             .collect()
     };
     assert_eq!(pids().len(), 1, "the server runs");
     let ended = std::time::Instant::now();
     assert_eq!(s.delete().await.status, http::StatusCode::OK);
-    eventually(Duration::from_secs(15), "SIGKILL after the grace period", || async { pids().is_empty().then_some(()) }).await;
-    assert!(ended.elapsed() >= Duration::from_millis(1500), "SIGINT was ignored, so only the 2 s grace period's SIGKILL ends it");
+    eventually(
+        Duration::from_secs(15),
+        "SIGKILL after the grace period",
+        || async { pids().is_empty().then_some(()) },
+    )
+    .await;
+    assert!(
+        ended.elapsed() >= Duration::from_millis(1500),
+        "SIGINT was ignored, so only the 2 s grace period's SIGKILL ends it"
+    );
 
     // A message over 4 MiB from the server ends the session with an error, never unbounded memory.
     let mut s = McpHttp::new(c.proxy_addr(), "tm", &token);
     s.initialize().await.expect("initialize");
     let r = s.call("big", json!({"bytes": 5 * 1024 * 1024})).await;
-    assert!(r["error"]["message"].as_str().unwrap_or_default().contains("larger than"), "{}", &r.to_string()[..200.min(r.to_string().len())]);
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("larger than"),
+        "{}",
+        &r.to_string()[..200.min(r.to_string().len())]
+    );
     c.shutdown().await;
 }
 
 #[tokio::test]
 async fn a_lost_agent_ends_its_sessions_and_new_ones_go_elsewhere() {
-    let mut c = ClusterBuilder::new().proxy().wildcard_agent("a1").wildcard_agent("a2").start().await;
+    let mut c = ClusterBuilder::new()
+        .proxy()
+        .wildcard_agent("a1")
+        .wildcard_agent("a2")
+        .start()
+        .await;
     let token = user_token(&c).await;
-    c.create_yaml(&test_app_yaml("tm", "dev"), false).await.expect("app");
+    c.create_yaml(&test_app_yaml("tm", "dev"), false)
+        .await
+        .expect("app");
     c.wait_servers("tm", &["a1", "a2"]).await;
     let proxy = c.proxy.as_ref().expect("proxy").state.clone();
     let mut on: std::collections::HashMap<String, McpHttp> = std::collections::HashMap::new();
     for _ in 0..60 {
         let mut s = McpHttp::new(c.proxy_addr(), "tm", &token);
         s.initialize().await.expect("initialize");
-        let agent = proxy.sessions.get(s.session.as_deref().expect("id")).expect("live").agent.clone();
+        let agent = proxy
+            .sessions
+            .get(s.session.as_deref().expect("id"))
+            .expect("live")
+            .agent
+            .clone();
         on.entry(agent).or_insert(s);
         if on.len() == 2 {
             break;
@@ -258,34 +421,61 @@ async fn a_lost_agent_ends_its_sessions_and_new_ones_go_elsewhere() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (_, a2) = c.agents.remove(1);
     a2.shutdown();
-    let r = tokio::time::timeout(Duration::from_secs(15), pending).await.expect("ends").expect("task");
+    let r = tokio::time::timeout(Duration::from_secs(15), pending)
+        .await
+        .expect("ends")
+        .expect("task");
     assert!(r.get("error").is_some(), "{r}");
     c.wait_servers("tm", &["a1"]).await;
-    assert_eq!(kept.call("echo", json!({"message": "still"})).await["result"]["content"][0]["text"], "still");
+    assert_eq!(
+        kept.call("echo", json!({"message": "still"})).await["result"]["content"][0]["text"],
+        "still"
+    );
     for _ in 0..5 {
         let mut s = McpHttp::new(c.proxy_addr(), "tm", &token);
-        s.initialize().await.expect("new sessions go to the remaining agent");
-        assert_eq!(proxy.sessions.get(s.session.as_deref().expect("id")).expect("live").agent, "a1");
+        s.initialize()
+            .await
+            .expect("new sessions go to the remaining agent");
+        assert_eq!(
+            proxy
+                .sessions
+                .get(s.session.as_deref().expect("id"))
+                .expect("live")
+                .agent,
+            "a1"
+        );
     }
     c.shutdown().await;
 }
 
 #[tokio::test]
 async fn processes_run_as_the_host_user_with_a_minimal_environment() {
-    let c = ClusterBuilder::new().proxy().wildcard_agent("a1").start().await;
+    let c = ClusterBuilder::new()
+        .proxy()
+        .wildcard_agent("a1")
+        .start()
+        .await;
     let token = user_token(&c).await;
     // Answers initialize with its uid, gid and environment as the server name and version.
     let script = "import json,os,sys\nfor l in sys.stdin:\n    m = json.loads(l)\n    if m.get('method') == 'initialize':\n        info = {'name': '%d:%d' % (os.getuid(), os.getgid()), 'version': ','.join(sorted(os.environ))}\n        print(json.dumps({'jsonrpc':'2.0','id':m['id'],'result':{'protocolVersion':m['params']['protocolVersion'],'capabilities':{},'serverInfo':info}}), flush=True)\n";
     // The system interpreter: a version-manager shim would add its own variables.
-    let python = if std::path::Path::new("/usr/bin/python3").exists() { "/usr/bin/python3" } else { "python3" };
+    let python = if std::path::Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    };
     let who = |name: &str, user: &str| {
         format!(
             "kind: app\nversion: v3\nmetadata: {{name: {name}}}\nspec:\n  mcp:\n    command: {python}\n    args: [\"-c\", {}]\n    env: {{EXTRA_SETTING: 'on'}}\n    run_as_host_user: {user}\n",
             serde_json::to_string(script).expect("json")
         )
     };
-    c.create_yaml(&who("as-nobody", "nobody"), false).await.expect("app");
-    c.create_yaml(&who("as-me", &me()), false).await.expect("app");
+    c.create_yaml(&who("as-nobody", "nobody"), false)
+        .await
+        .expect("app");
+    c.create_yaml(&who("as-me", &me()), false)
+        .await
+        .expect("app");
     let plain = c.data_dir().join("plain-file");
     std::fs::write(&plain, "not a program\n").expect("write");
     c.create_yaml(&format!("kind: app\nversion: v3\nmetadata: {{name: notexec}}\nspec:\n  mcp: {{command: {}, run_as_host_user: {}}}\n", plain.display(), me()), false).await.expect("app");
@@ -294,19 +484,35 @@ async fn processes_run_as_the_host_user_with_a_minimal_environment() {
     }
     let mut s = McpHttp::new(c.proxy_addr(), "as-me", &token);
     let info = s.initialize().await.expect("initialize")["serverInfo"].clone();
-    assert_eq!(info["version"], "EXTRA_SETTING,HOME,LANG,LOGNAME,PATH,USER", "only the explicit environment: {info}");
+    assert_eq!(
+        info["version"], "EXTRA_SETTING,HOME,LANG,LOGNAME,PATH,USER",
+        "only the explicit environment: {info}"
+    );
     let nobody = portico_agent::spawn::lookup_user("nobody").expect("nobody exists");
     if portico_agent::spawn::current_uid() == 0 {
         let mut s = McpHttp::new(c.proxy_addr(), "as-nobody", &token);
         let info = s.initialize().await.expect("initialize as nobody")["serverInfo"].clone();
-        assert_eq!(info["name"], format!("{}:{}", nobody.uid, nobody.gid), "{info}");
+        assert_eq!(
+            info["name"],
+            format!("{}:{}", nobody.uid, nobody.gid),
+            "{info}"
+        );
     } else {
         let mut s = McpHttp::new(c.proxy_addr(), "as-nobody", &token);
-        let e = s.initialize().await.expect_err("cannot switch users without root");
-        assert!(String::from_utf8_lossy(&e.body).contains("cannot switch to host user"), "{e:?}");
+        let e = s
+            .initialize()
+            .await
+            .expect_err("cannot switch users without root");
+        assert!(
+            String::from_utf8_lossy(&e.body).contains("cannot switch to host user"),
+            "{e:?}"
+        );
     }
     let mut s = McpHttp::new(c.proxy_addr(), "notexec", &token);
     let e = s.initialize().await.expect_err("not executable");
-    assert!(String::from_utf8_lossy(&e.body).contains("is not executable"), "{e:?}");
+    assert!(
+        String::from_utf8_lossy(&e.body).contains("is not executable"),
+        "{e:?}"
+    );
     c.shutdown().await;
 }

@@ -18,7 +18,11 @@ fn repo() -> PathBuf {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 struct Service(tokio::process::Child);
@@ -31,8 +35,10 @@ impl Drop for Service {
 
 fn start(config: &str, env: &[(String, String)], log: &Path) -> Service {
     let mut cmd = tokio::process::Command::new(bin("portico"));
-    cmd.args(["start", "--config"]).arg(repo().join("deploy").join(config));
-    cmd.env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
+    cmd.args(["start", "--config"])
+        .arg(repo().join("deploy").join(config));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -52,10 +58,16 @@ fn compose_file_uses_the_deploy_configs() {
     let text = std::fs::read_to_string(repo().join("docker-compose.yml")).expect("compose file");
     let doc: serde_json::Value = yaml_serde::from_str(&text).expect("compose parses");
     for svc in ["auth", "proxy", "agent"] {
-        let cmd: Vec<String> = serde_json::from_value(doc["services"][svc]["command"].clone()).expect("command list");
+        let cmd: Vec<String> =
+            serde_json::from_value(doc["services"][svc]["command"].clone()).expect("command list");
         assert_eq!(&cmd[..3], &["portico", "start", "--config"], "{svc}");
-        let file = cmd[3].strip_prefix("/etc/portico/").expect("config under /etc/portico");
-        assert!(repo().join("deploy").join(file).exists(), "{svc}: deploy/{file} exists");
+        let file = cmd[3]
+            .strip_prefix("/etc/portico/")
+            .expect("config under /etc/portico");
+        assert!(
+            repo().join("deploy").join(file).exists(),
+            "{svc}: deploy/{file} exists"
+        );
     }
     assert!(repo().join("Dockerfile").exists());
 }
@@ -69,7 +81,10 @@ async fn compose_topology_as_processes() {
     let agent_token = random_token();
     let common = |name: &str| -> Vec<(String, String)> {
         vec![
-            ("PORTICO_DATA_DIR".into(), dir.path().join(name).display().to_string()),
+            (
+                "PORTICO_DATA_DIR".into(),
+                dir.path().join(name).display().to_string(),
+            ),
             ("PORTICO_AUTH_ADDR".into(), format!("127.0.0.1:{auth_port}")),
             ("PORTICO_PROXY_JOIN_TOKEN".into(), proxy_token.clone()),
             ("PORTICO_AGENT_JOIN_TOKEN".into(), agent_token.clone()),
@@ -77,7 +92,10 @@ async fn compose_topology_as_processes() {
     };
     let mut auth_env = common("auth");
     auth_env.push(("PORTICO_PG_URL".into(), db.url.clone()));
-    auth_env.push(("PORTICO_AUTH_LISTEN".into(), format!("127.0.0.1:{auth_port}")));
+    auth_env.push((
+        "PORTICO_AUTH_LISTEN".into(),
+        format!("127.0.0.1:{auth_port}"),
+    ));
     let _auth = start("auth.yaml", &auth_env, &dir.path().join("auth.log"));
     let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<http_body_util::Empty<bytes::Bytes>>();
@@ -85,27 +103,56 @@ async fn compose_topology_as_processes() {
         let http = http.clone();
         async move {
             let uri: http::Uri = format!("http://127.0.0.1:{port}/healthz").parse().ok()?;
-            http.get(uri).await.ok().filter(|r| r.status().is_success()).map(|_| ())
+            http.get(uri)
+                .await
+                .ok()
+                .filter(|r| r.status().is_success())
+                .map(|_| ())
         }
     };
-    eventually(Duration::from_secs(30), "auth healthy", || health(auth_port)).await;
+    eventually(Duration::from_secs(30), "auth healthy", || {
+        health(auth_port)
+    })
+    .await;
 
     let mut proxy_env = common("proxy");
     proxy_env.push(("PORTICO_WEB_LISTEN".into(), format!("127.0.0.1:{web_port}")));
-    proxy_env.push(("PORTICO_TUNNEL_LISTEN".into(), format!("127.0.0.1:{tunnel_port}")));
+    proxy_env.push((
+        "PORTICO_TUNNEL_LISTEN".into(),
+        format!("127.0.0.1:{tunnel_port}"),
+    ));
     let _proxy = start("proxy.yaml", &proxy_env, &dir.path().join("proxy.log"));
-    eventually(Duration::from_secs(30), "proxy healthy", || health(web_port)).await;
+    eventually(Duration::from_secs(30), "proxy healthy", || {
+        health(web_port)
+    })
+    .await;
     let mut agent_env = common("agent");
-    agent_env.push(("PORTICO_TUNNEL_ADDR".into(), format!("127.0.0.1:{tunnel_port}")));
+    agent_env.push((
+        "PORTICO_TUNNEL_ADDR".into(),
+        format!("127.0.0.1:{tunnel_port}"),
+    ));
     let _agent = start("agent.yaml", &agent_env, &dir.path().join("agent.log"));
 
     // The operator on the auth host.
     let pctl = |args: Vec<String>, stdin: Option<&'static str>| {
         let mut cmd = tokio::process::Command::new(bin("pctl"));
-        cmd.arg("--data-dir").arg(dir.path().join("auth")).args(args).env("PORTICO_HOME", dir.path().join("home"));
+        cmd.arg("--data-dir")
+            .arg(dir.path().join("auth"))
+            .args(args)
+            .env("PORTICO_HOME", dir.path().join("home"));
         run(cmd, stdin)
     };
-    let o = pctl(vec!["users".into(), "add".into(), "ops".into(), "--roles=admin".into(), "--password-stdin".into()], Some("ops-password-1\n")).await;
+    let o = pctl(
+        vec![
+            "users".into(),
+            "add".into(),
+            "ops".into(),
+            "--roles=admin".into(),
+            "--password-stdin".into(),
+        ],
+        Some("ops-password-1\n"),
+    )
+    .await;
     assert!(o.status.success(), "{:?}", text(&o));
     let app_file = dir.path().join("app.yaml");
     std::fs::write(&app_file, test_app_yaml("tm", "dev")).expect("app file");
@@ -119,7 +166,11 @@ async fn compose_topology_as_processes() {
         run(cmd, stdin)
     };
     let proxy = format!("--proxy=127.0.0.1:{web_port}");
-    let o = psh(&["login", &proxy, "--user=ops", "--password-stdin"], Some("ops-password-1\n")).await;
+    let o = psh(
+        &["login", &proxy, "--user=ops", "--password-stdin"],
+        Some("ops-password-1\n"),
+    )
+    .await;
     assert!(o.status.success(), "{:?}", text(&o));
     let listed = eventually(Duration::from_secs(30), "psh mcp ls shows tm", || async {
         let o = psh(&["mcp", "ls"], None).await;
@@ -127,20 +178,36 @@ async fn compose_topology_as_processes() {
         out.contains("tm").then_some(out)
     })
     .await;
-    assert!(listed.contains("Allowed Tools") && listed.contains("env=dev"), "{listed}");
+    assert!(
+        listed.contains("Allowed Tools") && listed.contains("env=dev"),
+        "{listed}"
+    );
     // pctl elsewhere goes through the proxy with the user's own rights.
     let mut cmd = tokio::process::Command::new(bin("pctl"));
-    cmd.args(["get", "app_servers"]).env("PORTICO_HOME", dir.path().join("home")).env_remove("PORTICO_DATA_DIR").current_dir(dir.path());
+    cmd.args(["get", "app_servers"])
+        .env("PORTICO_HOME", dir.path().join("home"))
+        .env_remove("PORTICO_DATA_DIR")
+        .current_dir(dir.path());
     let o = run(cmd, None).await;
-    assert!(o.status.success() && text(&o).0.contains("tm"), "{:?}", text(&o));
+    assert!(
+        o.status.success() && text(&o).0.contains("tm"),
+        "{:?}",
+        text(&o)
+    );
 
     let token = {
         let p = std::fs::read_to_string(dir.path().join("home/profile.yaml")).expect("profile");
         let v: serde_json::Value = yaml_serde::from_str(&p).expect("profile parses");
         v["token"].as_str().expect("token").to_string()
     };
-    let mut s = McpHttp::new(format!("127.0.0.1:{web_port}").parse().expect("addr"), "tm", &token);
-    s.initialize().await.expect("session through the deployed proxy");
+    let mut s = McpHttp::new(
+        format!("127.0.0.1:{web_port}").parse().expect("addr"),
+        "tm",
+        &token,
+    );
+    s.initialize()
+        .await
+        .expect("session through the deployed proxy");
     let r = s.call("echo", json!({"message": "deployed"})).await;
     assert_eq!(r["result"]["content"][0]["text"], "deployed");
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 use portico_tests::cluster::{run, text};
+use portico_tests::direct::Direct;
 use portico_tests::mcp_http::McpHttp;
 use portico_tests::util::test_app_yaml;
 use portico_tests::{Cluster, ClusterBuilder, bin, eventually};
@@ -24,8 +25,14 @@ fn clients_dir() -> PathBuf {
 }
 
 async fn cluster_with_app(env: &str) -> Cluster {
-    let c = ClusterBuilder::new().proxy().wildcard_agent("a1").start().await;
-    c.create_yaml(&test_app_yaml("tm", env), false).await.expect("app");
+    let c = ClusterBuilder::new()
+        .proxy()
+        .wildcard_agent("a1")
+        .start()
+        .await;
+    c.create_yaml(&test_app_yaml("tm", env), false)
+        .await
+        .expect("app");
     c.wait_servers("tm", &["a1"]).await;
     c
 }
@@ -34,7 +41,13 @@ async fn cluster_with_app(env: &str) -> Cluster {
 async fn psh_login(c: &Cluster, user: &str) -> PathBuf {
     let home = c.data_dir().join(format!("home-{user}"));
     let mut cmd = tokio::process::Command::new(bin("psh"));
-    cmd.args(["login", &format!("--proxy={}", c.proxy_addr()), &format!("--user={user}"), "--password-stdin"]).env("PORTICO_HOME", &home);
+    cmd.args([
+        "login",
+        &format!("--proxy={}", c.proxy_addr()),
+        &format!("--user={user}"),
+        "--password-stdin",
+    ])
+    .env("PORTICO_HOME", &home);
     let o = run(cmd, Some(&format!("{PW}\n"))).await;
     assert!(o.status.success(), "{:?}", text(&o));
     home
@@ -54,15 +67,27 @@ struct TestClient {
 
 impl ClientHandler for TestClient {
     fn get_info(&self) -> ClientConfig {
-        ClientConfig::new(ClientCapabilities::builder().enable_roots().build(), Implementation::new("portico-e2e-rmcp", "1"))
+        ClientConfig::new(
+            ClientCapabilities::builder().enable_roots().build(),
+            Implementation::new("portico-e2e-rmcp", "1"),
+        )
     }
 
     #[allow(deprecated)]
-    async fn list_roots(&self, _ctx: RequestContext<RoleClient>) -> Result<ListRootsResult, ErrorData> {
-        Ok(ListRootsResult::new(vec![Root::new("file:///tmp/portico-root")]))
+    async fn list_roots(
+        &self,
+        _ctx: RequestContext<RoleClient>,
+    ) -> Result<ListRootsResult, ErrorData> {
+        Ok(ListRootsResult::new(vec![Root::new(
+            "file:///tmp/portico-root",
+        )]))
     }
 
-    async fn on_progress(&self, p: ProgressNotificationParam, _ctx: NotificationContext<RoleClient>) {
+    async fn on_progress(
+        &self,
+        p: ProgressNotificationParam,
+        _ctx: NotificationContext<RoleClient>,
+    ) {
         self.progress.lock().expect("lock").push(p.progress);
     }
 
@@ -76,73 +101,140 @@ fn args(v: Value) -> serde_json::Map<String, Value> {
 }
 
 fn first_text(r: &CallToolResult) -> String {
-    serde_json::to_value(&r.content).ok().and_then(|v| v[0]["text"].as_str().map(String::from)).unwrap_or_default()
+    serde_json::to_value(&r.content)
+        .ok()
+        .and_then(|v| v[0]["text"].as_str().map(String::from))
+        .unwrap_or_default()
 }
 
 #[tokio::test]
 async fn rmcp_client_through_psh_connect() {
-    let c = ClusterBuilder::new().proxy().wildcard_agent("a1").start().await;
-    let app = test_app_yaml("tm", "dev").replace("    run_as_host_user:", "    env: {PORTICO_TEST_MCP_LIST_CHANGED: '1'}\n    run_as_host_user:");
+    let c = ClusterBuilder::new()
+        .proxy()
+        .wildcard_agent("a1")
+        .start()
+        .await;
+    let app = test_app_yaml("tm", "dev").replace(
+        "    run_as_host_user:",
+        "    env: {PORTICO_TEST_MCP_LIST_CHANGED: '1'}\n    run_as_host_user:",
+    );
     c.create_yaml(&app, false).await.expect("app");
     c.wait_servers("tm", &["a1"]).await;
     c.add_user("alice", &["mcp-user"], PW).await;
     let home = psh_login(&c, "alice").await;
 
     let mut cmd = tokio::process::Command::new(bin("psh"));
-    cmd.args(["mcp", "connect", "tm"]).env("PORTICO_HOME", &home);
+    cmd.args(["mcp", "connect", "tm"])
+        .env("PORTICO_HOME", &home);
     let transport = rmcp::transport::TokioChildProcess::new(cmd).expect("spawn psh mcp connect");
     let handler = TestClient::default();
-    let client = handler.clone().serve(transport).await.expect("initialize through psh");
+    let client = handler
+        .clone()
+        .serve(transport)
+        .await
+        .expect("initialize through psh");
     let info = client.peer_info().expect("server info");
-    assert_eq!(info.server_info.as_ref().map(|i| i.name.as_str()), Some("portico-test-mcp"));
+    assert_eq!(
+        info.server_info.as_ref().map(|i| i.name.as_str()),
+        Some("portico-test-mcp")
+    );
 
     let tools = client.list_tools(None).await.expect("tools/list");
     let names: Vec<String> = tools.tools.iter().map(|t| t.name.to_string()).collect();
-    assert!(names.contains(&"echo".to_string()) && names.contains(&"roots".to_string()), "{names:?}");
-    let r = client.call_tool(CallToolRequestParams::new("echo").with_arguments(args(json!({"message": "via psh"})))).await.expect("echo");
+    assert!(
+        names.contains(&"echo".to_string()) && names.contains(&"roots".to_string()),
+        "{names:?}"
+    );
+    let r = client
+        .call_tool(
+            CallToolRequestParams::new("echo").with_arguments(args(json!({"message": "via psh"}))),
+        )
+        .await
+        .expect("echo");
     assert_eq!(first_text(&r), "via psh");
-    let r = client.call_tool(CallToolRequestParams::new("add").with_arguments(args(json!({"a": 40, "b": 2})))).await.expect("add");
+    let r = client
+        .call_tool(CallToolRequestParams::new("add").with_arguments(args(json!({"a": 40, "b": 2}))))
+        .await
+        .expect("add");
     assert_eq!(first_text(&r), "42");
 
     // Server-to-client request in the middle of a call.
-    let r = client.call_tool(CallToolRequestParams::new("roots")).await.expect("roots");
+    let r = client
+        .call_tool(CallToolRequestParams::new("roots"))
+        .await
+        .expect("roots");
     assert_eq!(first_text(&r), "file:///tmp/portico-root");
 
     // Progress notifications arrive while the call runs.
     let handle = client
         .send_cancellable_request(
-            ClientRequest::CallToolRequest(Request::new(CallToolRequestParams::new("slow").with_arguments(args(json!({"ms": 500}))))),
+            ClientRequest::CallToolRequest(Request::new(
+                CallToolRequestParams::new("slow").with_arguments(args(json!({"ms": 500}))),
+            )),
             rmcp::service::PeerRequestOptions::no_options(),
         )
         .await
         .expect("slow sent");
     let done = handle.await_response().await.expect("slow answered");
     assert!(format!("{done:?}").contains("done"));
-    assert!(handler.progress.lock().expect("lock").len() >= 5, "progress seen: {:?}", handler.progress.lock().expect("lock"));
+    assert!(
+        handler.progress.lock().expect("lock").len() >= 5,
+        "progress seen: {:?}",
+        handler.progress.lock().expect("lock")
+    );
 
     let res = client.list_resources(None).await.expect("resources/list");
     assert_eq!(res.resources[0].uri, "test://hello");
-    let read = client.read_resource(ReadResourceRequestParams::new("test://hello")).await.expect("read");
-    assert!(serde_json::to_string(&read).expect("json").contains("hello resource"));
+    let read = client
+        .read_resource(ReadResourceRequestParams::new("test://hello"))
+        .await
+        .expect("read");
+    assert!(
+        serde_json::to_string(&read)
+            .expect("json")
+            .contains("hello resource")
+    );
     let prompts = client.list_prompts(None).await.expect("prompts/list");
     assert_eq!(prompts.prompts[0].name, "greet");
-    let p = client.get_prompt(GetPromptRequestParams::new("greet").with_arguments(args(json!({"name": "rmcp"})))).await.expect("get_prompt");
-    assert!(serde_json::to_string(&p).expect("json").contains("Hello, rmcp!"));
+    let p = client
+        .get_prompt(
+            GetPromptRequestParams::new("greet").with_arguments(args(json!({"name": "rmcp"}))),
+        )
+        .await
+        .expect("get_prompt");
+    assert!(
+        serde_json::to_string(&p)
+            .expect("json")
+            .contains("Hello, rmcp!")
+    );
 
     // The notification the server sent right after initialized arrived.
-    eventually(Duration::from_secs(5), "tools/list_changed delivered", || {
-        let n = handler.list_changed.clone();
-        async move { (*n.lock().expect("lock") >= 1).then_some(()) }
-    })
+    eventually(
+        Duration::from_secs(5),
+        "tools/list_changed delivered",
+        || {
+            let n = handler.list_changed.clone();
+            async move { (*n.lock().expect("lock") >= 1).then_some(()) }
+        },
+    )
     .await;
     client.cancel().await.expect("close");
 
     // The proxy audited the session.
     eventually(Duration::from_secs(10), "session audit events", || async {
-        let o = c.pctl(&["events", "ls", "--type", "mcp", "--format", "json"]).await;
+        let o = c
+            .pctl(&["events", "ls", "--type", "mcp", "--format", "json"])
+            .await;
         let v: Value = serde_json::from_str(&text(&o).0).ok()?;
-        let types: Vec<String> = v.as_array()?.iter().filter_map(|e| e["type"].as_str().map(String::from)).collect();
-        let start = v.as_array()?.iter().find(|e| e["type"] == "mcp.session.start")?;
+        let types: Vec<String> = v
+            .as_array()?
+            .iter()
+            .filter_map(|e| e["type"].as_str().map(String::from))
+            .collect();
+        let start = v
+            .as_array()?
+            .iter()
+            .find(|e| e["type"] == "mcp.session.start")?;
         (start["fields"]["client_name"] == "portico-e2e-rmcp"
             && start["fields"]["user"] == "alice"
             && types.iter().filter(|t| *t == "mcp.session.request").count() >= 4
@@ -155,69 +247,45 @@ async fn rmcp_client_through_psh_connect() {
 
 #[tokio::test]
 async fn python_sdk_client_in_auto_mode() {
-    let py = std::env::var("PORTICO_PY").map(PathBuf::from).unwrap_or_else(|_| clients_dir().join(".venv/bin/python"));
-    assert!(py.exists(), "{} is missing: run scripts/test.sh (it installs the Python MCP SDK)", py.display());
+    let py = std::env::var("PORTICO_PY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| clients_dir().join(".venv/bin/python"));
+    assert!(
+        py.exists(),
+        "{} is missing: run scripts/test.sh (it installs the Python MCP SDK)",
+        py.display()
+    );
     let c = cluster_with_app("dev").await;
     c.create_yaml("kind: role\nversion: v8\nmetadata: {name: careful}\nspec:\n  allow:\n    app_labels: {env: dev}\n    mcp: {tools: ['*']}\n  deny:\n    mcp: {tools: ['delete_*']}\n", false).await.expect("role");
     c.add_user("py", &["careful"], PW).await;
     let token = c.login("py", PW).await;
     let mut cmd = tokio::process::Command::new(&py);
-    cmd.arg(clients_dir().join("py_client.py")).arg(format!("http://{}/mcp/tm", c.proxy_addr())).env("PORTICO_TOKEN", &token);
+    cmd.arg(clients_dir().join("py_client.py"))
+        .arg(format!("http://{}/mcp/tm", c.proxy_addr()))
+        .env("PORTICO_TOKEN", &token);
     let o = run(cmd, None).await;
     let (out, err) = text(&o);
     assert!(o.status.success(), "python client failed: {out} {err}");
     let v: Value = serde_json::from_str(out.trim()).expect("one JSON line");
     assert_eq!(v["server_name"], "portico-test-mcp");
     assert_eq!(v["echo"], "hi from python");
-    assert!(!v["tools"].as_array().expect("tools").contains(&json!("delete_everything")), "{v}");
-    assert!(v["denied"].as_str().unwrap_or_default().contains("RBAC denied"), "{v}");
+    assert!(
+        !v["tools"]
+            .as_array()
+            .expect("tools")
+            .contains(&json!("delete_everything")),
+        "{v}"
+    );
+    assert!(
+        v["denied"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("RBAC denied"),
+        "{v}"
+    );
     assert_eq!(v["resource"], "hello resource");
     assert_eq!(v["prompt"], "Hello, py!");
     c.shutdown().await;
-}
-
-/// A direct stdio JSON-RPC session, for comparing with the proxied one.
-struct Direct {
-    _child: tokio::process::Child,
-    stdin: tokio::process::ChildStdin,
-    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
-    id: i64,
-}
-
-impl Direct {
-    async fn start(cmd: &str, args: &[String]) -> Direct {
-        use tokio::io::AsyncBufReadExt;
-        let mut child = tokio::process::Command::new(cmd)
-            .args(args)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn");
-        let stdin = child.stdin.take().expect("stdin");
-        let lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let mut d = Direct { _child: child, stdin, lines, id: 100 };
-        d.rpc("initialize", json!({"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "portico-e2e", "version": "1"}})).await;
-        d.send(json!({"jsonrpc": "2.0", "method": "notifications/initialized"})).await;
-        d
-    }
-    async fn send(&mut self, v: Value) {
-        use tokio::io::AsyncWriteExt;
-        self.stdin.write_all(format!("{v}\n").as_bytes()).await.expect("write");
-    }
-    async fn rpc(&mut self, method: &str, params: Value) -> Value {
-        self.id += 1;
-        let id = self.id;
-        self.send(json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params})).await;
-        loop {
-            let line = tokio::time::timeout(Duration::from_secs(30), self.lines.next_line()).await.expect("answer").expect("read").expect("line");
-            let v: Value = serde_json::from_str(&line).expect("json");
-            if v["id"] == json!(id) && v.get("method").is_none() {
-                return v;
-            }
-        }
-    }
 }
 
 fn sample_args(schema: &Value) -> Value {
@@ -243,17 +311,30 @@ fn shape(v: &Value) -> Value {
         return json!({"error": e["code"]});
     }
     let r = &v["result"];
-    let types: Vec<Value> = r["content"].as_array().map(|a| a.iter().map(|c| c["type"].clone()).collect()).unwrap_or_default();
+    let types: Vec<Value> = r["content"]
+        .as_array()
+        .map(|a| a.iter().map(|c| c["type"].clone()).collect())
+        .unwrap_or_default();
     json!({"isError": r.get("isError").cloned().unwrap_or(json!(false)), "content": types,
            "contents": r["contents"].as_array().map(|a| a.len()), "messages": r["messages"].as_array().map(|a| a.len())})
 }
 
 #[tokio::test]
 async fn server_everything_answers_as_it_does_directly() {
-    let node_dir = std::env::var("PORTICO_NODE_CLIENTS").map(PathBuf::from).unwrap_or_else(|_| clients_dir().join("node_modules"));
+    let node_dir = std::env::var("PORTICO_NODE_CLIENTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| clients_dir().join("node_modules"));
     let entry = node_dir.join("@modelcontextprotocol/server-everything/dist/index.js");
-    assert!(entry.exists(), "{} is missing: run scripts/test.sh (it installs the npm test clients)", entry.display());
-    let c = ClusterBuilder::new().proxy().wildcard_agent("a1").start().await;
+    assert!(
+        entry.exists(),
+        "{} is missing: run scripts/test.sh (it installs the npm test clients)",
+        entry.display()
+    );
+    let c = ClusterBuilder::new()
+        .proxy()
+        .wildcard_agent("a1")
+        .start()
+        .await;
     let yaml = format!(
         "kind: app\nversion: v3\nmetadata: {{name: everything, labels: {{env: dev}}}}\nspec:\n  mcp:\n    command: node\n    args: [{}, stdio]\n    run_as_host_user: {}\n",
         entry.display(),
@@ -263,39 +344,77 @@ async fn server_everything_answers_as_it_does_directly() {
     c.wait_servers("everything", &["a1"]).await;
     c.add_user("eve", &["mcp-user"], PW).await;
     let token = c.login("eve", PW).await;
-    let mut direct = Direct::start("node", &[entry.display().to_string(), "stdio".into()]).await;
+    let mut direct = Direct::start(
+        std::path::Path::new("node"),
+        &[entry.display().to_string(), "stdio".into()],
+    )
+    .await;
     let mut proxied = McpHttp::new(c.proxy_addr(), "everything", &token);
-    proxied.initialize().await.expect("initialize through the proxy");
+    proxied
+        .initialize()
+        .await
+        .expect("initialize through the proxy");
 
-    for list in ["tools/list", "resources/list", "prompts/list", "resources/templates/list"] {
+    for list in [
+        "tools/list",
+        "resources/list",
+        "prompts/list",
+        "resources/templates/list",
+    ] {
         let d = direct.rpc(list, json!({})).await;
         let p = proxied.request(list, json!({})).await;
         assert_eq!(d["result"], p["result"], "{list} differs");
     }
-    let tools = direct.rpc("tools/list", json!({})).await["result"]["tools"].as_array().cloned().unwrap_or_default();
+    let tools = direct.rpc("tools/list", json!({})).await["result"]["tools"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     assert!(tools.len() >= 5, "server-everything lists its tools");
     let mut called = 0;
     for t in &tools {
         let name = t["name"].as_str().unwrap_or_default().to_string();
         // Tools that wait on the client (sampling, elicitation) or run long are covered elsewhere.
-        if ["sampl", "elicit", "long", "trigger", "annotated", "roots", "subscri", "notif", "simulate"].iter().any(|s| name.to_lowercase().contains(s)) {
+        if [
+            "sampl",
+            "elicit",
+            "long",
+            "trigger",
+            "annotated",
+            "roots",
+            "subscri",
+            "notif",
+            "simulate",
+        ]
+        .iter()
+        .any(|s| name.to_lowercase().contains(s))
+        {
             continue;
         }
         let a = sample_args(&t["inputSchema"]);
-        let d = direct.rpc("tools/call", json!({"name": name, "arguments": a})).await;
-        let p = proxied.request("tools/call", json!({"name": name, "arguments": a})).await;
+        let d = direct
+            .rpc("tools/call", json!({"name": name, "arguments": a}))
+            .await;
+        let p = proxied
+            .request("tools/call", json!({"name": name, "arguments": a}))
+            .await;
         assert_eq!(shape(&d), shape(&p), "tool {name}: direct {d} proxied {p}");
         called += 1;
     }
     assert!(called >= 3, "called {called} tools");
-    let resources = direct.rpc("resources/list", json!({})).await["result"]["resources"].as_array().cloned().unwrap_or_default();
+    let resources = direct.rpc("resources/list", json!({})).await["result"]["resources"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     for r in resources.iter().take(10) {
         let uri = r["uri"].clone();
         let d = direct.rpc("resources/read", json!({"uri": uri})).await;
         let p = proxied.request("resources/read", json!({"uri": uri})).await;
         assert_eq!(d["result"], p["result"], "resource {uri}");
     }
-    let prompts = direct.rpc("prompts/list", json!({})).await["result"]["prompts"].as_array().cloned().unwrap_or_default();
+    let prompts = direct.rpc("prompts/list", json!({})).await["result"]["prompts"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     for pr in &prompts {
         let mut a = serde_json::Map::new();
         for arg in pr["arguments"].as_array().cloned().unwrap_or_default() {
@@ -304,8 +423,12 @@ async fn server_everything_answers_as_it_does_directly() {
             }
         }
         let name = pr["name"].clone();
-        let d = direct.rpc("prompts/get", json!({"name": name, "arguments": a})).await;
-        let p = proxied.request("prompts/get", json!({"name": name, "arguments": a})).await;
+        let d = direct
+            .rpc("prompts/get", json!({"name": name, "arguments": a}))
+            .await;
+        let p = proxied
+            .request("prompts/get", json!({"name": name, "arguments": a}))
+            .await;
         assert_eq!(shape(&d), shape(&p), "prompt {name}");
     }
     c.shutdown().await;
@@ -314,7 +437,9 @@ async fn server_everything_answers_as_it_does_directly() {
 #[tokio::test]
 async fn tool_and_app_rbac() {
     let c = cluster_with_app("dev").await;
-    c.create_yaml(&test_app_yaml("prod-only", "prod"), false).await.expect("app");
+    c.create_yaml(&test_app_yaml("prod-only", "prod"), false)
+        .await
+        .expect("app");
     c.wait_servers("prod-only", &["a1"]).await;
     c.create_yaml("kind: role\nversion: v8\nmetadata: {name: echo-only}\nspec:\n  allow:\n    app_labels: {env: dev}\n    mcp: {tools: [echo]}\n", false).await.expect("role");
     c.add_user("eo", &["echo-only"], PW).await;
@@ -322,12 +447,26 @@ async fn tool_and_app_rbac() {
     let mut s = McpHttp::new(c.proxy_addr(), "tm", &token);
     s.initialize().await.expect("initialize");
     let tools = s.request("tools/list", json!({})).await;
-    let names: Vec<&str> = tools["result"]["tools"].as_array().expect("tools").iter().filter_map(|t| t["name"].as_str()).collect();
+    let names: Vec<&str> = tools["result"]["tools"]
+        .as_array()
+        .expect("tools")
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
     assert_eq!(names, vec!["echo"]);
     let r = s.call("add", json!({"a": 1, "b": 2})).await;
     assert_eq!(r["error"]["code"], -32602);
-    assert!(r["error"]["message"].as_str().unwrap_or_default().contains("RBAC denied"), "{r}");
-    assert_eq!(s.call("echo", json!({"message": "ok"})).await["result"]["content"][0]["text"], "ok");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("RBAC denied"),
+        "{r}"
+    );
+    assert_eq!(
+        s.call("echo", json!({"message": "ok"})).await["result"]["content"][0]["text"],
+        "ok"
+    );
 
     // No app_labels match: 403, and the app is not listed.
     let mut denied = McpHttp::new(c.proxy_addr(), "prod-only", &token);
@@ -336,7 +475,12 @@ async fn tool_and_app_rbac() {
     let home = psh_login(&c, "eo").await;
     let o = psh(&home, &["mcp", "ls", "--format", "json"]).await;
     let v: Value = serde_json::from_str(&text(&o).0).expect("json");
-    let listed: Vec<&str> = v.as_array().expect("array").iter().filter_map(|a| a["name"].as_str()).collect();
+    let listed: Vec<&str> = v
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|a| a["name"].as_str())
+        .collect();
     assert_eq!(listed, vec!["tm"]);
     assert_eq!(v[0]["allowed_tools"], "[echo]");
 
@@ -348,16 +492,42 @@ async fn tool_and_app_rbac() {
         if r.get("error").is_some() {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(1), "the role change took longer than a second");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "the role change took longer than a second"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(s.call("add", json!({"a": 1, "b": 2})).await["result"]["content"][0]["text"], "3");
+    assert_eq!(
+        s.call("add", json!({"a": 1, "b": 2})).await["result"]["content"][0]["text"],
+        "3"
+    );
     let tools = s.request("tools/list", json!({})).await;
-    let names: Vec<&str> = tools["result"]["tools"].as_array().expect("tools").iter().filter_map(|t| t["name"].as_str()).collect();
-    assert!(!names.contains(&"echo") && !names.contains(&"delete_everything") && names.contains(&"add"), "deny wins: {names:?}");
-    let o = c.pctl(&["events", "ls", "--type", "mcp.session.request", "--format", "json"]).await;
+    let names: Vec<&str> = tools["result"]["tools"]
+        .as_array()
+        .expect("tools")
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    assert!(
+        !names.contains(&"echo") && !names.contains(&"delete_everything") && names.contains(&"add"),
+        "deny wins: {names:?}"
+    );
+    let o = c
+        .pctl(&[
+            "events",
+            "ls",
+            "--type",
+            "mcp.session.request",
+            "--format",
+            "json",
+        ])
+        .await;
     let all = text(&o).0;
-    assert!(all.contains("\"allowed\": false") && all.contains("\"tool\": \"add\""), "{all}");
+    assert!(
+        all.contains("\"allowed\": false") && all.contains("\"tool\": \"add\""),
+        "{all}"
+    );
     c.shutdown().await;
 }
 
@@ -374,53 +544,143 @@ async fn streamable_http_edges() {
     let sid = s.session.clone().expect("session id");
     assert_eq!(sid.len(), 64);
     let ping = json!({"jsonrpc": "2.0", "id": 5, "method": "tools/list"}).to_string();
-    let json_hdrs = [("content-type", "application/json"), ("accept", "application/json, text/event-stream")];
+    let json_hdrs = [
+        ("content-type", "application/json"),
+        ("accept", "application/json, text/event-stream"),
+    ];
 
     let anon = McpHttp::new(c.proxy_addr(), "tm", "");
     let r = anon.send(http::Method::POST, &json_hdrs, Some(&ping)).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     assert!(r.headers.contains_key("www-authenticate"));
     let forged = McpHttp::new(c.proxy_addr(), "tm", &"0".repeat(64));
-    assert_eq!(forged.send(http::Method::POST, &json_hdrs, Some(&ping)).await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        forged
+            .send(http::Method::POST, &json_hdrs, Some(&ping))
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
 
     let fresh = McpHttp::new(c.proxy_addr(), "tm", &t1);
-    let r = fresh.send(http::Method::POST, &json_hdrs, Some(&ping)).await;
+    let r = fresh
+        .send(http::Method::POST, &json_hdrs, Some(&ping))
+        .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST, "no session id");
-    let r = fresh.send(http::Method::POST, &[json_hdrs[0], json_hdrs[1], ("mcp-session-id", &"f".repeat(64))], Some(&ping)).await;
+    let r = fresh
+        .send(
+            http::Method::POST,
+            &[
+                json_hdrs[0],
+                json_hdrs[1],
+                ("mcp-session-id", &"f".repeat(64)),
+            ],
+            Some(&ping),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND, "unknown session");
     // Another user presenting this session id is not let in.
     let thief = McpHttp::new(c.proxy_addr(), "tm", &t2);
-    let r = thief.send(http::Method::POST, &[json_hdrs[0], json_hdrs[1], ("mcp-session-id", &sid)], Some(&ping)).await;
-    assert_eq!(r.status, StatusCode::NOT_FOUND, "sessions are bound to their user");
-    assert_eq!(s.send(http::Method::PUT, &[], None).await.status, StatusCode::METHOD_NOT_ALLOWED);
-    assert_eq!(s.send(http::Method::GET, &[("accept", "application/json")], None).await.status, StatusCode::NOT_ACCEPTABLE);
-    assert_eq!(s.send(http::Method::POST, &[("content-type", "text/plain")], Some(&ping)).await.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
-    let big = format!("{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"x\",\"params\":{{\"p\":\"{}\"}}}}", "a".repeat(5 * 1024 * 1024));
-    assert_eq!(s.send(http::Method::POST, &json_hdrs, Some(&big)).await.status, StatusCode::PAYLOAD_TOO_LARGE);
-    let r = s.send(http::Method::POST, &json_hdrs, Some("{not json")).await;
+    let r = thief
+        .send(
+            http::Method::POST,
+            &[json_hdrs[0], json_hdrs[1], ("mcp-session-id", &sid)],
+            Some(&ping),
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::NOT_FOUND,
+        "sessions are bound to their user"
+    );
+    assert_eq!(
+        s.send(http::Method::PUT, &[], None).await.status,
+        StatusCode::METHOD_NOT_ALLOWED
+    );
+    assert_eq!(
+        s.send(http::Method::GET, &[("accept", "application/json")], None)
+            .await
+            .status,
+        StatusCode::NOT_ACCEPTABLE
+    );
+    assert_eq!(
+        s.send(
+            http::Method::POST,
+            &[("content-type", "text/plain")],
+            Some(&ping)
+        )
+        .await
+        .status,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE
+    );
+    let big = format!(
+        "{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"x\",\"params\":{{\"p\":\"{}\"}}}}",
+        "a".repeat(5 * 1024 * 1024)
+    );
+    assert_eq!(
+        s.send(http::Method::POST, &json_hdrs, Some(&big))
+            .await
+            .status,
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
+    let r = s
+        .send(http::Method::POST, &json_hdrs, Some("{not json"))
+        .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert_eq!(r.messages()[0]["error"]["code"], -32700);
-    let r = s.send(http::Method::POST, &[json_hdrs[0], json_hdrs[1], ("origin", "http://evil.example")], Some(&ping)).await;
+    let r = s
+        .send(
+            http::Method::POST,
+            &[
+                json_hdrs[0],
+                json_hdrs[1],
+                ("origin", "http://evil.example"),
+            ],
+            Some(&ping),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
-    let r = s.send(http::Method::POST, &[json_hdrs[0], json_hdrs[1], ("origin", &format!("http://{}", c.proxy_addr()))], Some(&ping)).await;
+    let r = s
+        .send(
+            http::Method::POST,
+            &[
+                json_hdrs[0],
+                json_hdrs[1],
+                ("origin", &format!("http://{}", c.proxy_addr())),
+            ],
+            Some(&ping),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::OK, "same origin is fine");
 
     // Unknown methods pass through and their errors come back.
     let r = s.request("vendor/unknown-method", json!({})).await;
     assert_eq!(r["error"]["code"], -32601, "{r}");
     let r = s.request("server/discover", json!({})).await;
-    assert!(r["error"]["code"].is_i64() || r["result"].is_object(), "the server's own answer comes back: {r}");
+    assert!(
+        r["error"]["code"].is_i64() || r["result"].is_object(),
+        "the server's own answer comes back: {r}"
+    );
     // A batch (2025-03-26) and a pretty-printed body.
     let r = s
         .send(http::Method::POST, &json_hdrs, Some("[{\"jsonrpc\":\"2.0\",\"id\":21,\"method\":\"tools/list\"},\n {\"jsonrpc\":\"2.0\",\"id\":22,\n \"method\":\"prompts/list\"}]"))
         .await;
     assert_eq!(r.status, StatusCode::OK);
-    assert!(r.response(21)["result"]["tools"].is_array() && r.response(22)["result"]["prompts"].is_array());
+    assert!(
+        r.response(21)["result"]["tools"].is_array()
+            && r.response(22)["result"]["prompts"].is_array()
+    );
     // SSE events carry ids.
-    assert!(String::from_utf8_lossy(&r.body).contains("id: "), "event ids");
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("id: "),
+        "event ids"
+    );
     // A big result crosses the tunnel intact.
     let r = s.call("big", json!({"bytes": 1_000_000})).await;
-    assert_eq!(r["result"]["content"][0]["text"].as_str().map(str::len), Some(1_000_000));
+    assert_eq!(
+        r["result"]["content"][0]["text"].as_str().map(str::len),
+        Some(1_000_000)
+    );
 
     assert_eq!(s.delete().await.status, StatusCode::OK);
     let r = s.send(http::Method::POST, &json_hdrs, Some(&ping)).await;
@@ -434,48 +694,104 @@ async fn streamable_http_edges() {
     c.wait_servers("remote", &[]).await;
     let e = none.initialize().await.expect_err("no agent");
     assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(e.messages()[0]["error"]["message"].as_str().unwrap_or_default().contains("no agent"), "{e:?}");
+    assert!(
+        e.messages()[0]["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no agent"),
+        "{e:?}"
+    );
     c.shutdown().await;
 }
 
 #[tokio::test]
 async fn psh_commands() {
     let c = cluster_with_app("dev").await;
-    c.create_yaml(&test_app_yaml("other", "test"), false).await.expect("app");
+    c.create_yaml(&test_app_yaml("other", "test"), false)
+        .await
+        .expect("app");
     c.wait_servers("other", &["a1"]).await;
     c.add_user("pat", &["mcp-user"], PW).await;
     let home = psh_login(&c, "pat").await;
-    let mode = std::fs::metadata(home.join("profile.yaml")).expect("profile").permissions();
-    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+    let mode = std::fs::metadata(home.join("profile.yaml"))
+        .expect("profile")
+        .permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
     let o = psh(&home, &["status"]).await;
     assert!(text(&o).0.contains("user:    pat"), "{:?}", text(&o));
     let o = psh(&home, &["mcp", "ls"]).await;
     let out = text(&o).0;
-    for col in ["Name", "Description", "Type", "Allowed Tools", "Labels", "tm", "other", "stdio", "env=dev"] {
+    for col in [
+        "Name",
+        "Description",
+        "Type",
+        "Allowed Tools",
+        "Labels",
+        "tm",
+        "other",
+        "stdio",
+        "env=dev",
+    ] {
         assert!(out.contains(col), "{col} in {out}");
     }
     let o = psh(&home, &["mcp", "ls", "env=test"]).await;
-    assert!(text(&o).0.contains("other") && !text(&o).0.contains("tm "), "{:?}", text(&o));
+    assert!(
+        text(&o).0.contains("other") && !text(&o).0.contains("tm "),
+        "{:?}",
+        text(&o)
+    );
     let o = psh(&home, &["mcp", "ls", "--search", "server tm", "-v"]).await;
-    assert!(text(&o).0.contains("/mcp/tm") && !text(&o).0.contains("other"), "{:?}", text(&o));
+    assert!(
+        text(&o).0.contains("/mcp/tm") && !text(&o).0.contains("other"),
+        "{:?}",
+        text(&o)
+    );
     let o = psh(&home, &["mcp", "config", "tm"]).await;
     let v: Value = serde_json::from_str(&text(&o).0).expect("json");
-    assert_eq!(v["mcpServers"]["portico-tm"]["args"], json!(["mcp", "connect", "tm"]));
-    let o = psh(&home, &["mcp", "config", "--all", "--client-config", "vscode"]).await;
+    assert_eq!(
+        v["mcpServers"]["portico-tm"]["args"],
+        json!(["mcp", "connect", "tm"])
+    );
+    let o = psh(
+        &home,
+        &["mcp", "config", "--all", "--client-config", "vscode"],
+    )
+    .await;
     let v: Value = serde_json::from_str(&text(&o).0).expect("json");
     assert_eq!(v["servers"]["portico-other"]["type"], "stdio");
     let file = c.data_dir().join("claude.json");
-    std::fs::write(&file, "{\"mcpServers\": {\"mine\": {\"command\": \"x\"}}, \"theme\": \"dark\"}").expect("write");
-    let o = psh(&home, &["mcp", "config", "tm", "--client-config", file.to_str().expect("path")]).await;
+    std::fs::write(
+        &file,
+        "{\"mcpServers\": {\"mine\": {\"command\": \"x\"}}, \"theme\": \"dark\"}",
+    )
+    .expect("write");
+    let o = psh(
+        &home,
+        &[
+            "mcp",
+            "config",
+            "tm",
+            "--client-config",
+            file.to_str().expect("path"),
+        ],
+    )
+    .await;
     assert!(o.status.success(), "{:?}", text(&o));
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(&file).expect("read")).expect("json");
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).expect("read")).expect("json");
     assert_eq!(v["theme"], "dark");
     assert!(v["mcpServers"]["mine"].is_object() && v["mcpServers"]["portico-tm"].is_object());
     let o = psh(&home, &["mcp", "config", "nope"]).await;
     assert_eq!(o.status.code(), Some(1));
     // pctl with the psh profile goes through the proxy with pat's own rights.
     let mut cmd = tokio::process::Command::new(bin("pctl"));
-    cmd.args(["get", "apps"]).env("PORTICO_HOME", &home).env_remove("PORTICO_DATA_DIR").current_dir(c.data_dir());
+    cmd.args(["get", "apps"])
+        .env("PORTICO_HOME", &home)
+        .env_remove("PORTICO_DATA_DIR")
+        .current_dir(c.data_dir());
     let o = run(cmd, None).await;
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).1.contains("access denied"), "{:?}", text(&o));
@@ -485,10 +801,20 @@ async fn psh_commands() {
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).1.contains("not logged in"));
     let mut cmd = tokio::process::Command::new(bin("psh"));
-    cmd.args(["login", &format!("--proxy={}", c.proxy_addr()), "--user=pat", "--password-stdin"]).env("PORTICO_HOME", &home);
+    cmd.args([
+        "login",
+        &format!("--proxy={}", c.proxy_addr()),
+        "--user=pat",
+        "--password-stdin",
+    ])
+    .env("PORTICO_HOME", &home);
     let o = run(cmd, Some("wrong-password\n")).await;
     assert_eq!(o.status.code(), Some(1));
-    assert!(text(&o).1.contains("invalid user name or password"), "{:?}", text(&o));
+    assert!(
+        text(&o).1.contains("invalid user name or password"),
+        "{:?}",
+        text(&o)
+    );
     c.shutdown().await;
 }
 
@@ -500,21 +826,45 @@ async fn psh_connect_survives_a_proxy_restart() {
     let addr = c.proxy_addr();
     let tunnel = c.tunnel_addr();
     let mut cmd = tokio::process::Command::new(bin("psh"));
-    cmd.args(["mcp", "connect", "tm"]).env("PORTICO_HOME", &home);
-    let client = TestClient::default().serve(rmcp::transport::TokioChildProcess::new(cmd).expect("spawn")).await.expect("init");
-    let r = client.call_tool(CallToolRequestParams::new("echo").with_arguments(args(json!({"message": "one"})))).await.expect("echo");
+    cmd.args(["mcp", "connect", "tm"])
+        .env("PORTICO_HOME", &home);
+    let client = TestClient::default()
+        .serve(rmcp::transport::TokioChildProcess::new(cmd).expect("spawn"))
+        .await
+        .expect("init");
+    let r = client
+        .call_tool(
+            CallToolRequestParams::new("echo").with_arguments(args(json!({"message": "one"}))),
+        )
+        .await
+        .expect("echo");
     assert_eq!(first_text(&r), "one");
 
     // Restart the proxy on the same addresses; the agent re-dials.
     let proxy = c.proxy.take().expect("proxy");
     proxy.shutdown().await;
     let listeners = portico_proxy::Listeners {
-        web: eventually(Duration::from_secs(10), "web port", || async move { tokio::net::TcpListener::bind(addr).await.ok() }).await,
-        tunnel: eventually(Duration::from_secs(10), "tunnel port", || async move { tokio::net::TcpListener::bind(tunnel).await.ok() }).await,
+        web: eventually(Duration::from_secs(10), "web port", || async move {
+            tokio::net::TcpListener::bind(addr).await.ok()
+        })
+        .await,
+        tunnel: eventually(Duration::from_secs(10), "tunnel port", || async move {
+            tokio::net::TcpListener::bind(tunnel).await.ok()
+        })
+        .await,
     };
-    let cfg = portico_proxy::ProxyConfig { auth_servers: vec![c.auth_addr.to_string()], ..Default::default() };
+    let cfg = portico_proxy::ProxyConfig {
+        auth_servers: vec![c.auth_addr.to_string()],
+        ..Default::default()
+    };
     let identity = c.data_dir().join("proxy");
-    let p = portico_proxy::start(&cfg, portico_proxy::Credentials::Join { data_dir: identity }, listeners).await.expect("proxy again");
+    let p = portico_proxy::start(
+        &cfg,
+        portico_proxy::Credentials::Join { data_dir: identity },
+        listeners,
+    )
+    .await
+    .expect("proxy again");
     c.proxy = Some(p);
     c.wait_servers("tm", &["a1"]).await;
     let state = c.proxy.as_ref().expect("proxy").state.clone();
@@ -523,7 +873,12 @@ async fn psh_connect_survives_a_proxy_restart() {
         async move { s.tunnels.is_connected("a1").then_some(()) }
     })
     .await;
-    let r = client.call_tool(CallToolRequestParams::new("echo").with_arguments(args(json!({"message": "two"})))).await.expect("echo after restart");
+    let r = client
+        .call_tool(
+            CallToolRequestParams::new("echo").with_arguments(args(json!({"message": "two"}))),
+        )
+        .await
+        .expect("echo after restart");
     assert_eq!(first_text(&r), "two");
     client.cancel().await.expect("close");
     c.shutdown().await;
@@ -531,9 +886,15 @@ async fn psh_connect_survives_a_proxy_restart() {
 
 #[tokio::test]
 async fn mcp_inspector_cli() {
-    let node_dir = std::env::var("PORTICO_NODE_CLIENTS").map(PathBuf::from).unwrap_or_else(|_| clients_dir().join("node_modules"));
+    let node_dir = std::env::var("PORTICO_NODE_CLIENTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| clients_dir().join("node_modules"));
     let launcher = node_dir.join("@modelcontextprotocol/inspector/clients/launcher/build/index.js");
-    assert!(launcher.exists(), "{} is missing: run scripts/test.sh", launcher.display());
+    assert!(
+        launcher.exists(),
+        "{} is missing: run scripts/test.sh",
+        launcher.display()
+    );
     let c = cluster_with_app("dev").await;
     c.add_user("ins", &["mcp-user"], PW).await;
     let token = c.login("ins", PW).await;
@@ -541,7 +902,14 @@ async fn mcp_inspector_cli() {
     let inspector = |extra: &[&str]| {
         let mut cmd = tokio::process::Command::new("node");
         cmd.arg(&launcher)
-            .args(["--cli", &url, "--transport", "http", "--header", &format!("Authorization: Bearer {token}")])
+            .args([
+                "--cli",
+                &url,
+                "--transport",
+                "http",
+                "--header",
+                &format!("Authorization: Bearer {token}"),
+            ])
             .args(extra)
             .env("HOME", c.data_dir());
         run(cmd, None)
@@ -549,9 +917,23 @@ async fn mcp_inspector_cli() {
     let o = inspector(&["--method", "tools/list"]).await;
     let (out, err) = text(&o);
     assert!(o.status.success(), "{out} {err}");
-    assert!(out.contains("\"echo\"") && out.contains("\"slow\""), "{out}");
-    let o = inspector(&["--method", "tools/call", "--tool-name", "echo", "--tool-arg", "message=from-inspector"]).await;
+    assert!(
+        out.contains("\"echo\"") && out.contains("\"slow\""),
+        "{out}"
+    );
+    let o = inspector(&[
+        "--method",
+        "tools/call",
+        "--tool-name",
+        "echo",
+        "--tool-arg",
+        "message=from-inspector",
+    ])
+    .await;
     let (out, err) = text(&o);
-    assert!(o.status.success() && out.contains("from-inspector"), "{out} {err}");
+    assert!(
+        o.status.success() && out.contains("from-inspector"),
+        "{out} {err}"
+    );
     c.shutdown().await;
 }

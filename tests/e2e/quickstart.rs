@@ -13,7 +13,10 @@ use tokio::io::AsyncReadExt;
 #[tokio::test]
 async fn quick_start_as_a_newcomer() {
     for port in [3080, 3024, 3025] {
-        assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(), "the quick start needs port {port} free");
+        assert!(
+            std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
+            "the quick start needs port {port} free"
+        );
     }
     let dir = TempDir::new("portico-quickstart");
     let home = dir.path().join("home");
@@ -32,7 +35,10 @@ async fn quick_start_as_a_newcomer() {
     eventually(Duration::from_secs(30), "proxy healthy", || {
         let http = http.clone();
         async move {
-            let r = http.get("http://127.0.0.1:3080/readyz".parse().ok()?).await.ok()?;
+            let r = http
+                .get("http://127.0.0.1:3080/readyz".parse().ok()?)
+                .await
+                .ok()?;
             r.status().is_success().then_some(())
         }
     })
@@ -41,44 +47,93 @@ async fn quick_start_as_a_newcomer() {
 
     let pctl = |args: Vec<String>, stdin: Option<&'static str>| {
         let mut cmd = tokio::process::Command::new(bin("pctl"));
-        cmd.args(args).current_dir(dir.path()).env_remove("PORTICO_DATA_DIR").env("PORTICO_HOME", dir.path().join("admin-home"));
+        cmd.args(args)
+            .current_dir(dir.path())
+            .env_remove("PORTICO_DATA_DIR")
+            .env("PORTICO_HOME", dir.path().join("admin-home"));
         run(cmd, stdin)
     };
-    let o = pctl(vec!["users".into(), "add".into(), "alice".into(), "--roles=admin".into()], None).await;
+    let o = pctl(
+        vec![
+            "users".into(),
+            "add".into(),
+            "alice".into(),
+            "--roles=admin".into(),
+        ],
+        None,
+    )
+    .await;
     let (out, err) = text(&o);
     assert!(o.status.success(), "{out} {err}");
-    let password = out.lines().find_map(|l| l.strip_prefix("password: ")).expect("password line").to_string();
+    let password = out
+        .lines()
+        .find_map(|l| l.strip_prefix("password: "))
+        .expect("password line")
+        .to_string();
     let mut login = tokio::process::Command::new(bin("psh"));
-    login.args(["login", "--proxy=127.0.0.1:3080", "--user=alice", "--password-stdin"]).env("PORTICO_HOME", &home);
-    let o = run(login, Some(Box::leak(format!("{password}\n").into_boxed_str()))).await;
+    login
+        .args([
+            "login",
+            "--proxy=127.0.0.1:3080",
+            "--user=alice",
+            "--password-stdin",
+        ])
+        .env("PORTICO_HOME", &home);
+    let o = run(
+        login,
+        Some(Box::leak(format!("{password}\n").into_boxed_str())),
+    )
+    .await;
     assert!(o.status.success(), "{:?}", text(&o));
     let seed = shared_example("mcp_server.yaml");
     let o = pctl(vec!["create".into(), seed.display().to_string()], None).await;
     assert!(o.status.success(), "{:?}", text(&o));
-    let listed = eventually(Duration::from_secs(20), "psh mcp ls shows the seed", || async {
-        let mut cmd = tokio::process::Command::new(bin("psh"));
-        cmd.args(["mcp", "ls"]).env("PORTICO_HOME", &home);
-        let out = text(&run(cmd, None).await).0;
-        out.contains("everything").then_some(out)
-    })
+    let listed = eventually(
+        Duration::from_secs(20),
+        "psh mcp ls shows the seed",
+        || async {
+            let mut cmd = tokio::process::Command::new(bin("psh"));
+            cmd.args(["mcp", "ls"]).env("PORTICO_HOME", &home);
+            let out = text(&run(cmd, None).await).0;
+            out.contains("everything").then_some(out)
+        },
+    )
     .await;
-    assert!(listed.contains("The Everything MCP server") && listed.contains("env=dev"), "{listed}");
+    assert!(
+        listed.contains("The Everything MCP server") && listed.contains("env=dev"),
+        "{listed}"
+    );
     // The seed runs `docker` as host user `docker`; whatever this machine lacks is said plainly.
-    let profile: serde_json::Value = yaml_serde::from_str(&std::fs::read_to_string(home.join("profile.yaml")).expect("profile")).expect("yaml");
-    let mut s = McpHttp::new("127.0.0.1:3080".parse().expect("addr"), "everything", profile["token"].as_str().expect("token"));
+    let profile: serde_json::Value =
+        yaml_serde::from_str(&std::fs::read_to_string(home.join("profile.yaml")).expect("profile"))
+            .expect("yaml");
+    let mut s = McpHttp::new(
+        "127.0.0.1:3080".parse().expect("addr"),
+        "everything",
+        profile["token"].as_str().expect("token"),
+    );
     if let Err(e) = s.initialize().await {
         let body = String::from_utf8_lossy(&e.body).to_string();
         assert!(body.contains("docker"), "{body}");
     }
 
     let pid = child.id().expect("pid");
-    let st = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().expect("kill");
+    let st = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
     assert!(st.success());
-    let status = tokio::time::timeout(Duration::from_secs(20), child.wait()).await.expect("exits after SIGTERM").expect("status");
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .expect("status");
     assert!(status.success(), "{status}");
     let mut out = String::new();
     if let Some(mut so) = child.stdout.take() {
         let _ = so.read_to_string(&mut out).await;
     }
-    assert!(out.contains("pctl users add") && out.contains("psh login --proxy=127.0.0.1:3080"), "{out}");
+    assert!(
+        out.contains("pctl users add") && out.contains("psh login --proxy=127.0.0.1:3080"),
+        "{out}"
+    );
 }

@@ -15,7 +15,13 @@ use tokio::net::TcpListener;
 
 fn app_req(name: &str) -> v1::CreateRequest {
     let app = portico_core::parse::parse_documents("w", &format!("kind: app\nversion: v3\nmetadata: {{name: {name}}}\nspec: {{uri: 'mcp+http://x/mcp'}}\n")).expect("app");
-    v1::CreateRequest { resources: vec![v1::Resource { kind: "app".into(), json: app[0].to_json() }], overwrite: false }
+    v1::CreateRequest {
+        resources: vec![v1::Resource {
+            kind: "app".into(),
+            json: app[0].to_json(),
+        }],
+        overwrite: false,
+    }
 }
 
 /// Collects (type, revision) of every event a watch delivers.
@@ -23,7 +29,14 @@ fn collect(mut api: AuthClient, from: i64) -> Arc<Mutex<Vec<(i32, i64)>>> {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let s = seen.clone();
     tokio::spawn(async move {
-        let mut stream = api.watch(v1::WatchRequest { kinds: vec![], from_revision: from }).await.expect("watch").into_inner();
+        let mut stream = api
+            .watch(v1::WatchRequest {
+                kinds: vec![],
+                from_revision: from,
+            })
+            .await
+            .expect("watch")
+            .into_inner();
         while let Ok(Some(ev)) = stream.message().await {
             s.lock().expect("lock").push((ev.r#type, ev.revision));
         }
@@ -32,15 +45,25 @@ fn collect(mut api: AuthClient, from: i64) -> Arc<Mutex<Vec<(i32, i64)>>> {
 }
 
 fn after_snapshot(events: &[(i32, i64)]) -> Option<(i64, Vec<i64>)> {
-    let i = events.iter().position(|(t, _)| *t == watch_event::Type::SnapshotEnd as i32)?;
-    Some((events[i].1, events[i + 1..].iter().map(|(_, r)| *r).collect()))
+    let i = events
+        .iter()
+        .position(|(t, _)| *t == watch_event::Type::SnapshotEnd as i32)?;
+    Some((
+        events[i].1,
+        events[i + 1..].iter().map(|(_, r)| *r).collect(),
+    ))
 }
 
 #[tokio::test]
 async fn ordered_exactly_once_across_two_instances() {
-    let c = ClusterBuilder::new().storage(Storage::Postgres).start().await;
+    let c = ClusterBuilder::new()
+        .storage(Storage::Postgres)
+        .start()
+        .await;
     // A second auth-service instance on the same database.
-    let second = AuthServer::open(&c.auth_cfg, &c.data_dir()).await.expect("second instance");
+    let second = AuthServer::open(&c.auth_cfg, &c.data_dir())
+        .await
+        .expect("second instance");
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr_b = l.local_addr().expect("addr").to_string();
     let s2 = second.clone();
@@ -57,7 +80,11 @@ async fn ordered_exactly_once_across_two_instances() {
     let seen_b = collect(b.clone(), 0);
     eventually(Duration::from_secs(10), "both snapshots", || {
         let (x, y) = (seen_a.clone(), seen_b.clone());
-        async move { (after_snapshot(&x.lock().expect("lock")).is_some() && after_snapshot(&y.lock().expect("lock")).is_some()).then_some(()) }
+        async move {
+            (after_snapshot(&x.lock().expect("lock")).is_some()
+                && after_snapshot(&y.lock().expect("lock")).is_some())
+            .then_some(())
+        }
     })
     .await;
 
@@ -69,7 +96,12 @@ async fn ordered_exactly_once_across_two_instances() {
                 let name = format!("w{w}-{j}");
                 api.create(app_req(&name)).await.expect("create");
                 if j % 3 == 0 {
-                    api.delete(v1::DeleteRequest { kind: "app".into(), name }).await.expect("delete");
+                    api.delete(v1::DeleteRequest {
+                        kind: "app".into(),
+                        name,
+                    })
+                    .await
+                    .expect("delete");
                 }
             }
         }));
@@ -79,10 +111,20 @@ async fn ordered_exactly_once_across_two_instances() {
     }
     let last = c.auth.backend.current_revision().await.expect("revision");
     for (name, seen) in [("instance a", &seen_a), ("instance b", &seen_b)] {
-        eventually(Duration::from_secs(20), &format!("{name} sees revision {last}"), || {
-            let s = seen.clone();
-            async move { s.lock().expect("lock").last().filter(|(_, r)| *r >= last).map(|_| ()) }
-        })
+        eventually(
+            Duration::from_secs(20),
+            &format!("{name} sees revision {last}"),
+            || {
+                let s = seen.clone();
+                async move {
+                    s.lock()
+                        .expect("lock")
+                        .last()
+                        .filter(|(_, r)| *r >= last)
+                        .map(|_| ())
+                }
+            },
+        )
         .await;
         let events = seen.lock().expect("lock").clone();
         let (snap, revs) = after_snapshot(&events).expect("snapshot");
@@ -108,36 +150,92 @@ async fn resume_compaction_and_expiry() {
         async move { (s.lock().expect("lock").len() == 2).then_some(()) }
     })
     .await;
-    assert_eq!(seen.lock().expect("lock").iter().map(|(_, r)| *r).collect::<Vec<_>>(), vec![r1 + 1, r1 + 2]);
+    assert_eq!(
+        seen.lock()
+            .expect("lock")
+            .iter()
+            .map(|(_, r)| *r)
+            .collect::<Vec<_>>(),
+        vec![r1 + 1, r1 + 2]
+    );
 
     c.auth.backend.compact(1).await.expect("compact");
-    let mut stream = admin.watch(v1::WatchRequest { kinds: vec!["app".into()], from_revision: r1 }).await.expect("watch").into_inner();
+    let mut stream = admin
+        .watch(v1::WatchRequest {
+            kinds: vec!["app".into()],
+            from_revision: r1,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
     let e = stream.message().await.expect_err("too old");
     assert_eq!(e.code(), tonic::Code::OutOfRange);
     assert!(e.message().contains("re-sync"), "{}", e.message());
 
     // A heartbeat with a short TTL expires into a delete event.
     let token = c.join_token("app").await;
-    let mut anon = connect(&c.auth_addr.to_string(), None).await.expect("connect");
-    let id = anon.join(v1::JoinRequest { token, host_id: "h1".into(), role: "app".into() }).await.expect("join").into_inner();
+    let mut anon = connect(&c.auth_addr.to_string(), None)
+        .await
+        .expect("connect");
+    let id = anon
+        .join(v1::JoinRequest {
+            token,
+            host_id: "h1".into(),
+            role: "app".into(),
+        })
+        .await
+        .expect("join")
+        .into_inner();
     let mut agent = c.client(&id.identity_token).await;
     let events: Arc<Mutex<HashMap<String, Vec<i32>>>> = Arc::default();
     let ev2 = events.clone();
     let mut w = admin.clone();
     tokio::spawn(async move {
-        let mut s = w.watch(v1::WatchRequest { kinds: vec!["app_server".into()], from_revision: 0 }).await.expect("watch").into_inner();
+        let mut s = w
+            .watch(v1::WatchRequest {
+                kinds: vec!["app_server".into()],
+                from_revision: 0,
+            })
+            .await
+            .expect("watch")
+            .into_inner();
         while let Ok(Some(ev)) = s.message().await {
-            ev2.lock().expect("lock").entry(ev.name.clone()).or_default().push(ev.r#type);
+            ev2.lock()
+                .expect("lock")
+                .entry(ev.name.clone())
+                .or_default()
+                .push(ev.r#type);
         }
     });
-    agent.heartbeat(v1::HeartbeatRequest { app: "one".into(), ttl_ms: 1000, remove: false }).await.expect("heartbeat");
-    eventually(Duration::from_secs(10), "put then delete of the app server", || {
-        let e = events.clone();
-        async move {
-            let types = e.lock().expect("lock").get("one.h1").cloned().unwrap_or_default();
-            (types == vec![watch_event::Type::Put as i32, watch_event::Type::Delete as i32]).then_some(())
-        }
-    })
+    agent
+        .heartbeat(v1::HeartbeatRequest {
+            app: "one".into(),
+            ttl_ms: 1000,
+            remove: false,
+        })
+        .await
+        .expect("heartbeat");
+    eventually(
+        Duration::from_secs(10),
+        "put then delete of the app server",
+        || {
+            let e = events.clone();
+            async move {
+                let types = e
+                    .lock()
+                    .expect("lock")
+                    .get("one.h1")
+                    .cloned()
+                    .unwrap_or_default();
+                (types
+                    == vec![
+                        watch_event::Type::Put as i32,
+                        watch_event::Type::Delete as i32,
+                    ])
+                .then_some(())
+            }
+        },
+    )
     .await;
     c.shutdown().await;
 }
@@ -154,13 +252,25 @@ impl Relay {
     }
 
     async fn start(addr: std::net::SocketAddr) -> Relay {
-        let listener = eventually(Duration::from_secs(10), "relay port", || async move { TcpListener::bind(addr).await.ok() }).await;
+        let listener = eventually(Duration::from_secs(10), "relay port", || async move {
+            TcpListener::bind(addr).await.ok()
+        })
+        .await;
         let upstream = portico_tests::pg::admin_url();
-        let host = upstream.split('@').nth(1).unwrap_or("127.0.0.1:5432").split('/').next().unwrap_or("127.0.0.1:5432").to_string();
+        let host = upstream
+            .split('@')
+            .nth(1)
+            .unwrap_or("127.0.0.1:5432")
+            .split('/')
+            .next()
+            .unwrap_or("127.0.0.1:5432")
+            .to_string();
         let task = tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else { return };
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
                 let host = host.clone();
                 conns.spawn(async move {
                     if let Ok(mut out) = tokio::net::TcpStream::connect(&host).await {
@@ -184,31 +294,59 @@ impl Relay {
 async fn postgres_down_at_start_and_mid_request() {
     let db = PgDb::create().await;
     let addr = Relay::reserve();
-    let cfg = AuthConfig { storage: StorageConfig::Postgres { conn_string: db.url_via(&addr.to_string()) }, ..AuthConfig::default() };
+    let cfg = AuthConfig {
+        storage: StorageConfig::Postgres {
+            conn_string: db.url_via(&addr.to_string()),
+        },
+        ..AuthConfig::default()
+    };
     let dir = portico_tests::TempDir::new("portico-pgdown");
     let d = dir.path().to_path_buf();
     let c2 = cfg.clone();
     let opening = tokio::spawn(async move { AuthServer::open(&c2, &d).await });
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert!(!opening.is_finished(), "the auth-service must keep retrying while postgres is down");
+    assert!(
+        !opening.is_finished(),
+        "the auth-service must keep retrying while postgres is down"
+    );
     let mut relay = Relay::start(addr).await;
-    let server = tokio::time::timeout(Duration::from_secs(30), opening).await.expect("opens once postgres is back").expect("task").expect("open");
+    let server = tokio::time::timeout(Duration::from_secs(30), opening)
+        .await
+        .expect("opens once postgres is back")
+        .expect("task")
+        .expect("open");
 
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let auth_addr = l.local_addr().expect("addr").to_string();
-    server.ensure_admin_identity(dir.path(), &auth_addr).await.expect("identity");
+    server
+        .ensure_admin_identity(dir.path(), &auth_addr)
+        .await
+        .expect("identity");
     let token = {
-        let text = std::fs::read_to_string(dir.path().join("admin-identity.yaml")).expect("identity");
-        yaml_serde::from_str::<portico_core::identity::IdentityFile>(&text).expect("parses").token
+        let text =
+            std::fs::read_to_string(dir.path().join("admin-identity.yaml")).expect("identity");
+        yaml_serde::from_str::<portico_core::identity::IdentityFile>(&text)
+            .expect("parses")
+            .token
     };
     let s = server.clone();
     tokio::spawn(async move { portico_auth::serve(s, l, std::future::pending()).await });
     let mut api = connect(&auth_addr, Some(&token)).await.expect("connect");
-    api.create(app_req("before")).await.expect("works with postgres up");
+    api.create(app_req("before"))
+        .await
+        .expect("works with postgres up");
 
     relay.cut();
-    let e = api.create(app_req("during")).await.expect_err("postgres is gone");
-    assert!(matches!(e.code(), tonic::Code::Unavailable), "{:?}: {}", e.code(), e.message());
+    let e = api
+        .create(app_req("during"))
+        .await
+        .expect_err("postgres is gone");
+    assert!(
+        matches!(e.code(), tonic::Code::Unavailable),
+        "{:?}: {}",
+        e.code(),
+        e.message()
+    );
     assert!(e.message().contains("database"), "{}", e.message());
 
     let _relay = Relay::start(addr).await;
@@ -218,13 +356,21 @@ async fn postgres_down_at_start_and_mid_request() {
     })
     .await;
     let names: Vec<String> = api
-        .list(v1::ListRequest { kind: "app".into(), labels: Default::default() })
+        .list(v1::ListRequest {
+            kind: "app".into(),
+            labels: Default::default(),
+        })
         .await
         .expect("list")
         .into_inner()
         .items
         .into_iter()
-        .map(|i| serde_json::from_str::<serde_json::Value>(&i.json).expect("json")["metadata"]["name"].as_str().unwrap_or("").to_string())
+        .map(|i| {
+            serde_json::from_str::<serde_json::Value>(&i.json).expect("json")["metadata"]["name"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
         .collect();
     assert_eq!(names, vec!["after".to_string(), "before".to_string()]);
     server.shutdown();

@@ -41,7 +41,13 @@ impl Default for ClusterBuilder {
 
 impl ClusterBuilder {
     pub fn new() -> Self {
-        ClusterBuilder { storage: Storage::Sqlite, proxy: false, agents: vec![], session_ttl: None, idle_timeout: None }
+        ClusterBuilder {
+            storage: Storage::Sqlite,
+            proxy: false,
+            agents: vec![],
+            session_ttl: None,
+            idle_timeout: None,
+        }
     }
     pub fn storage(mut self, s: Storage) -> Self {
         self.storage = s;
@@ -76,7 +82,9 @@ impl ClusterBuilder {
             host_id.to_string(),
             AgentConfig {
                 enabled: true,
-                resources: vec![ResourceSelector { labels: BTreeMap::from([("*".into(), "*".into())]) }],
+                resources: vec![ResourceSelector {
+                    labels: BTreeMap::from([("*".into(), "*".into())]),
+                }],
                 shutdown_grace: Some("2s".into()),
                 ..AgentConfig::default()
             },
@@ -91,13 +99,22 @@ impl ClusterBuilder {
             Storage::Postgres => Some(PgDb::create().await),
         };
         let storage = match &pg {
-            None => StorageConfig::Sqlite { path: Some(dir.path().join("db")) },
-            Some(db) => StorageConfig::Postgres { conn_string: db.url.clone() },
+            None => StorageConfig::Sqlite {
+                path: Some(dir.path().join("db")),
+            },
+            Some(db) => StorageConfig::Postgres {
+                conn_string: db.url.clone(),
+            },
         };
-        let auth_cfg = AuthConfig { storage, session_ttl: self.session_ttl.clone(), ..AuthConfig::default() };
+        let auth_cfg = AuthConfig {
+            storage,
+            session_ttl: self.session_ttl.clone(),
+            ..AuthConfig::default()
+        };
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind auth");
         let auth_addr = listener.local_addr().expect("addr");
-        let (auth, auth_stop) = start_auth(&auth_cfg, dir.path().to_path_buf(), listener, auth_addr).await;
+        let (auth, auth_stop) =
+            start_auth(&auth_cfg, dir.path().to_path_buf(), listener, auth_addr).await;
         let mut c = Cluster {
             pg,
             auth,
@@ -123,9 +140,19 @@ impl ClusterBuilder {
     }
 }
 
-async fn start_auth(cfg: &AuthConfig, data_dir: PathBuf, listener: TcpListener, addr: SocketAddr) -> (Arc<AuthServer>, watch::Sender<bool>) {
-    let server = AuthServer::open(cfg, &data_dir).await.expect("auth-service opens");
-    server.ensure_admin_identity(&data_dir, &addr.to_string()).await.expect("admin identity");
+async fn start_auth(
+    cfg: &AuthConfig,
+    data_dir: PathBuf,
+    listener: TcpListener,
+    addr: SocketAddr,
+) -> (Arc<AuthServer>, watch::Sender<bool>) {
+    let server = AuthServer::open(cfg, &data_dir)
+        .await
+        .expect("auth-service opens");
+    server
+        .ensure_admin_identity(&data_dir, &addr.to_string())
+        .await
+        .expect("admin identity");
     let (stop, mut rx) = watch::channel(false);
     let s = server.clone();
     tokio::spawn(async move {
@@ -159,16 +186,21 @@ impl Cluster {
 
     pub fn admin_token(&self) -> String {
         let text = std::fs::read_to_string(self.admin_identity()).expect("admin identity");
-        let id: portico_core::identity::IdentityFile = yaml_serde::from_str(&text).expect("identity parses");
+        let id: portico_core::identity::IdentityFile =
+            yaml_serde::from_str(&text).expect("identity parses");
         id.token
     }
 
     pub async fn admin(&self) -> AuthClient {
-        connect(&self.auth_addr.to_string(), Some(&self.admin_token())).await.expect("admin connects")
+        connect(&self.auth_addr.to_string(), Some(&self.admin_token()))
+            .await
+            .expect("admin connects")
     }
 
     pub async fn client(&self, token: &str) -> AuthClient {
-        connect(&self.auth_addr.to_string(), Some(token)).await.expect("client connects")
+        connect(&self.auth_addr.to_string(), Some(token))
+            .await
+            .expect("client connects")
     }
 
     pub fn proxy_addr(&self) -> SocketAddr {
@@ -176,13 +208,19 @@ impl Cluster {
     }
 
     pub fn tunnel_addr(&self) -> SocketAddr {
-        self.proxy.as_ref().expect("cluster has a proxy").tunnel_addr
+        self.proxy
+            .as_ref()
+            .expect("cluster has a proxy")
+            .tunnel_addr
     }
 
     pub async fn join_token(&self, role: &str) -> String {
         self.admin()
             .await
-            .create_token(v1::CreateTokenRequest { roles: vec![role.into()], ttl_ms: 600_000 })
+            .create_token(v1::CreateTokenRequest {
+                roles: vec![role.into()],
+                ttl_ms: 600_000,
+            })
             .await
             .expect("token")
             .into_inner()
@@ -196,9 +234,13 @@ impl Cluster {
             tunnel: TcpListener::bind("127.0.0.1:0").await.expect("bind tunnel"),
         };
         let dir = self.dir.path().join("proxy");
-        let p = portico_proxy::start(&cfg, portico_proxy::Credentials::Join { data_dir: dir }, listeners)
-            .await
-            .expect("proxy starts");
+        let p = portico_proxy::start(
+            &cfg,
+            portico_proxy::Credentials::Join { data_dir: dir },
+            listeners,
+        )
+        .await
+        .expect("proxy starts");
         let state = p.state.clone();
         eventually(Duration::from_secs(10), "proxy cache synced", || {
             let s = state.clone();
@@ -219,7 +261,9 @@ impl Cluster {
             cfg.shutdown_grace = Some("2s".into());
         }
         let dir = self.dir.path().join(format!("agent-{host_id}"));
-        let agent = portico_agent::start(&cfg, portico_agent::Credentials::Join { data_dir: dir }).await.expect("agent starts");
+        let agent = portico_agent::start(&cfg, portico_agent::Credentials::Join { data_dir: dir })
+            .await
+            .expect("agent starts");
         if let Some(p) = &self.proxy {
             let tunnels = p.state.tunnels.clone();
             let h = host_id.to_string();
@@ -234,7 +278,12 @@ impl Cluster {
     }
 
     pub fn agent(&self, host_id: &str) -> &Agent {
-        &self.agents.iter().find(|(h, _)| h == host_id).expect("agent exists").1
+        &self
+            .agents
+            .iter()
+            .find(|(h, _)| h == host_id)
+            .expect("agent exists")
+            .1
     }
 
     /// Creates resources from YAML as the admin.
@@ -243,7 +292,13 @@ impl Cluster {
         self.admin()
             .await
             .create(v1::CreateRequest {
-                resources: rs.iter().map(|r| v1::Resource { kind: r.kind().as_str().into(), json: r.to_json() }).collect(),
+                resources: rs
+                    .iter()
+                    .map(|r| v1::Resource {
+                        kind: r.kind().as_str().into(),
+                        json: r.to_json(),
+                    })
+                    .collect(),
                 overwrite,
             })
             .await
@@ -253,14 +308,27 @@ impl Cluster {
     pub async fn add_user(&self, name: &str, roles: &[&str], password: &str) {
         self.admin()
             .await
-            .add_user(v1::AddUserRequest { name: name.into(), roles: roles.iter().map(|r| r.to_string()).collect(), password: password.into() })
+            .add_user(v1::AddUserRequest {
+                name: name.into(),
+                roles: roles.iter().map(|r| r.to_string()).collect(),
+                password: password.into(),
+            })
             .await
             .expect("user added");
     }
 
     pub async fn login(&self, user: &str, password: &str) -> String {
-        let mut c = connect(&self.auth_addr.to_string(), None).await.expect("connect");
-        c.login(v1::LoginRequest { user: user.into(), password: password.into() }).await.expect("login").into_inner().token
+        let mut c = connect(&self.auth_addr.to_string(), None)
+            .await
+            .expect("connect");
+        c.login(v1::LoginRequest {
+            user: user.into(),
+            password: password.into(),
+        })
+        .await
+        .expect("login")
+        .into_inner()
+        .token
     }
 
     /// Waits until the proxy routes `app` to exactly these agents.
@@ -269,12 +337,16 @@ impl Cluster {
         want.sort();
         let state = self.proxy.as_ref().expect("proxy").state.clone();
         let app = app.to_string();
-        eventually(Duration::from_secs(10), &format!("{app} served by {want:?}"), || {
-            let s = state.clone();
-            let app = app.clone();
-            let want = want.clone();
-            async move { (s.cache.servers(&app) == want).then_some(()) }
-        })
+        eventually(
+            Duration::from_secs(10),
+            &format!("{app} served by {want:?}"),
+            || {
+                let s = state.clone();
+                let app = app.clone();
+                let want = want.clone();
+                async move { (s.cache.servers(&app) == want).then_some(()) }
+            },
+        )
         .await;
     }
 
@@ -292,7 +364,13 @@ impl Cluster {
             async move { TcpListener::bind(addr).await.ok() }
         })
         .await;
-        let (auth, stop) = start_auth(&self.auth_cfg, self.dir.path().to_path_buf(), listener, self.auth_addr).await;
+        let (auth, stop) = start_auth(
+            &self.auth_cfg,
+            self.dir.path().to_path_buf(),
+            listener,
+            self.auth_addr,
+        )
+        .await;
         self.auth = auth;
         self.auth_stop = stop;
     }
@@ -302,9 +380,18 @@ impl Cluster {
         self.pctl_with(args, &[], None).await
     }
 
-    pub async fn pctl_with(&self, args: &[&str], env: &[(&str, &str)], stdin: Option<&str>) -> std::process::Output {
+    pub async fn pctl_with(
+        &self,
+        args: &[&str],
+        env: &[(&str, &str)],
+        stdin: Option<&str>,
+    ) -> std::process::Output {
         let mut cmd = tokio::process::Command::new(bin("pctl"));
-        cmd.arg("--data-dir").arg(self.dir.path()).args(args).env_remove("PORTICO_HOME").env("PORTICO_HOME", self.dir.path().join("no-home"));
+        cmd.arg("--data-dir")
+            .arg(self.dir.path())
+            .args(args)
+            .env_remove("PORTICO_HOME")
+            .env("PORTICO_HOME", self.dir.path().join("no-home"));
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -326,16 +413,25 @@ impl Cluster {
 /// Runs a command to completion with optional stdin, with a timeout.
 pub async fn run(mut cmd: tokio::process::Command, stdin: Option<&str>) -> std::process::Output {
     use tokio::io::AsyncWriteExt;
-    cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).kill_on_drop(true);
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
     let mut child = cmd.spawn().expect("spawn");
     let mut si = child.stdin.take().expect("stdin");
     if let Some(s) = stdin {
         si.write_all(s.as_bytes()).await.expect("write stdin");
     }
     drop(si);
-    tokio::time::timeout(Duration::from_secs(60), child.wait_with_output()).await.expect("command finished in 60 s").expect("output")
+    tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("command finished in 60 s")
+        .expect("output")
 }
 
 pub fn text(o: &std::process::Output) -> (String, String) {
-    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
 }

@@ -4,6 +4,7 @@
 //! per cluster), real MCP servers as child processes, and real clients.
 
 pub mod cluster;
+pub mod direct;
 pub mod mcp_http;
 pub mod pg;
 pub mod util;

@@ -35,11 +35,22 @@ impl Reply {
     /// The JSON-RPC messages of an SSE or JSON body.
     pub fn messages(&self) -> Vec<Value> {
         let text = String::from_utf8_lossy(&self.body);
-        if self.headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").starts_with("text/event-stream") {
+        if self
+            .headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .starts_with("text/event-stream")
+        {
             text.split("\n\n")
                 .filter_map(|ev| {
-                    let data: Vec<&str> = ev.lines().filter_map(|l| l.strip_prefix("data:")).map(|d| d.trim_start()).collect();
-                    (!data.is_empty()).then(|| serde_json::from_str(&data.join("\n")).unwrap_or(Value::Null))
+                    let data: Vec<&str> = ev
+                        .lines()
+                        .filter_map(|l| l.strip_prefix("data:"))
+                        .map(|d| d.trim_start())
+                        .collect();
+                    (!data.is_empty())
+                        .then(|| serde_json::from_str(&data.join("\n")).unwrap_or(Value::Null))
                 })
                 .collect()
         } else if text.trim().is_empty() {
@@ -50,9 +61,16 @@ impl Reply {
     }
 
     pub fn response(&self, id: i64) -> Value {
-        self.messages().into_iter().find(|m| m["id"] == json!(id) && m.get("method").is_none()).unwrap_or_else(|| {
-            panic!("no response {id} in {} {:?}", self.status, String::from_utf8_lossy(&self.body))
-        })
+        self.messages()
+            .into_iter()
+            .find(|m| m["id"] == json!(id) && m.get("method").is_none())
+            .unwrap_or_else(|| {
+                panic!(
+                    "no response {id} in {} {:?}",
+                    self.status,
+                    String::from_utf8_lossy(&self.body)
+                )
+            })
     }
 }
 
@@ -71,7 +89,12 @@ impl McpHttp {
         }
     }
 
-    pub async fn send(&self, method: http::Method, headers: &[(&str, &str)], body: Option<&str>) -> Reply {
+    pub async fn send(
+        &self,
+        method: http::Method,
+        headers: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> Reply {
         let mut b = http::Request::builder().method(method).uri(&self.url);
         let mut has_auth = false;
         for (k, v) in headers {
@@ -82,22 +105,40 @@ impl McpHttp {
             b = b.header("authorization", format!("Bearer {}", self.token));
         }
         if let Some(s) = &self.session
-            && !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("mcp-session-id"))
+            && !headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("mcp-session-id"))
         {
             b = b.header("mcp-session-id", s);
         }
-        let req = b.body(Full::new(Bytes::from(body.unwrap_or("").to_string()))).expect("request");
-        let resp = tokio::time::timeout(Duration::from_secs(60), self.client.request(req)).await.expect("answer in 60 s").expect("http");
+        let req = b
+            .body(Full::new(Bytes::from(body.unwrap_or("").to_string())))
+            .expect("request");
+        let resp = tokio::time::timeout(Duration::from_secs(60), self.client.request(req))
+            .await
+            .expect("answer in 60 s")
+            .expect("http");
         let status = resp.status();
         let headers = resp.headers().clone();
-        let body = tokio::time::timeout(Duration::from_secs(60), resp.into_body().collect()).await.expect("body in 60 s").map(|b| b.to_bytes()).unwrap_or_default();
-        Reply { status, headers, body }
+        let body = tokio::time::timeout(Duration::from_secs(60), resp.into_body().collect())
+            .await
+            .expect("body in 60 s")
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        Reply {
+            status,
+            headers,
+            body,
+        }
     }
 
     pub async fn post(&self, msg: &Value) -> Reply {
         self.send(
             http::Method::POST,
-            &[("content-type", "application/json"), ("accept", "application/json, text/event-stream")],
+            &[
+                ("content-type", "application/json"),
+                ("accept", "application/json, text/event-stream"),
+            ],
             Some(&msg.to_string()),
         )
         .await
@@ -112,10 +153,21 @@ impl McpHttp {
         if r.status != StatusCode::OK {
             return Err(r);
         }
-        self.session = r.headers.get("mcp-session-id").and_then(|v| v.to_str().ok()).map(String::from);
+        self.session = r
+            .headers
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
+            .map(String::from);
         let result = r.response(0)["result"].clone();
-        let n = self.post(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"})).await;
-        assert_eq!(n.status, StatusCode::ACCEPTED, "{:?}", String::from_utf8_lossy(&n.body));
+        let n = self
+            .post(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+            .await;
+        assert_eq!(
+            n.status,
+            StatusCode::ACCEPTED,
+            "{:?}",
+            String::from_utf8_lossy(&n.body)
+        );
         Ok(result)
     }
 
@@ -123,13 +175,21 @@ impl McpHttp {
     pub async fn request(&mut self, method: &str, params: Value) -> Value {
         self.next_id += 1;
         let id = self.next_id;
-        let r = self.post(&json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params})).await;
-        assert_eq!(r.status, StatusCode::OK, "{method}: {:?}", String::from_utf8_lossy(&r.body));
+        let r = self
+            .post(&json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}))
+            .await;
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "{method}: {:?}",
+            String::from_utf8_lossy(&r.body)
+        );
         r.response(id)
     }
 
     pub async fn call(&mut self, tool: &str, args: Value) -> Value {
-        self.request("tools/call", json!({"name": tool, "arguments": args})).await
+        self.request("tools/call", json!({"name": tool, "arguments": args}))
+            .await
     }
 
     pub async fn delete(&self) -> Reply {

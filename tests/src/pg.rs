@@ -5,7 +5,8 @@ use sqlx::postgres::PgConnection;
 
 /// The server to create test databases on: `DATABASE_URL`, else the local one.
 pub fn admin_url() -> String {
-    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 pub struct PgDb {
@@ -21,9 +22,9 @@ fn with_db(url: &str, db: &str) -> String {
 impl PgDb {
     pub async fn create() -> PgDb {
         let admin = admin_url();
-        let mut conn = PgConnection::connect(&admin)
-            .await
-            .unwrap_or_else(|e| panic!("postgres is not reachable at {admin}: {e}; start it or set DATABASE_URL"));
+        let mut conn = PgConnection::connect(&admin).await.unwrap_or_else(|e| {
+            panic!("postgres is not reachable at {admin}: {e}; start it or set DATABASE_URL")
+        });
         let n: u64 = rand::Rng::random(&mut rand::rng());
         let name = format!("portico_test_{n:016x}");
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
@@ -31,7 +32,10 @@ impl PgDb {
             .await
             .expect("create test database");
         let _ = conn.close().await;
-        PgDb { url: with_db(&admin, &name), name }
+        PgDb {
+            url: with_db(&admin, &name),
+            name,
+        }
     }
 
     /// The same database reached through another host:port (a relay, say).
@@ -53,12 +57,19 @@ impl Drop for PgDb {
         let name = self.name.clone();
         // Dropping needs a runtime of its own: the test's may be gone.
         let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
             rt.block_on(async move {
                 if let Ok(mut c) = PgConnection::connect(&admin).await {
-                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
-                        .execute(&mut c)
-                        .await;
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                    )))
+                    .execute(&mut c)
+                    .await;
                 }
             });
         })

@@ -37,7 +37,11 @@ pub fn bin(name: &str) -> PathBuf {
         dir.pop();
     }
     let p = dir.join(name);
-    assert!(p.exists(), "{} is missing: run cargo build --workspace --bins first", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run cargo build --workspace --bins first",
+        p.display()
+    );
     p
 }
 
@@ -68,8 +72,14 @@ pub fn test_mcp_server() -> PathBuf {
 
 /// The shared examples that must work unchanged.
 pub fn shared_example(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/examples").join(name);
-    assert!(p.exists(), "{} is missing: the shared folder must sit beside the repository", p.display());
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/examples")
+        .join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: the shared folder must sit beside the repository",
+        p.display()
+    );
     p
 }
 
@@ -105,14 +115,24 @@ pub fn unique_test_server(dir: &Path) -> (PathBuf, String) {
 pub fn children_named(comm: &str) -> Vec<(u32, char)> {
     let me = std::process::id();
     let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir("/proc") else { return out };
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
     for e in rd.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
         let name = &stat[open + 1..close];
         let rest: Vec<&str> = stat[close + 2..].split_whitespace().collect();
-        let (Some(state), Some(ppid)) = (rest.first(), rest.get(1)) else { continue };
+        let (Some(state), Some(ppid)) = (rest.first(), rest.get(1)) else {
+            continue;
+        };
         if ppid.parse::<u32>().ok() == Some(me) && comm.starts_with(name) {
             out.push((pid, state.chars().next().unwrap_or('?')));
         }

@@ -17,7 +17,7 @@ use std::time::Duration;
 use portico_core::identity::IdentityFile;
 use portico_core::resource::{AppSpec, Metadata};
 use portico_core::{App, Error, Kind, LabelSelector, Object};
-use portico_proto::client::{connect, connect_lazy, AuthClient};
+use portico_proto::client::{AuthClient, connect, connect_lazy};
 use serde::Deserialize;
 use tokio::sync::watch;
 
@@ -104,8 +104,9 @@ impl AgentConfig {
             .iter()
             .enumerate()
             .map(|(i, r)| {
-                LabelSelector::from_single(&r.labels)
-                    .map_err(|e| Error::bad_request(format!("app_service.resources[{i}].labels: {e}")))
+                LabelSelector::from_single(&r.labels).map_err(|e| {
+                    Error::bad_request(format!("app_service.resources[{i}].labels: {e}"))
+                })
             })
             .collect()
     }
@@ -118,7 +119,14 @@ impl AgentConfig {
                 let mut meta = Metadata::named(&s.name);
                 meta.description = s.description.clone();
                 meta.labels = s.labels.clone();
-                let app: App = Object::new(Kind::App, meta, AppSpec { uri: s.uri.clone(), mcp: s.mcp.clone() });
+                let app: App = Object::new(
+                    Kind::App,
+                    meta,
+                    AppSpec {
+                        uri: s.uri.clone(),
+                        mcp: s.mcp.clone(),
+                    },
+                );
                 portico_core::Resource::App(app.clone())
                     .validate()
                     .map_err(|e| Error::bad_request(format!("app_service.apps[{i}]: {e}")))?;
@@ -156,11 +164,17 @@ pub async fn load_or_join(p: JoinParams<'_>) -> Result<(String, String), Error> 
     {
         return Ok((id.principal, id.token));
     }
-    let section = if p.role == "app" { "app_service" } else { "proxy_service" };
+    let section = if p.role == "app" {
+        "app_service"
+    } else {
+        "proxy_service"
+    };
     let token = match (p.join_token, p.join_token_file) {
         (Some(t), _) => t.trim().to_string(),
         (None, Some(f)) => std::fs::read_to_string(f)
-            .map_err(|e| Error::bad_request(format!("{section}.join_token_file {}: {e}", f.display())))?
+            .map_err(|e| {
+                Error::bad_request(format!("{section}.join_token_file {}: {e}", f.display()))
+            })?
             .trim()
             .to_string(),
         (None, None) => {
@@ -170,7 +184,9 @@ pub async fn load_or_join(p: JoinParams<'_>) -> Result<(String, String), Error> 
             )));
         }
     };
-    let mut client = connect(p.auth_server, None).await.map_err(Error::unavailable)?;
+    let mut client = connect(p.auth_server, None)
+        .await
+        .map_err(Error::unavailable)?;
     let resp = client
         .join(portico_proto::v1::JoinRequest {
             token,
@@ -186,8 +202,11 @@ pub async fn load_or_join(p: JoinParams<'_>) -> Result<(String, String), Error> 
         token: resp.identity_token.clone(),
     };
     let text = yaml_serde::to_string(&id).map_err(|e| Error::internal(e.to_string()))?;
-    write_private(&p.identity_path, text.as_bytes()).map_err(|e| {
-        Error::unavailable(format!("cannot save the identity to {}: {e}", p.identity_path.display()))
+    portico_proto::files::write_private(&p.identity_path, text.as_bytes()).map_err(|e| {
+        Error::unavailable(format!(
+            "cannot save the identity to {}: {e}",
+            p.identity_path.display()
+        ))
     })?;
     tracing::info!(host_id = %resp.host_id, role = p.role, path = %p.identity_path.display(), "joined the cluster");
     Ok((resp.host_id, resp.identity_token))
@@ -195,10 +214,9 @@ pub async fn load_or_join(p: JoinParams<'_>) -> Result<(String, String), Error> 
 
 /// Loads the agent's saved identity or joins with its configured token.
 async fn identity(cfg: &AgentConfig, data_dir: &Path) -> Result<(String, String), Error> {
-    let auth = cfg
-        .auth_servers
-        .first()
-        .ok_or_else(|| Error::bad_request("app_service.auth_servers: at least one address is required"))?;
+    let auth = cfg.auth_servers.first().ok_or_else(|| {
+        Error::bad_request("app_service.auth_servers: at least one address is required")
+    })?;
     load_or_join(JoinParams {
         auth_server: auth,
         join_token: cfg.join_token.as_deref(),
@@ -208,20 +226,6 @@ async fn identity(cfg: &AgentConfig, data_dir: &Path) -> Result<(String, String)
         identity_path: data_dir.join(IDENTITY_FILE),
     })
     .await
-}
-
-/// Writes a file readable only by its owner, atomically.
-pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(d) = path.parent() {
-        std::fs::create_dir_all(d)?;
-    }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 /// A running agent; dropping it does not stop it, `shutdown` does.
@@ -239,7 +243,13 @@ impl Agent {
     /// Waits until every session's process has been reaped, or `timeout` passes.
     pub async fn drain(&self, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
-        while self.state.metrics.live.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+        while self
+            .state
+            .metrics
+            .live
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+        {
             if tokio::time::Instant::now() > deadline {
                 return false;
             }
@@ -254,21 +264,20 @@ pub async fn start(cfg: &AgentConfig, creds: Credentials) -> Result<Agent, Error
     let selectors = cfg.selectors()?;
     let statics = cfg.statics()?;
     let grace = match &cfg.shutdown_grace {
-        Some(s) => Duration::from_millis(
-            portico_core::time::parse_duration(s)
-                .ok_or_else(|| Error::bad_request(format!("app_service.shutdown_grace: {s:?} is not a duration")))?
-                as u64,
-        ),
+        Some(s) => Duration::from_millis(portico_core::time::parse_duration(s).ok_or_else(|| {
+            Error::bad_request(format!(
+                "app_service.shutdown_grace: {s:?} is not a duration"
+            ))
+        })? as u64),
         None => Duration::from_secs(10),
     };
     let (host_id, token) = match creds {
         Credentials::Identity { host_id, token } => (host_id, token),
         Credentials::Join { data_dir } => identity(cfg, &data_dir).await?,
     };
-    let auth = cfg
-        .auth_servers
-        .first()
-        .ok_or_else(|| Error::bad_request("app_service.auth_servers: at least one address is required"))?;
+    let auth = cfg.auth_servers.first().ok_or_else(|| {
+        Error::bad_request("app_service.auth_servers: at least one address is required")
+    })?;
     let api = connect_lazy(auth, Some(&token)).map_err(Error::bad_request)?;
     let (announce, announcements) = tokio::sync::mpsc::unbounded_channel();
     let state = Arc::new(AgentState {
@@ -282,25 +291,40 @@ pub async fn start(cfg: &AgentConfig, creds: Credentials) -> Result<Agent, Error
     });
     let (stop, stop_rx) = watch::channel(false);
     tokio::spawn(watcher::watch_apps(state.clone(), stop_rx.clone()));
-    tokio::spawn(watcher::heartbeats(state.clone(), announcements, stop_rx.clone()));
+    tokio::spawn(watcher::heartbeats(
+        state.clone(),
+        announcements,
+        stop_rx.clone(),
+    ));
     for proxy in &cfg.proxy_servers {
         let st = state.clone();
         let handler: tunnel::Handler = Arc::new(move |req| {
             let st = st.clone();
             Box::pin(async move { session::handle(st, req).await })
         });
-        tokio::spawn(tunnel::dial_forever(proxy.clone(), token.clone(), handler, stop_rx.clone()));
+        tokio::spawn(tunnel::dial_forever(
+            proxy.clone(),
+            token.clone(),
+            handler,
+            stop_rx.clone(),
+        ));
     }
     tracing::info!(host_id = %host_id, proxies = cfg.proxy_servers.len(), "agent started");
     Ok(Agent { state, stop })
 }
 
 /// Runs the agent until `shutdown` resolves, then ends its sessions.
-pub async fn serve(cfg: AgentConfig, creds: Credentials, shutdown: impl std::future::Future<Output = ()>) -> Result<(), Error> {
+pub async fn serve(
+    cfg: AgentConfig,
+    creds: Credentials,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), Error> {
     let agent = start(&cfg, creds).await?;
     shutdown.await;
     agent.shutdown();
-    agent.drain(agent.state.grace + Duration::from_secs(2)).await;
+    agent
+        .drain(agent.state.grace + Duration::from_secs(2))
+        .await;
     Ok(())
 }
 

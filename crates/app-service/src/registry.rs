@@ -34,9 +34,19 @@ impl Registry {
         let mut apps = HashMap::new();
         for app in statics {
             let (end, _) = watch::channel(None);
-            apps.insert(app.metadata.name.clone(), Entry { app: Arc::new(app), dynamic: false, end });
+            apps.insert(
+                app.metadata.name.clone(),
+                Entry {
+                    app: Arc::new(app),
+                    dynamic: false,
+                    end,
+                },
+            );
         }
-        Registry { selectors, apps: RwLock::new(apps) }
+        Registry {
+            selectors,
+            apps: RwLock::new(apps),
+        }
     }
 
     pub fn matches(&self, app: &App) -> bool {
@@ -86,7 +96,14 @@ impl Registry {
             }
             None if matches => {
                 let (end, _) = watch::channel(None);
-                apps.insert(name, Entry { app: Arc::new(app), dynamic: true, end });
+                apps.insert(
+                    name,
+                    Entry {
+                        app: Arc::new(app),
+                        dynamic: true,
+                        end,
+                    },
+                );
                 Change::Registered
             }
             None => Change::Ignored,
@@ -99,7 +116,9 @@ impl Registry {
         match apps.get(name) {
             Some(e) if e.dynamic => {
                 if let Some(e) = apps.remove(name) {
-                    let _ = e.end.send(Some(format!("the MCP server {name:?} was unregistered: it was deleted")));
+                    let _ = e.end.send(Some(format!(
+                        "the MCP server {name:?} was unregistered: it was deleted"
+                    )));
                 }
                 Change::Unregistered
             }
@@ -109,7 +128,8 @@ impl Registry {
 
     /// Applies a full snapshot: returns (registered, unregistered) names.
     pub fn reconcile(&self, snapshot: Vec<App>) -> (Vec<String>, Vec<String>) {
-        let names: std::collections::HashSet<String> = snapshot.iter().map(|a| a.metadata.name.clone()).collect();
+        let names: std::collections::HashSet<String> =
+            snapshot.iter().map(|a| a.metadata.name.clone()).collect();
         let mut registered = Vec::new();
         let mut unregistered = Vec::new();
         for app in snapshot {
@@ -122,7 +142,10 @@ impl Registry {
         }
         let gone: Vec<String> = {
             let apps = self.apps.read().unwrap_or_else(|p| p.into_inner());
-            apps.iter().filter(|(n, e)| e.dynamic && !names.contains(*n)).map(|(n, _)| n.clone()).collect()
+            apps.iter()
+                .filter(|(n, e)| e.dynamic && !names.contains(*n))
+                .map(|(n, _)| n.clone())
+                .collect()
         };
         for n in gone {
             if self.delete(&n) == Change::Unregistered {
@@ -144,12 +167,14 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use portico_core::parse::parse_documents;
     use portico_core::Resource;
+    use portico_core::parse::parse_documents;
     use std::collections::BTreeMap;
 
     fn app(name: &str, env: &str) -> App {
-        let y = format!("kind: app\nversion: v3\nmetadata:\n  name: {name}\n  labels: {{env: {env}}}\nspec:\n  mcp: {{command: x, run_as_host_user: root}}\n");
+        let y = format!(
+            "kind: app\nversion: v3\nmetadata:\n  name: {name}\n  labels: {{env: {env}}}\nspec:\n  mcp: {{command: x, run_as_host_user: root}}\n"
+        );
         match parse_documents("t", &y).expect("valid").remove(0) {
             Resource::App(a) => a,
             _ => panic!("not an app"),
@@ -157,7 +182,8 @@ mod tests {
     }
 
     fn sel(env: &str) -> LabelSelector {
-        LabelSelector::from_single(&BTreeMap::from([("env".to_string(), env.to_string())])).expect("selector")
+        LabelSelector::from_single(&BTreeMap::from([("env".to_string(), env.to_string())]))
+            .expect("selector")
     }
 
     #[test]
@@ -169,7 +195,11 @@ mod tests {
         assert_eq!(r.put(app("a", "test")), Change::Updated);
         assert!(end.borrow_and_update().is_none());
         assert_eq!(r.put(app("a", "dev")), Change::Unregistered);
-        assert!(end.borrow().as_deref().is_some_and(|s| s.contains("unregistered")));
+        assert!(
+            end.borrow()
+                .as_deref()
+                .is_some_and(|s| s.contains("unregistered"))
+        );
         assert!(r.get("a").is_none());
     }
 

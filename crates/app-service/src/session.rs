@@ -14,9 +14,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::Child;
 use tokio::sync::mpsc;
 
+use crate::AgentState;
 use crate::spawn::{self, SIGINT, SIGKILL};
 use crate::tunnel::{H_APP, H_SESSION, H_USER, T_END, TunnelBody};
-use crate::AgentState;
 
 type FrameTx = mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>;
 
@@ -25,16 +25,23 @@ fn text_response(status: u16, msg: &str) -> hyper::Response<TunnelBody> {
         .map_err(|never| match never {})
         .boxed();
     let mut resp = hyper::Response::new(body);
-    *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::BAD_GATEWAY);
+    *resp.status_mut() =
+        hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::BAD_GATEWAY);
     resp
 }
 
 fn header<'a>(req: &'a hyper::Request<Incoming>, name: &str) -> &'a str {
-    req.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+    req.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
 }
 
 /// Handles one request arriving over a tunnel.
-pub async fn handle(state: Arc<AgentState>, req: hyper::Request<Incoming>) -> hyper::Response<TunnelBody> {
+pub async fn handle(
+    state: Arc<AgentState>,
+    req: hyper::Request<Incoming>,
+) -> hyper::Response<TunnelBody> {
     if req.uri().path() != "/v1/session" || req.method() != hyper::Method::POST {
         return text_response(404, "unknown tunnel request");
     }
@@ -42,7 +49,10 @@ pub async fn handle(state: Arc<AgentState>, req: hyper::Request<Incoming>) -> hy
     let session = header(&req, H_SESSION).chars().take(64).collect::<String>();
     let user = header(&req, H_USER).chars().take(64).collect::<String>();
     let Some((app, end)) = state.registry.get(&app_name) else {
-        return text_response(404, &format!("the MCP server {app_name:?} is not served by this agent"));
+        return text_response(
+            404,
+            &format!("the MCP server {app_name:?} is not served by this agent"),
+        );
     };
     let spec = match app.spec.transport() {
         Ok(Transport::Stdio) => match &app.spec.mcp {
@@ -52,7 +62,9 @@ pub async fn handle(state: Arc<AgentState>, req: hyper::Request<Incoming>) -> hy
         Ok(_) => {
             return text_response(
                 502,
-                &format!("the MCP server {app_name:?} uses an upstream HTTP transport, which this agent does not relay yet"),
+                &format!(
+                    "the MCP server {app_name:?} uses an upstream HTTP transport, which this agent does not relay yet"
+                ),
             );
         }
         Err(e) => return text_response(502, &e),
@@ -61,7 +73,10 @@ pub async fn handle(state: Arc<AgentState>, req: hyper::Request<Incoming>) -> hy
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(app = %app_name, session = %session, error = %e, "cannot start MCP server");
-            return text_response(502, &format!("cannot start the MCP server {app_name:?}: {e}"));
+            return text_response(
+                502,
+                &format!("cannot start the MCP server {app_name:?}: {e}"),
+            );
         }
     };
     let pgid = child.id().unwrap_or(0);
@@ -72,7 +87,16 @@ pub async fn handle(state: Arc<AgentState>, req: hyper::Request<Incoming>) -> hy
     let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed();
     let st = state.clone();
     tokio::spawn(async move {
-        let reason = relay(&st, &mut child, req.into_body(), tx.clone(), end, &app_name, &session).await;
+        let reason = relay(
+            &st,
+            &mut child,
+            req.into_body(),
+            tx.clone(),
+            end,
+            &app_name,
+            &session,
+        )
+        .await;
         let status = terminate(&mut child, pgid, st.grace).await;
         let reason = match reason {
             End::ProcessExited(last) => {
@@ -94,7 +118,10 @@ pub async fn handle(state: Arc<AgentState>, req: hyper::Request<Incoming>) -> hy
         st.metrics.live.fetch_sub(1, Ordering::Relaxed);
     });
     let mut resp = hyper::Response::new(body);
-    resp.headers_mut().insert("content-type", http::HeaderValue::from_static("application/x-ndjson"));
+    resp.headers_mut().insert(
+        "content-type",
+        http::HeaderValue::from_static("application/x-ndjson"),
+    );
     resp
 }
 
@@ -106,7 +133,13 @@ enum End {
 
 fn sanitize(s: &str) -> String {
     s.chars()
-        .map(|c| if c.is_ascii() && !c.is_ascii_control() { c } else { '?' })
+        .map(|c| {
+            if c.is_ascii() && !c.is_ascii_control() {
+                c
+            } else {
+                '?'
+            }
+        })
         .take(512)
         .collect()
 }
@@ -120,11 +153,18 @@ async fn relay(
     app: &str,
     session: &str,
 ) -> End {
-    let (Some(stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take()) else {
+    let (Some(stdin), Some(stdout), Some(stderr)) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
         return End::Other("the MCP server's standard streams are not available".into());
     };
     let last_err = Arc::new(std::sync::Mutex::new(String::new()));
-    let stderr_task = tokio::spawn(log_stderr(stderr, app.to_string(), session.to_string(), last_err.clone()));
+    let stderr_task = tokio::spawn(log_stderr(
+        stderr,
+        app.to_string(),
+        session.to_string(),
+        last_err.clone(),
+    ));
     let mut stdin_task = tokio::spawn(pump_in(body, stdin, state.max_message));
     let stdout_fut = pump_out(stdout, tx.clone(), state.max_message);
     tokio::pin!(stdout_fut);
@@ -152,7 +192,11 @@ async fn relay(
 }
 
 /// Client → server: request body frames to the process's stdin, byte for byte.
-async fn pump_in(mut body: Incoming, mut stdin: tokio::process::ChildStdin, max: usize) -> Result<(), String> {
+async fn pump_in(
+    mut body: Incoming,
+    mut stdin: tokio::process::ChildStdin,
+    max: usize,
+) -> Result<(), String> {
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| format!("the tunnel stream failed: {e}"))?;
         if let Ok(data) = frame.into_data() {
@@ -163,7 +207,10 @@ async fn pump_in(mut body: Incoming, mut stdin: tokio::process::ChildStdin, max:
                 .write_all(&data)
                 .await
                 .map_err(|_| "the MCP server closed its input".to_string())?;
-            stdin.flush().await.map_err(|_| "the MCP server closed its input".to_string())?;
+            stdin
+                .flush()
+                .await
+                .map_err(|_| "the MCP server closed its input".to_string())?;
         }
     }
     drop(stdin);
@@ -171,7 +218,11 @@ async fn pump_in(mut body: Incoming, mut stdin: tokio::process::ChildStdin, max:
 }
 
 /// Server → client: stdout split into lines of at most `max` bytes, one frame per line.
-async fn pump_out<R: AsyncRead + Unpin>(mut stdout: R, tx: FrameTx, max: usize) -> Result<(), String> {
+async fn pump_out<R: AsyncRead + Unpin>(
+    mut stdout: R,
+    tx: FrameTx,
+    max: usize,
+) -> Result<(), String> {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut scanned = 0;
     loop {
@@ -185,10 +236,15 @@ async fn pump_out<R: AsyncRead + Unpin>(mut stdout: R, tx: FrameTx, max: usize) 
         }
         scanned = buf.len();
         if buf.len() > max {
-            return Err(format!("the MCP server sent a message larger than {max} bytes; the session was ended"));
+            return Err(format!(
+                "the MCP server sent a message larger than {max} bytes; the session was ended"
+            ));
         }
         buf.reserve(64 * 1024);
-        let n = stdout.read_buf(&mut buf).await.map_err(|e| format!("reading the MCP server failed: {e}"))?;
+        let n = stdout
+            .read_buf(&mut buf)
+            .await
+            .map_err(|e| format!("reading the MCP server failed: {e}"))?;
         if n == 0 {
             if !buf.is_empty() {
                 let _ = tx.send(Ok(Frame::data(buf.split().freeze()))).await;
@@ -199,7 +255,12 @@ async fn pump_out<R: AsyncRead + Unpin>(mut stdout: R, tx: FrameTx, max: usize) 
 }
 
 /// Logs stderr lines tagged with app and session, each cut to 4 KiB.
-async fn log_stderr<R: AsyncRead + Unpin>(stderr: R, app: String, session: String, last: Arc<std::sync::Mutex<String>>) {
+async fn log_stderr<R: AsyncRead + Unpin>(
+    stderr: R,
+    app: String,
+    session: String,
+    last: Arc<std::sync::Mutex<String>>,
+) {
     use tokio::io::AsyncBufReadExt;
     let mut r = tokio::io::BufReader::new(stderr);
     let mut line = Vec::new();
@@ -213,7 +274,10 @@ async fn log_stderr<R: AsyncRead + Unpin>(stderr: R, app: String, session: Strin
         if line.last() != Some(&b'\n') {
             // Skip the rest of an overlong line.
             let mut sink = Vec::new();
-            let _ = (&mut r).take(16 * 1024 * 1024).read_until(b'\n', &mut sink).await;
+            let _ = (&mut r)
+                .take(16 * 1024 * 1024)
+                .read_until(b'\n', &mut sink)
+                .await;
         }
         let text = String::from_utf8_lossy(&line).trim_end().to_string();
         if text.is_empty() {

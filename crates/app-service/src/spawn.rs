@@ -28,13 +28,28 @@ pub fn lookup_user(name: &str) -> Option<HostUser> {
     let mut buf = vec![0 as libc::c_char; 16 * 1024];
     let mut result: *mut libc::passwd = std::ptr::null_mut();
     // SAFETY: every pointer is valid for the call and buf outlives the read of pwd's fields.
-    let rc = unsafe { libc::getpwnam_r(cname.as_ptr(), &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result) };
+    let rc = unsafe {
+        libc::getpwnam_r(
+            cname.as_ptr(),
+            &mut pwd,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        )
+    };
     if rc != 0 || result.is_null() {
         return None;
     }
     // SAFETY: pw_dir points into buf, NUL-terminated by getpwnam_r.
-    let home = unsafe { CStr::from_ptr(pwd.pw_dir) }.to_string_lossy().into_owned();
-    Some(HostUser { name: name.to_string(), uid: pwd.pw_uid, gid: pwd.pw_gid, home: PathBuf::from(home) })
+    let home = unsafe { CStr::from_ptr(pwd.pw_dir) }
+        .to_string_lossy()
+        .into_owned();
+    Some(HostUser {
+        name: name.to_string(),
+        uid: pwd.pw_uid,
+        gid: pwd.pw_gid,
+        home: PathBuf::from(home),
+    })
 }
 
 pub fn current_uid() -> u32 {
@@ -61,7 +76,9 @@ pub const SIGKILL: i32 = libc::SIGKILL;
 pub enum SpawnError {
     #[error("host user {0:?} does not exist on the agent")]
     NoSuchUser(String),
-    #[error("the agent runs as uid {uid} and cannot switch to host user {user:?}: run the agent as root, or set run_as_host_user to the agent's own user")]
+    #[error(
+        "the agent runs as uid {uid} and cannot switch to host user {user:?}: run the agent as root, or set run_as_host_user to the agent's own user"
+    )]
     CannotSwitch { uid: u32, user: String },
     #[error("command {0:?} was not found on the agent")]
     NotFound(String),
@@ -102,30 +119,44 @@ pub fn spawn(spec: &McpSpec) -> Result<Child, SpawnError> {
     let me = current_uid();
     let switch = user.uid != me;
     if switch && me != 0 {
-        return Err(SpawnError::CannotSwitch { uid: me, user: user.name.clone() });
+        return Err(SpawnError::CannotSwitch {
+            uid: me,
+            user: user.name.clone(),
+        });
     }
     let mut cmd = Command::new(&spec.command);
     cmd.args(&spec.args)
         .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_else(|_| DEFAULT_PATH.into()))
+        .env(
+            "PATH",
+            std::env::var("PATH").unwrap_or_else(|_| DEFAULT_PATH.into()),
+        )
         .env("HOME", &user.home)
         .env("USER", &user.name)
         .env("LOGNAME", &user.name)
-        .env("LANG", std::env::var("LANG").unwrap_or_else(|_| "C.UTF-8".into()))
+        .env(
+            "LANG",
+            std::env::var("LANG").unwrap_or_else(|_| "C.UTF-8".into()),
+        )
         .envs(resolve_env(&spec.env)?)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    let dir = spec.working_dir.as_ref().map(PathBuf::from).unwrap_or_else(|| user.home.clone());
+    let dir = spec
+        .working_dir
+        .as_ref()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| user.home.clone());
     if dir.is_dir() {
         cmd.current_dir(dir);
     } else {
         cmd.current_dir("/");
     }
     if switch {
-        let cname = CString::new(user.name.clone()).map_err(|_| SpawnError::NoSuchUser(user.name.clone()))?;
+        let cname = CString::new(user.name.clone())
+            .map_err(|_| SpawnError::NoSuchUser(user.name.clone()))?;
         let (uid, gid) = (user.uid, user.gid);
         // SAFETY: the closure runs between fork and exec and calls only
         // async-signal-safe functions on memory allocated before the fork.
@@ -144,8 +175,13 @@ pub fn spawn(spec: &McpSpec) -> Result<Child, SpawnError> {
     cmd.spawn().map_err(|err| match err.kind() {
         std::io::ErrorKind::NotFound => SpawnError::NotFound(spec.command.clone()),
         std::io::ErrorKind::PermissionDenied => SpawnError::NotExecutable(spec.command.clone()),
-        _ if err.raw_os_error() == Some(libc::ENOEXEC) => SpawnError::NotExecutable(spec.command.clone()),
-        _ => SpawnError::Other { cmd: spec.command.clone(), err },
+        _ if err.raw_os_error() == Some(libc::ENOEXEC) => {
+            SpawnError::NotExecutable(spec.command.clone())
+        }
+        _ => SpawnError::Other {
+            cmd: spec.command.clone(),
+            err,
+        },
     })
 }
 
@@ -161,7 +197,11 @@ pub fn current_user_name() -> Option<String> {
         return None;
     }
     // SAFETY: pw_name points into buf, NUL-terminated.
-    Some(unsafe { CStr::from_ptr(pwd.pw_name) }.to_string_lossy().into_owned())
+    Some(
+        unsafe { CStr::from_ptr(pwd.pw_name) }
+            .to_string_lossy()
+            .into_owned(),
+    )
 }
 
 #[cfg(test)]
@@ -177,10 +217,14 @@ mod tests {
 
     #[test]
     fn secrets_resolve() {
-        let env: BTreeMap<String, String> =
-            [("A".to_string(), "plain".to_string()), ("B".to_string(), "{{secret PORTICO_TEST_NOPE}}".to_string())]
-                .into_iter()
-                .collect();
-        assert!(matches!(resolve_env(&env), Err(SpawnError::MissingSecret(n)) if n == "PORTICO_TEST_NOPE"));
+        let env: BTreeMap<String, String> = [
+            ("A".to_string(), "plain".to_string()),
+            ("B".to_string(), "{{secret PORTICO_TEST_NOPE}}".to_string()),
+        ]
+        .into_iter()
+        .collect();
+        assert!(
+            matches!(resolve_env(&env), Err(SpawnError::MissingSecret(n)) if n == "PORTICO_TEST_NOPE")
+        );
     }
 }

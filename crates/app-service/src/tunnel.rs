@@ -41,12 +41,17 @@ pub fn backoff(attempt: u32, base: Duration, cap: Duration) -> Duration {
     Duration::from_millis(rand::rng().random_range(ms / 2..=ms))
 }
 
-async fn read_line_bounded<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> std::io::Result<String> {
+async fn read_line_bounded<R: tokio::io::AsyncBufRead + Unpin>(
+    r: &mut R,
+) -> std::io::Result<String> {
     let mut buf = Vec::with_capacity(128);
     loop {
         let chunk = r.fill_buf().await?;
         if chunk.is_empty() {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed during handshake"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "connection closed during handshake",
+            ));
         }
         if let Some(i) = chunk.iter().position(|b| *b == b'\n') {
             buf.extend_from_slice(&chunk[..i]);
@@ -57,22 +62,33 @@ async fn read_line_bounded<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> std
         buf.extend_from_slice(chunk);
         r.consume(n);
         if buf.len() > MAX_HANDSHAKE_LINE {
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "handshake line too long"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "handshake line too long",
+            ));
         }
     }
-    String::from_utf8(buf).map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "handshake is not text"))
+    String::from_utf8(buf)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "handshake is not text"))
 }
 
 // ---- agent side ----
 
 pub type Handler = Arc<
-    dyn Fn(hyper::Request<Incoming>) -> Pin<Box<dyn Future<Output = hyper::Response<TunnelBody>> + Send>>
+    dyn Fn(
+            hyper::Request<Incoming>,
+        ) -> Pin<Box<dyn Future<Output = hyper::Response<TunnelBody>> + Send>>
         + Send
         + Sync,
 >;
 
 /// Keeps one tunnel to `addr` up until `stop` turns true, reconnecting with backoff.
-pub async fn dial_forever(addr: String, token: String, handler: Handler, mut stop: watch::Receiver<bool>) {
+pub async fn dial_forever(
+    addr: String,
+    token: String,
+    handler: Handler,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut attempt = 0u32;
     loop {
         if *stop.borrow() {
@@ -145,8 +161,9 @@ async fn dial_once(addr: &str, token: &str, handler: Handler) -> Result<(), Stri
 pub type Sender = hyper::client::conn::http2::SendRequest<TunnelBody>;
 
 /// Decides whether a dialling agent's token is good; returns its host id.
-pub type Authenticator =
-    Arc<dyn Fn(String) -> Pin<Box<dyn Future<Output = Result<String, String>> + Send>> + Send + Sync>;
+pub type Authenticator = Arc<
+    dyn Fn(String) -> Pin<Box<dyn Future<Output = Result<String, String>> + Send>> + Send + Sync,
+>;
 
 #[derive(Clone)]
 struct Conn {
@@ -170,7 +187,12 @@ impl TunnelServer {
     /// A live connection to the agent, if it is connected.
     pub fn sender(&self, host_id: &str) -> Option<Sender> {
         let agents = self.agents.read().unwrap_or_else(|p| p.into_inner());
-        agents.get(host_id)?.iter().rev().find(|c| !c.sender.is_closed()).map(|c| c.sender.clone())
+        agents
+            .get(host_id)?
+            .iter()
+            .rev()
+            .find(|c| !c.sender.is_closed())
+            .map(|c| c.sender.clone())
     }
 
     pub fn is_connected(&self, host_id: &str) -> bool {
@@ -188,7 +210,12 @@ impl TunnelServer {
     }
 
     /// Accepts agents until `stop` turns true.
-    pub async fn accept_loop(self: Arc<Self>, listener: TcpListener, auth: Authenticator, mut stop: watch::Receiver<bool>) {
+    pub async fn accept_loop(
+        self: Arc<Self>,
+        listener: TcpListener,
+        auth: Authenticator,
+        mut stop: watch::Receiver<bool>,
+    ) {
         loop {
             let accepted = tokio::select! {
                 a = listener.accept() => a,
@@ -213,7 +240,12 @@ impl TunnelServer {
         }
     }
 
-    async fn handle(self: Arc<Self>, stream: TcpStream, auth: Authenticator, mut stop: watch::Receiver<bool>) -> Result<(), String> {
+    async fn handle(
+        self: Arc<Self>,
+        stream: TcpStream,
+        auth: Authenticator,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<(), String> {
         let _ = stream.set_nodelay(true);
         let mut stream = BufReader::new(stream);
         let line = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_line_bounded(&mut stream))
@@ -231,11 +263,17 @@ impl TunnelServer {
             Ok(Ok(h)) => h,
             Ok(Err(msg)) => {
                 let msg = msg.replace('\n', " ");
-                let _ = stream.get_mut().write_all(format!("ERR {msg}\n").as_bytes()).await;
+                let _ = stream
+                    .get_mut()
+                    .write_all(format!("ERR {msg}\n").as_bytes())
+                    .await;
                 return Err(format!("agent refused: {msg}"));
             }
             Err(_) => {
-                let _ = stream.get_mut().write_all(b"ERR authentication timed out\n").await;
+                let _ = stream
+                    .get_mut()
+                    .write_all(b"ERR authentication timed out\n")
+                    .await;
                 return Err("agent authentication timed out".into());
             }
         };
@@ -258,7 +296,10 @@ impl TunnelServer {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         {
             let mut agents = self.agents.write().unwrap_or_else(|p| p.into_inner());
-            agents.entry(host_id.clone()).or_default().push(Conn { id, sender });
+            agents
+                .entry(host_id.clone())
+                .or_default()
+                .push(Conn { id, sender });
         }
         self.changed.notify_waiters();
         tracing::info!(host_id = %host_id, "agent connected");

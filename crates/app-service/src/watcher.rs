@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use crate::registry::Change;
 use crate::tunnel::backoff;
-use crate::{heartbeat_every, heartbeat_ttl, AgentState};
+use crate::{AgentState, heartbeat_every, heartbeat_ttl};
 
 fn parse_app(json: &str) -> Option<App> {
     match Resource::from_json(Kind::App, json) {
@@ -46,12 +46,19 @@ pub async fn watch_apps(state: Arc<AgentState>, mut stop: watch::Receiver<bool>)
 async fn watch_once(state: &Arc<AgentState>, attempt: &mut u32) -> Result<(), String> {
     let mut api = state.api.clone();
     let mut stream = api
-        .watch(WatchRequest { kinds: vec!["app".into()], from_revision: 0 })
+        .watch(WatchRequest {
+            kinds: vec!["app".into()],
+            from_revision: 0,
+        })
         .await
         .map_err(|s| s.message().to_string())?
         .into_inner();
     let mut snapshot: Option<Vec<App>> = Some(Vec::new());
-    while let Some(ev) = stream.message().await.map_err(|s| s.message().to_string())? {
+    while let Some(ev) = stream
+        .message()
+        .await
+        .map_err(|s| s.message().to_string())?
+    {
         let t = watch_event::Type::try_from(ev.r#type).unwrap_or(watch_event::Type::Put);
         match (t, snapshot.as_mut()) {
             (watch_event::Type::Put, Some(list)) => list.extend(parse_app(&ev.json)),
@@ -59,7 +66,11 @@ async fn watch_once(state: &Arc<AgentState>, attempt: &mut u32) -> Result<(), St
                 let list = snapshot.take().unwrap_or_default();
                 let (reg, unreg) = state.registry.reconcile(list);
                 *attempt = 0;
-                tracing::info!(apps = state.registry.len(), revision = ev.revision, "app snapshot applied");
+                tracing::info!(
+                    apps = state.registry.len(),
+                    revision = ev.revision,
+                    "app snapshot applied"
+                );
                 for n in reg {
                     announce(state, n, false);
                 }
@@ -84,11 +95,9 @@ async fn watch_once(state: &Arc<AgentState>, attempt: &mut u32) -> Result<(), St
                     }
                 }
             }
-            (watch_event::Type::Delete, None) => {
-                if state.registry.delete(&ev.name) == Change::Unregistered {
-                    tracing::info!(app = %ev.name, "unregistered app: deleted");
-                    announce(state, ev.name.clone(), true);
-                }
+            (watch_event::Type::Delete, None) if state.registry.delete(&ev.name) == Change::Unregistered => {
+                tracing::info!(app = %ev.name, "unregistered app: deleted");
+                announce(state, ev.name.clone(), true);
             }
             _ => {}
         }
@@ -104,7 +113,11 @@ fn announce(state: &Arc<AgentState>, app: String, remove: bool) {
 
 async fn heartbeat(state: &AgentState, app: &str, remove: bool) -> Result<(), String> {
     let mut api = state.api.clone();
-    let req = HeartbeatRequest { app: app.to_string(), ttl_ms: heartbeat_ttl().as_millis() as i64, remove };
+    let req = HeartbeatRequest {
+        app: app.to_string(),
+        ttl_ms: heartbeat_ttl().as_millis() as i64,
+        remove,
+    };
     tokio::time::timeout(Duration::from_secs(5), api.heartbeat(req))
         .await
         .map_err(|_| "heartbeat timed out".to_string())?

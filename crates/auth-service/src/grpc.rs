@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use portico_core::resource::{app_server_name, validate_name, SystemRole};
+use portico_core::resource::{SystemRole, app_server_name, validate_name};
 use portico_core::time::{format_rfc3339, now_ms};
 use portico_core::{
     AppServerSpec, Code, Error, Kind, Metadata, Object, Resource, TokenSpec, UserSpec, Verb,
@@ -17,12 +17,12 @@ use portico_proto::{AuthService, AuthServiceServer};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use crate::AuthServer;
 use crate::identity::{
-    authenticate, bearer, generate_password, hash_password, random_token, token_name,
-    verify_password, Principal, PrincipalType,
+    Principal, PrincipalType, authenticate, bearer, generate_password, hash_password, random_token,
+    token_name, verify_password,
 };
 use crate::storage::{PutMode, WriteOp};
-use crate::AuthServer;
 
 /// Largest request the API accepts (a resource file is at most 1 MiB).
 const MAX_MESSAGE: usize = 4 * 1024 * 1024;
@@ -39,10 +39,13 @@ pub fn routes(server: Arc<AuthServer>) -> tonic::service::Routes {
         .into_axum_router()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(|| async { "ok\n" }))
-        .route("/metrics", get(move || {
-            let m = m.clone();
-            async move { m.metrics_text() }
-        }));
+        .route(
+            "/metrics",
+            get(move || {
+                let m = m.clone();
+                async move { m.metrics_text() }
+            }),
+        );
     tonic::service::Routes::from(router)
 }
 
@@ -63,7 +66,9 @@ fn kind_arg(k: &str) -> Result<Kind, Status> {
 impl Api {
     async fn caller<T>(&self, req: &Request<T>) -> Result<Principal, Status> {
         self.s.metrics.requests.fetch_add(1, Ordering::Relaxed);
-        authenticate(self.s.backend.as_ref(), bearer(req.metadata())).await.map_err(to_status)
+        authenticate(self.s.backend.as_ref(), bearer(req.metadata()))
+            .await
+            .map_err(to_status)
     }
 
     async fn check(&self, p: &Principal, kind: Kind, verb: Verb) -> Result<(), Status> {
@@ -98,20 +103,44 @@ impl AuthService for Api {
                 .map_err(|e| Status::invalid_argument(format!("resource {}: {e}", i + 1)))?;
             let name = res.name().to_string();
             if !seen.insert((kind, name.clone())) {
-                return Err(Status::invalid_argument(format!("{kind} {name:?} appears twice")));
+                return Err(Status::invalid_argument(format!(
+                    "{kind} {name:?} appears twice"
+                )));
             }
-            let exists = self.s.backend.get(kind, &name).await.map_err(to_status)?.is_some();
+            let exists = self
+                .s
+                .backend
+                .get(kind, &name)
+                .await
+                .map_err(to_status)?
+                .is_some();
             let verb = match (exists, req.overwrite) {
                 (true, false) => {
-                    let msg = format!("{kind} {name:?} already exists; use pctl create -f to overwrite it");
-                    self.s.audit(&format!("{kind}.create"), &p.name, false, serde_json::json!({"name": name, "error": msg})).await;
+                    let msg = format!(
+                        "{kind} {name:?} already exists; use pctl create -f to overwrite it"
+                    );
+                    self.s
+                        .audit(
+                            &format!("{kind}.create"),
+                            &p.name,
+                            false,
+                            serde_json::json!({"name": name, "error": msg}),
+                        )
+                        .await;
                     return Err(Status::already_exists(msg));
                 }
                 (true, true) => Verb::Update,
                 (false, _) => Verb::Create,
             };
             if let Err(e) = p.checker.check(kind, verb) {
-                self.s.audit(&format!("{kind}.{verb}"), &p.name, false, serde_json::json!({"name": name, "error": e.message})).await;
+                self.s
+                    .audit(
+                        &format!("{kind}.{verb}"),
+                        &p.name,
+                        false,
+                        serde_json::json!({"name": name, "error": e.message}),
+                    )
+                    .await;
                 return Err(to_status(e));
             }
             plan.push((kind, name, verb, res));
@@ -123,18 +152,27 @@ impl AuthService for Api {
                 name: name.clone(),
                 value: crate::resources::to_stored(res),
                 expires: None,
-                mode: if *verb == Verb::Create { PutMode::Create } else { PutMode::Update },
+                mode: if *verb == Verb::Create {
+                    PutMode::Create
+                } else {
+                    PutMode::Update
+                },
             })
             .collect();
         let result = self.s.backend.apply(&ops).await;
         for (kind, name, verb, _) in &plan {
             let ok = result.is_ok();
             let fields = serde_json::json!({"name": name, "error": result.as_ref().err().map(|e| e.message.clone())});
-            self.s.audit(&format!("{kind}.{verb}"), &p.name, ok, fields).await;
+            self.s
+                .audit(&format!("{kind}.{verb}"), &p.name, ok, fields)
+                .await;
         }
         let events = result.map_err(|e| {
             if e.code == Code::AlreadyExists {
-                to_status(Error::already_exists(format!("{}; use pctl create -f to overwrite it", e.message)))
+                to_status(Error::already_exists(format!(
+                    "{}; use pctl create -f to overwrite it",
+                    e.message
+                )))
             } else {
                 to_status(e)
             }
@@ -158,9 +196,17 @@ impl AuthService for Api {
         let req = req.into_inner();
         let kind = kind_arg(&req.kind)?;
         self.check(&p, kind, Verb::Read).await?;
-        let rec = self.s.backend.get(kind, &req.name).await.map_err(to_status)?;
+        let rec = self
+            .s
+            .backend
+            .get(kind, &req.name)
+            .await
+            .map_err(to_status)?;
         let Some(rec) = rec else {
-            return Err(Status::not_found(format!("{kind} {:?} not found", req.name)));
+            return Err(Status::not_found(format!(
+                "{kind} {:?} not found",
+                req.name
+            )));
         };
         Ok(Response::new(portico_proto::v1::Resource {
             kind: kind.as_str().into(),
@@ -177,7 +223,9 @@ impl AuthService for Api {
         let mut items = Vec::with_capacity(recs.len());
         for rec in recs {
             if !req.labels.is_empty() {
-                let Ok(r) = Resource::from_json(kind, &rec.value) else { continue };
+                let Ok(r) = Resource::from_json(kind, &rec.value) else {
+                    continue;
+                };
                 let labels = &r.metadata().labels;
                 if !req.labels.iter().all(|(k, v)| labels.get(k) == Some(v)) {
                     continue;
@@ -196,24 +244,46 @@ impl AuthService for Api {
         let req = req.into_inner();
         let kind = kind_arg(&req.kind)?;
         if let Err(e) = p.checker.check(kind, Verb::Delete) {
-            self.s.audit(&format!("{kind}.delete"), &p.name, false, serde_json::json!({"name": req.name, "error": e.message})).await;
+            self.s
+                .audit(
+                    &format!("{kind}.delete"),
+                    &p.name,
+                    false,
+                    serde_json::json!({"name": req.name, "error": e.message}),
+                )
+                .await;
             return Err(to_status(e));
         }
         let result = self
             .s
             .backend
-            .apply(&[WriteOp::Delete { kind, name: req.name.clone(), expired_before: None }])
+            .apply(&[WriteOp::Delete {
+                kind,
+                name: req.name.clone(),
+                expired_before: None,
+            }])
             .await;
         if kind == Kind::User && result.is_ok() {
-            self.s.backend.delete_principal(&req.name).await.map_err(to_status)?;
+            self.s
+                .backend
+                .delete_principal(&req.name)
+                .await
+                .map_err(to_status)?;
         }
         let err = result.as_ref().err().map(|e| e.message.clone());
         self.s
-            .audit(&format!("{kind}.delete"), &p.name, result.is_ok(), serde_json::json!({"name": req.name, "error": err}))
+            .audit(
+                &format!("{kind}.delete"),
+                &p.name,
+                result.is_ok(),
+                serde_json::json!({"name": req.name, "error": err}),
+            )
             .await;
         let evs = result.map_err(to_status)?;
         self.written().await;
-        Ok(Response::new(DeleteResponse { revision: evs.first().map(|e| e.revision).unwrap_or(0) }))
+        Ok(Response::new(DeleteResponse {
+            revision: evs.first().map(|e| e.revision).unwrap_or(0),
+        }))
     }
 
     type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchEvent, Status>> + Send>>;
@@ -221,8 +291,16 @@ impl AuthService for Api {
     async fn watch(&self, req: Request<WatchRequest>) -> Res<Self::WatchStream> {
         let p = self.caller(&req).await?;
         let req = req.into_inner();
-        let kinds = req.kinds.iter().map(|k| kind_arg(k)).collect::<Result<Vec<_>, _>>()?;
-        let check_kinds = if kinds.is_empty() { Kind::RESOURCES.to_vec() } else { kinds.clone() };
+        let kinds = req
+            .kinds
+            .iter()
+            .map(|k| kind_arg(k))
+            .collect::<Result<Vec<_>, _>>()?;
+        let check_kinds = if kinds.is_empty() {
+            Kind::RESOURCES.to_vec()
+        } else {
+            kinds.clone()
+        };
         for k in &check_kinds {
             self.check(&p, *k, Verb::List).await?;
             self.check(&p, *k, Verb::Read).await?;
@@ -238,11 +316,18 @@ impl AuthService for Api {
         let req = req.into_inner();
         let user = req.user.trim().to_string();
         if user.is_empty() || user.len() > 63 || req.password.len() > 1024 {
-            return Err(Status::invalid_argument("a user name and a password are required"));
+            return Err(Status::invalid_argument(
+                "a user name and a password are required",
+            ));
         }
         if let Some(wait) = self.s.limiter.check(&user) {
             self.s
-                .audit("user.login", &user, false, serde_json::json!({"error": "rate limited"}))
+                .audit(
+                    "user.login",
+                    &user,
+                    false,
+                    serde_json::json!({"error": "rate limited"}),
+                )
                 .await;
             return Err(Status::resource_exhausted(format!(
                 "too many failed logins for {user:?}; try again in {} s",
@@ -250,7 +335,12 @@ impl AuthService for Api {
             )));
         }
         let hash = self.s.backend.password(&user).await.map_err(to_status)?;
-        let user_rec = self.s.backend.get(Kind::User, &user).await.map_err(to_status)?;
+        let user_rec = self
+            .s
+            .backend
+            .get(Kind::User, &user)
+            .await
+            .map_err(to_status)?;
         let ok = match (hash, &user_rec) {
             (Some(h), Some(_)) => verify_password(req.password, h).await,
             _ => {
@@ -263,7 +353,12 @@ impl AuthService for Api {
             self.s.limiter.failure(&user);
             self.s.metrics.logins_failed.fetch_add(1, Ordering::Relaxed);
             self.s
-                .audit("user.login", &user, false, serde_json::json!({"error": "invalid user name or password"}))
+                .audit(
+                    "user.login",
+                    &user,
+                    false,
+                    serde_json::json!({"error": "invalid user name or password"}),
+                )
                 .await;
             return Err(Status::unauthenticated("invalid user name or password"));
         }
@@ -275,14 +370,21 @@ impl AuthService for Api {
             .await
             .map_err(to_status)?;
         self.s.metrics.logins_ok.fetch_add(1, Ordering::Relaxed);
-        self.s.audit("user.login", &user, true, serde_json::json!({})).await;
+        self.s
+            .audit("user.login", &user, true, serde_json::json!({}))
+            .await;
         let roles = user_rec
             .and_then(|r| match Resource::from_json(Kind::User, &r.value) {
                 Ok(Resource::User(u)) => Some(u.spec.roles),
                 _ => None,
             })
             .unwrap_or_default();
-        Ok(Response::new(LoginResponse { token, expires_ms: expires, user, roles }))
+        Ok(Response::new(LoginResponse {
+            token,
+            expires_ms: expires,
+            user,
+            roles,
+        }))
     }
 
     async fn who_am_i(&self, req: Request<WhoAmIRequest>) -> Res<WhoAmIResponse> {
@@ -299,30 +401,53 @@ impl AuthService for Api {
         let p = self.caller(&req).await?;
         let req = req.into_inner();
         self.check(&p, Kind::User, Verb::Create).await?;
-        validate_name(&req.name).map_err(|e| Status::invalid_argument(format!("user name: {e}")))?;
+        validate_name(&req.name)
+            .map_err(|e| Status::invalid_argument(format!("user name: {e}")))?;
         for r in &req.roles {
-            if self.s.backend.get(Kind::Role, r).await.map_err(to_status)?.is_none() {
+            if self
+                .s
+                .backend
+                .get(Kind::Role, r)
+                .await
+                .map_err(to_status)?
+                .is_none()
+            {
                 return Err(Status::invalid_argument(format!(
                     "role {r:?} does not exist; create it first or pick one of: pctl get roles"
                 )));
             }
         }
-        if self.s.backend.get(Kind::User, &req.name).await.map_err(to_status)?.is_some() {
+        if self
+            .s
+            .backend
+            .get(Kind::User, &req.name)
+            .await
+            .map_err(to_status)?
+            .is_some()
+        {
             return Err(Status::already_exists(format!(
                 "user {:?} already exists; remove it with pctl users rm first",
                 req.name
             )));
         }
         let generated = req.password.is_empty();
-        let password = if generated { generate_password() } else { req.password };
+        let password = if generated {
+            generate_password()
+        } else {
+            req.password
+        };
         if password.len() < 8 || password.len() > 1024 {
-            return Err(Status::invalid_argument("passwords must be 8 to 1024 characters long"));
+            return Err(Status::invalid_argument(
+                "passwords must be 8 to 1024 characters long",
+            ));
         }
         let hash = hash_password(password.clone()).await.map_err(to_status)?;
         let user = Resource::User(Object::new(
             Kind::User,
             Metadata::named(&req.name),
-            UserSpec { roles: req.roles.clone() },
+            UserSpec {
+                roles: req.roles.clone(),
+            },
         ));
         let result = self
             .s
@@ -349,7 +474,9 @@ impl AuthService for Api {
             .await;
         result.map_err(to_status)?;
         self.written().await;
-        Ok(Response::new(AddUserResponse { password: if generated { password } else { String::new() } }))
+        Ok(Response::new(AddUserResponse {
+            password: if generated { password } else { String::new() },
+        }))
     }
 
     async fn create_token(&self, req: Request<CreateTokenRequest>) -> Res<CreateTokenResponse> {
@@ -372,18 +499,32 @@ impl AuthService for Api {
             }
         }
         if roles.is_empty() {
-            return Err(Status::invalid_argument("a token needs a type: --type=app, proxy or app,proxy"));
+            return Err(Status::invalid_argument(
+                "a token needs a type: --type=app, proxy or app,proxy",
+            ));
         }
-        let ttl = if req.ttl_ms <= 0 { DEFAULT_TOKEN_TTL_MS } else { req.ttl_ms };
+        let ttl = if req.ttl_ms <= 0 {
+            DEFAULT_TOKEN_TTL_MS
+        } else {
+            req.ttl_ms
+        };
         if ttl > MAX_TOKEN_TTL_MS {
-            return Err(Status::invalid_argument("token TTLs may be at most 30 days"));
+            return Err(Status::invalid_argument(
+                "token TTLs may be at most 30 days",
+            ));
         }
         let secret = random_token();
         let name = token_name(&secret);
         let expires = now_ms() + ttl;
         let mut meta = Metadata::named(&name);
         meta.expires = Some(format_rfc3339(expires));
-        let token = Resource::Token(Object::new(Kind::Token, meta, TokenSpec { roles: roles.clone() }));
+        let token = Resource::Token(Object::new(
+            Kind::Token,
+            meta,
+            TokenSpec {
+                roles: roles.clone(),
+            },
+        ));
         self.s
             .backend
             .apply(&[WriteOp::Put {
@@ -400,7 +541,11 @@ impl AuthService for Api {
             .audit("token.create", &p.name, true, serde_json::json!({"name": name, "roles": role_names, "expires": format_rfc3339(expires)}))
             .await;
         self.written().await;
-        Ok(Response::new(CreateTokenResponse { token: secret, name, expires_ms: expires }))
+        Ok(Response::new(CreateTokenResponse {
+            token: secret,
+            name,
+            expires_ms: expires,
+        }))
     }
 
     async fn join(&self, req: Request<JoinRequest>) -> Res<JoinResponse> {
@@ -410,7 +555,11 @@ impl AuthService for Api {
         let role = match req.role.as_str() {
             "app" => SystemRole::App,
             "proxy" => SystemRole::Proxy,
-            other => return Err(Status::invalid_argument(format!("unknown join role {other:?}; use app or proxy"))),
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown join role {other:?}; use app or proxy"
+                )));
+            }
         };
         let host_id = if req.host_id.is_empty() {
             format!("{}-{}", role.as_str(), &random_token()[..8])
@@ -419,12 +568,19 @@ impl AuthService for Api {
         };
         validate_name(&host_id).map_err(|e| Status::invalid_argument(format!("host id: {e}")))?;
         let name = token_name(&req.token);
-        let rec = self.s.backend.get(Kind::Token, &name).await.map_err(to_status)?;
+        let rec = self
+            .s
+            .backend
+            .get(Kind::Token, &name)
+            .await
+            .map_err(to_status)?;
         let valid = match &rec {
-            Some(r) if r.expires.is_some_and(|e| e > now_ms()) => match Resource::from_json(Kind::Token, &r.value) {
-                Ok(Resource::Token(t)) => t.spec.roles.contains(&role),
-                _ => false,
-            },
+            Some(r) if r.expires.is_some_and(|e| e > now_ms()) => {
+                match Resource::from_json(Kind::Token, &r.value) {
+                    Ok(Resource::Token(t)) => t.spec.roles.contains(&role),
+                    _ => false,
+                }
+            }
             _ => false,
         };
         // Single use: whoever deletes the token first joins.
@@ -432,25 +588,47 @@ impl AuthService for Api {
             && self
                 .s
                 .backend
-                .apply(&[WriteOp::Delete { kind: Kind::Token, name: name.clone(), expired_before: None }])
+                .apply(&[WriteOp::Delete {
+                    kind: Kind::Token,
+                    name: name.clone(),
+                    expired_before: None,
+                }])
                 .await
                 .is_ok();
         if !consumed {
             self.s
-                .audit("token.join", &host_id, false, serde_json::json!({"role": role.as_str(), "error": refused}))
+                .audit(
+                    "token.join",
+                    &host_id,
+                    false,
+                    serde_json::json!({"role": role.as_str(), "error": refused}),
+                )
                 .await;
             return Err(Status::unauthenticated(refused));
         }
         self.written().await;
         let identity = self
             .s
-            .new_session(&host_id, PrincipalType::Service, &[role.as_str().to_string()], None)
+            .new_session(
+                &host_id,
+                PrincipalType::Service,
+                &[role.as_str().to_string()],
+                None,
+            )
             .await
             .map_err(to_status)?;
         self.s
-            .audit("token.join", &host_id, true, serde_json::json!({"role": role.as_str(), "token": name}))
+            .audit(
+                "token.join",
+                &host_id,
+                true,
+                serde_json::json!({"role": role.as_str(), "token": name}),
+            )
             .await;
-        Ok(Response::new(JoinResponse { identity_token: identity, host_id }))
+        Ok(Response::new(JoinResponse {
+            identity_token: identity,
+            host_id,
+        }))
     }
 
     async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Res<HeartbeatResponse> {
@@ -458,12 +636,18 @@ impl AuthService for Api {
         let req = req.into_inner();
         self.check(&p, Kind::AppServer, Verb::Update).await?;
         if p.ptype != PrincipalType::Service {
-            return Err(Status::permission_denied("only agents announce app servers"));
+            return Err(Status::permission_denied(
+                "only agents announce app servers",
+            ));
         }
         validate_name(&req.app).map_err(|e| Status::invalid_argument(format!("app: {e}")))?;
         let name = app_server_name(&req.app, &p.name);
         let op = if req.remove {
-            WriteOp::Delete { kind: Kind::AppServer, name, expired_before: None }
+            WriteOp::Delete {
+                kind: Kind::AppServer,
+                name,
+                expired_before: None,
+            }
         } else {
             let ttl = req.ttl_ms.clamp(1_000, 600_000);
             let expires = now_ms() + ttl;
@@ -472,7 +656,10 @@ impl AuthService for Api {
             let srv = Resource::AppServer(Object::new(
                 Kind::AppServer,
                 meta,
-                AppServerSpec { app: req.app.clone(), host_id: p.name.clone() },
+                AppServerSpec {
+                    app: req.app.clone(),
+                    host_id: p.name.clone(),
+                },
             ));
             WriteOp::Put {
                 kind: Kind::AppServer,
@@ -496,7 +683,9 @@ impl AuthService for Api {
         let req = req.into_inner();
         self.check(&p, Kind::Event, Verb::Create).await?;
         if req.r#type.is_empty() || req.r#type.len() > 64 || req.fields_json.len() > 64 * 1024 {
-            return Err(Status::invalid_argument("an event needs a type (at most 64 characters) and at most 64 KiB of fields"));
+            return Err(Status::invalid_argument(
+                "an event needs a type (at most 64 characters) and at most 64 KiB of fields",
+            ));
         }
         let fields: serde_json::Value = if req.fields_json.is_empty() {
             serde_json::json!({})
@@ -504,7 +693,9 @@ impl AuthService for Api {
             serde_json::from_str(&req.fields_json)
                 .map_err(|e| Status::invalid_argument(format!("fields_json: {e}")))?
         };
-        self.s.audit(&req.r#type, &p.name, req.success, fields).await;
+        self.s
+            .audit(&req.r#type, &p.name, req.success, fields)
+            .await;
         Ok(Response::new(EmitEventResponse {}))
     }
 
@@ -519,12 +710,15 @@ impl AuthService for Api {
         let mut recs = Vec::with_capacity(events.len());
         for e in events {
             if e.r#type.is_empty() || e.r#type.len() > 64 || e.fields_json.len() > 64 * 1024 {
-                return Err(Status::invalid_argument("an event needs a type (at most 64 characters) and at most 64 KiB of fields"));
+                return Err(Status::invalid_argument(
+                    "an event needs a type (at most 64 characters) and at most 64 KiB of fields",
+                ));
             }
             let fields: serde_json::Value = if e.fields_json.is_empty() {
                 serde_json::json!({})
             } else {
-                serde_json::from_str(&e.fields_json).map_err(|err| Status::invalid_argument(format!("fields_json: {err}")))?
+                serde_json::from_str(&e.fields_json)
+                    .map_err(|err| Status::invalid_argument(format!("fields_json: {err}")))?
             };
             recs.push(crate::storage::AuditRecord {
                 id: 0,
@@ -535,7 +729,11 @@ impl AuthService for Api {
                 fields: fields.to_string(),
             });
         }
-        self.s.backend.append_audit(&recs).await.map_err(to_status)?;
+        self.s
+            .backend
+            .append_audit(&recs)
+            .await
+            .map_err(to_status)?;
         Ok(Response::new(EmitEventResponse {}))
     }
 
@@ -543,9 +741,18 @@ impl AuthService for Api {
         let p = self.caller(&req).await?;
         let req = req.into_inner();
         self.check(&p, Kind::Event, Verb::List).await?;
-        let limit = if req.limit <= 0 { 1000 } else { req.limit.min(10_000) };
+        let limit = if req.limit <= 0 {
+            1000
+        } else {
+            req.limit.min(10_000)
+        };
         let kind = (!req.r#type.is_empty()).then_some(req.r#type.as_str());
-        let recs = self.s.backend.list_audit(kind, req.since_ms, limit).await.map_err(to_status)?;
+        let recs = self
+            .s
+            .backend
+            .list_audit(kind, req.since_ms, limit)
+            .await
+            .map_err(to_status)?;
         let events = recs
             .into_iter()
             .map(|r| AuditEvent {

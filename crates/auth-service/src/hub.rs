@@ -27,10 +27,19 @@ pub struct Hub {
 
 impl Hub {
     /// Starts the tailer; it stops when `stop` turns true.
-    pub async fn start(backend: Arc<dyn Backend>, stop: watch::Receiver<bool>) -> portico_core::Result<Arc<Hub>> {
+    pub async fn start(
+        backend: Arc<dyn Backend>,
+        stop: watch::Receiver<bool>,
+    ) -> portico_core::Result<Arc<Hub>> {
         let last = backend.current_revision().await?;
         let (tx, _) = broadcast::channel(FANOUT_CAPACITY);
-        let hub = Arc::new(Hub { backend, tx, poke: Notify::new(), last: AtomicI64::new(last), stop });
+        let hub = Arc::new(Hub {
+            backend,
+            tx,
+            poke: Notify::new(),
+            last: AtomicI64::new(last),
+            stop,
+        });
         let remote = hub.backend.subscribe_remote_changes().await;
         tokio::spawn(tail(hub.clone(), remote));
         Ok(hub)
@@ -50,12 +59,21 @@ impl Hub {
     }
 
     /// Opens a watch; events (or one final error) arrive on the returned channel.
-    pub fn watch(self: &Arc<Self>, kinds: Vec<Kind>, from: i64) -> mpsc::Receiver<Result<WatchEvent, Error>> {
+    pub fn watch(
+        self: &Arc<Self>,
+        kinds: Vec<Kind>,
+        from: i64,
+    ) -> mpsc::Receiver<Result<WatchEvent, Error>> {
         let (out, rx) = mpsc::channel(1024);
         let sub = self.tx.subscribe();
         let hub = self.clone();
         tokio::spawn(async move {
-            let mut w = Watcher { hub, kinds, out, next: from + 1 };
+            let mut w = Watcher {
+                hub,
+                kinds,
+                out,
+                next: from + 1,
+            };
             if let Err(e) = w.run(sub, from).await {
                 let _ = w.out.send(Err(e)).await;
             }
@@ -118,7 +136,11 @@ struct Watcher {
 }
 
 impl Watcher {
-    async fn run(&mut self, mut sub: broadcast::Receiver<Arc<Event>>, from: i64) -> Result<(), Error> {
+    async fn run(
+        &mut self,
+        mut sub: broadcast::Receiver<Arc<Event>>,
+        from: i64,
+    ) -> Result<(), Error> {
         if from <= 0 {
             let (records, rev) = self.hub.backend.snapshot(&self.kinds).await?;
             for r in records {
@@ -188,7 +210,10 @@ impl Watcher {
             return Ok(());
         }
         let (t, json) = match e.op {
-            Op::Put => (watch_event::Type::Put, crate::resources::stamp(&e.value, e.revision, None)),
+            Op::Put => (
+                watch_event::Type::Put,
+                crate::resources::stamp(&e.value, e.revision, None),
+            ),
             Op::Delete => (watch_event::Type::Delete, e.value.clone()),
         };
         self.send(WatchEvent {

@@ -1,8 +1,8 @@
 //! Who is calling: bearer tokens, password hashing, and the principal a
 //! token stands for, with their roles evaluated fresh on every request.
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use portico_core::rbac::{preset_roles, system_app_role, system_proxy_role};
 use portico_core::time::now_ms;
 use portico_core::{AccessChecker, Error, Kind, Resource, Role};
@@ -75,14 +75,17 @@ pub fn token_name(token: &str) -> String {
 pub fn generate_password() -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
     let mut rng = rand::rng();
-    (0..24).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect()
+    (0..24)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
 }
 
 /// Hashes with argon2id; CPU heavy, so it runs off the async threads.
 pub async fn hash_password(password: String) -> Result<String, Error> {
     tokio::task::spawn_blocking(move || {
         let salt_bytes: [u8; 16] = rand::rng().random();
-        let salt = SaltString::encode_b64(&salt_bytes).map_err(|_| Error::internal("password hashing failed"))?;
+        let salt = SaltString::encode_b64(&salt_bytes)
+            .map_err(|_| Error::internal("password hashing failed"))?;
         Argon2::default()
             .hash_password(password.as_bytes(), &salt)
             .map(|h| h.to_string())
@@ -95,7 +98,11 @@ pub async fn hash_password(password: String) -> Result<String, Error> {
 pub async fn verify_password(password: String, hash: String) -> bool {
     tokio::task::spawn_blocking(move || {
         PasswordHash::new(&hash)
-            .map(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
+            .map(|h| {
+                Argon2::default()
+                    .verify_password(password.as_bytes(), &h)
+                    .is_ok()
+            })
             .unwrap_or(false)
     })
     .await
@@ -105,18 +112,27 @@ pub async fn verify_password(password: String, hash: String) -> bool {
 /// Reads `authorization: Bearer <token>`.
 pub fn bearer(meta: &tonic::metadata::MetadataMap) -> Option<String> {
     let v = meta.get("authorization")?.to_str().ok()?;
-    let t = v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer "))?;
+    let t = v
+        .strip_prefix("Bearer ")
+        .or_else(|| v.strip_prefix("bearer "))?;
     let t = t.trim();
     (!t.is_empty() && t.len() <= 256).then(|| t.to_string())
 }
 
 /// Resolves a token to its principal, loading the user's current roles.
-pub async fn authenticate(backend: &dyn Backend, token: Option<String>) -> Result<Principal, Error> {
+pub async fn authenticate(
+    backend: &dyn Backend,
+    token: Option<String>,
+) -> Result<Principal, Error> {
     let Some(token) = token else {
-        return Err(Error::unauthenticated("no credentials: log in with psh login, or pass --identity"));
+        return Err(Error::unauthenticated(
+            "no credentials: log in with psh login, or pass --identity",
+        ));
     };
     let Some(session) = backend.session(&hash_token(&token)).await? else {
-        return Err(Error::unauthenticated("invalid or expired credentials: log in again"));
+        return Err(Error::unauthenticated(
+            "invalid or expired credentials: log in again",
+        ));
     };
     if let Some(exp) = session.expires
         && exp < now_ms()

@@ -25,7 +25,9 @@ use tokio::sync::watch;
 use crate::hub::Hub;
 use crate::identity::{PrincipalType, hash_token, random_token};
 use crate::limiter::LoginLimiter;
-use crate::storage::{AuditRecord, Backend, PostgresBackend, PutMode, SessionRow, SqliteBackend, WriteOp};
+use crate::storage::{
+    AuditRecord, Backend, PostgresBackend, PutMode, SessionRow, SqliteBackend, WriteOp,
+};
 
 /// The `auth_service` section of `portico.yaml`.
 #[derive(Debug, Clone, Deserialize)]
@@ -84,7 +86,9 @@ pub enum StorageConfig {
         #[serde(default)]
         path: Option<PathBuf>,
     },
-    Postgres { conn_string: String },
+    Postgres {
+        conn_string: String,
+    },
 }
 
 impl Default for StorageConfig {
@@ -130,10 +134,16 @@ impl AuthServer {
         Self::with_backend(backend, cfg).await
     }
 
-    pub async fn with_backend(backend: Arc<dyn Backend>, cfg: &AuthConfig) -> Result<Arc<Self>, Error> {
+    pub async fn with_backend(
+        backend: Arc<dyn Backend>,
+        cfg: &AuthConfig,
+    ) -> Result<Arc<Self>, Error> {
         let session_ttl_ms = match &cfg.session_ttl {
-            Some(s) => parse_duration(s)
-                .ok_or_else(|| Error::bad_request(format!("auth_service.session_ttl: {s:?} is not a duration like 12h")))?,
+            Some(s) => parse_duration(s).ok_or_else(|| {
+                Error::bad_request(format!(
+                    "auth_service.session_ttl: {s:?} is not a duration like 12h"
+                ))
+            })?,
             None => DEFAULT_SESSION_TTL_MS,
         };
         let fresh = backend.current_revision().await? == 0;
@@ -151,13 +161,22 @@ impl AuthServer {
         if fresh {
             server.bootstrap_tokens(&cfg.bootstrap_tokens).await?;
         }
-        tokio::spawn(sweeper(server.clone(), stop_rx, cfg.event_retention.unwrap_or(DEFAULT_EVENT_RETENTION)));
+        tokio::spawn(sweeper(
+            server.clone(),
+            stop_rx,
+            cfg.event_retention.unwrap_or(DEFAULT_EVENT_RETENTION),
+        ));
         Ok(server)
     }
 
     async fn bootstrap_roles(&self) -> Result<(), Error> {
         for role in preset_roles() {
-            if self.backend.get(Kind::Role, &role.metadata.name).await?.is_some() {
+            if self
+                .backend
+                .get(Kind::Role, &role.metadata.name)
+                .await?
+                .is_some()
+            {
                 continue;
             }
             let r = Resource::Role(role);
@@ -187,7 +206,9 @@ impl AuthServer {
             }
             let ttl = match &t.ttl {
                 Some(s) => parse_duration(s).ok_or_else(|| {
-                    Error::bad_request(format!("auth_service.bootstrap_tokens[{i}].ttl: {s:?} is not a duration"))
+                    Error::bad_request(format!(
+                        "auth_service.bootstrap_tokens[{i}].ttl: {s:?} is not a duration"
+                    ))
                 })?,
                 None => 24 * 3600 * 1000,
             };
@@ -207,8 +228,18 @@ impl AuthServer {
             let expires = now_ms() + ttl;
             let mut meta = portico_core::Metadata::named(&name);
             meta.expires = Some(portico_core::time::format_rfc3339(expires));
-            let token = Resource::Token(portico_core::Object::new(Kind::Token, meta, portico_core::TokenSpec { roles }));
-            let op = WriteOp::Put { kind: Kind::Token, name, value: resources::to_stored(&token), expires: Some(expires), mode: PutMode::Upsert };
+            let token = Resource::Token(portico_core::Object::new(
+                Kind::Token,
+                meta,
+                portico_core::TokenSpec { roles },
+            ));
+            let op = WriteOp::Put {
+                kind: Kind::Token,
+                name,
+                value: resources::to_stored(&token),
+                expires: Some(expires),
+                mode: PutMode::Upsert,
+            };
             self.backend.apply(&[op]).await?;
         }
         if !tokens.is_empty() {
@@ -219,26 +250,50 @@ impl AuthServer {
     }
 
     /// Writes the local admin identity into `data_dir` unless a valid one is there.
-    pub async fn ensure_admin_identity(&self, data_dir: &Path, auth_addr: &str) -> Result<PathBuf, Error> {
+    pub async fn ensure_admin_identity(
+        &self,
+        data_dir: &Path,
+        auth_addr: &str,
+    ) -> Result<PathBuf, Error> {
         let path = data_dir.join(ADMIN_IDENTITY_FILE);
         if let Ok(text) = std::fs::read_to_string(&path)
             && let Ok(id) = yaml_serde::from_str::<IdentityFile>(&text)
-            && self.backend.session(&hash_token(&id.token)).await?.is_some()
+            && self
+                .backend
+                .session(&hash_token(&id.token))
+                .await?
+                .is_some()
         {
             if id.auth_server != auth_addr {
-                write_identity(&path, &IdentityFile { auth_server: auth_addr.to_string(), ..id })?;
+                write_identity(
+                    &path,
+                    &IdentityFile {
+                        auth_server: auth_addr.to_string(),
+                        ..id
+                    },
+                )?;
             }
             return Ok(path);
         }
-        let token = self.new_session("admin", PrincipalType::Admin, &[], None).await?;
-        write_identity(&path, &IdentityFile { auth_server: auth_addr.to_string(), principal: "admin".into(), token })?;
+        let token = self
+            .new_session("admin", PrincipalType::Admin, &[], None)
+            .await?;
+        write_identity(
+            &path,
+            &IdentityFile {
+                auth_server: auth_addr.to_string(),
+                principal: "admin".into(),
+                token,
+            },
+        )?;
         tracing::info!(path = %path.display(), "wrote the local admin identity");
         Ok(path)
     }
 
     /// An identity for a service running in this process (the all-in-one).
     pub async fn issue_service_identity(&self, host_id: &str, role: &str) -> Result<String, Error> {
-        self.new_session(host_id, PrincipalType::Service, &[role.to_string()], None).await
+        self.new_session(host_id, PrincipalType::Service, &[role.to_string()], None)
+            .await
     }
 
     pub(crate) async fn new_session(
@@ -300,23 +355,10 @@ impl AuthServer {
 }
 
 fn write_identity(path: &Path, id: &IdentityFile) -> Result<(), Error> {
-    let text = yaml_serde::to_string(id).map_err(|e| Error::internal(format!("cannot encode identity: {e}")))?;
-    write_private(path, text.as_bytes())
+    let text = yaml_serde::to_string(id)
+        .map_err(|e| Error::internal(format!("cannot encode identity: {e}")))?;
+    portico_proto::files::write_private(path, text.as_bytes())
         .map_err(|e| Error::unavailable(format!("cannot write {}: {e}", path.display())))
-}
-
-/// Writes a file readable only by its owner (0600), atomically.
-pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 /// Deletes expired records (producing delete events), old sessions and old events.
@@ -334,7 +376,11 @@ async fn sweeper(server: Arc<AuthServer>, mut stop: watch::Receiver<bool>, reten
             Ok(list) if !list.is_empty() => {
                 let ops: Vec<WriteOp> = list
                     .into_iter()
-                    .map(|(kind, name)| WriteOp::Delete { kind, name, expired_before: Some(now) })
+                    .map(|(kind, name)| WriteOp::Delete {
+                        kind,
+                        name,
+                        expired_before: Some(now),
+                    })
                     .collect();
                 match server.backend.apply(&ops).await {
                     Ok(evs) if !evs.is_empty() => server.hub.poke(),
@@ -365,12 +411,15 @@ pub async fn serve(
 ) -> Result<(), Error> {
     let routes = grpc::routes(server.clone());
     // Tonic applies its own TCP_NODELAY only to listeners it binds itself.
-    let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |s| {
-        if let Ok(s) = &s {
-            let _ = s.set_nodelay(true);
-        }
-        s
-    });
+    let incoming = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        |s| {
+            if let Ok(s) = &s {
+                let _ = s.set_nodelay(true);
+            }
+            s
+        },
+    );
     let srv = server.clone();
     let signal = async move {
         shutdown.await;

@@ -20,7 +20,12 @@ struct Entry {
 
 impl LoginLimiter {
     pub fn new(max_failures: u32, window: Duration, lockout: Duration) -> Self {
-        Self { max_failures, window, lockout, state: Mutex::new(HashMap::new()) }
+        Self {
+            max_failures,
+            window,
+            lockout,
+            state: Mutex::new(HashMap::new()),
+        }
     }
 
     /// `Some(wait)` while the user is locked out.
@@ -36,12 +41,22 @@ impl LoginLimiter {
         if state.len() > 100_000 {
             let now = Instant::now();
             let window = self.window;
-            state.retain(|_, e| now.duration_since(e.first) < window || e.locked_until.is_some_and(|u| u > now));
+            state.retain(|_, e| {
+                now.duration_since(e.first) < window || e.locked_until.is_some_and(|u| u > now)
+            });
         }
         let now = Instant::now();
-        let e = state.entry(user.to_string()).or_insert(Entry { failures: 0, first: now, locked_until: None });
+        let e = state.entry(user.to_string()).or_insert(Entry {
+            failures: 0,
+            first: now,
+            locked_until: None,
+        });
         if now.duration_since(e.first) > self.window {
-            *e = Entry { failures: 0, first: now, locked_until: None };
+            *e = Entry {
+                failures: 0,
+                first: now,
+                locked_until: None,
+            };
         }
         e.failures += 1;
         if e.failures >= self.max_failures {
@@ -52,7 +67,10 @@ impl LoginLimiter {
     }
 
     pub fn success(&self, user: &str) {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).remove(user);
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(user);
     }
 }
 

@@ -52,15 +52,26 @@ fn peek(line: &[u8]) -> Option<(Option<String>, Option<String>)> {
 
 fn rpc_error(id: &str, message: &str) -> Bytes {
     let m = serde_json::to_string(message).unwrap_or_else(|_| "\"error\"".into());
-    Bytes::from(format!(r#"{{"jsonrpc":"2.0","id":{id},"error":{{"code":-32000,"message":{m}}}}}"#))
+    Bytes::from(format!(
+        r#"{{"jsonrpc":"2.0","id":{id},"error":{{"code":-32000,"message":{m}}}}}"#
+    ))
 }
 
 impl Bridge {
     fn session(&self) -> Option<String> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).session.clone()
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .session
+            .clone()
     }
 
-    async fn send(&self, method: hyper::Method, body: Option<&[u8]>, session: Option<&str>) -> Sent {
+    async fn send(
+        &self,
+        method: hyper::Method,
+        body: Option<&[u8]>,
+        session: Option<&str>,
+    ) -> Sent {
         let mut b = hyper::Request::builder()
             .method(method)
             .uri(&self.url)
@@ -78,15 +89,27 @@ impl Bridge {
         match tokio::time::timeout(Duration::from_secs(60), self.http.request(req)).await {
             Err(_) => Sent::Unreachable("the proxy did not answer in 60 s".into()),
             Ok(Err(e)) => Sent::Unreachable(portico_proto::client::source_text(&e)),
-            Ok(Ok(r)) if r.status() == hyper::StatusCode::NOT_FOUND && session.is_some() => Sent::Gone,
+            Ok(Ok(r)) if r.status() == hyper::StatusCode::NOT_FOUND && session.is_some() => {
+                Sent::Gone
+            }
             Ok(Ok(r)) => Sent::Ok(r),
         }
     }
 
     /// Streams a response to stdout: SSE events, a JSON body, or an error for `id`.
-    async fn deliver(self: &Arc<Self>, resp: hyper::Response<Incoming>, id: Option<String>, skip: Option<&str>) {
+    async fn deliver(
+        self: &Arc<Self>,
+        resp: hyper::Response<Incoming>,
+        id: Option<String>,
+        skip: Option<&str>,
+    ) {
         let status = resp.status();
-        let ctype = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        let ctype = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
         if status == hyper::StatusCode::ACCEPTED {
             return;
         }
@@ -100,7 +123,9 @@ impl Bridge {
             }
             return;
         }
-        let body = read_limited(resp.into_body(), MAX_MESSAGE).await.unwrap_or_default();
+        let body = read_limited(resp.into_body(), MAX_MESSAGE)
+            .await
+            .unwrap_or_default();
         if status.is_success() && !body.is_empty() {
             let _ = self.out.send(body).await;
             return;
@@ -118,7 +143,11 @@ impl Bridge {
     }
 
     fn set_session(self: &Arc<Self>, resp: &hyper::Response<Incoming>) {
-        let sid = resp.headers().get("mcp-session-id").and_then(|v| v.to_str().ok()).map(String::from);
+        let sid = resp
+            .headers()
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
+            .map(String::from);
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(t) = st.get_task.take() {
             t.abort();
@@ -157,7 +186,9 @@ impl Bridge {
             let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
             (st.init.clone(), st.initialized_sent)
         };
-        let Some(init) = init else { return Err("the session ended before it was initialized".into()) };
+        let Some(init) = init else {
+            return Err("the session ended before it was initialized".into());
+        };
         let mut v: serde_json::Value = serde_json::from_slice(&init).map_err(|e| e.to_string())?;
         v["id"] = serde_json::from_str(REINIT_ID).map_err(|e| e.to_string())?;
         let line = serde_json::to_vec(&v).map_err(|e| e.to_string())?;
@@ -171,9 +202,14 @@ impl Bridge {
                     break;
                 }
                 Sent::Ok(r) if r.status().is_client_error() => {
-                    return Err(format!("the proxy refused a new session (HTTP {})", r.status().as_u16()));
+                    return Err(format!(
+                        "the proxy refused a new session (HTTP {})",
+                        r.status().as_u16()
+                    ));
                 }
-                _ if tokio::time::Instant::now() > deadline => return Err("the proxy did not come back within 60 s".into()),
+                _ if tokio::time::Instant::now() > deadline => {
+                    return Err("the proxy did not come back within 60 s".into());
+                }
                 _ => {
                     attempt = (attempt + 1).min(5);
                     tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
@@ -182,7 +218,10 @@ impl Bridge {
         }
         if initialized {
             let note = br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
-            if let Sent::Ok(r) = self.send(hyper::Method::POST, Some(note), self.session().as_deref()).await {
+            if let Sent::Ok(r) = self
+                .send(hyper::Method::POST, Some(note), self.session().as_deref())
+                .await
+            {
                 self.deliver(r, None, None).await;
             }
         }
@@ -208,7 +247,10 @@ impl Bridge {
         }
         for attempt in 0..2 {
             let session = if is_init { None } else { self.session() };
-            match self.send(hyper::Method::POST, Some(&line), session.as_deref()).await {
+            match self
+                .send(hyper::Method::POST, Some(&line), session.as_deref())
+                .await
+            {
                 Sent::Ok(r) => {
                     if is_init && r.status().is_success() {
                         self.set_session(&r);
@@ -235,7 +277,8 @@ impl Bridge {
                     return;
                 }
                 Sent::Unreachable(e) => {
-                    self.fail(&id, &format!("cannot reach the proxy: {e}")).await;
+                    self.fail(&id, &format!("cannot reach the proxy: {e}"))
+                        .await;
                     return;
                 }
             }
@@ -264,7 +307,13 @@ pub async fn run(profile: Profile, app: String) -> CliResult {
             let _ = stdout.flush().await;
         }
     });
-    let bridge = Arc::new(Bridge { http: client(), url, token: profile.token.clone(), out, state: Mutex::new(State::default()) });
+    let bridge = Arc::new(Bridge {
+        http: client(),
+        url,
+        token: profile.token.clone(),
+        out,
+        state: Mutex::new(State::default()),
+    });
     let mut stdin = BufReader::with_capacity(64 * 1024, tokio::io::stdin());
     let mut line = Vec::new();
     loop {
@@ -278,7 +327,9 @@ pub async fn run(profile: Profile, app: String) -> CliResult {
             break;
         }
         if line.last() != Some(&b'\n') && n as u64 >= MAX_MESSAGE as u64 {
-            return Err(Fail::new(format!("a message from the client exceeded {MAX_MESSAGE} bytes")));
+            return Err(Fail::new(format!(
+                "a message from the client exceeded {MAX_MESSAGE} bytes"
+            )));
         }
         while matches!(line.last(), Some(b'\n' | b'\r')) {
             line.pop();
@@ -289,12 +340,28 @@ pub async fn run(profile: Profile, app: String) -> CliResult {
         bridge.handle(std::mem::take(&mut line)).await;
     }
     // Answers to requests already sent still reach the client.
-    let inflight = std::mem::take(&mut bridge.state.lock().unwrap_or_else(|p| p.into_inner()).inflight);
-    let _ = tokio::time::timeout(Duration::from_secs(30), futures_util::future::join_all(inflight)).await;
+    let inflight = std::mem::take(
+        &mut bridge
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .inflight,
+    );
+    let _ = tokio::time::timeout(
+        Duration::from_secs(30),
+        futures_util::future::join_all(inflight),
+    )
+    .await;
     if let Some(sid) = bridge.session() {
         let _ = bridge.send(hyper::Method::DELETE, None, Some(&sid)).await;
     }
-    if let Some(t) = bridge.state.lock().unwrap_or_else(|p| p.into_inner()).get_task.take() {
+    if let Some(t) = bridge
+        .state
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_task
+        .take()
+    {
         t.abort();
     }
     drop(bridge);

@@ -18,7 +18,9 @@ pub fn client() -> HttpClient {
     let mut conn = HttpConnector::new();
     conn.set_connect_timeout(Some(Duration::from_secs(5)));
     conn.set_nodelay(true);
-    Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(conn)
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(conn)
 }
 
 pub fn base_url(proxy: &str) -> String {
@@ -39,11 +41,19 @@ pub async fn get_json(c: &HttpClient, url: &str, token: &str) -> CliResult<serde
     let resp = tokio::time::timeout(Duration::from_secs(30), c.request(req))
         .await
         .map_err(|_| Fail::new(format!("{url} did not answer in 30 s")))?
-        .map_err(|e| Fail::new(format!("cannot reach {url}: {}", portico_proto::client::source_text(&e))))?;
+        .map_err(|e| {
+            Fail::new(format!(
+                "cannot reach {url}: {}",
+                portico_proto::client::source_text(&e)
+            ))
+        })?;
     let status = resp.status();
     let body = read_limited(resp.into_body(), 64 * 1024 * 1024).await?;
-    let v: serde_json::Value = serde_json::from_slice(&body)
-        .map_err(|_| Fail::new(format!("{url} answered {status} with something that is not JSON")))?;
+    let v: serde_json::Value = serde_json::from_slice(&body).map_err(|_| {
+        Fail::new(format!(
+            "{url} answered {status} with something that is not JSON"
+        ))
+    })?;
     if !status.is_success() {
         let msg = v["error"]["message"].as_str().unwrap_or("request failed");
         return Err(Fail::new(format!("{msg} (HTTP {})", status.as_u16())));
@@ -71,7 +81,9 @@ pub async fn read_sse(
     let mut data = BytesMut::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| e.to_string())?;
-        let Ok(chunk) = frame.into_data() else { continue };
+        let Ok(chunk) = frame.into_data() else {
+            continue;
+        };
         buf.extend_from_slice(&chunk);
         while let Some(i) = buf.iter().position(|b| *b == b'\n') {
             let mut line = buf.split_to(i + 1);

@@ -20,17 +20,25 @@ pub struct Fail {
 
 impl Fail {
     pub fn new(message: impl Into<String>) -> Self {
-        Fail { message: message.into(), code: 1 }
+        Fail {
+            message: message.into(),
+            code: 1,
+        }
     }
     pub fn usage(message: impl Into<String>) -> Self {
-        Fail { message: message.into(), code: 2 }
+        Fail {
+            message: message.into(),
+            code: 2,
+        }
     }
 }
 
 impl From<tonic::Status> for Fail {
     fn from(s: tonic::Status) -> Self {
         let e = portico_proto::convert::from_status(&s);
-        let msg = if s.code() == tonic::Code::Unavailable || s.code() == tonic::Code::Unknown && s.message().contains("transport") {
+        let msg = if s.code() == tonic::Code::Unavailable
+            || s.code() == tonic::Code::Unknown && s.message().contains("transport")
+        {
             format!("the server is unavailable: {}", e.message)
         } else {
             e.message
@@ -94,8 +102,13 @@ pub async fn connect_api(t: &Target) -> CliResult<AuthClient> {
     }
     if let Some(profile) = profile::Profile::load()? {
         profile.check_fresh()?;
-        let addr = t.auth_server.clone().unwrap_or_else(|| profile.proxy.clone());
-        return connect(&addr, Some(&profile.token)).await.map_err(Fail::new);
+        let addr = t
+            .auth_server
+            .clone()
+            .unwrap_or_else(|| profile.proxy.clone());
+        return connect(&addr, Some(&profile.token))
+            .await
+            .map_err(Fail::new);
     }
     let local = PathBuf::from("portico-data").join(ADMIN_IDENTITY_FILE);
     if local.exists() {

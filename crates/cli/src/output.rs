@@ -55,5 +55,9 @@ pub fn structured(values: &[serde_json::Value], format: Format) -> String {
 }
 
 pub fn labels_text(labels: &std::collections::BTreeMap<String, String>) -> String {
-    labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }

@@ -23,7 +23,9 @@ pub fn home() -> PathBuf {
     if let Some(h) = std::env::var_os("PORTICO_HOME").filter(|h| !h.is_empty()) {
         return PathBuf::from(h);
     }
-    let base = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let base = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     base.join(".portico")
 }
 
@@ -39,34 +41,30 @@ impl Profile {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Fail::new(format!("cannot read {}: {e}", p.display()))),
         };
-        yaml_serde::from_str(&text)
-            .map(Some)
-            .map_err(|e| Fail::new(format!("{} is damaged ({e}); run psh login again", p.display())))
+        yaml_serde::from_str(&text).map(Some).map_err(|e| {
+            Fail::new(format!(
+                "{} is damaged ({e}); run psh login again",
+                p.display()
+            ))
+        })
     }
 
     pub fn save(&self) -> CliResult {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
         let p = path();
-        if let Some(dir) = p.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| Fail::new(format!("cannot create {}: {e}", dir.display())))?;
-        }
-        let text = yaml_serde::to_string(self).map_err(|e| Fail::new(format!("cannot encode profile: {e}")))?;
-        let tmp = p.with_extension("tmp");
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &p)
-        };
-        write().map_err(|e| Fail::new(format!("cannot write {}: {e}", p.display())))
+        let text = yaml_serde::to_string(self)
+            .map_err(|e| Fail::new(format!("cannot encode profile: {e}")))?;
+        portico_proto::files::write_private(&p, text.as_bytes())
+            .map_err(|e| Fail::new(format!("cannot write {}: {e}", p.display())))
     }
 
     pub fn remove() -> CliResult<bool> {
         match std::fs::remove_file(path()) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(Fail::new(format!("cannot remove {}: {e}", path().display()))),
+            Err(e) => Err(Fail::new(format!(
+                "cannot remove {}: {e}",
+                path().display()
+            ))),
         }
     }
 

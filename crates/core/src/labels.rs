@@ -143,7 +143,10 @@ mod tests {
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn sel(pairs: &[(&str, &str)]) -> LabelSelector {
@@ -155,7 +158,8 @@ mod tests {
         let dev = labels(&[("env", "dev")]);
         let prod = labels(&[("env", "prod"), ("team", "infra")]);
         let none = labels(&[]);
-        let cases: &[(&[(&str, &str)], &BTreeMap<String, String>, bool)] = &[
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a BTreeMap<String, String>, bool);
+        let cases: &[Case<'_>] = &[
             (&[("*", "*")], &dev, true),
             (&[("*", "*")], &none, true),
             (&[("env", "dev")], &dev, true),

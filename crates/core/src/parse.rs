@@ -31,7 +31,11 @@ fn split_documents(text: &str) -> Vec<Chunk<'_>> {
         let t = line.trim_end();
         let is_sep = t == "---" || t.starts_with("--- ") || t.starts_with("---\t");
         if is_sep || t == "..." {
-            chunks.push(Chunk { text: std::mem::take(&mut cur), first_line, _src: Default::default() });
+            chunks.push(Chunk {
+                text: std::mem::take(&mut cur),
+                first_line,
+                _src: Default::default(),
+            });
             first_line = i + 2;
             // Content after `--- ` on the same line belongs to the next document.
             if let Some(rest) = t.strip_prefix("---").map(str::trim_start)
@@ -47,7 +51,11 @@ fn split_documents(text: &str) -> Vec<Chunk<'_>> {
         cur.push_str(line);
         cur.push('\n');
     }
-    chunks.push(Chunk { text: cur, first_line, _src: Default::default() });
+    chunks.push(Chunk {
+        text: cur,
+        first_line,
+        _src: Default::default(),
+    });
     chunks
         .into_iter()
         .filter(|c| {
@@ -67,7 +75,11 @@ fn yaml_error(file: &str, base: usize, e: &yaml_serde::Error, path: &str) -> Err
         Some(loc) => format!("{file}:{}:{}", base + loc.line() - 1, loc.column()),
         None => format!("{file}:{base}"),
     };
-    let field = if path.is_empty() || path == "." { String::new() } else { format!("{path}: ") };
+    let field = if path.is_empty() || path == "." {
+        String::new()
+    } else {
+        format!("{path}: ")
+    };
     Error::bad_request(format!("{at}: {field}{msg}"))
 }
 
@@ -120,7 +132,9 @@ pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Resource>, Error> {
         out.push(res);
     }
     if out.is_empty() {
-        return Err(Error::bad_request(format!("{file}: the file holds no resource")));
+        return Err(Error::bad_request(format!(
+            "{file}: the file holds no resource"
+        )));
     }
     Ok(out)
 }
@@ -130,6 +144,7 @@ fn unreachable_kind() -> Result<Resource, Error> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failing test should say where
 mod tests {
     use super::*;
 
@@ -138,9 +153,14 @@ mod tests {
     #[test]
     fn seed_is_accepted() {
         let rs = parse_documents("mcp_server.yaml", SEED).expect("the seed parses");
-        let Resource::App(app) = &rs[0] else { panic!("not an app") };
+        let Resource::App(app) = &rs[0] else {
+            panic!("not an app")
+        };
         assert_eq!(app.metadata.name, "everything");
-        assert_eq!(app.metadata.labels.get("env").map(String::as_str), Some("dev"));
+        assert_eq!(
+            app.metadata.labels.get("env").map(String::as_str),
+            Some("dev")
+        );
         let mcp = app.spec.mcp.as_ref().expect("mcp spec");
         assert_eq!(mcp.command, "docker");
         assert_eq!(mcp.args, ["run", "-i", "--rm", "mcp/everything"]);
@@ -168,7 +188,8 @@ mod tests {
 
     #[test]
     fn missing_run_as_host_user() {
-        let e = err("kind: app\nversion: v3\nmetadata:\n  name: a\nspec:\n  mcp:\n    command: x\n");
+        let e =
+            err("kind: app\nversion: v3\nmetadata:\n  name: a\nspec:\n  mcp:\n    command: x\n");
         assert!(e.contains("run_as_host_user"), "{e}");
         assert!(e.starts_with("f.yaml:1:"), "{e}");
     }
@@ -179,8 +200,13 @@ mod tests {
         let e = err("kind: app\nversion: v9\nmetadata: {name: a}\nspec: {uri: 'mcp+http://x'}\n");
         assert!(e.contains("version"), "{e}");
         let long = "a".repeat(300);
-        let e = err(&format!("kind: app\nversion: v3\nmetadata: {{name: {long}}}\nspec: {{uri: 'mcp+http://x'}}\n"));
-        assert!(e.contains("metadata.name") && e.contains("300 characters"), "{e}");
+        let e = err(&format!(
+            "kind: app\nversion: v3\nmetadata: {{name: {long}}}\nspec: {{uri: 'mcp+http://x'}}\n"
+        ));
+        assert!(
+            e.contains("metadata.name") && e.contains("300 characters"),
+            "{e}"
+        );
     }
 
     #[test]

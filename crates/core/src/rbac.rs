@@ -8,11 +8,9 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
-use crate::labels::{LabelSelector, Pattern};
-use crate::resource::{
-    McpConditions, Metadata, Object, Role, RoleConditions, RoleSpec, Rule,
-};
 use crate::labels::OneOrMany;
+use crate::labels::{LabelSelector, Pattern};
+use crate::resource::{McpConditions, Metadata, Object, Role, RoleConditions, RoleSpec, Rule};
 
 /// Resource kinds under RBAC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -26,7 +24,13 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const RESOURCES: [Kind; 5] = [Kind::App, Kind::Role, Kind::User, Kind::Token, Kind::AppServer];
+    pub const RESOURCES: [Kind; 5] = [
+        Kind::App,
+        Kind::Role,
+        Kind::User,
+        Kind::Token,
+        Kind::AppServer,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -160,12 +164,21 @@ struct Compiled {
 
 impl Compiled {
     fn new(c: &RoleConditions) -> Self {
-        let apps = LabelSelector::compile(c.app_labels.iter().map(|(k, v)| (k, v.values().to_vec())))
-            .unwrap_or_default();
+        let apps =
+            LabelSelector::compile(c.app_labels.iter().map(|(k, v)| (k, v.values().to_vec())))
+                .unwrap_or_default();
         let tool_text: Vec<String> = c.mcp.as_ref().map(|m| m.tools.clone()).unwrap_or_default();
         // Invalid patterns were refused when the role was stored; skip any that slip through.
-        let tools = tool_text.iter().filter_map(|t| Pattern::parse(t).ok()).collect();
-        Compiled { rules: c.rules.clone(), apps, tools, tool_text }
+        let tools = tool_text
+            .iter()
+            .filter_map(|t| Pattern::parse(t).ok())
+            .collect();
+        Compiled {
+            rules: c.rules.clone(),
+            apps,
+            tools,
+            tool_text,
+        }
     }
 
     fn rule_covers(&self, kind: Kind, verb: Verb) -> bool {
@@ -236,9 +249,16 @@ impl AccessChecker {
     }
 
     /// May the caller call `tool` on an app with these labels? The error says why not.
-    pub fn tool_allowed(&self, labels: &BTreeMap<String, String>, tool: &str) -> Result<(), String> {
+    pub fn tool_allowed(
+        &self,
+        labels: &BTreeMap<String, String>,
+        tool: &str,
+    ) -> Result<(), String> {
         if let Some(r) = self.roles.iter().find(|r| r.deny.tool_matches(tool)) {
-            return Err(format!("RBAC denied tool {tool:?}: role {} denies it", r.name));
+            return Err(format!(
+                "RBAC denied tool {tool:?}: role {} denies it",
+                r.name
+            ));
         }
         if self
             .roles
@@ -247,7 +267,9 @@ impl AccessChecker {
         {
             return Ok(());
         }
-        Err(format!("RBAC denied tool {tool:?}: none of your roles allows it on this app"))
+        Err(format!(
+            "RBAC denied tool {tool:?}: none of your roles allows it on this app"
+        ))
     }
 
     /// A one-line summary for listings, e.g. `[*], except: [delete_*]`.
@@ -282,19 +304,33 @@ impl AccessChecker {
 fn role(name: &str, description: &str, allow: RoleConditions) -> Role {
     let mut meta = Metadata::named(name);
     meta.description = description.into();
-    Object::new(Kind::Role, meta, RoleSpec { allow, deny: RoleConditions::default() })
+    Object::new(
+        Kind::Role,
+        meta,
+        RoleSpec {
+            allow,
+            deny: RoleConditions::default(),
+        },
+    )
 }
 
 fn rule(resources: &[KindSel], verbs: &[VerbSel]) -> Rule {
-    Rule { resources: resources.to_vec(), verbs: verbs.to_vec() }
+    Rule {
+        resources: resources.to_vec(),
+        verbs: verbs.to_vec(),
+    }
 }
 
 fn every_app() -> BTreeMap<String, OneOrMany> {
-    [("*".to_string(), OneOrMany::One("*".into()))].into_iter().collect()
+    [("*".to_string(), OneOrMany::One("*".into()))]
+        .into_iter()
+        .collect()
 }
 
 fn every_tool() -> Option<McpConditions> {
-    Some(McpConditions { tools: vec!["*".into()] })
+    Some(McpConditions {
+        tools: vec!["*".into()],
+    })
 }
 
 /// Preset roles created at first start.
@@ -312,7 +348,11 @@ pub fn preset_roles() -> Vec<Role> {
         role(
             "mcp-user",
             "every app and every tool, no API permissions",
-            RoleConditions { rules: vec![], app_labels: every_app(), mcp: every_tool() },
+            RoleConditions {
+                rules: vec![],
+                app_labels: every_app(),
+                mcp: every_tool(),
+            },
         ),
     ]
 }
@@ -327,7 +367,10 @@ pub fn system_app_role() -> Role {
         RoleConditions {
             rules: vec![
                 rule(&[K::App, K::Role, K::User], &[V::List, V::Read]),
-                rule(&[K::AppServer], &[V::List, V::Read, V::Create, V::Update, V::Delete]),
+                rule(
+                    &[K::AppServer],
+                    &[V::List, V::Read, V::Create, V::Update, V::Delete],
+                ),
                 rule(&[K::Event], &[V::Create]),
             ],
             app_labels: BTreeMap::new(),
@@ -345,7 +388,10 @@ pub fn system_proxy_role() -> Role {
         "built-in role of proxies",
         RoleConditions {
             rules: vec![
-                rule(&[K::App, K::Role, K::User, K::AppServer], &[V::List, V::Read]),
+                rule(
+                    &[K::App, K::Role, K::User, K::AppServer],
+                    &[V::List, V::Read],
+                ),
                 rule(&[K::Event], &[V::Create]),
             ],
             app_labels: BTreeMap::new(),
@@ -355,6 +401,7 @@ pub fn system_proxy_role() -> Role {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failing test should say where
 mod tests {
     use super::*;
     use crate::parse::parse_documents;
@@ -421,7 +468,9 @@ spec:
         assert!(c.app_allowed(&labels("test")));
         assert!(!c.app_allowed(&labels("prod")));
         assert!(c.tool_allowed(&labels("dev"), "echo").is_ok());
-        let e = c.tool_allowed(&labels("dev"), "delete_everything").unwrap_err();
+        let e = c
+            .tool_allowed(&labels("dev"), "delete_everything")
+            .unwrap_err();
         assert!(e.contains("RBAC denied"), "{e}");
         assert!(c.tool_allowed(&labels("prod"), "echo").is_err());
         assert_eq!(c.tools_summary(&labels("dev")), "[*], except: [delete_*]");

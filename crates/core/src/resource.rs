@@ -8,7 +8,6 @@ use serde::{Deserialize, Serialize};
 use crate::labels::{OneOrMany, Pattern};
 use crate::rbac::{Kind, KindSel, VerbSel};
 
-
 /// Fields every resource carries.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -257,7 +256,9 @@ impl Resource {
         }
         for key in meta.labels.keys() {
             if key.is_empty() || key.len() > 63 {
-                return Err(format!("metadata.labels: label key {key:?} must be 1 to 63 characters"));
+                return Err(format!(
+                    "metadata.labels: label key {key:?} must be 1 to 63 characters"
+                ));
             }
         }
         match self {
@@ -302,10 +303,14 @@ impl AppSpec {
             if rest.starts_with("http://") || rest.starts_with("https://") {
                 Ok(Transport::Http(rest.to_string()))
             } else {
-                Err(format!("spec.uri: unsupported scheme in {uri:?}; use mcp+stdio://, mcp+http(s):// or mcp+sse+http(s)://"))
+                Err(format!(
+                    "spec.uri: unsupported scheme in {uri:?}; use mcp+stdio://, mcp+http(s):// or mcp+sse+http(s)://"
+                ))
             }
         } else {
-            Err(format!("spec.uri: {uri:?} is not an MCP uri; use mcp+stdio://, mcp+http(s):// or mcp+sse+http(s)://"))
+            Err(format!(
+                "spec.uri: {uri:?} is not an MCP uri; use mcp+stdio://, mcp+http(s):// or mcp+sse+http(s)://"
+            ))
         }
     }
 
@@ -333,7 +338,9 @@ fn validate_app(spec: &AppSpec) -> Result<(), String> {
             }
             for key in mcp.env.keys() {
                 if key.is_empty() || key.contains(['=', '\0']) {
-                    return Err(format!("spec.mcp.env: {key:?} is not a valid variable name"));
+                    return Err(format!(
+                        "spec.mcp.env: {key:?} is not a valid variable name"
+                    ));
                 }
             }
             Ok(())
@@ -356,7 +363,9 @@ fn validate_role(spec: &RoleSpec) -> Result<(), String> {
         }
         for (i, r) in c.rules.iter().enumerate() {
             if r.resources.is_empty() || r.verbs.is_empty() {
-                return Err(format!("spec.{side}.rules[{i}]: needs at least one resource and one verb"));
+                return Err(format!(
+                    "spec.{side}.rules[{i}]: needs at least one resource and one verb"
+                ));
             }
         }
     }
@@ -367,12 +376,19 @@ fn validate_role(spec: &RoleSpec) -> Result<(), String> {
 pub fn validate_name(name: &str) -> Result<(), String> {
     let b = name.as_bytes();
     let shown: String = name.chars().take(40).collect();
-    let shown = if name.chars().count() > 40 { format!("{shown}...") } else { shown };
+    let shown = if name.chars().count() > 40 {
+        format!("{shown}...")
+    } else {
+        shown
+    };
     if b.is_empty() {
         return Err("a name is required".into());
     }
     if b.len() > 63 {
-        return Err(format!("{shown:?} is {} characters long; names have at most 63", b.len()));
+        return Err(format!(
+            "{shown:?} is {} characters long; names have at most 63",
+            b.len()
+        ));
     }
     let edge = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit();
     let inner = |c: u8| edge(c) || matches!(c, b'.' | b'_' | b'-');
@@ -410,11 +426,17 @@ impl Metadata {
 
 impl<S> Object<S> {
     pub fn new(kind: Kind, metadata: Metadata, spec: S) -> Self {
-        Object { kind: kind.as_str().to_string(), version: kind.version().to_string(), metadata, spec }
+        Object {
+            kind: kind.as_str().to_string(),
+            version: kind.version().to_string(),
+            metadata,
+            spec,
+        }
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failing test should say where
 mod tests {
     use super::*;
 
@@ -434,11 +456,23 @@ mod tests {
 
     #[test]
     fn transports() {
-        let t = |u: &str| AppSpec { uri: u.into(), mcp: None }.transport();
+        let t = |u: &str| {
+            AppSpec {
+                uri: u.into(),
+                mcp: None,
+            }
+            .transport()
+        };
         assert_eq!(t(""), Ok(Transport::Stdio));
         assert_eq!(t("mcp+stdio://"), Ok(Transport::Stdio));
-        assert_eq!(t("mcp+https://x/mcp"), Ok(Transport::Http("https://x/mcp".into())));
-        assert_eq!(t("mcp+sse+http://x/sse"), Ok(Transport::Sse("http://x/sse".into())));
+        assert_eq!(
+            t("mcp+https://x/mcp"),
+            Ok(Transport::Http("https://x/mcp".into()))
+        );
+        assert_eq!(
+            t("mcp+sse+http://x/sse"),
+            Ok(Transport::Sse("http://x/sse".into()))
+        );
         assert!(t("http://x").is_err());
         assert!(t("mcp+ftp://x").is_err());
     }

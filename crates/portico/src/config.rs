@@ -36,7 +36,10 @@ impl Config {
     pub fn quick_start() -> Self {
         Config {
             data_dir: PathBuf::from("portico-data"),
-            auth: Some(AuthConfig { listen_addr: "127.0.0.1:3025".into(), ..AuthConfig::default() }),
+            auth: Some(AuthConfig {
+                listen_addr: "127.0.0.1:3025".into(),
+                ..AuthConfig::default()
+            }),
             proxy: Some(ProxyConfig {
                 web_listen_addr: "127.0.0.1:3080".into(),
                 tunnel_listen_addr: "127.0.0.1:3024".into(),
@@ -44,7 +47,9 @@ impl Config {
             }),
             agent: Some(AgentConfig {
                 enabled: true,
-                resources: vec![ResourceSelector { labels: BTreeMap::from([("*".to_string(), "*".to_string())]) }],
+                resources: vec![ResourceSelector {
+                    labels: BTreeMap::from([("*".to_string(), "*".to_string())]),
+                }],
                 ..AgentConfig::default()
             }),
         }
@@ -52,7 +57,8 @@ impl Config {
 }
 
 pub fn load(path: &Path) -> Result<Config, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     if text.len() > 1024 * 1024 {
         return Err(format!("{} is larger than 1 MiB", path.display()));
     }
@@ -65,13 +71,19 @@ pub fn load(path: &Path) -> Result<Config, String> {
         if let Some(i) = msg.find(" at line ") {
             msg.truncate(i);
         }
-        let at = inner.location().map(|l| format!(":{}:{}", l.line(), l.column())).unwrap_or_default();
+        let at = inner
+            .location()
+            .map(|l| format!(":{}:{}", l.line(), l.column()))
+            .unwrap_or_default();
         format!("{}{at}: {field}: {msg}", path.display())
     })?;
     if let Some(v) = &f.version
         && v != "v1"
     {
-        return Err(format!("{}: version: only v1 is known, got {v:?}", path.display()));
+        return Err(format!(
+            "{}: version: only v1 is known, got {v:?}",
+            path.display()
+        ));
     }
     let enabled = |b: bool| b;
     Ok(Config {
@@ -101,7 +113,11 @@ pub fn expand_env(text: &str) -> Result<String, String> {
         match (std::env::var(name).ok().filter(|v| !v.is_empty()), default) {
             (Some(v), _) => out.push_str(&v),
             (None, Some(d)) => out.push_str(d),
-            (None, None) => return Err(format!("the environment variable {name} is not set (used as ${{{name}}})")),
+            (None, None) => {
+                return Err(format!(
+                    "the environment variable {name} is not set (used as ${{{name}}})"
+                ));
+            }
         }
         rest = &after[end + 1..];
     }
@@ -113,8 +129,14 @@ pub fn expand_env(text: &str) -> Result<String, String> {
 mod tests {
     #[test]
     fn expands() {
-        assert_eq!(super::expand_env("a: ${PORTICO_NOPE_X:-d}").as_deref(), Ok("a: d"));
+        assert_eq!(
+            super::expand_env("a: ${PORTICO_NOPE_X:-d}").as_deref(),
+            Ok("a: d")
+        );
         assert!(super::expand_env("a: ${PORTICO_NOPE_X}").is_err());
-        assert_eq!(super::expand_env("$HOME stays").as_deref(), Ok("$HOME stays"));
+        assert_eq!(
+            super::expand_env("$HOME stays").as_deref(),
+            Ok("$HOME stays")
+        );
     }
 }

@@ -9,7 +9,11 @@ mod config;
 mod run;
 
 #[derive(Parser)]
-#[command(name = "portico", version, about = "Portico: one access plane for your MCP servers")]
+#[command(
+    name = "portico",
+    version,
+    about = "Portico: one access plane for your MCP servers"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -50,19 +54,47 @@ fn main() {
         Cmd::Check { config } => match config::load(&config) {
             Ok(c) => {
                 println!("{}: ok", config.display());
-                println!("  auth_service:  {}", if c.auth.is_some() { "enabled" } else { "disabled" });
-                println!("  proxy_service: {}", if c.proxy.is_some() { "enabled" } else { "disabled" });
-                println!("  app_service:   {}", if c.agent.is_some() { "enabled" } else { "disabled" });
+                println!(
+                    "  auth_service:  {}",
+                    if c.auth.is_some() {
+                        "enabled"
+                    } else {
+                        "disabled"
+                    }
+                );
+                println!(
+                    "  proxy_service: {}",
+                    if c.proxy.is_some() {
+                        "enabled"
+                    } else {
+                        "disabled"
+                    }
+                );
+                println!(
+                    "  app_service:   {}",
+                    if c.agent.is_some() {
+                        "enabled"
+                    } else {
+                        "disabled"
+                    }
+                );
             }
             Err(e) => {
                 eprintln!("error: {e}");
                 std::process::exit(1);
             }
         },
-        Cmd::Start { config, data_dir, log_format, log_level } => {
+        Cmd::Start {
+            config,
+            data_dir,
+            log_format,
+            log_level,
+        } => {
             let filter = tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_level));
-            let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+            let builder = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr);
             if log_format == LogFormat::Json {
                 builder.json().init();
             } else {
@@ -82,7 +114,10 @@ fn main() {
             if let Some(d) = data_dir {
                 cfg.data_dir = d;
             }
-            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("error: cannot start the runtime: {e}");

@@ -7,7 +7,9 @@ use tokio::net::TcpListener;
 use crate::config::Config;
 
 async fn bind(addr: &str, what: &str) -> Result<TcpListener> {
-    TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} for the {what}"))
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for the {what}"))
 }
 
 async fn shutdown_signal() {
@@ -27,10 +29,16 @@ async fn shutdown_signal() {
 
 pub async fn run(cfg: Config, quick_start: bool) -> Result<()> {
     if cfg.auth.is_none() && cfg.proxy.is_none() && cfg.agent.is_none() {
-        bail!("the config enables no service: set enabled: true in auth_service, proxy_service or app_service");
+        bail!(
+            "the config enables no service: set enabled: true in auth_service, proxy_service or app_service"
+        );
     }
-    std::fs::create_dir_all(&cfg.data_dir)
-        .with_context(|| format!("cannot create the data directory {}", cfg.data_dir.display()))?;
+    std::fs::create_dir_all(&cfg.data_dir).with_context(|| {
+        format!(
+            "cannot create the data directory {}",
+            cfg.data_dir.display()
+        )
+    })?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
     let mut auth_addr: Option<String> = None;
@@ -39,8 +47,14 @@ pub async fn run(cfg: Config, quick_start: bool) -> Result<()> {
     if let Some(a) = &cfg.auth {
         let listener = bind(&a.listen_addr, "auth-service").await?;
         let local = listener.local_addr()?;
-        let server = portico_auth::AuthServer::open(a, &cfg.data_dir).await.map_err(|e| anyhow::anyhow!(e.message))?;
-        let reach = if local.ip().is_unspecified() { format!("127.0.0.1:{}", local.port()) } else { local.to_string() };
+        let server = portico_auth::AuthServer::open(a, &cfg.data_dir)
+            .await
+            .map_err(|e| anyhow::anyhow!(e.message))?;
+        let reach = if local.ip().is_unspecified() {
+            format!("127.0.0.1:{}", local.port())
+        } else {
+            local.to_string()
+        };
         server
             .ensure_admin_identity(&cfg.data_dir, &reach)
             .await
@@ -68,24 +82,40 @@ pub async fn run(cfg: Config, quick_start: bool) -> Result<()> {
         if p.auth_servers.is_empty() {
             match &auth_addr {
                 Some(a) => p.auth_servers = vec![a.clone()],
-                None => bail!("proxy_service.auth_servers: required when the auth-service runs elsewhere"),
+                None => bail!(
+                    "proxy_service.auth_servers: required when the auth-service runs elsewhere"
+                ),
             }
         }
         let creds = match (&auth_server, &p.join_token, &p.join_token_file) {
             (Some(server), None, None) => {
                 let host = p.host_id.clone().unwrap_or_else(|| "local-proxy".into());
-                let token = server.issue_service_identity(&host, "proxy").await.map_err(|e| anyhow::anyhow!(e.message))?;
-                portico_proxy::Credentials::Identity { host_id: host, token }
+                let token = server
+                    .issue_service_identity(&host, "proxy")
+                    .await
+                    .map_err(|e| anyhow::anyhow!(e.message))?;
+                portico_proxy::Credentials::Identity {
+                    host_id: host,
+                    token,
+                }
             }
-            _ => portico_proxy::Credentials::Join { data_dir: cfg.data_dir.clone() },
+            _ => portico_proxy::Credentials::Join {
+                data_dir: cfg.data_dir.clone(),
+            },
         };
         let listeners = portico_proxy::Listeners {
             web: bind(&p.web_listen_addr, "proxy web listener").await?,
             tunnel: bind(&p.tunnel_listen_addr, "proxy tunnel listener").await?,
         };
-        let started = portico_proxy::start(&p, creds, listeners).await.map_err(|e| anyhow::anyhow!(e.message))?;
+        let started = portico_proxy::start(&p, creds, listeners)
+            .await
+            .map_err(|e| anyhow::anyhow!(e.message))?;
         let t = started.tunnel_addr;
-        tunnel_addr = Some(if t.ip().is_unspecified() { format!("127.0.0.1:{}", t.port()) } else { t.to_string() });
+        tunnel_addr = Some(if t.ip().is_unspecified() {
+            format!("127.0.0.1:{}", t.port())
+        } else {
+            t.to_string()
+        });
         tracing::info!(web = %started.web_addr, tunnel = %started.tunnel_addr, "proxy listening");
         proxy = Some(started);
     }
@@ -96,7 +126,9 @@ pub async fn run(cfg: Config, quick_start: bool) -> Result<()> {
         if a.auth_servers.is_empty() {
             match &auth_addr {
                 Some(x) => a.auth_servers = vec![x.clone()],
-                None => bail!("app_service.auth_servers: required when the auth-service runs elsewhere"),
+                None => {
+                    bail!("app_service.auth_servers: required when the auth-service runs elsewhere")
+                }
             }
         }
         if a.proxy_servers.is_empty() {
@@ -108,25 +140,45 @@ pub async fn run(cfg: Config, quick_start: bool) -> Result<()> {
         let creds = match (&auth_server, &a.join_token, &a.join_token_file) {
             (Some(server), None, None) => {
                 let host = a.host_id.clone().unwrap_or_else(|| "local-agent".into());
-                let token = server.issue_service_identity(&host, "app").await.map_err(|e| anyhow::anyhow!(e.message))?;
-                portico_agent::Credentials::Identity { host_id: host, token }
+                let token = server
+                    .issue_service_identity(&host, "app")
+                    .await
+                    .map_err(|e| anyhow::anyhow!(e.message))?;
+                portico_agent::Credentials::Identity {
+                    host_id: host,
+                    token,
+                }
             }
-            _ => portico_agent::Credentials::Join { data_dir: cfg.data_dir.clone() },
+            _ => portico_agent::Credentials::Join {
+                data_dir: cfg.data_dir.clone(),
+            },
         };
-        agent = Some(portico_agent::start(&a, creds).await.map_err(|e| anyhow::anyhow!(e.message))?);
+        agent = Some(
+            portico_agent::start(&a, creds)
+                .await
+                .map_err(|e| anyhow::anyhow!(e.message))?,
+        );
     }
 
     if quick_start && let Some(p) = &proxy {
         let web = p.web_addr;
-        println!("Portico is running: auth-service, proxy and one agent, with SQLite in {}", cfg.data_dir.display());
-        println!("  proxy (MCP, psh, web): http://{web}    tunnel: {}", tunnel_addr.as_deref().unwrap_or("-"));
+        println!(
+            "Portico is running: auth-service, proxy and one agent, with SQLite in {}",
+            cfg.data_dir.display()
+        );
+        println!(
+            "  proxy (MCP, psh, web): http://{web}    tunnel: {}",
+            tunnel_addr.as_deref().unwrap_or("-")
+        );
         println!();
         println!("Next, in another terminal in this directory:");
         println!("  pctl users add alice --roles=admin          # prints alice's password once");
         println!("  psh login --proxy={web} --user=alice");
         println!("  pctl create mcp_server.yaml                 # register an MCP server");
         println!("  psh mcp ls                                  # see what you can reach");
-        println!("  psh mcp config everything                   # client config that runs psh mcp connect");
+        println!(
+            "  psh mcp config everything                   # client config that runs psh mcp connect"
+        );
         println!("Stop with Ctrl-C.");
     }
 
@@ -139,7 +191,9 @@ pub async fn run(cfg: Config, quick_start: bool) -> Result<()> {
         p.shutdown().await;
     }
     if let Some(a) = &agent
-        && !a.drain(a.state.grace + std::time::Duration::from_secs(2)).await
+        && !a
+            .drain(a.state.grace + std::time::Duration::from_secs(2))
+            .await
     {
         tracing::warn!("some MCP processes were still running at exit");
     }

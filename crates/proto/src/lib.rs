@@ -11,3 +11,4 @@ pub use v1::auth_service_server::{AuthService, AuthServiceServer};
 
 pub mod client;
 pub mod convert;
+pub mod files;

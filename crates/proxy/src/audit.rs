@@ -1,8 +1,8 @@
 //! Audit events from the proxy go to the auth-service in the background,
 //! through a bounded queue, so the request path never waits on them.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use portico_proto::client::AuthClient;
 use portico_proto::v1::{EmitEventRequest, EmitEventsRequest};
@@ -24,7 +24,9 @@ impl Auditor {
             let mut batch = Vec::with_capacity(BATCH);
             // Everything queued goes in one call: one round trip and one transaction.
             while rx.recv_many(&mut batch, BATCH).await > 0 {
-                let req = EmitEventsRequest { events: std::mem::take(&mut batch) };
+                let req = EmitEventsRequest {
+                    events: std::mem::take(&mut batch),
+                };
                 let mut api = api.clone();
                 let mut delay = std::time::Duration::from_millis(100);
                 // Retry a few times while the auth-service is away, then give up on these.
@@ -43,11 +45,18 @@ impl Auditor {
                 }
             }
         });
-        Auditor { tx, dropped: Arc::new(AtomicU64::new(0)) }
+        Auditor {
+            tx,
+            dropped: Arc::new(AtomicU64::new(0)),
+        }
     }
 
     pub fn emit(&self, kind: &str, success: bool, fields: serde_json::Value) {
-        let ev = EmitEventRequest { r#type: kind.to_string(), success, fields_json: fields.to_string() };
+        let ev = EmitEventRequest {
+            r#type: kind.to_string(),
+            success,
+            fields_json: fields.to_string(),
+        };
         if self.tx.try_send(ev).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(event = kind, "audit queue full; event dropped");

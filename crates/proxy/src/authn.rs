@@ -31,7 +31,10 @@ pub struct Authenticator {
 
 impl Authenticator {
     pub fn new(channel: Channel) -> Self {
-        Authenticator { channel, cache: Mutex::new(HashMap::new()) }
+        Authenticator {
+            channel,
+            cache: Mutex::new(HashMap::new()),
+        }
     }
 
     pub async fn resolve(&self, token: &str) -> Result<Caller, Error> {
@@ -44,13 +47,19 @@ impl Authenticator {
                 return Ok(c.clone());
             }
         }
-        let mut client = with_token(self.channel.clone(), Some(token)).map_err(Error::unauthenticated)?;
+        let mut client =
+            with_token(self.channel.clone(), Some(token)).map_err(Error::unauthenticated)?;
         let resp = tokio::time::timeout(Duration::from_secs(5), client.who_am_i(WhoAmIRequest {}))
             .await
             .map_err(|_| Error::unavailable("the auth service did not answer in time"))?
             .map_err(|s| portico_proto::convert::from_status(&s))?
             .into_inner();
-        let caller = Caller { name: resp.name, ptype: resp.principal_type, roles: resp.roles, expires_ms: resp.expires_ms };
+        let caller = Caller {
+            name: resp.name,
+            ptype: resp.principal_type,
+            roles: resp.roles,
+            expires_ms: resp.expires_ms,
+        };
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() >= MAX_ENTRIES {
             cache.retain(|_, (_, at)| at.elapsed() < TOKEN_TTL);
@@ -66,6 +75,9 @@ impl Authenticator {
 /// `Authorization: Bearer <token>` from HTTP headers.
 pub fn bearer(headers: &http::HeaderMap) -> Option<&str> {
     let v = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
-    let t = v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer "))?.trim();
+    let t = v
+        .strip_prefix("Bearer ")
+        .or_else(|| v.strip_prefix("bearer "))?
+        .trim();
     (!t.is_empty() && t.len() <= 256).then_some(t)
 }

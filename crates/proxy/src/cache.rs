@@ -45,7 +45,11 @@ impl Cache {
     }
 
     pub fn servers(&self, app: &str) -> Vec<String> {
-        self.read().servers.get(app).map(|s| s.iter().cloned().collect()).unwrap_or_default()
+        self.read()
+            .servers
+            .get(app)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     pub fn user_exists(&self, name: &str) -> bool {
@@ -63,7 +67,12 @@ impl Cache {
         }
         let mut st = self.write();
         let u = st.users.get(user)?;
-        let roles: Vec<&Role> = u.spec.roles.iter().filter_map(|r| st.roles.get(r)).collect();
+        let roles: Vec<&Role> = u
+            .spec
+            .roles
+            .iter()
+            .filter_map(|r| st.roles.get(r))
+            .collect();
         let c = Arc::new(AccessChecker::new(roles));
         st.checkers.insert(user.to_string(), c.clone());
         Some(c)
@@ -100,8 +109,12 @@ impl Cache {
                 st.checkers.clear();
             }
             Resource::AppServer(s) => {
-                st.servers.entry(s.spec.app.clone()).or_default().insert(s.spec.host_id.clone());
-                st.server_names.insert(s.metadata.name.clone(), (s.spec.app, s.spec.host_id));
+                st.servers
+                    .entry(s.spec.app.clone())
+                    .or_default()
+                    .insert(s.spec.host_id.clone());
+                st.server_names
+                    .insert(s.metadata.name.clone(), (s.spec.app, s.spec.host_id));
             }
             Resource::Token(_) => {}
         }
@@ -155,15 +168,26 @@ impl Cache {
     }
 
     async fn follow_once(&self, mut api: AuthClient, attempt: &mut u32) -> Result<(), String> {
-        let kinds = ["app", "role", "user", "app_server"].map(String::from).to_vec();
+        let kinds = ["app", "role", "user", "app_server"]
+            .map(String::from)
+            .to_vec();
         let mut stream = api
-            .watch(WatchRequest { kinds, from_revision: 0 })
+            .watch(WatchRequest {
+                kinds,
+                from_revision: 0,
+            })
             .await
             .map_err(|s| s.message().to_string())?
             .into_inner();
         let mut fresh: Option<State> = Some(State::default());
-        while let Some(ev) = stream.message().await.map_err(|s| s.message().to_string())? {
-            let Some(kind) = Kind::parse(&ev.kind).or(Some(Kind::Event)) else { continue };
+        while let Some(ev) = stream
+            .message()
+            .await
+            .map_err(|s| s.message().to_string())?
+        {
+            let Some(kind) = Kind::parse(&ev.kind).or(Some(Kind::Event)) else {
+                continue;
+            };
             let t = watch_event::Type::try_from(ev.r#type).unwrap_or(watch_event::Type::Put);
             match (t, fresh.as_mut()) {
                 (watch_event::Type::Put, Some(st)) => Self::put(st, kind, &ev.json),

@@ -30,9 +30,15 @@ pub async fn grpc(State(state): State<Arc<ProxyState>>, req: Request) -> Respons
             let mut r = Response::new(Body::empty());
             *r.status_mut() = StatusCode::OK;
             let h = r.headers_mut();
-            h.insert("content-type", http::HeaderValue::from_static("application/grpc"));
+            h.insert(
+                "content-type",
+                http::HeaderValue::from_static("application/grpc"),
+            );
             h.insert("grpc-status", http::HeaderValue::from_static("14"));
-            h.insert("grpc-message", http::HeaderValue::from_static("the%20auth%20service%20is%20unavailable"));
+            h.insert(
+                "grpc-message",
+                http::HeaderValue::from_static("the%20auth%20service%20is%20unavailable"),
+            );
             r
         }
     }

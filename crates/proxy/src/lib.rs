@@ -145,11 +145,19 @@ impl Proxy {
     }
 }
 
-pub async fn start(cfg: &ProxyConfig, creds: Credentials, listeners: Listeners) -> Result<Proxy, Error> {
+pub async fn start(
+    cfg: &ProxyConfig,
+    creds: Credentials,
+    listeners: Listeners,
+) -> Result<Proxy, Error> {
     let auth = cfg
         .auth_servers
         .first()
-        .ok_or_else(|| Error::bad_request("proxy_service.auth_servers: at least one auth-service address is required"))?
+        .ok_or_else(|| {
+            Error::bad_request(
+                "proxy_service.auth_servers: at least one auth-service address is required",
+            )
+        })?
         .clone();
     let (_host_id, token) = match creds {
         Credentials::Identity { host_id, token } => (host_id, token),
@@ -166,11 +174,11 @@ pub async fn start(cfg: &ProxyConfig, creds: Credentials, listeners: Listeners) 
         }
     };
     let idle_timeout = match &cfg.session_idle_timeout {
-        Some(s) => Duration::from_millis(
-            portico_core::time::parse_duration(s)
-                .ok_or_else(|| Error::bad_request(format!("proxy_service.session_idle_timeout: {s:?} is not a duration")))?
-                as u64,
-        ),
+        Some(s) => Duration::from_millis(portico_core::time::parse_duration(s).ok_or_else(|| {
+            Error::bad_request(format!(
+                "proxy_service.session_idle_timeout: {s:?} is not a duration"
+            ))
+        })? as u64),
         None => Duration::from_secs(30 * 60),
     };
     let channel = channel_lazy(&auth).map_err(Error::bad_request)?;
@@ -208,9 +216,20 @@ pub async fn start(cfg: &ProxyConfig, creds: Credentials, listeners: Listeners) 
             Ok(who.name)
         })
     });
-    let web_addr = listeners.web.local_addr().map_err(|e| Error::unavailable(e.to_string()))?;
-    let tunnel_addr = listeners.tunnel.local_addr().map_err(|e| Error::unavailable(e.to_string()))?;
-    tokio::spawn(state.tunnels.clone().accept_loop(listeners.tunnel, tunnel_auth, stop_rx.clone()));
+    let web_addr = listeners
+        .web
+        .local_addr()
+        .map_err(|e| Error::unavailable(e.to_string()))?;
+    let tunnel_addr = listeners
+        .tunnel
+        .local_addr()
+        .map_err(|e| Error::unavailable(e.to_string()))?;
+    tokio::spawn(
+        state
+            .tunnels
+            .clone()
+            .accept_loop(listeners.tunnel, tunnel_auth, stop_rx.clone()),
+    );
     tokio::spawn(idle_sweeper(state.clone(), stop_rx.clone()));
     let router = web::router(state.clone());
     let mut web_stop = stop_rx.clone();
@@ -223,12 +242,21 @@ pub async fn start(cfg: &ProxyConfig, creds: Credentials, listeners: Listeners) 
             // Small JSON-RPC messages must not wait for Nagle's algorithm.
             let _ = tcp.set_nodelay(true);
         });
-        if let Err(e) = axum::serve(web, router).with_graceful_shutdown(shutdown).await {
+        if let Err(e) = axum::serve(web, router)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
             tracing::error!(error = %e, "proxy web server failed");
         }
     });
     tracing::info!(web = %web_addr, tunnel = %tunnel_addr, auth = %auth, "proxy started");
-    Ok(Proxy { state, web_addr, tunnel_addr, stop, web_task })
+    Ok(Proxy {
+        state,
+        web_addr,
+        tunnel_addr,
+        stop,
+        web_task,
+    })
 }
 
 /// Runs the proxy until `shutdown` resolves.
@@ -253,7 +281,8 @@ async fn idle_sweeper(state: Arc<ProxyState>, mut stop: watch::Receiver<bool>) {
         }
         let cutoff = portico_core::time::now_ms() - state.idle_timeout.as_millis() as i64;
         for s in state.sessions.all() {
-            if s.last_active.load(std::sync::atomic::Ordering::Relaxed) < cutoff && !s.has_streams() {
+            if s.last_active.load(std::sync::atomic::Ordering::Relaxed) < cutoff && !s.has_streams()
+            {
                 s.end(&state, "the session was idle for too long").await;
             }
         }

@@ -18,7 +18,10 @@ pub fn router(state: Arc<ProxyState>) -> Router {
     Router::new()
         .route("/mcp/{app}", any(crate::mcp::handle))
         .route("/v1/apps", get(apps))
-        .route("/portico.v1.AuthService/{method}", post(crate::forward::grpc))
+        .route(
+            "/portico.v1.AuthService/{method}",
+            post(crate::forward::grpc),
+        )
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
@@ -68,7 +71,11 @@ async fn ready(State(state): State<Arc<ProxyState>>) -> Response {
     if state.cache.synced() {
         "ok\n".into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "waiting for the first sync with the auth service\n").into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "waiting for the first sync with the auth service\n",
+        )
+            .into_response()
     }
 }
 

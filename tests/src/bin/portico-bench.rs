@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use portico_proto::v1;
+use portico_tests::direct::Direct;
 use portico_tests::mcp_http::McpHttp;
 use portico_tests::util::{test_app_yaml, test_mcp_server};
 use portico_tests::{ClusterBuilder, Storage, eventually};
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {
@@ -29,13 +29,23 @@ fn ms(d: Duration) -> f64 {
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }
 
 fn app_req(name: &str) -> v1::CreateRequest {
     let app = portico_core::parse::parse_documents("b", &format!("kind: app\nversion: v3\nmetadata: {{name: {name}}}\nspec: {{uri: 'mcp+http://x/mcp'}}\n")).expect("app");
-    v1::CreateRequest { resources: vec![v1::Resource { kind: "app".into(), json: app[0].to_json() }], overwrite: false }
+    v1::CreateRequest {
+        resources: vec![v1::Resource {
+            kind: "app".into(),
+            json: app[0].to_json(),
+        }],
+        overwrite: false,
+    }
 }
 
 async fn store(storage: Storage) {
@@ -55,7 +65,9 @@ async fn store(storage: Storage) {
         let mut a = admin.clone();
         set.spawn(async move {
             for i in 0..(n / 8) {
-                a.create(app_req(&format!("c{w}-{i}"))).await.expect("create");
+                a.create(app_req(&format!("c{w}-{i}")))
+                    .await
+                    .expect("create");
             }
         });
     }
@@ -69,7 +81,14 @@ async fn store(storage: Storage) {
         let mut a = admin.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
-            let mut s = a.watch(v1::WatchRequest { kinds: vec!["app".into()], from_revision: 0 }).await.expect("watch").into_inner();
+            let mut s = a
+                .watch(v1::WatchRequest {
+                    kinds: vec!["app".into()],
+                    from_revision: 0,
+                })
+                .await
+                .expect("watch")
+                .into_inner();
             let mut live = false;
             while let Ok(Some(ev)) = s.message().await {
                 if ev.r#type == v1::watch_event::Type::SnapshotEnd as i32 {
@@ -119,7 +138,12 @@ async fn store(storage: Storage) {
 }
 
 async fn registration(storage: Storage) {
-    let c = ClusterBuilder::new().storage(storage).proxy().wildcard_agent("a1").start().await;
+    let c = ClusterBuilder::new()
+        .storage(storage)
+        .proxy()
+        .wildcard_agent("a1")
+        .start()
+        .await;
     let state = c.proxy.as_ref().expect("proxy").state.clone();
     let mut admin = c.admin().await;
     let mut lat = Vec::new();
@@ -130,14 +154,23 @@ async fn registration(storage: Storage) {
         let res = portico_core::parse::parse_documents("r", &yaml).expect("app");
         let t0 = Instant::now();
         admin
-            .create(v1::CreateRequest { resources: vec![v1::Resource { kind: "app".into(), json: res[0].to_json() }], overwrite: false })
+            .create(v1::CreateRequest {
+                resources: vec![v1::Resource {
+                    kind: "app".into(),
+                    json: res[0].to_json(),
+                }],
+                overwrite: false,
+            })
             .await
             .expect("create");
         let returned = Instant::now();
         rpc.push(ms(returned - t0));
         // Poll tightly: a backing-off wait would blur the figure.
         while state.cache.servers(&name).is_empty() {
-            assert!(returned.elapsed() < Duration::from_secs(10), "{name} never registered");
+            assert!(
+                returned.elapsed() < Duration::from_secs(10),
+                "{name} never registered"
+            );
             tokio::time::sleep(Duration::from_micros(200)).await;
         }
         lat.push(ms(returned.elapsed()));
@@ -150,49 +183,17 @@ async fn registration(storage: Storage) {
     c.shutdown().await;
 }
 
-/// A direct stdio session with the test server, for baselines.
-struct Direct {
-    child: tokio::process::Child,
-    stdin: tokio::process::ChildStdin,
-    out: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
-    id: i64,
-}
-
-impl Direct {
-    async fn start() -> Direct {
-        let mut child = tokio::process::Command::new(test_mcp_server())
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn");
-        let stdin = child.stdin.take().expect("stdin");
-        let out = BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let mut d = Direct { child, stdin, out, id: 0 };
-        d.rpc("initialize", json!({"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "bench", "version": "1"}})).await;
-        d.stdin.write_all(b"{\"jsonrpc\":\"2.0\",\"method\":\"notifications/initialized\"}\n").await.expect("write");
-        d
-    }
-    async fn rpc(&mut self, method: &str, params: serde_json::Value) -> serde_json::Value {
-        self.id += 1;
-        let msg = json!({"jsonrpc": "2.0", "id": self.id, "method": method, "params": params}).to_string() + "\n";
-        self.stdin.write_all(msg.as_bytes()).await.expect("write");
-        loop {
-            let line = self.out.next_line().await.expect("read").expect("line");
-            let v: serde_json::Value = serde_json::from_str(&line).expect("json");
-            if v["id"] == json!(self.id) {
-                return v;
-            }
-        }
-    }
-}
-
 async fn proxy_overhead() {
-    let c = ClusterBuilder::new().proxy().wildcard_agent("a1").start().await;
+    let c = ClusterBuilder::new()
+        .proxy()
+        .wildcard_agent("a1")
+        .start()
+        .await;
     c.add_user("bench", &["admin"], "bench-password-1").await;
     let token = c.login("bench", "bench-password-1").await;
-    c.create_yaml(&test_app_yaml("tm", "dev"), false).await.expect("app");
+    c.create_yaml(&test_app_yaml("tm", "dev"), false)
+        .await
+        .expect("app");
     c.wait_servers("tm", &["a1"]).await;
     let addr = c.proxy_addr();
 
@@ -200,7 +201,7 @@ async fn proxy_overhead() {
     let (mut direct_start, mut proxied_start) = (Vec::new(), Vec::new());
     for _ in 0..20 {
         let t = Instant::now();
-        let d = Direct::start().await;
+        let d = Direct::start(&test_mcp_server(), &[]).await;
         direct_start.push(ms(t.elapsed()));
         drop(d);
         let t = Instant::now();
@@ -222,14 +223,18 @@ async fn proxy_overhead() {
         let mut set = tokio::task::JoinSet::new();
         for _ in 0..sessions {
             set.spawn(async move {
-                let mut d = Direct::start().await;
+                let mut d = Direct::start(&test_mcp_server(), &[]).await;
                 let mut v = Vec::with_capacity(calls);
                 for i in 0..calls {
                     let t = Instant::now();
-                    d.rpc("tools/call", json!({"name": "echo", "arguments": {"message": format!("m{i}")}})).await;
+                    d.rpc(
+                        "tools/call",
+                        json!({"name": "echo", "arguments": {"message": format!("m{i}")}}),
+                    )
+                    .await;
                     v.push(ms(t.elapsed()));
                 }
-                let _ = d.child.start_kill();
+                d.kill();
                 v
             });
         }
@@ -275,19 +280,38 @@ async fn proxy_overhead() {
 }
 
 async fn ls_scale() {
-    let c = ClusterBuilder::new().proxy().wildcard_agent("a1").start().await;
+    let c = ClusterBuilder::new()
+        .proxy()
+        .wildcard_agent("a1")
+        .start()
+        .await;
     c.add_user("bench", &["admin"], "bench-password-1").await;
     let home = c.data_dir().join("home");
     let psh = portico_tests::bin("psh");
     let mut login = tokio::process::Command::new(&psh);
-    login.args(["login", &format!("--proxy={}", c.proxy_addr()), "--user=bench", "--password-stdin"]).env("PORTICO_HOME", &home);
+    login
+        .args([
+            "login",
+            &format!("--proxy={}", c.proxy_addr()),
+            "--user=bench",
+            "--password-stdin",
+        ])
+        .env("PORTICO_HOME", &home);
     let _ = portico_tests::cluster::run(login, Some("bench-password-1\n")).await;
     let mut admin = c.admin().await;
     let measure = async |label: &str, total: usize| {
         let state = c.proxy.as_ref().expect("proxy").state.clone();
         eventually(Duration::from_secs(120), "all registered", || {
             let s = state.clone();
-            async move { (s.cache.apps().iter().filter(|a| !s.cache.servers(&a.metadata.name).is_empty()).count() >= total).then_some(()) }
+            async move {
+                (s.cache
+                    .apps()
+                    .iter()
+                    .filter(|a| !s.cache.servers(&a.metadata.name).is_empty())
+                    .count()
+                    >= total)
+                    .then_some(())
+            }
         })
         .await;
         let mut times = Vec::new();
@@ -312,13 +336,28 @@ async fn ls_scale() {
     let mut batch = Vec::new();
     for i in 10..10_000 {
         let r = portico_core::parse::parse_documents("l", &yaml_app(i)).expect("app");
-        batch.push(v1::Resource { kind: "app".into(), json: r[0].to_json() });
+        batch.push(v1::Resource {
+            kind: "app".into(),
+            json: r[0].to_json(),
+        });
         if batch.len() == 500 {
-            admin.create(v1::CreateRequest { resources: std::mem::take(&mut batch), overwrite: false }).await.expect("batch");
+            admin
+                .create(v1::CreateRequest {
+                    resources: std::mem::take(&mut batch),
+                    overwrite: false,
+                })
+                .await
+                .expect("batch");
         }
     }
     if !batch.is_empty() {
-        admin.create(v1::CreateRequest { resources: batch, overwrite: false }).await.expect("batch");
+        admin
+            .create(v1::CreateRequest {
+                resources: batch,
+                overwrite: false,
+            })
+            .await
+            .expect("batch");
     }
     let big = measure("10,000 apps", 10_000).await;
     println!("psh mcp ls 10,000 vs 10 apps: ratio {:.2}", big / base);
@@ -327,7 +366,11 @@ async fn ls_scale() {
 
 async fn memory() {
     let base = rss_kib();
-    let c = ClusterBuilder::new().proxy().wildcard_agent("a1").start().await;
+    let c = ClusterBuilder::new()
+        .proxy()
+        .wildcard_agent("a1")
+        .start()
+        .await;
     // Sessions are capped per user, so spread them over several.
     let mut tokens = Vec::new();
     for u in 0..5 {
@@ -339,10 +382,20 @@ async fn memory() {
     let mut admin = c.admin().await;
     let mut batch = Vec::new();
     for i in 0..1000 {
-        let r = portico_core::parse::parse_documents("m", &test_app_yaml(&format!("m{i}"), "dev")).expect("app");
-        batch.push(v1::Resource { kind: "app".into(), json: r[0].to_json() });
+        let r = portico_core::parse::parse_documents("m", &test_app_yaml(&format!("m{i}"), "dev"))
+            .expect("app");
+        batch.push(v1::Resource {
+            kind: "app".into(),
+            json: r[0].to_json(),
+        });
     }
-    admin.create(v1::CreateRequest { resources: batch, overwrite: false }).await.expect("batch");
+    admin
+        .create(v1::CreateRequest {
+            resources: batch,
+            overwrite: false,
+        })
+        .await
+        .expect("batch");
     let a = Arc::new(c);
     let agent_state = a.agent("a1").state.clone();
     eventually(Duration::from_secs(60), "1000 registered", || {

@@ -9,7 +9,10 @@ use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::*;
 use rmcp::service::{NotificationContext, RequestContext};
-use rmcp::{ErrorData, Peer, RoleServer, ServerHandler, ServiceExt, prompt, prompt_handler, prompt_router, schemars, tool, tool_handler, tool_router};
+use rmcp::{
+    ErrorData, Peer, RoleServer, ServerHandler, ServiceExt, prompt, prompt_handler, prompt_router,
+    schemars, tool, tool_handler, tool_router,
+};
 
 #[derive(serde::Deserialize, schemars::JsonSchema)]
 struct EchoArgs {
@@ -60,13 +63,21 @@ impl TestServer {
     }
 
     #[tool(description = "Sleep, reporting progress when asked to")]
-    async fn slow(&self, Parameters(a): Parameters<SlowArgs>, meta: RequestMetaObject, client: Peer<RoleServer>) -> String {
+    async fn slow(
+        &self,
+        Parameters(a): Parameters<SlowArgs>,
+        meta: RequestMetaObject,
+        client: Peer<RoleServer>,
+    ) -> String {
         let steps = 10u64;
         let token = meta.get_progress_token();
         for step in 0..steps {
             if let Some(t) = &token {
                 let _ = client
-                    .notify_progress(ProgressNotificationParam::new(t.clone(), step as f64).with_total(steps as f64))
+                    .notify_progress(
+                        ProgressNotificationParam::new(t.clone(), step as f64)
+                            .with_total(steps as f64),
+                    )
                     .await;
             }
             tokio::time::sleep(std::time::Duration::from_millis(a.ms / steps)).await;
@@ -90,9 +101,13 @@ impl TestServer {
         match client.list_roots().await {
             Ok(r) => {
                 let uris: Vec<String> = r.roots.iter().map(|r| r.uri.clone()).collect();
-                Ok(CallToolResult::success(vec![ContentBlock::text(uris.join("\n"))]))
+                Ok(CallToolResult::success(vec![ContentBlock::text(
+                    uris.join("\n"),
+                )]))
             }
-            Err(e) => Ok(CallToolResult::error(vec![ContentBlock::text(format!("roots/list failed: {e}"))])),
+            Err(e) => Ok(CallToolResult::error(vec![ContentBlock::text(format!(
+                "roots/list failed: {e}"
+            ))])),
         }
     }
 
@@ -106,7 +121,10 @@ impl TestServer {
 impl TestServer {
     #[prompt(name = "greet", description = "Greet someone")]
     async fn greet(&self, Parameters(a): Parameters<GreetArgs>) -> Vec<PromptMessage> {
-        vec![PromptMessage::new_text(Role::User, format!("Hello, {}!", a.name))]
+        vec![PromptMessage::new_text(
+            Role::User,
+            format!("Hello, {}!", a.name),
+        )]
     }
 }
 
@@ -114,8 +132,17 @@ impl TestServer {
 #[prompt_handler]
 impl ServerHandler for TestServer {
     fn get_info(&self) -> ServerConfig {
-        ServerConfig::new(ServerCapabilities::builder().enable_tools().enable_resources().enable_prompts().build())
-            .with_server_info(Implementation::new("portico-test-mcp", env!("CARGO_PKG_VERSION")))
+        ServerConfig::new(
+            ServerCapabilities::builder()
+                .enable_tools()
+                .enable_resources()
+                .enable_prompts()
+                .build(),
+        )
+        .with_server_info(Implementation::new(
+            "portico-test-mcp",
+            env!("CARGO_PKG_VERSION"),
+        ))
     }
 
     async fn list_resources(
@@ -134,9 +161,16 @@ impl ServerHandler for TestServer {
         _context: RequestContext<RoleServer>,
     ) -> Result<ReadResourceResponse, ErrorData> {
         if request.uri == "test://hello" {
-            Ok(ReadResourceResult::new(vec![ResourceContents::text("hello resource", "test://hello")]).into())
+            Ok(ReadResourceResult::new(vec![ResourceContents::text(
+                "hello resource",
+                "test://hello",
+            )])
+            .into())
         } else {
-            Err(ErrorData::resource_not_found(format!("no resource {}", request.uri), None))
+            Err(ErrorData::resource_not_found(
+                format!("no resource {}", request.uri),
+                None,
+            ))
         }
     }
 
@@ -149,7 +183,10 @@ impl ServerHandler for TestServer {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    let server = TestServer { tool_router: TestServer::tool_router(), prompt_router: TestServer::prompt_router() };
+    let server = TestServer {
+        tool_router: TestServer::tool_router(),
+        prompt_router: TestServer::prompt_router(),
+    };
     match server.serve(rmcp::transport::stdio()).await {
         Ok(running) => {
             let _ = running.waiting().await;

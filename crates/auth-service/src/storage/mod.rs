@@ -51,10 +51,20 @@ pub enum PutMode {
 
 #[derive(Debug, Clone)]
 pub enum WriteOp {
-    Put { kind: Kind, name: String, value: String, expires: Option<i64>, mode: PutMode },
+    Put {
+        kind: Kind,
+        name: String,
+        value: String,
+        expires: Option<i64>,
+        mode: PutMode,
+    },
     /// `expired_before`: delete only if the record expired before this time
     /// (expiry sweeps); such a delete of a missing or renewed record is skipped.
-    Delete { kind: Kind, name: String, expired_before: Option<i64> },
+    Delete {
+        kind: Kind,
+        name: String,
+        expired_before: Option<i64>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -103,7 +113,12 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Appends audit records in one transaction.
     async fn append_audit(&self, events: &[AuditRecord]) -> Result<()>;
-    async fn list_audit(&self, kind: Option<&str>, since_ms: i64, limit: i64) -> Result<Vec<AuditRecord>>;
+    async fn list_audit(
+        &self,
+        kind: Option<&str>,
+        since_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<AuditRecord>>;
 
     /// Wakes the change feed when another instance commits (Postgres LISTEN).
     async fn subscribe_remote_changes(&self) -> Option<tokio::sync::mpsc::Receiver<()>>;

@@ -5,9 +5,9 @@ use std::borrow::Cow;
 use std::time::Duration;
 
 use portico_core::{Error, Result};
+use sqlx::SqlSafeStr;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
-use sqlx::SqlSafeStr;
 
 pub struct PostgresBackend {
     pool: PgPool,
@@ -54,7 +54,10 @@ impl PostgresBackend {
             .connect(url)
             .await
             .map_err(|e| {
-                Error::unavailable(format!("cannot connect to postgres at {}: {e}", redact(url)))
+                Error::unavailable(format!(
+                    "cannot connect to postgres at {}: {e}",
+                    redact(url)
+                ))
             })?;
         migrator().run(&pool).await.map_err(|e| {
             tracing::error!(error = %e, "postgres migration failed");
@@ -126,13 +129,20 @@ impl PostgresBackend {
     }
 }
 
-impl_backend!(PostgresBackend, sqlx::Postgres, "SELECT pg_notify('portico_events', '')");
+impl_backend!(
+    PostgresBackend,
+    sqlx::Postgres,
+    "SELECT pg_notify('portico_events', '')"
+);
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn redacts_passwords() {
-        assert_eq!(super::redact("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(
+            super::redact("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
         assert_eq!(super::redact("postgres://u@h/db"), "postgres://u@h/db");
     }
 }

@@ -6,9 +6,11 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use portico_core::{Error, Result};
-use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::SqlSafeStr;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 
 pub struct SqliteBackend {
     pool: SqlitePool,
@@ -37,7 +39,10 @@ impl SqliteBackend {
     /// Opens (creating if needed) `portico.db` in `dir` and migrates it.
     pub async fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| {
-            Error::unavailable(format!("cannot create the data directory {}: {e}", dir.display()))
+            Error::unavailable(format!(
+                "cannot create the data directory {}: {e}",
+                dir.display()
+            ))
         })?;
         let file = dir.join("portico.db");
         let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", file.display()))
@@ -56,7 +61,10 @@ impl SqliteBackend {
             tracing::error!(error = %e, "sqlite migration failed");
             Error::internal(format!("migrating {} failed: {e}", file.display()))
         })?;
-        Ok(Self { pool, writer: tokio::sync::Mutex::new(()) })
+        Ok(Self {
+            pool,
+            writer: tokio::sync::Mutex::new(()),
+        })
     }
 
     async fn write_guard(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {

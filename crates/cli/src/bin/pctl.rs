@@ -13,8 +13,12 @@ use portico_core::{Kind, Resource};
 use portico_proto::v1;
 
 #[derive(Parser)]
-#[command(name = "pctl", version, about = "Administer a Portico cluster: MCP servers (apps), roles, users, join tokens and the audit log.",
-    after_help = "On the auth host, pctl uses the admin identity in the data directory (--data-dir or PORTICO_DATA_DIR).\nElsewhere, log in first with psh login; pctl then goes through the proxy with your own permissions.")]
+#[command(
+    name = "pctl",
+    version,
+    about = "Administer a Portico cluster: MCP servers (apps), roles, users, join tokens and the audit log.",
+    after_help = "On the auth host, pctl uses the admin identity in the data directory (--data-dir or PORTICO_DATA_DIR).\nElsewhere, log in first with psh login; pctl then goes through the proxy with your own permissions."
+)]
 struct Cli {
     /// Identity file to use (overrides everything else).
     #[arg(long, global = true, value_name = "FILE")]
@@ -130,7 +134,10 @@ struct EventsLs {
 
 fn main() {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => finish(Err(Fail::new(format!("cannot start: {e}")))),
     };
@@ -138,19 +145,29 @@ fn main() {
 }
 
 async fn run(cli: Cli) -> CliResult {
-    let target = Target { identity: cli.identity, data_dir: cli.data_dir, auth_server: cli.auth_server };
+    let target = Target {
+        identity: cli.identity,
+        data_dir: cli.data_dir,
+        auth_server: cli.auth_server,
+    };
     match cli.cmd {
         Cmd::Create { force, file } => create(&target, &file, force).await,
         Cmd::Get { what, name, format } => get(&target, &what, name, format).await,
         Cmd::Rm { what } => {
             let (kind, name) = split_kind_name(&what)?;
             let Some(name) = name else {
-                return Err(Fail::usage(format!("say which {kind} to remove: pctl rm {kind}/NAME")));
+                return Err(Fail::usage(format!(
+                    "say which {kind} to remove: pctl rm {kind}/NAME"
+                )));
             };
             remove(&target, kind, &name).await
         }
         Cmd::Users { cmd } => match cmd {
-            UsersCmd::Add { name, roles, password_stdin } => add_user(&target, name, roles, password_stdin).await,
+            UsersCmd::Add {
+                name,
+                roles,
+                password_stdin,
+            } => add_user(&target, name, roles, password_stdin).await,
             UsersCmd::Ls { format } => get(&target, "users", None, format).await,
             UsersCmd::Rm { name } => remove(&target, Kind::User, &name).await,
         },
@@ -159,7 +176,9 @@ async fn run(cli: Cli) -> CliResult {
             TokensCmd::Ls { format } => get(&target, "tokens", None, format).await,
             TokensCmd::Rm { name } => remove(&target, Kind::Token, &name).await,
         },
-        Cmd::Events { cmd: EventsCmd::Ls(a) } => events(&target, a).await,
+        Cmd::Events {
+            cmd: EventsCmd::Ls(a),
+        } => events(&target, a).await,
     }
 }
 
@@ -168,9 +187,13 @@ fn split_kind_name(what: &str) -> CliResult<(Kind, Option<String>)> {
         Some((k, n)) => (k, Some(n.to_string())),
         None => (what, None),
     };
-    let kind = Kind::parse(k).filter(|k| *k != Kind::Event).ok_or_else(|| {
-        Fail::usage(format!("unknown kind {k:?}; use apps, roles, users, tokens or app_servers"))
-    })?;
+    let kind = Kind::parse(k)
+        .filter(|k| *k != Kind::Event)
+        .ok_or_else(|| {
+            Fail::usage(format!(
+                "unknown kind {k:?}; use apps, roles, users, tokens or app_servers"
+            ))
+        })?;
     Ok((kind, n.filter(|n| !n.is_empty())))
 }
 
@@ -183,7 +206,8 @@ async fn create(t: &Target, file: &str, overwrite: bool) -> CliResult {
             .map_err(|e| Fail::new(format!("cannot read standard input: {e}")))?;
         s
     } else {
-        let meta = std::fs::metadata(file).map_err(|e| Fail::new(format!("cannot read {file}: {e}")))?;
+        let meta =
+            std::fs::metadata(file).map_err(|e| Fail::new(format!("cannot read {file}: {e}")))?;
         if meta.len() > MAX_FILE_BYTES as u64 {
             return Err(Fail::new(format!(
                 "{file} is {} bytes; resource files may be at most {MAX_FILE_BYTES} bytes",
@@ -197,19 +221,30 @@ async fn create(t: &Target, file: &str, overwrite: bool) -> CliResult {
     let req = v1::CreateRequest {
         resources: resources
             .iter()
-            .map(|r| v1::Resource { kind: r.kind().as_str().into(), json: r.to_json() })
+            .map(|r| v1::Resource {
+                kind: r.kind().as_str().into(),
+                json: r.to_json(),
+            })
             .collect(),
         overwrite,
     };
     let resp = api.create(req).await?.into_inner();
     for r in resp.results {
-        println!("{} {:?} {}", r.kind, r.name, if r.created { "created" } else { "updated" });
+        println!(
+            "{} {:?} {}",
+            r.kind,
+            r.name,
+            if r.created { "created" } else { "updated" }
+        );
     }
     Ok(())
 }
 
 fn parse_items(kind: Kind, items: &[v1::Resource]) -> Vec<Resource> {
-    items.iter().filter_map(|i| Resource::from_json(kind, &i.json).ok()).collect()
+    items
+        .iter()
+        .filter_map(|i| Resource::from_json(kind, &i.json).ok())
+        .collect()
 }
 
 async fn get(t: &Target, what: &str, name: Option<String>, format: Format) -> CliResult {
@@ -217,8 +252,23 @@ async fn get(t: &Target, what: &str, name: Option<String>, format: Format) -> Cl
     let name = n1.or(name);
     let mut api = connect_api(t).await?;
     let items = match &name {
-        Some(n) => vec![api.get(v1::GetRequest { kind: kind.as_str().into(), name: n.clone() }).await?.into_inner()],
-        None => api.list(v1::ListRequest { kind: kind.as_str().into(), labels: Default::default() }).await?.into_inner().items,
+        Some(n) => vec![
+            api.get(v1::GetRequest {
+                kind: kind.as_str().into(),
+                name: n.clone(),
+            })
+            .await?
+            .into_inner(),
+        ],
+        None => {
+            api.list(v1::ListRequest {
+                kind: kind.as_str().into(),
+                labels: Default::default(),
+            })
+            .await?
+            .into_inner()
+            .items
+        }
     };
     let resources = parse_items(kind, &items);
     if format != Format::Text {
@@ -244,14 +294,19 @@ async fn get(t: &Target, what: &str, name: Option<String>, format: Format) -> Cl
         ),
         Kind::Role => (
             vec!["Name", "Description"],
-            resources.iter().map(|r| vec![r.name().into(), r.metadata().description.clone()]).collect(),
+            resources
+                .iter()
+                .map(|r| vec![r.name().into(), r.metadata().description.clone()])
+                .collect(),
         ),
         Kind::User => (
             vec!["Name", "Roles"],
             resources
                 .iter()
                 .filter_map(|r| match r {
-                    Resource::User(u) => Some(vec![u.metadata.name.clone(), u.spec.roles.join(",")]),
+                    Resource::User(u) => {
+                        Some(vec![u.metadata.name.clone(), u.spec.roles.join(",")])
+                    }
                     _ => None,
                 })
                 .collect(),
@@ -263,7 +318,12 @@ async fn get(t: &Target, what: &str, name: Option<String>, format: Format) -> Cl
                 .filter_map(|r| match r {
                     Resource::Token(tk) => Some(vec![
                         tk.metadata.name.clone(),
-                        tk.spec.roles.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(","),
+                        tk.spec
+                            .roles
+                            .iter()
+                            .map(|r| r.as_str())
+                            .collect::<Vec<_>>()
+                            .join(","),
                         tk.metadata.expires.clone().unwrap_or_default(),
                     ]),
                     _ => None,
@@ -291,7 +351,11 @@ async fn get(t: &Target, what: &str, name: Option<String>, format: Format) -> Cl
 
 async fn remove(t: &Target, kind: Kind, name: &str) -> CliResult {
     let mut api = connect_api(t).await?;
-    api.delete(v1::DeleteRequest { kind: kind.as_str().into(), name: name.into() }).await?;
+    api.delete(v1::DeleteRequest {
+        kind: kind.as_str().into(),
+        name: name.into(),
+    })
+    .await?;
     println!("{kind} {name:?} removed");
     Ok(())
 }
@@ -313,7 +377,11 @@ async fn add_user(t: &Target, name: String, roles: Vec<String>, password_stdin: 
     };
     let mut api = connect_api(t).await?;
     let resp = api
-        .add_user(v1::AddUserRequest { name: name.clone(), roles: roles.clone(), password })
+        .add_user(v1::AddUserRequest {
+            name: name.clone(),
+            roles: roles.clone(),
+            password,
+        })
         .await?
         .into_inner();
     println!("user {name:?} created with roles {}", roles.join(","));
@@ -325,18 +393,31 @@ async fn add_user(t: &Target, name: String, roles: Vec<String>, password_stdin: 
 }
 
 async fn add_token(t: &Target, kinds: Vec<String>, ttl: &str, format: Format) -> CliResult {
-    let ttl_ms = parse_duration(ttl)
-        .filter(|d| *d > 0)
-        .ok_or_else(|| Fail::usage(format!("--ttl {ttl:?} is not a duration like 30m, 1h or 7d")))?;
+    let ttl_ms = parse_duration(ttl).filter(|d| *d > 0).ok_or_else(|| {
+        Fail::usage(format!(
+            "--ttl {ttl:?} is not a duration like 30m, 1h or 7d"
+        ))
+    })?;
     let mut api = connect_api(t).await?;
-    let resp = api.create_token(v1::CreateTokenRequest { roles: kinds.clone(), ttl_ms }).await?.into_inner();
+    let resp = api
+        .create_token(v1::CreateTokenRequest {
+            roles: kinds.clone(),
+            ttl_ms,
+        })
+        .await?
+        .into_inner();
     if format != Format::Text {
         let v = serde_json::json!({"token": resp.token, "name": resp.name, "type": kinds, "expires": format_rfc3339(resp.expires_ms)});
         print!("{}", structured(&[v], format));
         return Ok(());
     }
     println!("token: {}", resp.token);
-    println!("type: {}  expires: {}  name: {}", kinds.join(","), format_rfc3339(resp.expires_ms), resp.name);
+    println!(
+        "type: {}  expires: {}  name: {}",
+        kinds.join(","),
+        format_rfc3339(resp.expires_ms),
+        resp.name
+    );
     println!("it can be used once; put it in the agent's join_token or join_token_file");
     Ok(())
 }
@@ -344,15 +425,22 @@ async fn add_token(t: &Target, kinds: Vec<String>, ttl: &str, format: Format) ->
 async fn events(t: &Target, a: EventsLs) -> CliResult {
     let since_ms = match &a.since {
         Some(s) => {
-            let d = parse_duration(s)
-                .ok_or_else(|| Fail::usage(format!("--since {s:?} is not a duration like 15m, 1h or 7d")))?;
+            let d = parse_duration(s).ok_or_else(|| {
+                Fail::usage(format!(
+                    "--since {s:?} is not a duration like 15m, 1h or 7d"
+                ))
+            })?;
             now_ms() - d
         }
         None => 0,
     };
     let mut api = connect_api(t).await?;
     let resp = api
-        .list_events(v1::ListEventsRequest { r#type: a.kind.unwrap_or_default(), since_ms, limit: a.limit })
+        .list_events(v1::ListEventsRequest {
+            r#type: a.kind.unwrap_or_default(),
+            since_ms,
+            limit: a.limit,
+        })
         .await?
         .into_inner();
     let values: Vec<serde_json::Value> = resp
@@ -393,11 +481,18 @@ async fn events(t: &Target, a: EventsLs) -> CliResult {
                 v["time"].as_str().unwrap_or_default().to_string(),
                 v["type"].as_str().unwrap_or_default().to_string(),
                 v["actor"].as_str().unwrap_or_default().to_string(),
-                if v["success"].as_bool() == Some(true) { "ok".into() } else { "failed".into() },
+                if v["success"].as_bool() == Some(true) {
+                    "ok".into()
+                } else {
+                    "failed".into()
+                },
                 fields,
             ]
         })
         .collect();
-    print!("{}", table(&["Time", "Type", "Actor", "Result", "Details"], &rows));
+    print!(
+        "{}",
+        table(&["Time", "Type", "Actor", "Result", "Details"], &rows)
+    );
     Ok(())
 }

@@ -15,8 +15,12 @@ use portico_proto::client::connect;
 use portico_proto::v1;
 
 #[derive(Parser)]
-#[command(name = "psh", version, about = "Reach the MCP servers your Portico roles allow, through one proxy.",
-    after_help = "Start with: psh login --proxy=HOST:PORT --user=NAME\nYour login is kept in $PORTICO_HOME/profile.yaml (default ~/.portico), readable only by you.")]
+#[command(
+    name = "psh",
+    version,
+    about = "Reach the MCP servers your Portico roles allow, through one proxy.",
+    after_help = "Start with: psh login --proxy=HOST:PORT --user=NAME\nYour login is kept in $PORTICO_HOME/profile.yaml (default ~/.portico), readable only by you."
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -80,7 +84,11 @@ enum McpCmd {
 
 fn main() {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => finish(Err(Fail::new(format!("cannot start: {e}")))),
     };
@@ -88,14 +96,19 @@ fn main() {
 }
 
 fn need_profile() -> CliResult<Profile> {
-    let p = Profile::load()?.ok_or_else(|| Fail::new("not logged in: run psh login --proxy=HOST:PORT --user=NAME"))?;
+    let p = Profile::load()?
+        .ok_or_else(|| Fail::new("not logged in: run psh login --proxy=HOST:PORT --user=NAME"))?;
     p.check_fresh()?;
     Ok(p)
 }
 
 async fn run(cli: Cli) -> CliResult {
     match cli.cmd {
-        Cmd::Login { proxy, user, password_stdin } => login(proxy, user, password_stdin).await,
+        Cmd::Login {
+            proxy,
+            user,
+            password_stdin,
+        } => login(proxy, user, password_stdin).await,
         Cmd::Logout => {
             if Profile::remove()? {
                 println!("logged out");
@@ -106,8 +119,17 @@ async fn run(cli: Cli) -> CliResult {
         }
         Cmd::Status { token } => status(token).await,
         Cmd::Mcp { cmd } => match cmd {
-            McpCmd::Ls { labels, search, format, verbose } => ls(labels, search, format, verbose).await,
-            McpCmd::Config { name, all, client_config } => config(name, all, client_config).await,
+            McpCmd::Ls {
+                labels,
+                search,
+                format,
+                verbose,
+            } => ls(labels, search, format, verbose).await,
+            McpCmd::Config {
+                name,
+                all,
+                client_config,
+            } => config(name, all, client_config).await,
             McpCmd::Connect { name } => portico_cli::connect::run(need_profile()?, name).await,
         },
     }
@@ -126,11 +148,30 @@ async fn login(proxy: String, user: String, password_stdin: bool) -> CliResult {
             .map_err(|e| Fail::new(format!("cannot read the password: {e}")))?
     };
     let mut api = connect(&proxy, None).await.map_err(Fail::new)?;
-    let resp = api.login(v1::LoginRequest { user: user.clone(), password }).await?.into_inner();
-    let p = Profile { proxy: proxy.clone(), user: resp.user.clone(), token: resp.token, expires_ms: resp.expires_ms, roles: resp.roles.clone() };
+    let resp = api
+        .login(v1::LoginRequest {
+            user: user.clone(),
+            password,
+        })
+        .await?
+        .into_inner();
+    let p = Profile {
+        proxy: proxy.clone(),
+        user: resp.user.clone(),
+        token: resp.token,
+        expires_ms: resp.expires_ms,
+        roles: resp.roles.clone(),
+    };
     p.save()?;
     println!("logged in as {} at {proxy}", resp.user);
-    println!("roles: {}", if resp.roles.is_empty() { "(none)".into() } else { resp.roles.join(", ") });
+    println!(
+        "roles: {}",
+        if resp.roles.is_empty() {
+            "(none)".into()
+        } else {
+            resp.roles.join(", ")
+        }
+    );
     println!("valid until {}", format_rfc3339(resp.expires_ms));
     Ok(())
 }
@@ -165,11 +206,22 @@ struct AppRow {
 }
 
 async fn fetch_apps(p: &Profile) -> CliResult<Vec<AppRow>> {
-    let v = get_json(&client(), &format!("{}/v1/apps", base_url(&p.proxy)), &p.token).await?;
-    serde_json::from_value(v).map_err(|e| Fail::new(format!("unexpected answer from the proxy: {e}")))
+    let v = get_json(
+        &client(),
+        &format!("{}/v1/apps", base_url(&p.proxy)),
+        &p.token,
+    )
+    .await?;
+    serde_json::from_value(v)
+        .map_err(|e| Fail::new(format!("unexpected answer from the proxy: {e}")))
 }
 
-async fn ls(labels: Vec<String>, search: Option<String>, format: Format, verbose: bool) -> CliResult {
+async fn ls(
+    labels: Vec<String>,
+    search: Option<String>,
+    format: Format,
+    verbose: bool,
+) -> CliResult {
     let mut want = Vec::new();
     for l in &labels {
         let Some((k, v)) = l.split_once('=') else {
@@ -187,15 +239,23 @@ async fn ls(labels: Vec<String>, search: Option<String>, format: Format, verbose
             Some(s) => {
                 a.name.to_lowercase().contains(s)
                     || a.description.to_lowercase().contains(s)
-                    || a.labels.iter().any(|(k, v)| k.to_lowercase().contains(s) || v.to_lowercase().contains(s))
+                    || a.labels
+                        .iter()
+                        .any(|(k, v)| k.to_lowercase().contains(s) || v.to_lowercase().contains(s))
             }
             None => true,
         })
         .collect();
     if format != Format::Text {
-        let values: Vec<serde_json::Value> = apps.iter().filter_map(|a| serde_json::to_value(a).ok()).collect();
+        let values: Vec<serde_json::Value> = apps
+            .iter()
+            .filter_map(|a| serde_json::to_value(a).ok())
+            .collect();
         if format == Format::Json {
-            println!("{}", serde_json::to_string_pretty(&values).unwrap_or_default());
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&values).unwrap_or_default()
+            );
         } else {
             print!("{}", structured(&values, format));
         }
@@ -209,7 +269,13 @@ async fn ls(labels: Vec<String>, search: Option<String>, format: Format, verbose
     let rows: Vec<Vec<String>> = apps
         .iter()
         .map(|a| {
-            let mut r = vec![a.name.clone(), a.description.clone(), a.kind.clone(), a.allowed_tools.clone(), labels_text(&a.labels)];
+            let mut r = vec![
+                a.name.clone(),
+                a.description.clone(),
+                a.kind.clone(),
+                a.allowed_tools.clone(),
+                labels_text(&a.labels),
+            ];
             if verbose {
                 r.push(a.servers.to_string());
                 r.push(format!("{base}/mcp/{}", a.name));
@@ -236,12 +302,18 @@ async fn config(name: Option<String>, all: bool, client_config: Option<String>) 
         (Some(_), true) => return Err(Fail::usage("give a NAME or --all, not both")),
         (Some(n), false) => {
             if !apps.iter().any(|a| &a.name == n) {
-                return Err(Fail::new(format!("no MCP server {n:?} that you can reach; see psh mcp ls")));
+                return Err(Fail::new(format!(
+                    "no MCP server {n:?} that you can reach; see psh mcp ls"
+                )));
             }
             vec![n.clone()]
         }
         (None, true) => apps.iter().map(|a| a.name.clone()).collect(),
-        (None, false) => return Err(Fail::usage("say which server: psh mcp config NAME, or --all")),
+        (None, false) => {
+            return Err(Fail::usage(
+                "say which server: psh mcp config NAME, or --all",
+            ));
+        }
     };
     let psh = std::env::current_exe()
         .map(|p| p.display().to_string())
@@ -268,11 +340,17 @@ async fn config(name: Option<String>, all: bool, client_config: Option<String>) 
         Err(e) => return Err(Fail::new(format!("cannot read {}: {e}", path.display()))),
     };
     let Some(obj) = doc.as_object_mut() else {
-        return Err(Fail::new(format!("{} does not hold a JSON object; not changed", path.display())));
+        return Err(Fail::new(format!(
+            "{} does not hold a JSON object; not changed",
+            path.display()
+        )));
     };
     let entry = obj.entry(key).or_insert_with(|| serde_json::json!({}));
     let Some(map) = entry.as_object_mut() else {
-        return Err(Fail::new(format!("{key} in {} is not an object; not changed", path.display())));
+        return Err(Fail::new(format!(
+            "{key} in {} is not an object; not changed",
+            path.display()
+        )));
     };
     for (k, v) in servers {
         map.insert(k, v);
@@ -285,4 +363,3 @@ async fn config(name: Option<String>, all: bool, client_config: Option<String>) 
     println!("added {} server(s) to {}", names.len(), path.display());
     Ok(())
 }
-

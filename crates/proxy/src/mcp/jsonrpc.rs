@@ -43,13 +43,20 @@ pub fn peek(msg: &[u8]) -> Result<Peek, String> {
         return Err("a JSON-RPC response needs a result or an error".into());
     }
     let id = raw.id.map(|r| r.get().to_string()).filter(|s| s != "null");
-    Ok(Peek { id, method: raw.method.map(|m| m.into_owned()), is_error: raw.error.is_some() })
+    Ok(Peek {
+        id,
+        method: raw.method.map(|m| m.into_owned()),
+        is_error: raw.error.is_some(),
+    })
 }
 
 /// An error response for `id` (the id's JSON text, or `null`).
 pub fn error(id: Option<&str>, code: i64, message: &str) -> String {
     let msg = serde_json::to_string(message).unwrap_or_else(|_| "\"error\"".into());
-    format!(r#"{{"jsonrpc":"2.0","id":{},"error":{{"code":{code},"message":{msg}}}}}"#, id.unwrap_or("null"))
+    format!(
+        r#"{{"jsonrpc":"2.0","id":{},"error":{{"code":{code},"message":{msg}}}}}"#,
+        id.unwrap_or("null")
+    )
 }
 
 pub const PARSE_ERROR: i64 = -32700;
@@ -100,9 +107,24 @@ pub fn client_info(msg: &[u8]) -> (String, String, String) {
     let v: serde_json::Value = serde_json::from_slice(msg).unwrap_or_default();
     let p = &v["params"];
     (
-        p["clientInfo"]["name"].as_str().unwrap_or("").chars().take(128).collect(),
-        p["clientInfo"]["version"].as_str().unwrap_or("").chars().take(64).collect(),
-        p["protocolVersion"].as_str().unwrap_or("").chars().take(32).collect(),
+        p["clientInfo"]["name"]
+            .as_str()
+            .unwrap_or("")
+            .chars()
+            .take(128)
+            .collect(),
+        p["clientInfo"]["version"]
+            .as_str()
+            .unwrap_or("")
+            .chars()
+            .take(64)
+            .collect(),
+        p["protocolVersion"]
+            .as_str()
+            .unwrap_or("")
+            .chars()
+            .take(32)
+            .collect(),
     )
 }
 
@@ -126,7 +148,8 @@ mod tests {
         let p = peek(br#"{"jsonrpc":"2.0","id":"a","result":{}}"#).expect("response");
         assert!(p.is_response());
         assert_eq!(p.id.as_deref(), Some("\"a\""));
-        let p = peek(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#).expect("notification");
+        let p = peek(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#)
+            .expect("notification");
         assert!(!p.is_request() && !p.is_response());
         assert!(peek(b"{}").is_err());
         assert!(peek(b"not json").is_err());
@@ -137,7 +160,10 @@ mod tests {
         let one = split_body(b"{\n \"jsonrpc\": \"2.0\", \"method\": \"x\"\n}\n").expect("one");
         assert_eq!(one.len(), 1);
         assert!(!one[0].contains(&b'\n'));
-        let two = split_body(br#"[{"jsonrpc":"2.0","method":"a"},{"jsonrpc":"2.0","id":1,"method":"b"}]"#).expect("batch");
+        let two = split_body(
+            br#"[{"jsonrpc":"2.0","method":"a"},{"jsonrpc":"2.0","id":1,"method":"b"}]"#,
+        )
+        .expect("batch");
         assert_eq!(two.len(), 2);
         assert!(split_body(b"[]").is_err());
         assert!(split_body(b"{").is_err());
@@ -149,6 +175,9 @@ mod tests {
         let out = filter_tools(msg, |n| n == "echo").expect("filtered");
         let v: serde_json::Value = serde_json::from_slice(&out).expect("json");
         assert_eq!(v["result"]["tools"].as_array().map(|a| a.len()), Some(1));
-        assert_eq!(error(Some("3"), -32602, "no \"x\""), r#"{"jsonrpc":"2.0","id":3,"error":{"code":-32602,"message":"no \"x\""}}"#);
+        assert_eq!(
+            error(Some("3"), -32602, "no \"x\""),
+            r#"{"jsonrpc":"2.0","id":3,"error":{"code":-32602,"message":"no \"x\""}}"#
+        );
     }
 }

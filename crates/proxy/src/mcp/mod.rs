@@ -2,6 +2,9 @@
 //! the 2025-03-26, 2025-06-18 and 2025-11-25 revisions specify, with
 //! sessions issued here and bound to the user who created them.
 
+// Handlers return ready-made HTTP responses as their errors.
+#![allow(clippy::result_large_err)]
+
 pub mod jsonrpc;
 pub mod session;
 
@@ -24,8 +27,8 @@ use tokio::sync::mpsc;
 
 use self::jsonrpc::{INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR, SERVER_ERROR, peek};
 use self::session::{Asked, Session};
-use crate::authn::bearer;
 use crate::ProxyState;
+use crate::authn::bearer;
 
 pub const SESSION_HEADER: &str = "mcp-session-id";
 
@@ -33,9 +36,15 @@ pub const SESSION_HEADER: &str = "mcp-session-id";
 pub fn rpc_error(status: StatusCode, code: i64, message: &str) -> Response {
     let mut r = Response::new(Body::from(jsonrpc::error(None, code, message)));
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     if status == StatusCode::UNAUTHORIZED {
-        r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"portico\""));
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"portico\""),
+        );
     }
     r
 }
@@ -49,33 +58,71 @@ pub struct Who {
 /// Authenticates a user (or the local admin) and loads their live permissions.
 pub async fn who(state: &ProxyState, headers: &HeaderMap) -> Result<Who, Response> {
     let Some(token) = bearer(headers) else {
-        return Err(rpc_error(StatusCode::UNAUTHORIZED, SERVER_ERROR, "authentication required: send Authorization: Bearer <token> (psh login gives you one)"));
+        return Err(rpc_error(
+            StatusCode::UNAUTHORIZED,
+            SERVER_ERROR,
+            "authentication required: send Authorization: Bearer <token> (psh login gives you one)",
+        ));
     };
     let caller = state.authn.resolve(token).await.map_err(|e| {
         let status = StatusCode::from_u16(e.code.http_status()).unwrap_or(StatusCode::UNAUTHORIZED);
-        let status = if status == StatusCode::FORBIDDEN { StatusCode::UNAUTHORIZED } else { status };
+        let status = if status == StatusCode::FORBIDDEN {
+            StatusCode::UNAUTHORIZED
+        } else {
+            status
+        };
         rpc_error(status, SERVER_ERROR, &e.message)
     })?;
     let checker = match caller.ptype.as_str() {
         "admin" => Arc::new(AccessChecker::new(preset_roles().iter().take(1))),
         "user" => state.cache.checker(&caller.name).ok_or_else(|| {
-            rpc_error(StatusCode::UNAUTHORIZED, SERVER_ERROR, &format!("user {:?} no longer exists", caller.name))
+            rpc_error(
+                StatusCode::UNAUTHORIZED,
+                SERVER_ERROR,
+                &format!("user {:?} no longer exists", caller.name),
+            )
         })?,
-        _ => return Err(rpc_error(StatusCode::FORBIDDEN, SERVER_ERROR, "services cannot open MCP sessions")),
+        _ => {
+            return Err(rpc_error(
+                StatusCode::FORBIDDEN,
+                SERVER_ERROR,
+                "services cannot open MCP sessions",
+            ));
+        }
     };
-    Ok(Who { name: caller.name, checker })
+    Ok(Who {
+        name: caller.name,
+        checker,
+    })
 }
 
 fn origin_allowed(state: &ProxyState, headers: &HeaderMap) -> bool {
     let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
         return true;
     };
-    if state.allowed_origins.iter().any(|o| o == "*" || o == origin) {
+    if state
+        .allowed_origins
+        .iter()
+        .any(|o| o == "*" || o == origin)
+    {
         return true;
     }
-    let origin_host = origin.split("://").nth(1).unwrap_or("").split('/').next().unwrap_or("");
-    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
-    let bare = |h: &str| h.rsplit_once(':').map(|(a, _)| a.to_string()).unwrap_or_else(|| h.to_string());
+    let origin_host = origin
+        .split("://")
+        .nth(1)
+        .unwrap_or("")
+        .split('/')
+        .next()
+        .unwrap_or("");
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let bare = |h: &str| {
+        h.rsplit_once(':')
+            .map(|(a, _)| a.to_string())
+            .unwrap_or_else(|| h.to_string())
+    };
     origin_host == host || (is_loopback(&bare(origin_host)) && is_loopback(&bare(host)))
 }
 
@@ -87,7 +134,9 @@ fn accepts(headers: &HeaderMap, what: &str) -> bool {
     let Some(a) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) else {
         return true;
     };
-    a.split(',').map(|p| p.split(';').next().unwrap_or("").trim()).any(|m| m == what || m == "*/*")
+    a.split(',')
+        .map(|p| p.split(';').next().unwrap_or("").trim())
+        .any(|m| m == what || m == "*/*")
 }
 
 fn session_id(headers: &HeaderMap) -> Option<&str> {
@@ -95,21 +144,43 @@ fn session_id(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// The session a request names, if it exists, belongs to the caller and this app.
-fn find_session(state: &ProxyState, headers: &HeaderMap, who: &Who, app: &str) -> Result<Arc<Session>, Response> {
+fn find_session(
+    state: &ProxyState,
+    headers: &HeaderMap,
+    who: &Who,
+    app: &str,
+) -> Result<Arc<Session>, Response> {
     let Some(id) = session_id(headers) else {
-        return Err(rpc_error(StatusCode::BAD_REQUEST, INVALID_REQUEST, "Mcp-Session-Id header is required; send initialize first"));
+        return Err(rpc_error(
+            StatusCode::BAD_REQUEST,
+            INVALID_REQUEST,
+            "Mcp-Session-Id header is required; send initialize first",
+        ));
     };
     match state.sessions.get(id) {
         Some(s) if s.user == who.name && s.app == app && s.closed().is_none() => Ok(s),
-        _ => Err(rpc_error(StatusCode::NOT_FOUND, SERVER_ERROR, "session not found or ended; initialize a new session")),
+        _ => Err(rpc_error(
+            StatusCode::NOT_FOUND,
+            SERVER_ERROR,
+            "session not found or ended; initialize a new session",
+        )),
     }
 }
 
-pub async fn handle(State(state): State<Arc<ProxyState>>, Path(app): Path<String>, req: axum::extract::Request) -> Response {
+pub async fn handle(
+    State(state): State<Arc<ProxyState>>,
+    Path(app): Path<String>,
+    req: axum::extract::Request,
+) -> Response {
     let method = req.method().clone();
     if !matches!(method, Method::POST | Method::GET | Method::DELETE) {
-        let mut r = rpc_error(StatusCode::METHOD_NOT_ALLOWED, SERVER_ERROR, "use POST, GET or DELETE");
-        r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, POST, DELETE"));
+        let mut r = rpc_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            SERVER_ERROR,
+            "use POST, GET or DELETE",
+        );
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, POST, DELETE"));
         return r;
     }
     if !origin_allowed(&state, req.headers()) {
@@ -118,12 +189,19 @@ pub async fn handle(State(state): State<Arc<ProxyState>>, Path(app): Path<String
     let who = match who(&state, req.headers()).await {
         Ok(w) => w,
         Err(r) => {
-            state.metrics.denied.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            state
+                .metrics
+                .denied
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return r;
         }
     };
     let Some(app_res) = state.cache.app(&app) else {
-        return rpc_error(StatusCode::NOT_FOUND, SERVER_ERROR, &format!("no MCP server named {app:?}"));
+        return rpc_error(
+            StatusCode::NOT_FOUND,
+            SERVER_ERROR,
+            &format!("no MCP server named {app:?}"),
+        );
     };
     if !who.checker.app_allowed(&app_res.metadata.labels) {
         state.audit.emit(
@@ -131,7 +209,11 @@ pub async fn handle(State(state): State<Arc<ProxyState>>, Path(app): Path<String
             false,
             serde_json::json!({"user": who.name, "app": app, "error": "access to the MCP server denied by RBAC"}),
         );
-        return rpc_error(StatusCode::FORBIDDEN, SERVER_ERROR, &format!("access denied: your roles do not allow the MCP server {app:?}"));
+        return rpc_error(
+            StatusCode::FORBIDDEN,
+            SERVER_ERROR,
+            &format!("access denied: your roles do not allow the MCP server {app:?}"),
+        );
     }
     match method {
         Method::POST => post(state, who, app, req).await,
@@ -142,7 +224,11 @@ pub async fn handle(State(state): State<Arc<ProxyState>>, Path(app): Path<String
 
 fn get(state: Arc<ProxyState>, who: Who, app: String, headers: &HeaderMap) -> Response {
     if !accepts(headers, "text/event-stream") {
-        return rpc_error(StatusCode::NOT_ACCEPTABLE, SERVER_ERROR, "GET needs Accept: text/event-stream");
+        return rpc_error(
+            StatusCode::NOT_ACCEPTABLE,
+            SERVER_ERROR,
+            "GET needs Accept: text/event-stream",
+        );
     }
     let s = match find_session(&state, headers, &who, &app) {
         Ok(s) => s,
@@ -158,32 +244,72 @@ async fn delete(state: Arc<ProxyState>, who: Who, app: String, headers: &HeaderM
         Err(r) => return r,
     };
     s.end(&state, "the client ended the session").await;
-    Response::builder().status(StatusCode::OK).body(Body::empty()).unwrap_or_default()
+    Response::builder()
+        .status(StatusCode::OK)
+        .body(Body::empty())
+        .unwrap_or_default()
 }
 
-async fn post(state: Arc<ProxyState>, who: Who, app: String, req: axum::extract::Request) -> Response {
+async fn post(
+    state: Arc<ProxyState>,
+    who: Who,
+    app: String,
+    req: axum::extract::Request,
+) -> Response {
     let headers = req.headers().clone();
-    let ctype = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-    if !ctype.trim_start().to_ascii_lowercase().starts_with("application/json") {
-        return rpc_error(StatusCode::UNSUPPORTED_MEDIA_TYPE, SERVER_ERROR, "POST bodies must be Content-Type: application/json");
+    let ctype = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !ctype
+        .trim_start()
+        .to_ascii_lowercase()
+        .starts_with("application/json")
+    {
+        return rpc_error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            SERVER_ERROR,
+            "POST bodies must be Content-Type: application/json",
+        );
     }
     if !accepts(&headers, "text/event-stream") && !accepts(&headers, "application/json") {
-        return rpc_error(StatusCode::NOT_ACCEPTABLE, SERVER_ERROR, "Accept must include application/json and text/event-stream");
+        return rpc_error(
+            StatusCode::NOT_ACCEPTABLE,
+            SERVER_ERROR,
+            "Accept must include application/json and text/event-stream",
+        );
     }
-    let body = match http_body_util::Limited::new(req.into_body(), state.max_body).collect().await {
+    let body = match http_body_util::Limited::new(req.into_body(), state.max_body)
+        .collect()
+        .await
+    {
         Ok(b) => b.to_bytes(),
         Err(e) => {
-            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-                return rpc_error(StatusCode::PAYLOAD_TOO_LARGE, SERVER_ERROR, &format!("the body exceeds {} bytes", state.max_body));
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                return rpc_error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    SERVER_ERROR,
+                    &format!("the body exceeds {} bytes", state.max_body),
+                );
             }
-            return rpc_error(StatusCode::BAD_REQUEST, SERVER_ERROR, "cannot read the request body");
+            return rpc_error(
+                StatusCode::BAD_REQUEST,
+                SERVER_ERROR,
+                "cannot read the request body",
+            );
         }
     };
     let msgs = match jsonrpc::split_body(&body) {
         Ok(m) => m,
         Err(e) => {
             state.audit.emit("mcp.session.request", false, serde_json::json!({"user": who.name, "app": app, "error": format!("parse error: {e}")}));
-            return rpc_error(StatusCode::BAD_REQUEST, PARSE_ERROR, &format!("parse error: {e}"));
+            return rpc_error(
+                StatusCode::BAD_REQUEST,
+                PARSE_ERROR,
+                &format!("parse error: {e}"),
+            );
         }
     };
     let mut peeks = Vec::with_capacity(msgs.len());
@@ -192,11 +318,17 @@ async fn post(state: Arc<ProxyState>, who: Who, app: String, req: axum::extract:
             Ok(p) => peeks.push(p),
             Err(e) => {
                 state.audit.emit("mcp.session.request", false, serde_json::json!({"user": who.name, "app": app, "error": format!("invalid request: {e}")}));
-                return rpc_error(StatusCode::BAD_REQUEST, INVALID_REQUEST, &format!("invalid request: {e}"));
+                return rpc_error(
+                    StatusCode::BAD_REQUEST,
+                    INVALID_REQUEST,
+                    &format!("invalid request: {e}"),
+                );
             }
         }
     }
-    let init = peeks.iter().position(|p| p.method.as_deref() == Some("initialize") && p.id.is_some());
+    let init = peeks
+        .iter()
+        .position(|p| p.method.as_deref() == Some("initialize") && p.id.is_some());
     let session = match init {
         Some(i) => match open_session(&state, &who, &app).await {
             Ok(s) => {
@@ -221,9 +353,18 @@ async fn post(state: Arc<ProxyState>, who: Who, app: String, req: axum::extract:
     session.touch();
     let has_requests = peeks.iter().any(|p| p.is_request());
     let stream = has_requests.then(|| session.open_stream());
-    let stream_tx = stream.as_ref().and_then(|(id, _)| session.stream_sender(*id));
-    let app_labels = state.cache.app(&app).map(|a| a.metadata.labels.clone()).unwrap_or_default();
-    let checker = state.cache.checker(&who.name).unwrap_or_else(|| who.checker.clone());
+    let stream_tx = stream
+        .as_ref()
+        .and_then(|(id, _)| session.stream_sender(*id));
+    let app_labels = state
+        .cache
+        .app(&app)
+        .map(|a| a.metadata.labels.clone())
+        .unwrap_or_default();
+    let checker = state
+        .cache
+        .checker(&who.name)
+        .unwrap_or_else(|| who.checker.clone());
     let mut forward = Vec::with_capacity(msgs.len());
     let mut denied = Vec::new();
     let mut forwarded_ids = Vec::new();
@@ -287,44 +428,69 @@ fn with_session(mut r: Response, id: &str) -> Response {
 
 /// An SSE response streaming one event per message, with keep-alive comments.
 fn sse_response(rx: mpsc::Receiver<Bytes>, session: &str) -> Response {
-    let keepalive = tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_secs(15), Duration::from_secs(15));
-    let stream = futures_util::stream::unfold((rx, 0u64, keepalive), |(mut rx, n, mut ka)| async move {
-        tokio::select! {
-            m = rx.recv() => {
-                let m = m?;
-                let mut ev = Vec::with_capacity(m.len() + 40);
-                ev.extend_from_slice(format!("id: {n}\nevent: message\ndata: ").as_bytes());
-                ev.extend_from_slice(&m);
-                ev.extend_from_slice(b"\n\n");
-                Some((Ok::<_, Infallible>(Bytes::from(ev)), (rx, n + 1, ka)))
+    let keepalive = tokio::time::interval_at(
+        tokio::time::Instant::now() + Duration::from_secs(15),
+        Duration::from_secs(15),
+    );
+    let stream =
+        futures_util::stream::unfold((rx, 0u64, keepalive), |(mut rx, n, mut ka)| async move {
+            tokio::select! {
+                m = rx.recv() => {
+                    let m = m?;
+                    let mut ev = Vec::with_capacity(m.len() + 40);
+                    ev.extend_from_slice(format!("id: {n}\nevent: message\ndata: ").as_bytes());
+                    ev.extend_from_slice(&m);
+                    ev.extend_from_slice(b"\n\n");
+                    Some((Ok::<_, Infallible>(Bytes::from(ev)), (rx, n + 1, ka)))
+                }
+                _ = ka.tick() => Some((Ok(Bytes::from_static(b": keep-alive\n\n")), (rx, n, ka))),
             }
-            _ = ka.tick() => Some((Ok(Bytes::from_static(b": keep-alive\n\n")), (rx, n, ka))),
-        }
-    });
+        });
     let mut r = Response::new(Body::from_stream(stream));
     let h = r.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     with_session(r, session)
 }
 
 /// Opens a session on a random healthy agent serving `app`, trying the next on a dial failure.
-async fn open_session(state: &Arc<ProxyState>, who: &Who, app: &str) -> Result<Arc<Session>, Response> {
+async fn open_session(
+    state: &Arc<ProxyState>,
+    who: &Who,
+    app: &str,
+) -> Result<Arc<Session>, Response> {
     if state.sessions.count_for(&who.name) >= state.max_sessions_per_user {
         return Err(rpc_error(
             StatusCode::TOO_MANY_REQUESTS,
             SERVER_ERROR,
-            &format!("you have {} open sessions, the most allowed; end some (DELETE) first", state.max_sessions_per_user),
+            &format!(
+                "you have {} open sessions, the most allowed; end some (DELETE) first",
+                state.max_sessions_per_user
+            ),
         ));
     }
-    let mut hosts: Vec<String> = state.cache.servers(app).into_iter().filter(|h| state.tunnels.is_connected(h)).collect();
+    let mut hosts: Vec<String> = state
+        .cache
+        .servers(app)
+        .into_iter()
+        .filter(|h| state.tunnels.is_connected(h))
+        .collect();
     if hosts.is_empty() {
-        return Err(rpc_error(StatusCode::SERVICE_UNAVAILABLE, SERVER_ERROR, &format!("no agent is serving the MCP server {app:?} right now")));
+        return Err(rpc_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            SERVER_ERROR,
+            &format!("no agent is serving the MCP server {app:?} right now"),
+        ));
     }
     hosts.shuffle(&mut rand::rng());
     let id = portico_core_random_id();
     for host in hosts {
-        let Some(mut sender) = state.tunnels.sender(&host) else { continue };
+        let Some(mut sender) = state.tunnels.sender(&host) else {
+            continue;
+        };
         let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(256);
         let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed();
         let req = match http::Request::post("http://agent/v1/session")
@@ -342,9 +508,18 @@ async fn open_session(state: &Arc<ProxyState>, who: &Who, app: &str) -> Result<A
         };
         match tokio::time::timeout(Duration::from_secs(30), attempt).await {
             Ok(Ok(resp)) if resp.status() == StatusCode::OK => {
-                let s = Session::new(id.clone(), who.name.clone(), app.to_string(), host.clone(), tx);
+                let s = Session::new(
+                    id.clone(),
+                    who.name.clone(),
+                    app.to_string(),
+                    host.clone(),
+                    tx,
+                );
                 state.sessions.insert(s.clone());
-                state.metrics.sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                state
+                    .metrics
+                    .sessions
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tokio::spawn(s.clone().pump_from_agent(state.clone(), resp.into_body()));
                 tracing::info!(session = %id, app, user = %who.name, agent = %host, "mcp session opened");
                 return Ok(s);
@@ -359,14 +534,26 @@ async fn open_session(state: &Arc<ProxyState>, who: &Who, app: &str) -> Result<A
                     .await
                     .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
                     .unwrap_or_else(|_| format!("the agent answered {status}"));
-                state.audit.emit("mcp.session.request", false, serde_json::json!({"user": who.name, "app": app, "agent": host, "error": text}));
+                state.audit.emit(
+                    "mcp.session.request",
+                    false,
+                    serde_json::json!({"user": who.name, "app": app, "agent": host, "error": text}),
+                );
                 return Err(rpc_error(StatusCode::BAD_GATEWAY, SERVER_ERROR, &text));
             }
-            Ok(Err(e)) => tracing::warn!(app, agent = %host, error = %e, "cannot reach agent; trying the next"),
-            Err(_) => tracing::warn!(app, agent = %host, "agent did not answer in time; trying the next"),
+            Ok(Err(e)) => {
+                tracing::warn!(app, agent = %host, error = %e, "cannot reach agent; trying the next")
+            }
+            Err(_) => {
+                tracing::warn!(app, agent = %host, "agent did not answer in time; trying the next")
+            }
         }
     }
-    Err(rpc_error(StatusCode::SERVICE_UNAVAILABLE, SERVER_ERROR, &format!("no agent serving the MCP server {app:?} could be reached")))
+    Err(rpc_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        SERVER_ERROR,
+        &format!("no agent serving the MCP server {app:?} could be reached"),
+    ))
 }
 
 /// 32 random bytes, hex: unguessable session ids.

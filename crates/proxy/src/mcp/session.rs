@@ -69,7 +69,13 @@ enum Target {
 }
 
 impl Session {
-    pub fn new(id: String, user: String, app: String, agent: String, to_agent: AgentTx) -> Arc<Self> {
+    pub fn new(
+        id: String,
+        user: String,
+        app: String,
+        agent: String,
+        to_agent: AgentTx,
+    ) -> Arc<Self> {
         Arc::new(Session {
             id,
             user,
@@ -77,7 +83,10 @@ impl Session {
             agent,
             started: Instant::now(),
             last_active: AtomicI64::new(now_ms()),
-            inner: Mutex::new(Inner { to_agent: Some(to_agent), ..Default::default() }),
+            inner: Mutex::new(Inner {
+                to_agent: Some(to_agent),
+                ..Default::default()
+            }),
         })
     }
 
@@ -111,7 +120,14 @@ impl Session {
 
     /// Registers a request as waiting on `stream`.
     pub fn expect(&self, id: String, stream: u64, asked: Asked) {
-        self.lock().pending.insert(id, Pending { stream, asked, started: Instant::now() });
+        self.lock().pending.insert(
+            id,
+            Pending {
+                stream,
+                asked,
+                started: Instant::now(),
+            },
+        );
     }
 
     /// Closes a POST stream once nothing it waits for is left.
@@ -145,12 +161,17 @@ impl Session {
     /// Sends one message line to the MCP server.
     pub async fn send_to_agent(&self, mut line: Vec<u8>) -> Result<(), String> {
         let Some(tx) = self.agent_tx() else {
-            return Err(self.closed().unwrap_or_else(|| "the session has ended".into()));
+            return Err(self
+                .closed()
+                .unwrap_or_else(|| "the session has ended".into()));
         };
         line.push(b'\n');
         tx.send(Ok(Frame::data(Bytes::from(line))))
             .await
-            .map_err(|_| self.closed().unwrap_or_else(|| "the session has ended".into()))
+            .map_err(|_| {
+                self.closed()
+                    .unwrap_or_else(|| "the session has ended".into())
+            })
     }
 
     fn server_target(&self) -> Target {
@@ -250,7 +271,9 @@ impl Session {
         let Some(checker) = state.cache.checker(&self.user) else {
             return jsonrpc::filter_tools(msg, |_| false);
         };
-        jsonrpc::filter_tools(msg, |t| checker.tool_allowed(&app.metadata.labels, t).is_ok())
+        jsonrpc::filter_tools(msg, |t| {
+            checker.tool_allowed(&app.metadata.labels, t).is_ok()
+        })
     }
 
     /// Ends the session: waiting requests get an error that says why.
@@ -262,7 +285,8 @@ impl Session {
             }
             g.closed = Some(reason.to_string());
             g.to_agent = None;
-            let pending: Vec<(String, u64)> = g.pending.drain().map(|(k, p)| (k, p.stream)).collect();
+            let pending: Vec<(String, u64)> =
+                g.pending.drain().map(|(k, p)| (k, p.stream)).collect();
             let streams = std::mem::take(&mut g.streams);
             g.order.clear();
             g.get = None;
@@ -270,7 +294,11 @@ impl Session {
         };
         for (id, stream) in pending {
             if let Some(tx) = streams.get(&stream) {
-                let _ = tx.try_send(Bytes::from(jsonrpc::error(Some(&id), jsonrpc::SERVER_ERROR, reason)));
+                let _ = tx.try_send(Bytes::from(jsonrpc::error(
+                    Some(&id),
+                    jsonrpc::SERVER_ERROR,
+                    reason,
+                )));
             }
         }
         drop(streams);
@@ -314,7 +342,9 @@ impl Session {
                         }
                     }
                     if buf.len() > max {
-                        reason = Some(format!("the MCP server sent a message larger than {max} bytes"));
+                        reason = Some(format!(
+                            "the MCP server sent a message larger than {max} bytes"
+                        ));
                         break;
                     }
                 }
@@ -334,7 +364,12 @@ impl Session {
 
 fn error_text(msg: &[u8]) -> String {
     let v: serde_json::Value = serde_json::from_slice(msg).unwrap_or_default();
-    v["error"]["message"].as_str().unwrap_or("error").chars().take(300).collect()
+    v["error"]["message"]
+        .as_str()
+        .unwrap_or("error")
+        .chars()
+        .take(300)
+        .collect()
 }
 
 fn result_is_error(msg: &[u8]) -> bool {
@@ -347,7 +382,10 @@ fn result_is_error(msg: &[u8]) -> bool {
         #[serde(rename = "isError", default)]
         is_error: bool,
     }
-    serde_json::from_slice::<R>(msg).ok().and_then(|r| r.result).is_some_and(|r| r.is_error)
+    serde_json::from_slice::<R>(msg)
+        .ok()
+        .and_then(|r| r.result)
+        .is_some_and(|r| r.is_error)
 }
 
 /// Every live session, by id.
@@ -358,13 +396,23 @@ pub struct Sessions {
 
 impl Sessions {
     pub fn get(&self, id: &str) -> Option<Arc<Session>> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
     }
     pub fn insert(&self, s: Arc<Session>) {
-        self.map.lock().unwrap_or_else(|p| p.into_inner()).insert(s.id.clone(), s);
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(s.id.clone(), s);
     }
     pub fn remove(&self, id: &str) {
-        self.map.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
     }
     pub fn len(&self) -> usize {
         self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
@@ -373,9 +421,19 @@ impl Sessions {
         self.len() == 0
     }
     pub fn count_for(&self, user: &str) -> usize {
-        self.map.lock().unwrap_or_else(|p| p.into_inner()).values().filter(|s| s.user == user).count()
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|s| s.user == user)
+            .count()
     }
     pub fn all(&self) -> Vec<Arc<Session>> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 }
