@@ -373,24 +373,11 @@ async fn server_everything_answers_as_it_does_directly() {
     let mut called = 0;
     for t in &tools {
         let name = t["name"].as_str().unwrap_or_default().to_string();
-        // Tools that wait on the client (sampling, elicitation) or run long are covered elsewhere.
-        if [
-            "sampl",
-            "elicit",
-            "long",
-            "trigger",
-            "annotated",
-            "roots",
-            "subscri",
-            "notif",
-            "simulate",
-        ]
-        .iter()
-        .any(|s| name.to_lowercase().contains(s))
-        {
-            continue;
+        let mut a = sample_args(&t["inputSchema"]);
+        if name.contains("long-running") {
+            // Keep it short: the defaults run for several seconds.
+            a = json!({"duration": 1, "steps": 2});
         }
-        let a = sample_args(&t["inputSchema"]);
         let d = direct
             .rpc("tools/call", json!({"name": name, "arguments": a}))
             .await;
@@ -400,12 +387,12 @@ async fn server_everything_answers_as_it_does_directly() {
         assert_eq!(shape(&d), shape(&p), "tool {name}: direct {d} proxied {p}");
         called += 1;
     }
-    assert!(called >= 3, "called {called} tools");
+    assert_eq!(called, tools.len(), "every tool was called");
     let resources = direct.rpc("resources/list", json!({})).await["result"]["resources"]
         .as_array()
         .cloned()
         .unwrap_or_default();
-    for r in resources.iter().take(10) {
+    for r in &resources {
         let uri = r["uri"].clone();
         let d = direct.rpc("resources/read", json!({"uri": uri})).await;
         let p = proxied.request("resources/read", json!({"uri": uri})).await;
