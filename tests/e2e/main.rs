@@ -4,6 +4,7 @@ mod agents;
 mod conformance;
 mod control_plane;
 mod deploy;
+mod examples;
 mod mcp;
 mod quickstart;
 mod watch;

@@ -95,7 +95,9 @@ async fn watch_once(state: &Arc<AgentState>, attempt: &mut u32) -> Result<(), St
                     }
                 }
             }
-            (watch_event::Type::Delete, None) if state.registry.delete(&ev.name) == Change::Unregistered => {
+            (watch_event::Type::Delete, None)
+                if state.registry.delete(&ev.name) == Change::Unregistered =>
+            {
                 tracing::info!(app = %ev.name, "unregistered app: deleted");
                 announce(state, ev.name.clone(), true);
             }

@@ -345,7 +345,7 @@ impl AuthService for Api {
             (Some(h), Some(_)) => verify_password(req.password, h).await,
             _ => {
                 // Spend the same time on unknown users as on known ones.
-                let _ = verify_password(req.password, DUMMY_HASH.into()).await;
+                let _ = verify_password(req.password, dummy_hash().await).await;
                 false
             }
         };
@@ -768,5 +768,12 @@ impl AuthService for Api {
     }
 }
 
-/// An argon2id hash of a random string, verified against for unknown users.
-const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$1x6Nlz3bV0cMTc3vP5GfZP9n2QkGqZ0c5oK2m0m3Z8A";
+/// An argon2id hash of a random string, verified against for unknown users
+/// so that a failed login takes as long whether or not the user exists.
+async fn dummy_hash() -> String {
+    static DUMMY: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+    DUMMY
+        .get_or_init(|| async { hash_password(random_token()).await.unwrap_or_default() })
+        .await
+        .clone()
+}

@@ -174,7 +174,9 @@ pub async fn run(cfg: Config, quick_start: bool) -> Result<()> {
         println!("Next, in another terminal in this directory:");
         println!("  pctl users add alice --roles=admin          # prints alice's password once");
         println!("  psh login --proxy={web} --user=alice");
-        println!("  pctl create mcp_server.yaml                 # register an MCP server");
+        println!(
+            "  pctl create examples/mcp_server.yaml        # register an MCP server (see examples/)"
+        );
         println!("  psh mcp ls                                  # see what you can reach");
         println!(
             "  psh mcp config everything                   # client config that runs psh mcp connect"
