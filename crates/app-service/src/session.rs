@@ -165,9 +165,10 @@ async fn relay(
         session.to_string(),
         last_err.clone(),
     ));
-    let mut stdin_task = tokio::spawn(pump_in(body, stdin, state.max_message));
+    // Both directions are polled by this one task: fewer wake-ups per message.
+    let stdin_fut = pump_in(body, stdin, state.max_message);
     let stdout_fut = pump_out(stdout, tx.clone(), state.max_message);
-    tokio::pin!(stdout_fut);
+    tokio::pin!(stdin_fut, stdout_fut);
     let result = tokio::select! {
         r = &mut stdout_fut => match r {
             Ok(()) => {
@@ -177,17 +178,15 @@ async fn relay(
             }
             Err(e) => End::Other(e),
         },
-        r = &mut stdin_task => match r {
-            Ok(Ok(())) => End::Other("the session was closed by the client".into()),
-            Ok(Err(e)) => End::Other(e),
-            Err(_) => End::Other("the session's input failed".into()),
+        r = &mut stdin_fut => match r {
+            Ok(()) => End::Other("the session was closed by the client".into()),
+            Err(e) => End::Other(e),
         },
         r = async { end.wait_for(|v| v.is_some()).await.ok().and_then(|v| v.clone()) } => {
             End::Other(r.unwrap_or_else(|| "the MCP server was unregistered".into()))
         }
         _ = tx.closed() => End::Other("the proxy closed the session".into()),
     };
-    stdin_task.abort();
     result
 }
 

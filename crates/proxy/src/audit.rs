@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 
 const QUEUE: usize = 10_000;
 const BATCH: usize = 500;
+const GATHER: std::time::Duration = std::time::Duration::from_millis(20);
 
 #[derive(Clone)]
 pub struct Auditor {
@@ -24,6 +25,14 @@ impl Auditor {
             let mut batch = Vec::with_capacity(BATCH);
             // Everything queued goes in one call: one round trip and one transaction.
             while rx.recv_many(&mut batch, BATCH).await > 0 {
+                // Under load, let a few milliseconds of events gather into one transaction.
+                tokio::time::sleep(GATHER).await;
+                while batch.len() < BATCH {
+                    match rx.try_recv() {
+                        Ok(ev) => batch.push(ev),
+                        Err(_) => break,
+                    }
+                }
                 let req = EmitEventsRequest {
                     events: std::mem::take(&mut batch),
                 };
