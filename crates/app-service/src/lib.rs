@@ -27,7 +27,8 @@ pub use registry::Registry;
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
-    #[serde(default)]
+    /// A section that is present runs unless it says `enabled: false`.
+    #[serde(default = "portico_core::yes")]
     pub enabled: bool,
     /// Where the auth API is: an auth-service (host:3025) or a proxy's web address.
     #[serde(default)]

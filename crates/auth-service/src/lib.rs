@@ -33,7 +33,8 @@ use crate::storage::{
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
-    #[serde(default)]
+    /// A section that is present runs unless it says `enabled: false`.
+    #[serde(default = "portico_core::yes")]
     pub enabled: bool,
     #[serde(default = "default_listen")]
     pub listen_addr: String,

@@ -16,3 +16,8 @@ pub use resource::{
     App, AppServer, AppServerSpec, AppSpec, McpSpec, Metadata, Object, Resource, Role, RoleSpec,
     Token, TokenSpec, User, UserSpec,
 };
+
+/// `true`, for serde defaults.
+pub fn yes() -> bool {
+    true
+}

@@ -32,7 +32,8 @@ use crate::mcp::session::Sessions;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProxyConfig {
-    #[serde(default)]
+    /// A section that is present runs unless it says `enabled: false`.
+    #[serde(default = "portico_core::yes")]
     pub enabled: bool,
     #[serde(default = "default_web")]
     pub web_listen_addr: String,
