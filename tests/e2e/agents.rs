@@ -516,3 +516,39 @@ async fn processes_run_as_the_host_user_with_a_minimal_environment() {
     );
     c.shutdown().await;
 }
+
+#[tokio::test]
+async fn static_apps_from_the_agent_config() {
+    let yaml = format!(
+        "app_service:\n  enabled: true\n  resources:\n  - labels: {{team: nobody}}\n  apps:\n  - name: local-tm\n    description: static test server\n    labels: {{env: dev}}\n    mcp: {{command: {}, run_as_host_user: {}}}\n",
+        portico_tests::util::test_mcp_server().display(),
+        me()
+    );
+    let c = ClusterBuilder::new()
+        .proxy()
+        .agent_yaml("s1", &yaml)
+        .start()
+        .await;
+    c.create_yaml(&test_app_yaml("dynamic", "dev"), false)
+        .await
+        .expect("app");
+    c.wait_servers("local-tm", &["s1"]).await;
+    assert!(
+        c.agent("s1").state.registry.get("dynamic").is_none(),
+        "the selector matches no dynamic app"
+    );
+    let token = user_token(&c).await;
+    let mut s = McpHttp::new(c.proxy_addr(), "local-tm", &token);
+    s.initialize().await.expect("a static app is reachable");
+    assert_eq!(
+        s.call("echo", json!({"message": "static"})).await["result"]["content"][0]["text"],
+        "static"
+    );
+    let apps = c.proxy.as_ref().expect("proxy").state.cache.apps();
+    let a = apps
+        .iter()
+        .find(|a| a.metadata.name == "local-tm")
+        .expect("listed");
+    assert_eq!(a.metadata.description, "static test server");
+    c.shutdown().await;
+}

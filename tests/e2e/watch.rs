@@ -212,6 +212,7 @@ async fn resume_compaction_and_expiry() {
             app: "one".into(),
             ttl_ms: 1000,
             remove: false,
+            static_app_json: String::new(),
         })
         .await
         .expect("heartbeat");

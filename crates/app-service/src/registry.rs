@@ -59,6 +59,14 @@ impl Registry {
         apps.get(name).map(|e| (e.app.clone(), e.end.subscribe()))
     }
 
+    /// The app's JSON if it comes from the agent's config rather than the cluster.
+    pub fn static_json(&self, name: &str) -> Option<String> {
+        let apps = self.apps.read().unwrap_or_else(|p| p.into_inner());
+        apps.get(name)
+            .filter(|e| !e.dynamic)
+            .map(|e| portico_core::Resource::App((*e.app).clone()).to_json())
+    }
+
     pub fn names(&self) -> Vec<String> {
         let apps = self.apps.read().unwrap_or_else(|p| p.into_inner());
         let mut v: Vec<String> = apps.keys().cloned().collect();

@@ -119,6 +119,11 @@ async fn heartbeat(state: &AgentState, app: &str, remove: bool) -> Result<(), St
         app: app.to_string(),
         ttl_ms: heartbeat_ttl().as_millis() as i64,
         remove,
+        static_app_json: if remove {
+            String::new()
+        } else {
+            state.registry.static_json(app).unwrap_or_default()
+        },
     };
     tokio::time::timeout(Duration::from_secs(5), api.heartbeat(req))
         .await

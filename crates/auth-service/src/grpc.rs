@@ -642,6 +642,19 @@ impl AuthService for Api {
         }
         validate_name(&req.app).map_err(|e| Status::invalid_argument(format!("app: {e}")))?;
         let name = app_server_name(&req.app, &p.name);
+        let static_app = if req.static_app_json.is_empty() {
+            None
+        } else {
+            match Resource::from_json(Kind::App, &req.static_app_json) {
+                Ok(Resource::App(a)) if a.metadata.name == req.app => Some(Box::new(a)),
+                Ok(_) => {
+                    return Err(Status::invalid_argument(
+                        "static_app_json: not the app being announced",
+                    ));
+                }
+                Err(e) => return Err(Status::invalid_argument(format!("static_app_json: {e}"))),
+            }
+        };
         let op = if req.remove {
             WriteOp::Delete {
                 kind: Kind::AppServer,
@@ -659,6 +672,7 @@ impl AuthService for Api {
                 AppServerSpec {
                     app: req.app.clone(),
                     host_id: p.name.clone(),
+                    static_app,
                 },
             ));
             WriteOp::Put {

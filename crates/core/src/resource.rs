@@ -139,6 +139,9 @@ pub struct AppServerSpec {
     pub app: String,
     /// The agent serving it.
     pub host_id: String,
+    /// Set for apps from the agent's own config, which exist nowhere else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub static_app: Option<Box<App>>,
 }
 
 pub type App = Object<AppSpec>;
@@ -278,7 +281,13 @@ impl Resource {
             }
             Resource::AppServer(s) => {
                 validate_name(&s.spec.app).map_err(|e| format!("spec.app: {e}"))?;
-                validate_name(&s.spec.host_id).map_err(|e| format!("spec.host_id: {e}"))
+                validate_name(&s.spec.host_id).map_err(|e| format!("spec.host_id: {e}"))?;
+                if let Some(app) = &s.spec.static_app {
+                    Resource::App((**app).clone())
+                        .validate()
+                        .map_err(|e| format!("spec.static_app: {e}"))?;
+                }
+                Ok(())
             }
         }
     }

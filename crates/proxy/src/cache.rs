@@ -22,6 +22,8 @@ struct State {
     servers: HashMap<String, BTreeSet<String>>,
     /// app server record name → (app, host) to undo on delete.
     server_names: HashMap<String, (String, String)>,
+    /// Apps from agents' own configs, by app server record name.
+    static_apps: HashMap<String, Arc<App>>,
     /// Compiled permissions per user; cleared whenever a role or user changes.
     checkers: HashMap<String, Arc<AccessChecker>>,
     synced: bool,
@@ -34,12 +36,27 @@ pub struct Cache {
 }
 
 impl Cache {
+    /// A cluster app, else one an agent serves from its own config.
     pub fn app(&self, name: &str) -> Option<Arc<App>> {
-        self.read().apps.get(name).cloned()
+        let st = self.read();
+        st.apps.get(name).cloned().or_else(|| {
+            st.static_apps
+                .values()
+                .find(|a| a.metadata.name == name)
+                .cloned()
+        })
     }
 
     pub fn apps(&self) -> Vec<Arc<App>> {
-        let mut v: Vec<Arc<App>> = self.read().apps.values().cloned().collect();
+        let st = self.read();
+        let mut v: Vec<Arc<App>> = st.apps.values().cloned().collect();
+        for a in st.static_apps.values() {
+            if !st.apps.contains_key(&a.metadata.name)
+                && !v.iter().any(|x| x.metadata.name == a.metadata.name)
+            {
+                v.push(a.clone());
+            }
+        }
         v.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
         v
     }
@@ -113,6 +130,10 @@ impl Cache {
                     .entry(s.spec.app.clone())
                     .or_default()
                     .insert(s.spec.host_id.clone());
+                if let Some(app) = s.spec.static_app {
+                    st.static_apps
+                        .insert(s.metadata.name.clone(), Arc::new(*app));
+                }
                 st.server_names
                     .insert(s.metadata.name.clone(), (s.spec.app, s.spec.host_id));
             }
@@ -134,6 +155,7 @@ impl Cache {
                 st.checkers.clear();
             }
             Kind::AppServer => {
+                st.static_apps.remove(name);
                 if let Some((app, host)) = st.server_names.remove(name)
                     && let Some(set) = st.servers.get_mut(&app)
                 {
