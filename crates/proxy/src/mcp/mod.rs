@@ -395,6 +395,8 @@ async fn post(
     }
     for m in forward {
         if let Err(why) = session.send_to_agent(m).await {
+            // Nothing will answer these now: answer them here and stop waiting.
+            session.forget(&forwarded_ids);
             for id in &forwarded_ids {
                 denied.push(Bytes::from(jsonrpc::error(Some(id), SERVER_ERROR, &why)));
             }

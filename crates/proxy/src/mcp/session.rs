@@ -119,6 +119,14 @@ impl Session {
     }
 
     /// Registers a request as waiting on `stream`.
+    /// Stops waiting for these requests.
+    pub fn forget(&self, ids: &[String]) {
+        let mut g = self.lock();
+        for id in ids {
+            g.pending.remove(id);
+        }
+    }
+
     pub fn expect(&self, id: String, stream: u64, asked: Asked) {
         self.lock().pending.insert(
             id,
