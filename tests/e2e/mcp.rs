@@ -924,3 +924,98 @@ async fn mcp_inspector_cli() {
     );
     c.shutdown().await;
 }
+
+#[tokio::test]
+async fn upstream_streamable_http_app() {
+    let node_dir = std::env::var("PORTICO_NODE_CLIENTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| clients_dir().join("node_modules"));
+    let entry = node_dir.join("@modelcontextprotocol/server-everything/dist/index.js");
+    assert!(
+        entry.exists(),
+        "{} is missing: run scripts/test.sh",
+        entry.display()
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let _upstream = tokio::process::Command::new("node")
+        .arg(&entry)
+        .arg("streamableHttp")
+        .env("PORT", port.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("server-everything over HTTP");
+    eventually(
+        Duration::from_secs(30),
+        "upstream listening",
+        || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()
+        },
+    )
+    .await;
+    let c = ClusterBuilder::new()
+        .proxy()
+        .wildcard_agent("a1")
+        .start()
+        .await;
+    c.create_yaml(&format!("kind: app\nversion: v3\nmetadata: {{name: remote-everything, labels: {{env: dev}}}}\nspec: {{uri: 'mcp+http://127.0.0.1:{port}/mcp'}}\n"), false)
+        .await
+        .expect("app");
+    c.create_yaml("kind: app\nversion: v3\nmetadata: {name: tls-only}\nspec: {uri: 'mcp+https://127.0.0.1:1/mcp'}\n", false).await.expect("app");
+    c.wait_servers("remote-everything", &["a1"]).await;
+    c.wait_servers("tls-only", &["a1"]).await;
+    c.add_user("ru", &["mcp-user"], PW).await;
+    let token = c.login("ru", PW).await;
+    let mut s = McpHttp::new(c.proxy_addr(), "remote-everything", &token);
+    let init = s
+        .initialize()
+        .await
+        .expect("initialize through the agent's HTTP relay");
+    assert!(init["serverInfo"]["name"].is_string(), "{init}");
+    let tools = s.request("tools/list", json!({})).await;
+    let mut direct = Direct::start(
+        std::path::Path::new("node"),
+        &[entry.display().to_string(), "stdio".into()],
+    )
+    .await;
+    let want = direct.rpc("tools/list", json!({})).await;
+    assert_eq!(
+        tools["result"], want["result"],
+        "same tools over HTTP as over stdio"
+    );
+    let r = s.call("echo", json!({"message": "over http"})).await;
+    assert!(
+        r["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("over http"),
+        "{r}"
+    );
+    let r = s.call("get-sum", json!({"a": 2, "b": 3})).await;
+    assert!(
+        r["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap_or_default()
+            .contains('5'),
+        "{r}"
+    );
+    assert_eq!(s.delete().await.status, StatusCode::OK);
+
+    let mut t = McpHttp::new(c.proxy_addr(), "tls-only", &token);
+    let e = t
+        .initialize()
+        .await
+        .expect_err("https upstreams are not relayed yet");
+    assert!(
+        String::from_utf8_lossy(&e.body).contains("does not relay"),
+        "{e:?}"
+    );
+    c.shutdown().await;
+}

@@ -6,6 +6,7 @@ pub mod registry;
 pub mod session;
 pub mod spawn;
 pub mod tunnel;
+mod upstream;
 mod watcher;
 
 use std::collections::BTreeMap;

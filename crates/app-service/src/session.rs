@@ -59,11 +59,14 @@ pub async fn handle(
             Some(m) => m.clone(),
             None => return text_response(502, "the app has no mcp.command"),
         },
+        Ok(Transport::Http(url)) if url.starts_with("http://") => {
+            return upstream_session(state, req, url, end, app_name, session);
+        }
         Ok(_) => {
             return text_response(
                 502,
                 &format!(
-                    "the MCP server {app_name:?} uses an upstream HTTP transport, which this agent does not relay yet"
+                    "the MCP server {app_name:?} needs an https or SSE upstream, which this agent does not relay yet"
                 ),
             );
         }
@@ -319,4 +322,49 @@ fn describe(status: std::process::ExitStatus) -> String {
         (None, Some(s)) => format!("killed by signal {s}"),
         _ => "unknown status".into(),
     }
+}
+
+/// A session relayed to an upstream Streamable HTTP server.
+fn upstream_session(
+    state: Arc<AgentState>,
+    req: hyper::Request<Incoming>,
+    url: String,
+    mut end: tokio::sync::watch::Receiver<Option<String>>,
+    app: String,
+    session: String,
+) -> hyper::Response<TunnelBody> {
+    tracing::info!(app = %app, session = %session, upstream = %url, "mcp session started");
+    state.metrics.sessions.fetch_add(1, Ordering::Relaxed);
+    state.metrics.live.fetch_add(1, Ordering::Relaxed);
+    let (tx, rx) = mpsc::channel(64);
+    let (out, mut lines) = mpsc::channel::<Bytes>(64);
+    let frames = tx.clone();
+    tokio::spawn(async move {
+        while let Some(line) = lines.recv().await {
+            let mut b = BytesMut::with_capacity(line.len() + 1);
+            b.extend_from_slice(&line);
+            b.extend_from_slice(b"\n");
+            if frames.send(Ok(Frame::data(b.freeze()))).await.is_err() {
+                return;
+            }
+        }
+    });
+    let max = state.max_message;
+    tokio::spawn(async move {
+        let reason = tokio::select! {
+            r = crate::upstream::relay(&url, req.into_body(), out, max) => r,
+            r = async { end.wait_for(|v| v.is_some()).await.ok().and_then(|v| v.clone()) } => {
+                r.unwrap_or_else(|| "the MCP server was unregistered".into())
+            }
+        };
+        tracing::info!(app = %app, session = %session, reason = %reason, "mcp session ended");
+        let mut trailers = http::HeaderMap::new();
+        if let Ok(v) = http::HeaderValue::from_str(&sanitize(&reason)) {
+            trailers.insert(T_END, v);
+        }
+        let _ = tx.send(Ok(Frame::trailers(trailers))).await;
+        state.metrics.live.fetch_sub(1, Ordering::Relaxed);
+    });
+    let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed();
+    hyper::Response::new(body)
 }

@@ -11,9 +11,10 @@ use hyper::body::Incoming;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 
-use crate::http::{HttpClient, base_url, client, read_limited, read_sse};
+use crate::http::{HttpClient, base_url, client, read_limited};
 use crate::profile::Profile;
 use crate::{CliResult, Fail};
+use portico_proto::sse::read_sse;
 
 const MAX_MESSAGE: usize = 4 * 1024 * 1024 + 1024;
 const REINIT_ID: &str = "\"portico-bridge-reinit\"";

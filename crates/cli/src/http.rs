@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
@@ -67,51 +67,4 @@ pub async fn read_limited(body: Incoming, max: usize) -> CliResult<Bytes> {
         .await
         .map(|b| b.to_bytes())
         .map_err(|e| Fail::new(format!("cannot read the response: {e}")))
-}
-
-/// Reads SSE events from a body and sends each event's data to `out`,
-/// except events for which `skip` returns true.
-pub async fn read_sse(
-    mut body: Incoming,
-    max: usize,
-    out: &tokio::sync::mpsc::Sender<Bytes>,
-    skip: impl Fn(&[u8]) -> bool,
-) -> Result<(), String> {
-    let mut buf = BytesMut::new();
-    let mut data = BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| e.to_string())?;
-        let Ok(chunk) = frame.into_data() else {
-            continue;
-        };
-        buf.extend_from_slice(&chunk);
-        while let Some(i) = buf.iter().position(|b| *b == b'\n') {
-            let mut line = buf.split_to(i + 1);
-            line.truncate(i);
-            if line.last() == Some(&b'\r') {
-                line.truncate(line.len() - 1);
-            }
-            if line.is_empty() {
-                if !data.is_empty() {
-                    let ev = data.split().freeze();
-                    if !skip(&ev) && out.send(ev).await.is_err() {
-                        return Ok(());
-                    }
-                }
-            } else if let Some(rest) = line.strip_prefix(b"data:") {
-                let rest = rest.strip_prefix(b" ").unwrap_or(rest);
-                if !data.is_empty() {
-                    data.extend_from_slice(b"\n");
-                }
-                data.extend_from_slice(rest);
-            }
-            if data.len() > max {
-                return Err(format!("an event exceeded {max} bytes"));
-            }
-        }
-        if buf.len() > max {
-            return Err(format!("an event exceeded {max} bytes"));
-        }
-    }
-    Ok(())
 }

@@ -12,3 +12,4 @@ pub use v1::auth_service_server::{AuthService, AuthServiceServer};
 pub mod client;
 pub mod convert;
 pub mod files;
+pub mod sse;
