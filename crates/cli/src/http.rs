@@ -1,5 +1,4 @@
-//! A small HTTP client for the proxy (plain HTTP/1.1 with timeouts) and a
-//! bounded Server-Sent Events reader.
+//! A small HTTP client for the proxy's REST routes (plain HTTP/1.1 with timeouts).
 
 use std::time::Duration;
 

@@ -9,6 +9,7 @@ pub mod v1 {
 pub use v1::auth_service_client::AuthServiceClient;
 pub use v1::auth_service_server::{AuthService, AuthServiceServer};
 
+pub mod bridge;
 pub mod client;
 pub mod convert;
 pub mod files;
