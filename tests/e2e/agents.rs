@@ -18,6 +18,32 @@ async fn user_token(c: &portico_tests::Cluster) -> String {
     c.login("root-user", ADMIN_PW).await
 }
 
+/// Opens sessions until one lands on each of `agents` agents (routing is random).
+async fn one_session_per_agent(
+    c: &portico_tests::Cluster,
+    app: &str,
+    token: &str,
+    agents: usize,
+) -> std::collections::HashMap<String, McpHttp> {
+    let proxy = c.proxy.as_ref().expect("proxy").state.clone();
+    let mut on = std::collections::HashMap::new();
+    for _ in 0..60 {
+        let mut s = McpHttp::new(c.proxy_addr(), app, token);
+        s.initialize().await.expect("initialize");
+        let agent = proxy
+            .sessions
+            .get(s.session.as_deref().expect("session id"))
+            .expect("live")
+            .agent
+            .clone();
+        on.entry(agent).or_insert(s);
+        if on.len() == agents {
+            break;
+        }
+    }
+    on
+}
+
 #[tokio::test]
 async fn seed_lifecycle_with_both_example_agents() {
     let wildcard = std::fs::read_to_string(shared_example("agent-wildcard.yaml")).expect("example");
@@ -44,22 +70,7 @@ async fn seed_lifecycle_with_both_example_agents() {
     c.wait_servers("tm", &["prodtest", "wild"]).await;
 
     // One live session on each agent, each waiting on a slow call while the labels change.
-    let proxy = c.proxy.as_ref().expect("proxy").state.clone();
-    let mut on: std::collections::HashMap<String, McpHttp> = std::collections::HashMap::new();
-    for _ in 0..60 {
-        let mut s = McpHttp::new(c.proxy_addr(), "tm", &token);
-        s.initialize().await.expect("initialize");
-        let agent = proxy
-            .sessions
-            .get(s.session.as_deref().expect("session id"))
-            .expect("live")
-            .agent
-            .clone();
-        on.entry(agent).or_insert(s);
-        if on.len() == 2 {
-            break;
-        }
-    }
+    let mut on = one_session_per_agent(&c, "tm", &token, 2).await;
     let mut on_prodtest = on.remove("prodtest").expect("a session on prodtest");
     let mut on_wild = on.remove("wild").expect("a session on wild");
     let echo = on_wild.call("echo", json!({"message": "hi"})).await;
@@ -400,21 +411,7 @@ async fn a_lost_agent_ends_its_sessions_and_new_ones_go_elsewhere() {
         .expect("app");
     c.wait_servers("tm", &["a1", "a2"]).await;
     let proxy = c.proxy.as_ref().expect("proxy").state.clone();
-    let mut on: std::collections::HashMap<String, McpHttp> = std::collections::HashMap::new();
-    for _ in 0..60 {
-        let mut s = McpHttp::new(c.proxy_addr(), "tm", &token);
-        s.initialize().await.expect("initialize");
-        let agent = proxy
-            .sessions
-            .get(s.session.as_deref().expect("id"))
-            .expect("live")
-            .agent
-            .clone();
-        on.entry(agent).or_insert(s);
-        if on.len() == 2 {
-            break;
-        }
-    }
+    let mut on = one_session_per_agent(&c, "tm", &token, 2).await;
     let mut doomed = on.remove("a2").expect("a session on a2");
     let mut kept = on.remove("a1").expect("a session on a1");
     let pending = tokio::spawn(async move { doomed.call("slow", json!({"ms": 30000})).await });

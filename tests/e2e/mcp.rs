@@ -24,6 +24,20 @@ fn clients_dir() -> PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("clients")
 }
 
+/// A file of the pinned npm test clients (installed by scripts/test.sh).
+fn node_file(rel: &str) -> PathBuf {
+    let node_dir = std::env::var("PORTICO_NODE_CLIENTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| clients_dir().join("node_modules"));
+    let p = node_dir.join(rel);
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/test.sh (it installs the npm test clients)",
+        p.display()
+    );
+    p
+}
+
 async fn cluster_with_app(env: &str) -> Cluster {
     let c = ClusterBuilder::new()
         .proxy()
@@ -321,15 +335,7 @@ fn shape(v: &Value) -> Value {
 
 #[tokio::test]
 async fn server_everything_answers_as_it_does_directly() {
-    let node_dir = std::env::var("PORTICO_NODE_CLIENTS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| clients_dir().join("node_modules"));
-    let entry = node_dir.join("@modelcontextprotocol/server-everything/dist/index.js");
-    assert!(
-        entry.exists(),
-        "{} is missing: run scripts/test.sh (it installs the npm test clients)",
-        entry.display()
-    );
+    let entry = node_file("@modelcontextprotocol/server-everything/dist/index.js");
     let c = ClusterBuilder::new()
         .proxy()
         .wildcard_agent("a1")
@@ -873,15 +879,7 @@ async fn psh_connect_survives_a_proxy_restart() {
 
 #[tokio::test]
 async fn mcp_inspector_cli() {
-    let node_dir = std::env::var("PORTICO_NODE_CLIENTS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| clients_dir().join("node_modules"));
-    let launcher = node_dir.join("@modelcontextprotocol/inspector/clients/launcher/build/index.js");
-    assert!(
-        launcher.exists(),
-        "{} is missing: run scripts/test.sh",
-        launcher.display()
-    );
+    let launcher = node_file("@modelcontextprotocol/inspector/clients/launcher/build/index.js");
     let c = cluster_with_app("dev").await;
     c.add_user("ins", &["mcp-user"], PW).await;
     let token = c.login("ins", PW).await;
@@ -927,15 +925,7 @@ async fn mcp_inspector_cli() {
 
 #[tokio::test]
 async fn upstream_streamable_http_app() {
-    let node_dir = std::env::var("PORTICO_NODE_CLIENTS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| clients_dir().join("node_modules"));
-    let entry = node_dir.join("@modelcontextprotocol/server-everything/dist/index.js");
-    assert!(
-        entry.exists(),
-        "{} is missing: run scripts/test.sh",
-        entry.display()
-    );
+    let entry = node_file("@modelcontextprotocol/server-everything/dist/index.js");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
         .local_addr()
