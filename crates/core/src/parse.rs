@@ -17,13 +17,12 @@ struct Header {
 }
 
 /// One document of a multi-document file and the line it starts on (1-based).
-struct Chunk<'a> {
+struct Chunk {
     text: String,
     first_line: usize,
-    _src: std::marker::PhantomData<&'a ()>,
 }
 
-fn split_documents(text: &str) -> Vec<Chunk<'_>> {
+fn split_documents(text: &str) -> Vec<Chunk> {
     let mut chunks = Vec::new();
     let mut cur = String::new();
     let mut first_line = 1;
@@ -34,7 +33,6 @@ fn split_documents(text: &str) -> Vec<Chunk<'_>> {
             chunks.push(Chunk {
                 text: std::mem::take(&mut cur),
                 first_line,
-                _src: Default::default(),
             });
             first_line = i + 2;
             // Content after `--- ` on the same line belongs to the next document.
@@ -54,7 +52,6 @@ fn split_documents(text: &str) -> Vec<Chunk<'_>> {
     chunks.push(Chunk {
         text: cur,
         first_line,
-        _src: Default::default(),
     });
     chunks
         .into_iter()
@@ -83,7 +80,7 @@ fn yaml_error(file: &str, base: usize, e: &yaml_serde::Error, path: &str) -> Err
     Error::bad_request(format!("{at}: {field}{msg}"))
 }
 
-fn typed<S: DeserializeOwned>(file: &str, chunk: &Chunk<'_>) -> Result<Object<S>, Error> {
+fn typed<S: DeserializeOwned>(file: &str, chunk: &Chunk) -> Result<Object<S>, Error> {
     let de = yaml_serde::Deserializer::from_str(&chunk.text);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -125,7 +122,8 @@ pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Resource>, Error> {
             Kind::User => Resource::User(typed(file, &chunk)?),
             Kind::Token => Resource::Token(typed(file, &chunk)?),
             Kind::AppServer => Resource::AppServer(typed(file, &chunk)?),
-            Kind::Event => unreachable_kind()?,
+            // Refused above: events are not resources.
+            Kind::Event => return Err(Error::bad_request("events are not resources")),
         };
         res.validate()
             .map_err(|e| Error::bad_request(format!("{file}:{}: {e}", chunk.first_line)))?;
@@ -137,10 +135,6 @@ pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Resource>, Error> {
         )));
     }
     Ok(out)
-}
-
-fn unreachable_kind() -> Result<Resource, Error> {
-    Err(Error::bad_request("events are not resources"))
 }
 
 #[cfg(test)]

@@ -488,7 +488,7 @@ async fn open_session(
         ));
     }
     hosts.shuffle(&mut rand::rng());
-    let id = portico_core_random_id();
+    let id = random_session_id();
     for host in hosts {
         let Some(mut sender) = state.tunnels.sender(&host) else {
             continue;
@@ -559,7 +559,7 @@ async fn open_session(
 }
 
 /// 32 random bytes, hex: unguessable session ids.
-fn portico_core_random_id() -> String {
+fn random_session_id() -> String {
     use rand::Rng;
     let bytes: [u8; 32] = rand::rng().random();
     bytes.iter().map(|b| format!("{b:02x}")).collect()
