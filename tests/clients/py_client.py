@@ -54,10 +54,18 @@ async def main(url: str, everything: bool) -> dict:
             return out
 
 
+def leaves(e: BaseException) -> list[BaseException]:
+    """The real errors inside anyio's task-group ExceptionGroups."""
+    if isinstance(e, BaseExceptionGroup):
+        return [leaf for sub in e.exceptions for leaf in leaves(sub)]
+    return [e]
+
+
 if __name__ == "__main__":
     try:
         result = asyncio.run(main(sys.argv[1], "--everything" in sys.argv[2:]))
     except Exception as e:  # report, do not trace
-        print(f"py_client: {type(e).__name__}: {e}", file=sys.stderr)
+        for leaf in leaves(e):
+            print(f"py_client: {type(leaf).__name__}: {leaf}", file=sys.stderr)
         sys.exit(1)
     print(json.dumps(result))
