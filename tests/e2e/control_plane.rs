@@ -3,13 +3,13 @@
 
 use portico_proto::v1;
 use portico_tests::cluster::text;
-use portico_tests::util::shared_example;
+use portico_tests::util::example;
 use portico_tests::{ClusterBuilder, Storage};
 
 #[tokio::test]
 async fn seed_lifecycle_with_pctl() {
     let c = ClusterBuilder::new().start().await;
-    let seed = shared_example("mcp_server.yaml");
+    let seed = example("mcp_server.yaml");
     let seed = seed.to_str().expect("utf-8 path");
     let o = c.pctl(&["create", seed]).await;
     assert!(o.status.success(), "{:?}", text(&o));
@@ -185,7 +185,7 @@ async fn rbac_on_every_call() {
         .start()
         .await;
     let example =
-        std::fs::read_to_string(shared_example("app-admin-role.yaml")).expect("example role");
+        std::fs::read_to_string(example("app-admin-role.yaml")).expect("example role");
     c.create_yaml(&example, false)
         .await
         .expect("app-admin role");

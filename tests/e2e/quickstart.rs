@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use portico_tests::cluster::{run, text};
 use portico_tests::mcp_http::McpHttp;
-use portico_tests::util::shared_example;
+use portico_tests::util::example;
 use portico_tests::{TempDir, bin, eventually};
 use tokio::io::AsyncReadExt;
 
@@ -85,7 +85,7 @@ async fn quick_start_as_a_newcomer() {
     )
     .await;
     assert!(o.status.success(), "{:?}", text(&o));
-    let seed = shared_example("mcp_server.yaml");
+    let seed = example("mcp_server.yaml");
     let o = pctl(vec!["create".into(), seed.display().to_string()], None).await;
     assert!(o.status.success(), "{:?}", text(&o));
     let listed = eventually(

@@ -70,16 +70,12 @@ pub fn test_mcp_server() -> PathBuf {
     bin("portico-test-mcp")
 }
 
-/// The shared examples that must work unchanged.
-pub fn shared_example(name: &str) -> PathBuf {
+/// A file of the repository's `examples/` folder (the seed's files, kept unchanged).
+pub fn example(name: &str) -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/examples")
+        .join("../examples")
         .join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: the shared folder must sit beside the repository",
-        p.display()
-    );
+    assert!(p.exists(), "{} is missing from examples/", p.display());
     p
 }
 

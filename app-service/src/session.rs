@@ -1,0 +1,357 @@
+//! One MCP session on the agent: spawn the app's process, relay
+//! newline-delimited JSON-RPC both ways with bounded buffers, and end it
+//! cleanly (SIGINT, then SIGKILL after a grace period, always reaped).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use portico_core::resource::Transport;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::Child;
+use tokio::sync::mpsc;
+
+use crate::AgentState;
+use crate::spawn::{self, SIGINT, SIGKILL};
+use portico_mcp::LineReader;
+use portico_tunnel::{H_APP, H_SESSION, H_USER, T_END, TunnelBody};
+
+type FrameTx = mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>;
+
+fn text_response(status: u16, msg: &str) -> hyper::Response<TunnelBody> {
+    let body = http_body_util::Full::new(Bytes::from(msg.to_string()))
+        .map_err(|never| match never {})
+        .boxed();
+    let mut resp = hyper::Response::new(body);
+    *resp.status_mut() =
+        hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::BAD_GATEWAY);
+    resp
+}
+
+fn header<'a>(req: &'a hyper::Request<Incoming>, name: &str) -> &'a str {
+    req.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
+/// Handles one request arriving over a tunnel.
+pub async fn handle(
+    state: Arc<AgentState>,
+    req: hyper::Request<Incoming>,
+) -> hyper::Response<TunnelBody> {
+    if req.uri().path() != "/v1/session" || req.method() != hyper::Method::POST {
+        return text_response(404, "unknown tunnel request");
+    }
+    let app_name = header(&req, H_APP).to_string();
+    let session = header(&req, H_SESSION).chars().take(64).collect::<String>();
+    let user = header(&req, H_USER).chars().take(64).collect::<String>();
+    let Some((app, end)) = state.registry.get(&app_name) else {
+        return text_response(
+            404,
+            &format!("the MCP server {app_name:?} is not served by this agent"),
+        );
+    };
+    let spec = match app.spec.transport() {
+        Ok(Transport::Stdio) => match &app.spec.mcp {
+            Some(m) => m.clone(),
+            None => return text_response(502, "the app has no mcp.command"),
+        },
+        Ok(Transport::Http(url)) if url.starts_with("http://") => {
+            return upstream_session(state, req, url, end, app_name, session);
+        }
+        Ok(_) => {
+            return text_response(
+                502,
+                &format!(
+                    "the MCP server {app_name:?} needs an https or SSE upstream, which this agent does not relay yet"
+                ),
+            );
+        }
+        Err(e) => return text_response(502, &e),
+    };
+    let mut child = match spawn::spawn(&spec) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(app = %app_name, session = %session, error = %e, "cannot start MCP server");
+            return text_response(
+                502,
+                &format!("cannot start the MCP server {app_name:?}: {e}"),
+            );
+        }
+    };
+    let pgid = child.id().unwrap_or(0);
+    tracing::info!(app = %app_name, session = %session, user = %user, pid = pgid, "mcp session started");
+    state.metrics.sessions.fetch_add(1, Ordering::Relaxed);
+    state.metrics.live.fetch_add(1, Ordering::Relaxed);
+    let (tx, rx) = mpsc::channel(64);
+    let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed();
+    let st = state.clone();
+    tokio::spawn(async move {
+        let reason = relay(
+            &st,
+            &mut child,
+            req.into_body(),
+            tx.clone(),
+            end,
+            &app_name,
+            &session,
+        )
+        .await;
+        let status = terminate(&mut child, pgid, st.grace).await;
+        let reason = match reason {
+            End::ProcessExited(last) => {
+                let mut r = format!("the MCP server process exited ({status})");
+                if !last.is_empty() {
+                    r.push_str(": ");
+                    r.push_str(&last);
+                }
+                r
+            }
+            End::Other(r) => r,
+        };
+        tracing::info!(app = %app_name, session = %session, reason = %reason, "mcp session ended");
+        let mut trailers = http::HeaderMap::new();
+        if let Ok(v) = http::HeaderValue::from_str(&sanitize(&reason)) {
+            trailers.insert(T_END, v);
+        }
+        let _ = tx.send(Ok(Frame::trailers(trailers))).await;
+        st.metrics.live.fetch_sub(1, Ordering::Relaxed);
+    });
+    let mut resp = hyper::Response::new(body);
+    resp.headers_mut().insert(
+        "content-type",
+        http::HeaderValue::from_static("application/x-ndjson"),
+    );
+    resp
+}
+
+enum End {
+    /// stdout closed; carries the last stderr line.
+    ProcessExited(String),
+    Other(String),
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii() && !c.is_ascii_control() {
+                c
+            } else {
+                '?'
+            }
+        })
+        .take(512)
+        .collect()
+}
+
+async fn relay(
+    state: &AgentState,
+    child: &mut Child,
+    body: Incoming,
+    tx: FrameTx,
+    mut end: tokio::sync::watch::Receiver<Option<String>>,
+    app: &str,
+    session: &str,
+) -> End {
+    let (Some(stdin), Some(stdout), Some(stderr)) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        return End::Other("the MCP server's standard streams are not available".into());
+    };
+    let last_err = Arc::new(std::sync::Mutex::new(String::new()));
+    let stderr_task = tokio::spawn(log_stderr(
+        stderr,
+        app.to_string(),
+        session.to_string(),
+        last_err.clone(),
+    ));
+    // Both directions are polled by this one task: fewer wake-ups per message.
+    let stdin_fut = pump_in(body, stdin, state.max_message);
+    let stdout_fut = pump_out(stdout, tx.clone(), state.max_message);
+    tokio::pin!(stdin_fut, stdout_fut);
+    let result = tokio::select! {
+        r = &mut stdout_fut => match r {
+            Ok(()) => {
+                // Give stderr a moment to drain the reason the process died.
+                let _ = tokio::time::timeout(Duration::from_millis(200), stderr_task).await;
+                End::ProcessExited(last_err.lock().map(|s| s.clone()).unwrap_or_default())
+            }
+            Err(e) => End::Other(e),
+        },
+        r = &mut stdin_fut => match r {
+            Ok(()) => End::Other("the session was closed by the client".into()),
+            Err(e) => End::Other(e),
+        },
+        r = async { end.wait_for(|v| v.is_some()).await.ok().and_then(|v| v.clone()) } => {
+            End::Other(r.unwrap_or_else(|| "the MCP server was unregistered".into()))
+        }
+        _ = tx.closed() => End::Other("the proxy closed the session".into()),
+    };
+    result
+}
+
+/// Client → server: request body frames to the process's stdin, byte for byte.
+async fn pump_in(
+    mut body: Incoming,
+    mut stdin: tokio::process::ChildStdin,
+    max: usize,
+) -> Result<(), String> {
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| format!("the tunnel stream failed: {e}"))?;
+        if let Ok(data) = frame.into_data() {
+            if data.len() > max {
+                return Err(format!("a client message exceeded {max} bytes"));
+            }
+            stdin
+                .write_all(&data)
+                .await
+                .map_err(|_| "the MCP server closed its input".to_string())?;
+            stdin
+                .flush()
+                .await
+                .map_err(|_| "the MCP server closed its input".to_string())?;
+        }
+    }
+    drop(stdin);
+    Ok(())
+}
+
+/// Server → client: stdout split into lines of at most `max` bytes, one frame per line.
+async fn pump_out<R: AsyncRead + Unpin>(stdout: R, tx: FrameTx, max: usize) -> Result<(), String> {
+    let mut lines = LineReader::new(stdout, max);
+    loop {
+        let line = match lines.next_line().await {
+            Ok(Some(l)) => l,
+            Ok(None) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                return Err(format!(
+                    "the MCP server sent a message larger than {max} bytes; the session was ended"
+                ));
+            }
+            Err(e) => return Err(format!("reading the MCP server failed: {e}")),
+        };
+        let mut framed = BytesMut::with_capacity(line.len() + 1);
+        framed.extend_from_slice(&line);
+        framed.extend_from_slice(b"\n");
+        if tx.send(Ok(Frame::data(framed.freeze()))).await.is_err() {
+            return Err("the proxy closed the session".into());
+        }
+    }
+}
+
+/// Logs stderr lines tagged with app and session, each cut to 4 KiB.
+async fn log_stderr<R: AsyncRead + Unpin>(
+    stderr: R,
+    app: String,
+    session: String,
+    last: Arc<std::sync::Mutex<String>>,
+) {
+    use tokio::io::AsyncBufReadExt;
+    let mut r = tokio::io::BufReader::new(stderr);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let mut limited = (&mut r).take(4096);
+        match limited.read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if line.last() != Some(&b'\n') {
+            // Skip the rest of an overlong line.
+            let mut sink = Vec::new();
+            let _ = (&mut r)
+                .take(16 * 1024 * 1024)
+                .read_until(b'\n', &mut sink)
+                .await;
+        }
+        let text = String::from_utf8_lossy(&line).trim_end().to_string();
+        if text.is_empty() {
+            continue;
+        }
+        tracing::info!(target: "mcp_stderr", app = %app, session = %session, "{text}");
+        if let Ok(mut l) = last.lock() {
+            *l = text.chars().take(300).collect();
+        }
+    }
+}
+
+/// SIGINT to the process group, SIGKILL after `grace`, and always reap.
+async fn terminate(child: &mut Child, pgid: u32, grace: Duration) -> String {
+    if let Ok(Some(status)) = child.try_wait() {
+        spawn::signal_group(pgid, SIGKILL);
+        return describe(status);
+    }
+    spawn::signal_group(pgid, SIGINT);
+    let status = match tokio::time::timeout(grace, child.wait()).await {
+        Ok(Ok(s)) => s,
+        _ => {
+            spawn::signal_group(pgid, SIGKILL);
+            let _ = child.start_kill();
+            match child.wait().await {
+                Ok(s) => s,
+                Err(e) => return format!("wait failed: {e}"),
+            }
+        }
+    };
+    // Anything the server left behind in its group goes too.
+    spawn::signal_group(pgid, SIGKILL);
+    describe(status)
+}
+
+fn describe(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exit status {c}"),
+        (None, Some(s)) => format!("killed by signal {s}"),
+        _ => "unknown status".into(),
+    }
+}
+
+/// A session relayed to an upstream Streamable HTTP server.
+fn upstream_session(
+    state: Arc<AgentState>,
+    req: hyper::Request<Incoming>,
+    url: String,
+    mut end: tokio::sync::watch::Receiver<Option<String>>,
+    app: String,
+    session: String,
+) -> hyper::Response<TunnelBody> {
+    tracing::info!(app = %app, session = %session, upstream = %url, "mcp session started");
+    state.metrics.sessions.fetch_add(1, Ordering::Relaxed);
+    state.metrics.live.fetch_add(1, Ordering::Relaxed);
+    let (tx, rx) = mpsc::channel(64);
+    let (out, mut lines) = mpsc::channel::<Bytes>(64);
+    let frames = tx.clone();
+    tokio::spawn(async move {
+        while let Some(line) = lines.recv().await {
+            let mut b = BytesMut::with_capacity(line.len() + 1);
+            b.extend_from_slice(&line);
+            b.extend_from_slice(b"\n");
+            if frames.send(Ok(Frame::data(b.freeze()))).await.is_err() {
+                return;
+            }
+        }
+    });
+    let max = state.max_message;
+    tokio::spawn(async move {
+        let reason = tokio::select! {
+            r = crate::upstream::relay(&url, req.into_body(), out, max) => r,
+            r = async { end.wait_for(|v| v.is_some()).await.ok().and_then(|v| v.clone()) } => {
+                r.unwrap_or_else(|| "the MCP server was unregistered".into())
+            }
+        };
+        tracing::info!(app = %app, session = %session, reason = %reason, "mcp session ended");
+        let mut trailers = http::HeaderMap::new();
+        if let Ok(v) = http::HeaderValue::from_str(&sanitize(&reason)) {
+            trailers.insert(T_END, v);
+        }
+        let _ = tx.send(Ok(Frame::trailers(trailers))).await;
+        state.metrics.live.fetch_sub(1, Ordering::Relaxed);
+    });
+    let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed();
+    hyper::Response::new(body)
+}

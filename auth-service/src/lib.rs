@@ -1,0 +1,437 @@
+//! Portico's auth-service: storage with a change feed, users and login,
+//! join tokens, RBAC on every call, and the audit log, served over gRPC.
+
+pub mod grpc;
+pub mod hub;
+pub mod identity;
+pub mod limiter;
+pub mod resources;
+pub mod storage;
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use portico_core::identity::{ADMIN_IDENTITY_FILE, IdentityFile};
+use portico_core::presets::preset_roles;
+use portico_core::time::{now_ms, parse_duration};
+use portico_core::{Code, Error, Kind, Resource};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::hub::Hub;
+use crate::identity::{PrincipalType, hash_token, random_token};
+use crate::limiter::LoginLimiter;
+use crate::storage::{
+    AuditRecord, Backend, PostgresBackend, PutMode, SessionRow, SqliteBackend, WriteOp,
+};
+
+/// The `auth_service` section of `portico.yaml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// A section that is present runs unless it says `enabled: false`.
+    #[serde(default = "portico_core::yes")]
+    pub enabled: bool,
+    #[serde(default = "default_listen")]
+    pub listen_addr: String,
+    #[serde(default)]
+    pub storage: StorageConfig,
+    /// How long a login lasts, e.g. `12h`.
+    #[serde(default)]
+    pub session_ttl: Option<String>,
+    /// How many events the change feed keeps for resuming watchers.
+    #[serde(default)]
+    pub event_retention: Option<i64>,
+    /// Join tokens created at the first start of a fresh database (for
+    /// deployments such as docker-compose that join without an operator).
+    #[serde(default)]
+    pub bootstrap_tokens: Vec<BootstrapToken>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootstrapToken {
+    pub token: String,
+    pub roles: Vec<String>,
+    /// How long it stays valid, e.g. `24h` (default).
+    #[serde(default)]
+    pub ttl: Option<String>,
+}
+
+fn default_listen() -> String {
+    "0.0.0.0:3025".into()
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            enabled: true,
+            listen_addr: default_listen(),
+            storage: StorageConfig::default(),
+            session_ttl: None,
+            event_retention: None,
+            bootstrap_tokens: vec![],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum StorageConfig {
+    /// `path` is a directory; defaults to the data directory.
+    Sqlite {
+        #[serde(default)]
+        path: Option<PathBuf>,
+    },
+    Postgres {
+        conn_string: String,
+    },
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig::Sqlite { path: None }
+    }
+}
+
+const DEFAULT_SESSION_TTL_MS: i64 = 12 * 3600 * 1000;
+const DEFAULT_EVENT_RETENTION: i64 = 100_000;
+
+#[derive(Default)]
+pub struct Metrics {
+    pub requests: AtomicU64,
+    pub logins_ok: AtomicU64,
+    pub logins_failed: AtomicU64,
+    pub writes: AtomicU64,
+}
+
+/// The running auth-service state shared by every handler.
+pub struct AuthServer {
+    pub backend: Arc<dyn Backend>,
+    pub hub: Arc<Hub>,
+    pub(crate) session_ttl_ms: i64,
+    pub(crate) limiter: LoginLimiter,
+    pub metrics: Metrics,
+    stop: watch::Sender<bool>,
+}
+
+impl AuthServer {
+    /// Opens storage (retrying Postgres until it answers), creates the preset
+    /// roles and starts the change feed and the expiry sweeper.
+    pub async fn open(cfg: &AuthConfig, data_dir: &Path) -> Result<Arc<Self>, Error> {
+        let backend: Arc<dyn Backend> = match &cfg.storage {
+            StorageConfig::Sqlite { path } => {
+                let dir = path.clone().unwrap_or_else(|| data_dir.to_path_buf());
+                Arc::new(SqliteBackend::open(&dir).await?)
+            }
+            StorageConfig::Postgres { conn_string } => {
+                Arc::new(PostgresBackend::connect_with_retry(conn_string).await)
+            }
+        };
+        Self::with_backend(backend, cfg).await
+    }
+
+    pub async fn with_backend(
+        backend: Arc<dyn Backend>,
+        cfg: &AuthConfig,
+    ) -> Result<Arc<Self>, Error> {
+        let session_ttl_ms = match &cfg.session_ttl {
+            Some(s) => parse_duration(s).ok_or_else(|| {
+                Error::bad_request(format!(
+                    "auth_service.session_ttl: {s:?} is not a duration like 12h"
+                ))
+            })?,
+            None => DEFAULT_SESSION_TTL_MS,
+        };
+        let fresh = backend.current_revision().await? == 0;
+        let (stop, stop_rx) = watch::channel(false);
+        let hub = Hub::start(backend.clone(), stop_rx.clone()).await?;
+        let server = Arc::new(AuthServer {
+            backend,
+            hub,
+            session_ttl_ms,
+            limiter: LoginLimiter::new(5, Duration::from_secs(60), Duration::from_secs(30)),
+            metrics: Metrics::default(),
+            stop,
+        });
+        server.bootstrap_roles().await?;
+        if fresh {
+            server.bootstrap_tokens(&cfg.bootstrap_tokens).await?;
+        }
+        tokio::spawn(sweeper(
+            server.clone(),
+            stop_rx,
+            cfg.event_retention.unwrap_or(DEFAULT_EVENT_RETENTION),
+        ));
+        Ok(server)
+    }
+
+    async fn bootstrap_roles(&self) -> Result<(), Error> {
+        for role in preset_roles() {
+            if self
+                .backend
+                .get(Kind::Role, &role.metadata.name)
+                .await?
+                .is_some()
+            {
+                continue;
+            }
+            let r = Resource::Role(role);
+            let op = WriteOp::Put {
+                kind: Kind::Role,
+                name: r.name().to_string(),
+                value: resources::to_stored(&r),
+                expires: None,
+                mode: PutMode::Create,
+            };
+            match self.backend.apply(&[op]).await {
+                Ok(_) => tracing::info!(role = r.name(), "created preset role"),
+                Err(e) if e.code == Code::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.hub.poke();
+        Ok(())
+    }
+
+    async fn bootstrap_tokens(&self, tokens: &[BootstrapToken]) -> Result<(), Error> {
+        for (i, t) in tokens.iter().enumerate() {
+            if t.token.trim().len() < 16 {
+                return Err(Error::bad_request(format!(
+                    "auth_service.bootstrap_tokens[{i}].token: use at least 16 random characters"
+                )));
+            }
+            let ttl = match &t.ttl {
+                Some(s) => parse_duration(s).ok_or_else(|| {
+                    Error::bad_request(format!(
+                        "auth_service.bootstrap_tokens[{i}].ttl: {s:?} is not a duration"
+                    ))
+                })?,
+                None => 24 * 3600 * 1000,
+            };
+            let mut roles = Vec::new();
+            for r in &t.roles {
+                roles.push(portico_core::SystemRole::parse(r).ok_or_else(|| {
+                    Error::bad_request(format!(
+                        "auth_service.bootstrap_tokens[{i}].roles: unknown role {r:?}; use app or proxy"
+                    ))
+                })?);
+            }
+            let name = identity::token_name(t.token.trim());
+            let expires = now_ms() + ttl;
+            let mut meta = portico_core::Metadata::named(&name);
+            meta.expires = Some(portico_core::time::format_rfc3339(expires));
+            let token = Resource::Token(portico_core::Object::new(
+                Kind::Token,
+                meta,
+                portico_core::TokenSpec { roles },
+            ));
+            let op = WriteOp::Put {
+                kind: Kind::Token,
+                name,
+                value: resources::to_stored(&token),
+                expires: Some(expires),
+                mode: PutMode::Upsert,
+            };
+            self.backend.apply(&[op]).await?;
+        }
+        if !tokens.is_empty() {
+            tracing::info!(count = tokens.len(), "created bootstrap join tokens");
+            self.hub.poke();
+        }
+        Ok(())
+    }
+
+    /// Writes the local admin identity into `data_dir` unless a valid one is there.
+    pub async fn ensure_admin_identity(
+        &self,
+        data_dir: &Path,
+        auth_addr: &str,
+    ) -> Result<PathBuf, Error> {
+        let path = data_dir.join(ADMIN_IDENTITY_FILE);
+        if let Ok(text) = std::fs::read_to_string(&path)
+            && let Ok(id) = yaml_serde::from_str::<IdentityFile>(&text)
+            && self
+                .backend
+                .session(&hash_token(&id.token))
+                .await?
+                .is_some()
+        {
+            if id.auth_server != auth_addr {
+                write_identity(
+                    &path,
+                    &IdentityFile {
+                        auth_server: auth_addr.to_string(),
+                        ..id
+                    },
+                )?;
+            }
+            return Ok(path);
+        }
+        let token = self
+            .new_session("admin", PrincipalType::Admin, &[], None)
+            .await?;
+        write_identity(
+            &path,
+            &IdentityFile {
+                auth_server: auth_addr.to_string(),
+                principal: "admin".into(),
+                token,
+            },
+        )?;
+        tracing::info!(path = %path.display(), "wrote the local admin identity");
+        Ok(path)
+    }
+
+    /// An identity for a service running in this process (the all-in-one).
+    pub async fn issue_service_identity(
+        &self,
+        host_id: &str,
+        role: portico_core::SystemRole,
+    ) -> Result<String, Error> {
+        self.new_session(host_id, PrincipalType::Service, &[role.as_str().to_string()], None)
+            .await
+    }
+
+    pub(crate) async fn new_session(
+        &self,
+        principal: &str,
+        ptype: PrincipalType,
+        roles: &[String],
+        expires: Option<i64>,
+    ) -> Result<String, Error> {
+        let token = random_token();
+        self.backend
+            .put_session(&SessionRow {
+                token_hash: hash_token(&token),
+                principal: principal.to_string(),
+                ptype: ptype.as_str().to_string(),
+                roles: serde_json::to_string(roles).unwrap_or_else(|_| "[]".into()),
+                expires,
+            })
+            .await?;
+        Ok(token)
+    }
+
+    /// Appends to the audit log; a failure is logged, never shown to the caller.
+    pub async fn audit(&self, kind: &str, actor: &str, success: bool, fields: serde_json::Value) {
+        let rec = AuditRecord {
+            id: 0,
+            time_ms: now_ms(),
+            kind: kind.to_string(),
+            actor: actor.to_string(),
+            success,
+            fields: fields.to_string(),
+        };
+        if let Err(e) = self.backend.append_audit(std::slice::from_ref(&rec)).await {
+            tracing::error!(error = %e, event = kind, "cannot write audit event");
+        }
+    }
+
+    /// Ends watch streams and background tasks.
+    pub fn shutdown(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    pub fn metrics_text(&self) -> String {
+        let m = &self.metrics;
+        format!(
+            "# TYPE portico_auth_requests_total counter\nportico_auth_requests_total {}\n\
+             # TYPE portico_auth_logins_total counter\nportico_auth_logins_total{{result=\"ok\"}} {}\nportico_auth_logins_total{{result=\"failed\"}} {}\n\
+             # TYPE portico_auth_writes_total counter\nportico_auth_writes_total {}\n\
+             # TYPE portico_auth_revision gauge\nportico_auth_revision {}\n\
+             # TYPE portico_auth_watchers gauge\nportico_auth_watchers {}\n",
+            m.requests.load(Ordering::Relaxed),
+            m.logins_ok.load(Ordering::Relaxed),
+            m.logins_failed.load(Ordering::Relaxed),
+            m.writes.load(Ordering::Relaxed),
+            self.hub.last_revision(),
+            self.hub.watchers(),
+        )
+    }
+}
+
+fn write_identity(path: &Path, id: &IdentityFile) -> Result<(), Error> {
+    let text = yaml_serde::to_string(id)
+        .map_err(|e| Error::internal(format!("cannot encode identity: {e}")))?;
+    portico_proto::files::write_private(path, text.as_bytes())
+        .map_err(|e| Error::unavailable(format!("cannot write {}: {e}", path.display())))
+}
+
+/// Deletes expired records (producing delete events), old sessions and old events.
+async fn sweeper(server: Arc<AuthServer>, mut stop: watch::Receiver<bool>, retention: i64) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut n: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        n += 1;
+        let now = now_ms();
+        match server.backend.expired(now).await {
+            Ok(list) if !list.is_empty() => {
+                let ops: Vec<WriteOp> = list
+                    .into_iter()
+                    .map(|(kind, name)| WriteOp::Delete {
+                        kind,
+                        name,
+                        expired_before: Some(now),
+                    })
+                    .collect();
+                match server.backend.apply(&ops).await {
+                    Ok(evs) if !evs.is_empty() => server.hub.poke(),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "expiry sweep failed"),
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "expiry sweep cannot read"),
+        }
+        if n.is_multiple_of(120) {
+            if let Err(e) = server.backend.purge_sessions(now).await {
+                tracing::debug!(error = %e, "session purge failed");
+            }
+            if let Err(e) = server.backend.compact(retention).await {
+                tracing::debug!(error = %e, "event compaction failed");
+            }
+        }
+    }
+}
+
+/// Serves the gRPC API plus `/healthz`, `/readyz` and `/metrics` on `listener`
+/// until `shutdown` resolves.
+pub async fn serve(
+    server: Arc<AuthServer>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let routes = grpc::routes(server.clone());
+    // Tonic applies its own TCP_NODELAY only to listeners it binds itself.
+    let incoming = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        |s| {
+            if let Ok(s) = &s {
+                let _ = s.set_nodelay(true);
+            }
+            s
+        },
+    );
+    let srv = server.clone();
+    let signal = async move {
+        shutdown.await;
+        srv.shutdown();
+    };
+    tonic::transport::Server::builder()
+        .accept_http1(true)
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, signal)
+        .await
+        .map_err(|e| Error::unavailable(format!("auth-service stopped: {e}")))
+}

@@ -1,0 +1,117 @@
+//! The list results a gateway filters, and the names it checks in requests.
+
+use serde_json::Value;
+
+use crate::jsonrpc::Message;
+
+/// A list method whose answer is filtered item by item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListKind {
+    Tools,
+    Prompts,
+    Resources,
+    ResourceTemplates,
+}
+
+impl ListKind {
+    pub fn for_method(method: &str) -> Option<ListKind> {
+        Some(match method {
+            "tools/list" => ListKind::Tools,
+            "prompts/list" => ListKind::Prompts,
+            "resources/list" => ListKind::Resources,
+            "resources/templates/list" => ListKind::ResourceTemplates,
+            _ => return None,
+        })
+    }
+
+    /// The result's array, and the string field of each item that is checked.
+    fn fields(self) -> (&'static str, &'static str) {
+        match self {
+            ListKind::Tools => ("tools", "name"),
+            ListKind::Prompts => ("prompts", "name"),
+            ListKind::Resources => ("resources", "uri"),
+            ListKind::ResourceTemplates => ("resourceTemplates", "uriTemplate"),
+        }
+    }
+}
+
+/// Keeps only the items `allowed` accepts in a list result. An answer that
+/// cannot be filtered (no result object, no array) is an error: the caller
+/// must not pass it on. Items without the checked field are removed.
+pub fn filter(
+    msg: &mut Message,
+    kind: ListKind,
+    allowed: impl Fn(&str) -> bool,
+) -> Result<usize, String> {
+    let (array, field) = kind.fields();
+    let items = msg
+        .result_mut()
+        .and_then(|r| r.get_mut(array))
+        .and_then(Value::as_array_mut)
+        .ok_or_else(|| format!("the MCP server's answer has no result.{array} list"))?;
+    let before = items.len();
+    items.retain(|t| t.get(field).and_then(Value::as_str).is_some_and(&allowed));
+    Ok(before - items.len())
+}
+
+/// What a request asks to use, for the checks that gate it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Tool(String),
+    Resource(String),
+    Prompt(String),
+}
+
+/// The tool, resource or prompt a gated request names. `Ok(None)` for
+/// methods that are not gated; an error when a gated request does not name
+/// its target as a string (it is refused, never forwarded).
+pub fn target(msg: &Message) -> Result<Option<Target>, String> {
+    let need = |path: &[&str]| {
+        msg.param_str(path)
+            .map(String::from)
+            .ok_or_else(|| format!("{} needs params.{} as a string", msg.method().unwrap_or(""), path.join(".")))
+    };
+    Ok(Some(match msg.method().unwrap_or("") {
+        "tools/call" => Target::Tool(need(&["name"])?),
+        "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
+            Target::Resource(need(&["uri"])?)
+        }
+        "prompts/get" => Target::Prompt(need(&["name"])?),
+        "completion/complete" => match msg.param_str(&["ref", "type"]) {
+            Some("ref/prompt") => Target::Prompt(need(&["ref", "name"])?),
+            Some("ref/resource") => Target::Resource(need(&["ref", "uri"])?),
+            _ => return Err("completion/complete needs params.ref of type ref/prompt or ref/resource".into()),
+        },
+        _ => return Ok(None),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_and_fails_closed() {
+        let mut m = Message::parse(br#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"echo"},{"name":"delete_all"},{"x":1}]}}"#).expect("msg");
+        assert_eq!(filter(&mut m, ListKind::Tools, |n| n == "echo"), Ok(2));
+        assert_eq!(m.result().and_then(|r| r["tools"].as_array()).map(Vec::len), Some(1));
+        let mut bad = Message::parse(br#"{"jsonrpc":"2.0","id":1,"result":{"tools":{}}}"#).expect("msg");
+        assert!(filter(&mut bad, ListKind::Tools, |_| true).is_err());
+    }
+
+    #[test]
+    fn targets() {
+        let m = |s: &str| Message::parse(s.as_bytes()).expect("msg");
+        assert_eq!(
+            target(&m(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x"}}"#)),
+            Ok(Some(Target::Tool("x".into())))
+        );
+        assert!(target(&m(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":1}}"#)).is_err());
+        assert!(target(&m(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call"}"#)).is_err());
+        assert_eq!(
+            target(&m(r#"{"jsonrpc":"2.0","id":1,"method":"completion/complete","params":{"ref":{"type":"ref/resource","uri":"file:///a"}}}"#)),
+            Ok(Some(Target::Resource("file:///a".into())))
+        );
+        assert_eq!(target(&m(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#)), Ok(None));
+    }
+}

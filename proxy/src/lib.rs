@@ -1,0 +1,300 @@
+//! Portico's proxy: the one public entry. It serves the MCP endpoint
+//! `/mcp/{app}`, the app listing for `psh`, the auth API (forwarded so that
+//! `pctl` and `psh` reach it with the caller's own token), health and
+//! metrics, and the tunnel listener agents dial.
+
+pub mod audit;
+pub mod authn;
+pub mod cache;
+mod forward;
+pub mod mcp;
+mod web;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use portico_tunnel::{Authenticator as TunnelAuth, TunnelServer};
+use portico_core::Error;
+use portico_proto::client::{channel_lazy, with_token};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+use crate::audit::Auditor;
+use crate::authn::Authenticator;
+use crate::cache::Cache;
+use crate::mcp::session::Sessions;
+
+/// The `proxy_service` section of `portico.yaml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// A section that is present runs unless it says `enabled: false`.
+    #[serde(default = "portico_core::yes")]
+    pub enabled: bool,
+    #[serde(default = "default_web")]
+    pub web_listen_addr: String,
+    #[serde(default = "default_tunnel")]
+    pub tunnel_listen_addr: String,
+    /// The auth-service's gRPC address(es).
+    #[serde(default)]
+    pub auth_servers: Vec<String>,
+    #[serde(default)]
+    pub join_token: Option<String>,
+    #[serde(default)]
+    pub join_token_file: Option<PathBuf>,
+    #[serde(default)]
+    pub host_id: Option<String>,
+    /// The address clients use (host:port), for `psh mcp config`.
+    #[serde(default)]
+    pub public_addr: Option<String>,
+    /// Browser origins allowed besides the proxy's own.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+    /// Largest POST body, in bytes (default 4 MiB).
+    #[serde(default)]
+    pub max_body_bytes: Option<usize>,
+    /// Sessions idle this long are ended (default 30m).
+    #[serde(default)]
+    pub session_idle_timeout: Option<String>,
+    #[serde(default)]
+    pub max_sessions_per_user: Option<usize>,
+}
+
+fn default_web() -> String {
+    "0.0.0.0:3080".into()
+}
+
+fn default_tunnel() -> String {
+    "0.0.0.0:3024".into()
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            enabled: true,
+            web_listen_addr: default_web(),
+            tunnel_listen_addr: default_tunnel(),
+            auth_servers: vec![],
+            join_token: None,
+            join_token_file: None,
+            host_id: None,
+            public_addr: None,
+            allowed_origins: vec![],
+            max_body_bytes: None,
+            session_idle_timeout: None,
+            max_sessions_per_user: None,
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    pub sessions: AtomicU64,
+    pub denied: AtomicU64,
+    pub requests: AtomicU64,
+}
+
+/// Everything the proxy's handlers share.
+pub struct ProxyState {
+    pub cache: Arc<Cache>,
+    pub tunnels: Arc<TunnelServer>,
+    pub sessions: Sessions,
+    pub authn: Authenticator,
+    pub audit: Auditor,
+    pub auth_channel: Channel,
+    pub max_message: usize,
+    pub max_body: usize,
+    /// How long a request body may take to arrive.
+    pub body_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_sessions_per_user: usize,
+    pub allowed_origins: Vec<String>,
+    pub public_addr: Option<String>,
+    pub metrics: Metrics,
+}
+
+/// How the proxy proves who it is to the auth-service.
+pub enum Credentials {
+    Identity { host_id: String, token: String },
+    Join { data_dir: PathBuf },
+}
+
+pub struct Listeners {
+    pub web: TcpListener,
+    pub tunnel: TcpListener,
+}
+
+/// A running proxy.
+pub struct Proxy {
+    pub state: Arc<ProxyState>,
+    pub web_addr: std::net::SocketAddr,
+    pub tunnel_addr: std::net::SocketAddr,
+    stop: watch::Sender<bool>,
+    web_task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Stops accepting, ends sessions and waits for the web server to finish.
+    pub async fn shutdown(self) {
+        for s in self.state.sessions.all() {
+            s.end(&self.state, "the proxy is shutting down").await;
+        }
+        let _ = self.stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.web_task).await;
+    }
+}
+
+pub async fn start(
+    cfg: &ProxyConfig,
+    creds: Credentials,
+    listeners: Listeners,
+) -> Result<Proxy, Error> {
+    let auth = cfg
+        .auth_servers
+        .first()
+        .ok_or_else(|| {
+            Error::bad_request(
+                "proxy_service.auth_servers: at least one auth-service address is required",
+            )
+        })?
+        .clone();
+    let (_host_id, token) = match creds {
+        Credentials::Identity { host_id, token } => (host_id, token),
+        Credentials::Join { data_dir } => {
+            portico_proto::join::load_or_join(portico_proto::join::JoinParams {
+                auth_server: &auth,
+                join_token: cfg.join_token.as_deref(),
+                join_token_file: cfg.join_token_file.as_deref(),
+                host_id: cfg.host_id.as_deref(),
+                role: portico_core::SystemRole::Proxy,
+                identity_path: data_dir.join("proxy-identity.yaml"),
+            })
+            .await?
+        }
+    };
+    let idle_timeout = match &cfg.session_idle_timeout {
+        Some(s) => Duration::from_millis(portico_core::time::parse_duration(s).ok_or_else(|| {
+            Error::bad_request(format!(
+                "proxy_service.session_idle_timeout: {s:?} is not a duration"
+            ))
+        })? as u64),
+        None => Duration::from_secs(30 * 60),
+    };
+    let channel = channel_lazy(&auth).map_err(Error::bad_request)?;
+    let api = with_token(channel.clone(), Some(&token)).map_err(Error::bad_request)?;
+    let state = Arc::new(ProxyState {
+        cache: Arc::new(Cache::default()),
+        tunnels: TunnelServer::new(),
+        sessions: Sessions::default(),
+        authn: Authenticator::new(channel.clone()),
+        audit: Auditor::start(api.clone()),
+        auth_channel: channel.clone(),
+        max_message: portico_mcp::DEFAULT_MAX_MESSAGE,
+        max_body: cfg.max_body_bytes.unwrap_or(4 * 1024 * 1024),
+        body_timeout: Duration::from_secs(30),
+        idle_timeout,
+        max_sessions_per_user: cfg.max_sessions_per_user.unwrap_or(256),
+        allowed_origins: cfg.allowed_origins.clone(),
+        public_addr: cfg.public_addr.clone(),
+        metrics: Metrics::default(),
+    });
+    let (stop, stop_rx) = watch::channel(false);
+    tokio::spawn(state.cache.clone().follow(api, stop_rx.clone()));
+    let auth_channel = channel.clone();
+    let tunnel_auth: TunnelAuth = Arc::new(move |token: String| {
+        let ch = auth_channel.clone();
+        Box::pin(async move {
+            let mut c = with_token(ch, Some(&token))?;
+            let who = c
+                .who_am_i(portico_proto::v1::WhoAmIRequest {})
+                .await
+                .map_err(|s| s.message().to_string())?
+                .into_inner();
+            let is_agent = portico_core::PrincipalType::parse(&who.principal_type)
+                == Some(portico_core::PrincipalType::Service)
+                && who
+                    .roles
+                    .iter()
+                    .any(|r| r == portico_core::SystemRole::App.role_name());
+            if !is_agent {
+                return Err("this identity is not an app-service agent".to_string());
+            }
+            Ok(who.name)
+        })
+    });
+    let web_addr = listeners
+        .web
+        .local_addr()
+        .map_err(|e| Error::unavailable(e.to_string()))?;
+    let tunnel_addr = listeners
+        .tunnel
+        .local_addr()
+        .map_err(|e| Error::unavailable(e.to_string()))?;
+    tokio::spawn(
+        state
+            .tunnels
+            .clone()
+            .accept_loop(listeners.tunnel, tunnel_auth, stop_rx.clone()),
+    );
+    tokio::spawn(idle_sweeper(state.clone(), stop_rx.clone()));
+    let router = web::router(state.clone());
+    let mut web_stop = stop_rx.clone();
+    let web_task = tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = web_stop.wait_for(|s| *s).await;
+        };
+        use axum::serve::ListenerExt;
+        let web = listeners.web.tap_io(|tcp| {
+            // Small JSON-RPC messages must not wait for Nagle's algorithm.
+            let _ = tcp.set_nodelay(true);
+        });
+        if let Err(e) = axum::serve(web, router)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::error!(error = %e, "proxy web server failed");
+        }
+    });
+    tracing::info!(web = %web_addr, tunnel = %tunnel_addr, auth = %auth, "proxy started");
+    Ok(Proxy {
+        state,
+        web_addr,
+        tunnel_addr,
+        stop,
+        web_task,
+    })
+}
+
+/// Runs the proxy until `shutdown` resolves.
+pub async fn serve(
+    cfg: ProxyConfig,
+    creds: Credentials,
+    listeners: Listeners,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), Error> {
+    let proxy = start(&cfg, creds, listeners).await?;
+    shutdown.await;
+    proxy.shutdown().await;
+    Ok(())
+}
+
+async fn idle_sweeper(state: Arc<ProxyState>, mut stop: watch::Receiver<bool>) {
+    let every = (state.idle_timeout / 4).clamp(Duration::from_millis(200), Duration::from_secs(30));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+        let cutoff = portico_core::time::now_ms() - state.idle_timeout.as_millis() as i64;
+        for s in state.sessions.all() {
+            if s.last_active.load(std::sync::atomic::Ordering::Relaxed) < cutoff && !s.has_streams()
+            {
+                s.end(&state, "the session was idle for too long").await;
+            }
+        }
+    }
+}

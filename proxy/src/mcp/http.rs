@@ -1,0 +1,113 @@
+//! The HTTP side of the MCP endpoint: error bodies, the checks every
+//! request passes (Origin, Accept), and SSE responses.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use portico_mcp::jsonrpc;
+use tokio::sync::mpsc;
+
+use crate::ProxyState;
+
+pub const SESSION_HEADER: &str = "mcp-session-id";
+
+/// An HTTP error whose body is a JSON-RPC error with a null id.
+pub fn rpc_error(status: StatusCode, code: i64, message: &str) -> Response {
+    let mut r = Response::new(Body::from(jsonrpc::error(None, code, message)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if status == StatusCode::UNAUTHORIZED {
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"portico\""),
+        );
+    }
+    r
+}
+
+/// A browser's Origin must be the proxy itself, loopback to loopback, or configured.
+pub fn origin_allowed(state: &ProxyState, headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return true;
+    };
+    if state
+        .allowed_origins
+        .iter()
+        .any(|o| o == "*" || o == origin)
+    {
+        return true;
+    }
+    let origin_host = origin
+        .split("://")
+        .nth(1)
+        .unwrap_or("")
+        .split('/')
+        .next()
+        .unwrap_or("");
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let bare = |h: &str| {
+        h.rsplit_once(':')
+            .map(|(a, _)| a.to_string())
+            .unwrap_or_else(|| h.to_string())
+    };
+    origin_host == host || (is_loopback(&bare(origin_host)) && is_loopback(&bare(host)))
+}
+
+fn is_loopback(h: &str) -> bool {
+    h == "localhost" || h == "[::1]" || h.starts_with("127.")
+}
+
+pub fn accepts(headers: &HeaderMap, what: &str) -> bool {
+    let Some(a) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) else {
+        return true;
+    };
+    a.split(',')
+        .map(|p| p.split(';').next().unwrap_or("").trim())
+        .any(|m| m == what || m == "*/*")
+}
+
+pub fn session_id(headers: &HeaderMap) -> Option<&str> {
+    headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok())
+}
+
+pub fn with_session(mut r: Response, id: &str) -> Response {
+    if let Ok(v) = HeaderValue::from_str(id) {
+        r.headers_mut().insert(SESSION_HEADER, v);
+    }
+    r
+}
+
+/// An SSE response streaming one `message` event per JSON-RPC message, with
+/// increasing event ids and keep-alive comments.
+pub fn sse_response(rx: mpsc::Receiver<Bytes>, session: &str) -> Response {
+    let events = futures_util::stream::unfold((rx, 0u64), |(mut rx, n)| async move {
+        let m = rx.recv().await?;
+        // Messages are canonical JSON: UTF-8, on one line.
+        let data = String::from_utf8_lossy(&m);
+        let ev = Event::default()
+            .id(n.to_string())
+            .event("message")
+            .data(data);
+        Some((Ok::<_, Infallible>(ev), (rx, n + 1)))
+    });
+    let sse = Sse::new(events).keep_alive(
+        KeepAlive::new()
+            .interval(Duration::from_secs(15))
+            .text("keep-alive"),
+    );
+    let mut r = sse.into_response();
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    with_session(r, session)
+}

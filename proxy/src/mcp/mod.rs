@@ -1,0 +1,202 @@
+//! The MCP Streamable HTTP endpoint, `/mcp/{app}`: POST, GET and DELETE as
+//! the 2025-03-26, 2025-06-18 and 2025-11-25 revisions specify, with
+//! sessions issued here and bound to the user who created them.
+//!
+//! - `http`: error bodies, Origin and Accept checks, SSE responses;
+//! - `post`: the POST path (parse once, decide, forward the canonical form);
+//! - `open`: opening a session on an agent, under the per-user cap;
+//! - `rbac`: decisions on requests, list filtering, audit of outcomes;
+//! - `session`: one live session and the table of all of them.
+
+// Handlers return ready-made HTTP responses as their errors.
+#![allow(clippy::result_large_err)]
+
+pub mod http;
+mod open;
+mod post;
+pub mod rbac;
+pub mod session;
+
+use std::sync::{Arc, OnceLock};
+
+use ::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::response::Response;
+use portico_core::presets::preset_roles;
+use portico_core::{AccessChecker, PrincipalType};
+use portico_mcp::jsonrpc::{INVALID_REQUEST, SERVER_ERROR};
+
+use self::http::{accepts, origin_allowed, rpc_error, session_id, sse_response};
+use self::session::Session;
+use crate::ProxyState;
+use crate::authn::bearer;
+
+pub use self::http::SESSION_HEADER;
+
+/// The caller and their current permissions.
+pub struct Who {
+    pub name: String,
+    /// The local admin identity, whose permissions are the admin preset.
+    pub admin: bool,
+    pub checker: Arc<AccessChecker>,
+}
+
+/// The admin preset's permissions, compiled once.
+pub fn admin_checker() -> Arc<AccessChecker> {
+    static ADMIN: OnceLock<Arc<AccessChecker>> = OnceLock::new();
+    ADMIN
+        .get_or_init(|| Arc::new(AccessChecker::new(preset_roles().iter().take(1))))
+        .clone()
+}
+
+/// Authenticates a user (or the local admin) and loads their live permissions.
+pub async fn who(state: &ProxyState, headers: &HeaderMap) -> Result<Who, Response> {
+    let Some(token) = bearer(headers) else {
+        return Err(rpc_error(
+            StatusCode::UNAUTHORIZED,
+            SERVER_ERROR,
+            "authentication required: send Authorization: Bearer <token> (psh login gives you one)",
+        ));
+    };
+    let caller = state.authn.resolve(token).await.map_err(|e| {
+        let status = StatusCode::from_u16(e.code.http_status()).unwrap_or(StatusCode::UNAUTHORIZED);
+        let status = if status == StatusCode::FORBIDDEN {
+            StatusCode::UNAUTHORIZED
+        } else {
+            status
+        };
+        rpc_error(status, SERVER_ERROR, &e.message)
+    })?;
+    let (admin, checker) = match caller.ptype {
+        PrincipalType::Admin => (true, admin_checker()),
+        PrincipalType::User => (
+            false,
+            state.cache.checker(&caller.name).ok_or_else(|| {
+                rpc_error(
+                    StatusCode::UNAUTHORIZED,
+                    SERVER_ERROR,
+                    &format!("user {:?} no longer exists", caller.name),
+                )
+            })?,
+        ),
+        PrincipalType::Service => {
+            return Err(rpc_error(
+                StatusCode::FORBIDDEN,
+                SERVER_ERROR,
+                "services cannot open MCP sessions",
+            ));
+        }
+    };
+    Ok(Who {
+        name: caller.name,
+        admin,
+        checker,
+    })
+}
+
+/// The session a request names, if it exists, belongs to the caller and this app.
+fn find_session(
+    state: &ProxyState,
+    headers: &HeaderMap,
+    who: &Who,
+    app: &str,
+) -> Result<Arc<Session>, Response> {
+    let Some(id) = session_id(headers) else {
+        return Err(rpc_error(
+            StatusCode::BAD_REQUEST,
+            INVALID_REQUEST,
+            "Mcp-Session-Id header is required; send initialize first",
+        ));
+    };
+    match state.sessions.get(id) {
+        Some(s) if s.user == who.name && s.admin == who.admin && s.app == app && s.closed().is_none() => Ok(s),
+        _ => Err(rpc_error(
+            StatusCode::NOT_FOUND,
+            SERVER_ERROR,
+            "session not found or ended; initialize a new session",
+        )),
+    }
+}
+
+pub async fn handle(
+    State(state): State<Arc<ProxyState>>,
+    Path(app): Path<String>,
+    req: axum::extract::Request,
+) -> Response {
+    let method = req.method().clone();
+    if !matches!(method, Method::POST | Method::GET | Method::DELETE) {
+        let mut r = rpc_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            SERVER_ERROR,
+            "use POST, GET or DELETE",
+        );
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, POST, DELETE"));
+        return r;
+    }
+    if !origin_allowed(&state, req.headers()) {
+        return rpc_error(StatusCode::FORBIDDEN, SERVER_ERROR, "origin not allowed");
+    }
+    let who = match who(&state, req.headers()).await {
+        Ok(w) => w,
+        Err(r) => {
+            state
+                .metrics
+                .denied
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return r;
+        }
+    };
+    let Some(app_res) = state.cache.app(&app) else {
+        return rpc_error(
+            StatusCode::NOT_FOUND,
+            SERVER_ERROR,
+            &format!("no MCP server named {app:?}"),
+        );
+    };
+    if !who.checker.app_allowed(&app_res.metadata.labels) {
+        state.audit.emit(
+            "mcp.session.request",
+            false,
+            serde_json::json!({"user": who.name, "app": app, "error": "access to the MCP server denied by RBAC"}),
+        );
+        return rpc_error(
+            StatusCode::FORBIDDEN,
+            SERVER_ERROR,
+            &format!("access denied: your roles do not allow the MCP server {app:?}"),
+        );
+    }
+    match method {
+        Method::POST => post::post(state, who, app, req).await,
+        Method::GET => get(state, who, app, req.headers()),
+        _ => delete(state, who, app, req.headers()).await,
+    }
+}
+
+fn get(state: Arc<ProxyState>, who: Who, app: String, headers: &HeaderMap) -> Response {
+    if !accepts(headers, "text/event-stream") {
+        return rpc_error(
+            StatusCode::NOT_ACCEPTABLE,
+            SERVER_ERROR,
+            "GET needs Accept: text/event-stream",
+        );
+    }
+    let s = match find_session(&state, headers, &who, &app) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    s.touch();
+    sse_response(s.open_get(), &s.id)
+}
+
+async fn delete(state: Arc<ProxyState>, who: Who, app: String, headers: &HeaderMap) -> Response {
+    let s = match find_session(&state, headers, &who, &app) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    s.end(&state, "the client ended the session").await;
+    let mut r = Response::new(Body::empty());
+    *r.status_mut() = StatusCode::OK;
+    r
+}

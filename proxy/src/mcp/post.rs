@@ -1,0 +1,187 @@
+//! POST on `/mcp/{app}`: read the body under its bound, parse it once
+//! strictly, open or find the session, decide every message, forward the
+//! canonical form of what is allowed, and stream the answers back.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::response::Response;
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode, header};
+use portico_mcp::jsonrpc::{self, INVALID_REQUEST, Id, Message, SERVER_ERROR, Shape};
+
+use super::http::{accepts, rpc_error, sse_response, with_session};
+use super::rbac;
+use super::session::Session;
+use super::{Who, find_session, open::open_session};
+use crate::ProxyState;
+
+pub async fn post(
+    state: Arc<ProxyState>,
+    who: Who,
+    app: String,
+    req: axum::extract::Request,
+) -> Response {
+    let headers = req.headers().clone();
+    if let Err(r) = check_headers(&headers) {
+        return r;
+    }
+    let body = match read_body(&state, req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let msgs = match Message::parse_body(&body) {
+        Ok(m) => m,
+        Err(e) => {
+            state.audit.emit(
+                "mcp.session.request",
+                false,
+                serde_json::json!({"user": who.name, "app": app, "error": e.message}),
+            );
+            return rpc_error(StatusCode::BAD_REQUEST, e.code, &e.message);
+        }
+    };
+    let init = msgs
+        .iter()
+        .find(|m| m.is_request() && m.method() == Some("initialize"));
+    let session = match init {
+        Some(init) => match open_session(&state, &who, &app).await {
+            Ok(s) => {
+                let (name, version, proto) = jsonrpc::client_info(init);
+                state.audit.emit(
+                    "mcp.session.start",
+                    true,
+                    serde_json::json!({
+                        "user": who.name, "app": app, "agent": s.agent, "session": s.id,
+                        "client_name": name, "client_version": version, "protocol_version": proto,
+                    }),
+                );
+                s
+            }
+            Err(r) => return r,
+        },
+        None => match find_session(&state, &headers, &who, &app) {
+            Ok(s) => s,
+            Err(r) => return r,
+        },
+    };
+    session.touch();
+    relay(&state, &session, msgs).await
+}
+
+fn check_headers(headers: &HeaderMap) -> Result<(), Response> {
+    let ctype = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !ctype
+        .trim_start()
+        .to_ascii_lowercase()
+        .starts_with("application/json")
+    {
+        return Err(rpc_error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            SERVER_ERROR,
+            "POST bodies must be Content-Type: application/json",
+        ));
+    }
+    if !accepts(headers, "text/event-stream") && !accepts(headers, "application/json") {
+        return Err(rpc_error(
+            StatusCode::NOT_ACCEPTABLE,
+            SERVER_ERROR,
+            "Accept must include application/json and text/event-stream",
+        ));
+    }
+    Ok(())
+}
+
+async fn read_body(state: &ProxyState, req: axum::extract::Request) -> Result<Bytes, Response> {
+    use http_body_util::BodyExt;
+    let limited = http_body_util::Limited::new(req.into_body(), state.max_body);
+    match tokio::time::timeout(state.body_timeout, limited.collect()).await {
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            Err(rpc_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                SERVER_ERROR,
+                &format!("the body exceeds {} bytes", state.max_body),
+            ))
+        }
+        Ok(Err(_)) => Err(rpc_error(
+            StatusCode::BAD_REQUEST,
+            SERVER_ERROR,
+            "cannot read the request body",
+        )),
+        Err(_) => Err(rpc_error(
+            StatusCode::REQUEST_TIMEOUT,
+            SERVER_ERROR,
+            &format!(
+                "the request body did not arrive within {} s",
+                state.body_timeout.as_secs()
+            ),
+        )),
+    }
+}
+
+/// Decides each message, forwards the allowed ones in order, and answers.
+async fn relay(state: &Arc<ProxyState>, session: &Arc<Session>, msgs: Vec<Message>) -> Response {
+    let has_requests = msgs.iter().any(Message::is_request);
+    let stream = has_requests.then(|| session.open_stream());
+    let mut answers: Vec<Bytes> = Vec::new();
+    let mut forward = Vec::with_capacity(msgs.len());
+    let mut waiting: Vec<Id> = Vec::new();
+    for msg in msgs {
+        match msg.shape() {
+            Shape::Request => {
+                let (Some((sid, _)), Some(id)) = (stream.as_ref(), msg.id().cloned()) else {
+                    continue;
+                };
+                match rbac::check(state, session, &msg) {
+                    Ok(asked) => {
+                        if session.expect(id.clone(), *sid, asked).is_err() {
+                            answers.push(jsonrpc::error(
+                                Some(&id),
+                                INVALID_REQUEST,
+                                &format!("invalid request: id {id} is already waiting for an answer in this session"),
+                            ));
+                            continue;
+                        }
+                        waiting.push(id);
+                    }
+                    Err(d) => {
+                        answers.push(jsonrpc::error(Some(&id), d.code, &d.message));
+                        continue;
+                    }
+                }
+            }
+            // A denied notification is dropped (it was audited); nothing answers it.
+            Shape::Notification if rbac::check(state, session, &msg).is_err() => continue,
+            _ => {}
+        }
+        forward.push(msg);
+    }
+    for m in &forward {
+        if let Err(why) = session.send_to_agent(m).await {
+            // Nothing will answer these now: answer them here and stop waiting.
+            for (id, _) in session.forget(&waiting) {
+                answers.push(jsonrpc::error(Some(&id), SERVER_ERROR, &why));
+            }
+            if stream.is_none() {
+                return rpc_error(StatusCode::NOT_FOUND, SERVER_ERROR, &why);
+            }
+            break;
+        }
+    }
+    let Some((sid, rx)) = stream else {
+        let mut r = Response::new(Body::empty());
+        *r.status_mut() = StatusCode::ACCEPTED;
+        return with_session(r, &session.id);
+    };
+    if let Some(tx) = session.stream_sender(sid) {
+        for a in answers {
+            let _ = tx.send(a).await;
+        }
+    }
+    session.release_stream_if_done(sid);
+    sse_response(rx, &session.id)
+}

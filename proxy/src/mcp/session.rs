@@ -1,0 +1,398 @@
+//! One MCP session on the proxy: a stream to the agent over its tunnel, the
+//! client's open SSE streams, and the requests waiting for their responses.
+//! Responses go to the stream of the POST that asked; server-initiated
+//! messages go to the newest open POST stream, else the GET stream, else a
+//! bounded backlog delivered when one opens. Every message from the server
+//! is read by the one strict parser; a response is matched to its request by
+//! the canonical id, and one that matches nothing is dropped, never relayed.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::{Frame, Incoming};
+use portico_core::time::now_ms;
+use portico_mcp::jsonrpc::{self, Id, Message, SERVER_ERROR};
+use portico_mcp::LineBuffer;
+use portico_tunnel::T_END;
+use tokio::sync::mpsc;
+
+use super::rbac::{self, Asked};
+use crate::ProxyState;
+
+pub type AgentTx = mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>;
+/// One JSON-RPC message for a client stream.
+pub type StreamTx = mpsc::Sender<Bytes>;
+
+const BACKLOG: usize = 1000;
+pub const STREAM_BUFFER: usize = 1024;
+
+pub struct Pending {
+    pub stream: u64,
+    pub asked: Asked,
+    pub started: Instant,
+}
+
+#[derive(Default)]
+struct Inner {
+    pending: HashMap<Id, Pending>,
+    streams: HashMap<u64, StreamTx>,
+    /// Open POST streams, oldest first.
+    order: Vec<u64>,
+    get: Option<StreamTx>,
+    backlog: VecDeque<Bytes>,
+    next_stream: u64,
+    to_agent: Option<AgentTx>,
+    closed: Option<String>,
+}
+
+pub struct Session {
+    pub id: String,
+    pub user: String,
+    pub app: String,
+    pub agent: String,
+    /// Opened by the local admin identity (permissions from the admin preset).
+    pub admin: bool,
+    pub started: Instant,
+    pub last_active: AtomicI64,
+    inner: Mutex<Inner>,
+}
+
+enum Target {
+    Stream(StreamTx),
+    Backlog,
+}
+
+impl Session {
+    pub fn new(
+        id: String,
+        user: String,
+        app: String,
+        agent: String,
+        admin: bool,
+        to_agent: AgentTx,
+    ) -> Arc<Self> {
+        Arc::new(Session {
+            id,
+            user,
+            app,
+            agent,
+            admin,
+            started: Instant::now(),
+            last_active: AtomicI64::new(now_ms()),
+            inner: Mutex::new(Inner {
+                to_agent: Some(to_agent),
+                ..Default::default()
+            }),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn touch(&self) {
+        self.last_active.store(now_ms(), Ordering::Relaxed);
+    }
+
+    pub fn closed(&self) -> Option<String> {
+        self.lock().closed.clone()
+    }
+
+    pub fn has_streams(&self) -> bool {
+        let g = self.lock();
+        !g.streams.is_empty() || g.get.as_ref().is_some_and(|s| !s.is_closed())
+    }
+
+    /// Opens a POST stream; returns its id and receiver.
+    pub fn open_stream(&self) -> (u64, mpsc::Receiver<Bytes>) {
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let mut g = self.lock();
+        g.next_stream += 1;
+        let id = g.next_stream;
+        g.streams.insert(id, tx);
+        g.order.push(id);
+        (id, rx)
+    }
+
+    /// Stops waiting for these requests; returns what they asked.
+    pub fn forget(&self, ids: &[Id]) -> Vec<(Id, Pending)> {
+        let mut g = self.lock();
+        ids.iter()
+            .filter_map(|id| g.pending.remove(id).map(|p| (id.clone(), p)))
+            .collect()
+    }
+
+    /// Registers a request as waiting on `stream`. An id already waiting
+    /// is refused: two answers could not be told apart.
+    pub fn expect(&self, id: Id, stream: u64, asked: Asked) -> Result<(), Asked> {
+        let mut g = self.lock();
+        if g.pending.contains_key(&id) {
+            return Err(asked);
+        }
+        g.pending.insert(
+            id,
+            Pending {
+                stream,
+                asked,
+                started: Instant::now(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Closes a POST stream once nothing it waits for is left.
+    pub fn release_stream_if_done(&self, stream: u64) {
+        let mut g = self.lock();
+        if !g.pending.values().any(|p| p.stream == stream) {
+            g.streams.remove(&stream);
+            g.order.retain(|s| *s != stream);
+        }
+    }
+
+    pub fn stream_sender(&self, stream: u64) -> Option<StreamTx> {
+        self.lock().streams.get(&stream).cloned()
+    }
+
+    /// Opens (or replaces) the GET stream and hands it the backlog.
+    pub fn open_get(&self) -> mpsc::Receiver<Bytes> {
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER.max(BACKLOG + 1));
+        let mut g = self.lock();
+        while let Some(m) = g.backlog.pop_front() {
+            let _ = tx.try_send(m);
+        }
+        g.get = Some(tx);
+        rx
+    }
+
+    fn agent_tx(&self) -> Option<AgentTx> {
+        self.lock().to_agent.clone()
+    }
+
+    /// Sends one message, in its canonical form, to the MCP server.
+    pub async fn send_to_agent(&self, msg: &Message) -> Result<(), String> {
+        let Some(tx) = self.agent_tx() else {
+            return Err(self
+                .closed()
+                .unwrap_or_else(|| "the session has ended".into()));
+        };
+        let mut line = msg.to_bytes().to_vec();
+        line.push(b'\n');
+        tx.send(Ok(Frame::data(Bytes::from(line))))
+            .await
+            .map_err(|_| {
+                self.closed()
+                    .unwrap_or_else(|| "the session has ended".into())
+            })
+    }
+
+    fn server_target(&self) -> Target {
+        let mut g = self.lock();
+        while let Some(&s) = g.order.last() {
+            match g.streams.get(&s) {
+                Some(tx) if !tx.is_closed() => return Target::Stream(tx.clone()),
+                _ => {
+                    g.streams.remove(&s);
+                    g.order.pop();
+                }
+            }
+        }
+        match &g.get {
+            Some(tx) if !tx.is_closed() => Target::Stream(tx.clone()),
+            _ => Target::Backlog,
+        }
+    }
+
+    fn push_backlog(&self, msg: Bytes) {
+        let mut g = self.lock();
+        if g.backlog.len() >= BACKLOG {
+            g.backlog.pop_front();
+            tracing::warn!(session = %self.id, "server message backlog full; dropped the oldest");
+        }
+        g.backlog.push_back(msg);
+    }
+
+    /// Routes one message from the MCP server to the client.
+    async fn route(&self, state: &ProxyState, line: &[u8]) {
+        let mut msg = match Message::parse(line) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(session = %self.id, app = %self.app, error = %e, "the MCP server sent an invalid message; dropped");
+                return;
+            }
+        };
+        if !msg.is_response() {
+            self.deliver_server(msg.to_bytes()).await;
+            return;
+        }
+        let Some(id) = msg.id().cloned() else {
+            return;
+        };
+        let Some(pend) = self.lock().pending.remove(&id) else {
+            tracing::warn!(session = %self.id, app = %self.app, id = %id, "the MCP server answered a request nobody is waiting for; dropped");
+            return;
+        };
+        let out = rbac::on_response(state, self, &pend, &mut msg);
+        let out = out.unwrap_or_else(|why| jsonrpc::error(Some(&id), jsonrpc::INTERNAL_ERROR, &why));
+        match self.stream_sender(pend.stream) {
+            Some(tx) if tx.send(out.clone()).await.is_ok() => {}
+            _ => self.deliver_server(out).await,
+        }
+        self.release_stream_if_done(pend.stream);
+    }
+
+    async fn deliver_server(&self, msg: Bytes) {
+        match self.server_target() {
+            Target::Stream(tx) => {
+                if let Err(e) = tx.send(msg).await {
+                    self.push_backlog(e.0);
+                }
+            }
+            Target::Backlog => self.push_backlog(msg),
+        }
+    }
+
+    /// Ends the session: waiting requests get an error that says why, and
+    /// tool calls still pending are audited as unanswered.
+    pub async fn end(&self, state: &ProxyState, reason: &str) {
+        let (pending, streams) = {
+            let mut g = self.lock();
+            if g.closed.is_some() {
+                return;
+            }
+            g.closed = Some(reason.to_string());
+            g.to_agent = None;
+            let pending: Vec<(Id, Pending)> = g.pending.drain().collect();
+            let streams = std::mem::take(&mut g.streams);
+            g.order.clear();
+            g.get = None;
+            (pending, streams)
+        };
+        for (id, pend) in pending {
+            rbac::unanswered(state, self, &id, &pend, reason);
+            if let Some(tx) = streams.get(&pend.stream) {
+                let _ = tx.try_send(jsonrpc::error(Some(&id), SERVER_ERROR, reason));
+            }
+        }
+        drop(streams);
+        state.sessions.remove(&self.id, &self.user);
+        tracing::info!(session = %self.id, app = %self.app, user = %self.user, reason, "mcp session ended");
+        state.audit.emit(
+            "mcp.session.end",
+            true,
+            serde_json::json!({
+                "user": self.user, "app": self.app, "agent": self.agent, "session": self.id,
+                "reason": reason, "duration_ms": self.started.elapsed().as_millis() as u64,
+            }),
+        );
+    }
+
+    /// Reads the agent's stream until it ends, routing each line.
+    pub async fn pump_from_agent(self: Arc<Self>, state: Arc<ProxyState>, mut body: Incoming) {
+        let max = state.max_message;
+        let mut lines = LineBuffer::new(max);
+        let mut reason = None;
+        'read: loop {
+            let frame = match body.frame().await {
+                Some(Ok(f)) => f,
+                Some(Err(e)) => {
+                    reason = Some(format!("the agent serving this session disconnected ({e})"));
+                    break;
+                }
+                None => break,
+            };
+            match frame.into_data() {
+                Ok(data) => {
+                    lines.push(&data);
+                    loop {
+                        match lines.next_line() {
+                            Ok(Some(line)) if line.is_empty() => {}
+                            Ok(Some(line)) => self.route(&state, &line).await,
+                            Ok(None) => break,
+                            Err(_) => {
+                                reason = Some(format!(
+                                    "the MCP server sent a message larger than {max} bytes"
+                                ));
+                                break 'read;
+                            }
+                        }
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers()
+                        && let Some(v) = trailers.get(T_END).and_then(|v| v.to_str().ok())
+                    {
+                        reason = Some(v.to_string());
+                    }
+                }
+            }
+        }
+        let reason = reason.unwrap_or_else(|| "the MCP server closed the session".into());
+        self.end(&state, &reason).await;
+    }
+}
+
+/// Every live session, by id, with a count per user kept under the same
+/// lock, so that the per-user cap is checked and taken in one step.
+#[derive(Default)]
+pub struct Sessions {
+    inner: Mutex<SessionsInner>,
+}
+
+#[derive(Default)]
+struct SessionsInner {
+    map: HashMap<String, Arc<Session>>,
+    /// Live plus reserved (being opened) sessions per user.
+    per_user: HashMap<String, usize>,
+}
+
+impl Sessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SessionsInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    pub fn get(&self, id: &str) -> Option<Arc<Session>> {
+        self.lock().map.get(id).cloned()
+    }
+    /// Takes one of the user's session slots, if fewer than `max` are taken.
+    pub fn reserve(&self, user: &str, max: usize) -> bool {
+        let mut g = self.lock();
+        let n = g.per_user.entry(user.to_string()).or_default();
+        if *n >= max {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+    /// Gives back a slot taken by `reserve` for a session that did not open.
+    pub fn unreserve(&self, user: &str) {
+        let mut g = self.lock();
+        if let Some(n) = g.per_user.get_mut(user) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                g.per_user.remove(user);
+            }
+        }
+    }
+    /// Adds an opened session (its slot was reserved).
+    pub fn insert(&self, s: Arc<Session>) {
+        self.lock().map.insert(s.id.clone(), s);
+    }
+    pub fn remove(&self, id: &str, user: &str) {
+        let removed = self.lock().map.remove(id).is_some();
+        if removed {
+            self.unreserve(user);
+        }
+    }
+    pub fn len(&self) -> usize {
+        self.lock().map.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn all(&self) -> Vec<Arc<Session>> {
+        self.lock().map.values().cloned().collect()
+    }
+}
