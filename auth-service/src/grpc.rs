@@ -36,10 +36,17 @@ pub fn routes(server: Arc<AuthServer>) -> tonic::service::Routes {
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(64 * 1024 * 1024);
     let m = server.clone();
+    let r = server.clone();
     let router = tonic::service::Routes::new(grpc)
         .into_axum_router()
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let r = r.clone();
+                async move { r.readiness().await }
+            }),
+        )
         .route(
             "/metrics",
             get(move || {

@@ -120,6 +120,22 @@ pub struct AuthServer {
 }
 
 impl AuthServer {
+    /// `/readyz`: 200 while the database answers within 2 s, else 503 with why.
+    pub async fn readiness(&self) -> (axum::http::StatusCode, &'static str) {
+        let probe = tokio::time::timeout(Duration::from_secs(2), self.backend.current_revision());
+        match probe.await {
+            Ok(Ok(_)) => (axum::http::StatusCode::OK, "ok\n"),
+            Ok(Err(_)) => (
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "the database is not answering\n",
+            ),
+            Err(_) => (
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "the database did not answer within 2 s\n",
+            ),
+        }
+    }
+
     /// Opens storage (retrying Postgres until it answers), creates the preset
     /// roles and starts the change feed and the expiry sweeper.
     pub async fn open(cfg: &AuthConfig, data_dir: &Path) -> Result<Arc<Self>, Error> {

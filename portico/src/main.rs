@@ -92,8 +92,11 @@ fn main() {
         } => {
             let filter = tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_level));
+            use std::io::IsTerminal;
+            // Colour only for a person at a terminal, never into files or pipes.
             let builder = tracing_subscriber::fmt()
                 .with_env_filter(filter)
+                .with_ansi(std::io::stderr().is_terminal())
                 .with_writer(std::io::stderr);
             if log_format == LogFormat::Json {
                 builder.json().init();

@@ -2,14 +2,52 @@
 //! each other, and shutting down gracefully on SIGTERM or Ctrl-C.
 
 use anyhow::{Context, Result, bail};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 
 use crate::config::Config;
 
 async fn bind(addr: &str, what: &str) -> Result<TcpListener> {
-    TcpListener::bind(addr)
+    reserve(addr, what).await?.listen()
+}
+
+/// A bound port that does not accept connections yet: the service listens
+/// only once it can answer, so whoever connects is served.
+struct Reserved {
+    socket: TcpSocket,
+    addr: std::net::SocketAddr,
+    what: String,
+}
+
+impl Reserved {
+    fn listen(self) -> Result<TcpListener> {
+        self.socket
+            .listen(1024)
+            .with_context(|| format!("cannot listen on {} for the {}", self.addr, self.what))
+    }
+}
+
+async fn reserve(addr: &str, what: &str) -> Result<Reserved> {
+    let target = tokio::net::lookup_host(addr)
         .await
-        .with_context(|| format!("cannot listen on {addr} for the {what}"))
+        .with_context(|| format!("cannot resolve {addr} for the {what}"))?
+        .next()
+        .with_context(|| format!("{addr} names no address for the {what}"))?;
+    let socket = if target.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .with_context(|| format!("cannot open a socket for the {what}"))?;
+    socket.set_reuseaddr(true)?;
+    socket
+        .bind(target)
+        .with_context(|| format!("cannot listen on {addr} for the {what}"))?;
+    let addr = socket.local_addr()?;
+    Ok(Reserved {
+        socket,
+        addr,
+        what: what.to_string(),
+    })
 }
 
 async fn shutdown_signal() {
@@ -45,8 +83,8 @@ pub async fn run(cfg: Config, quick_start: bool) -> Result<()> {
     let mut auth_server = None;
     let mut auth_task = None;
     if let Some(a) = &cfg.auth {
-        let listener = bind(&a.listen_addr, "auth-service").await?;
-        let local = listener.local_addr()?;
+        let reserved = reserve(&a.listen_addr, "auth-service").await?;
+        let local = reserved.addr;
         let server = portico_auth::AuthServer::open(a, &cfg.data_dir)
             .await
             .map_err(|e| anyhow::anyhow!(e.message))?;
@@ -59,6 +97,8 @@ pub async fn run(cfg: Config, quick_start: bool) -> Result<()> {
             .ensure_admin_identity(&cfg.data_dir, &reach)
             .await
             .map_err(|e| anyhow::anyhow!(e.message))?;
+        // Ready: storage is open and the admin identity written.
+        let listener = reserved.listen()?;
         let mut rx = stop_rx.clone();
         let s = server.clone();
         auth_task = Some(tokio::spawn(async move {

@@ -110,10 +110,38 @@ async fn compose_topology_as_processes() {
                 .map(|_| ())
         }
     };
+    // A script that waits for the port and runs pctl at once must succeed:
+    // the port only accepts once the admin identity is written.
+    eventually(Duration::from_secs(30), "auth port accepts", || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", auth_port))
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    let mut first = tokio::process::Command::new(bin("pctl"));
+    first
+        .arg("--data-dir")
+        .arg(dir.path().join("auth"))
+        .args(["get", "roles"]);
+    let o = run(first, None).await;
+    assert!(o.status.success(), "pctl right after the port opened: {:?}", text(&o));
     eventually(Duration::from_secs(30), "auth healthy", || {
         health(auth_port)
     })
     .await;
+    let ready = |port: u16| {
+        let http = http.clone();
+        async move {
+            let uri: http::Uri = format!("http://127.0.0.1:{port}/readyz").parse().ok()?;
+            http.get(uri)
+                .await
+                .ok()
+                .filter(|r| r.status().is_success())
+                .map(|_| ())
+        }
+    };
+    eventually(Duration::from_secs(30), "auth ready", || ready(auth_port)).await;
 
     let mut proxy_env = common("proxy");
     proxy_env.push(("PORTICO_WEB_LISTEN".into(), format!("127.0.0.1:{web_port}")));
@@ -210,4 +238,9 @@ async fn compose_topology_as_processes() {
         .expect("session through the deployed proxy");
     let r = s.call("echo", json!({"message": "deployed"})).await;
     assert_eq!(r["result"]["content"][0]["text"], "deployed");
+    // Logs written to a file carry no colour codes.
+    for log in ["auth.log", "proxy.log", "agent.log"] {
+        let text = std::fs::read_to_string(dir.path().join(log)).expect("log");
+        assert!(!text.is_empty() && !text.contains('\u{1b}'), "{log} has ANSI escapes");
+    }
 }
