@@ -106,9 +106,8 @@ impl AgentConfig {
             .iter()
             .enumerate()
             .map(|(i, r)| {
-                LabelSelector::from_single(&r.labels).map_err(|e| {
-                    Error::bad_request(format!("app_service.resources[{i}].labels: {e}"))
-                })
+                LabelSelector::from_single(&r.labels)
+                    .map_err(|e| Error::from(e.within(&format!("app_service.resources[{i}].labels"))))
             })
             .collect()
     }
@@ -131,7 +130,7 @@ impl AgentConfig {
                 );
                 portico_core::Resource::App(app.clone())
                     .validate()
-                    .map_err(|e| Error::bad_request(format!("app_service.apps[{i}]: {e}")))?;
+                    .map_err(|e| Error::from(e.within(&format!("app_service.apps[{i}]"))))?;
                 Ok(app)
             })
             .collect()

@@ -71,7 +71,7 @@ pub async fn handle(
                 ),
             );
         }
-        Err(e) => return text_response(502, &e),
+        Err(e) => return text_response(502, &e.to_string()),
     };
     let mut child = match spawn::spawn(&spec) {
         Ok(c) => c,

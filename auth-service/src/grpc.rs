@@ -87,6 +87,91 @@ impl Api {
         self.s.metrics.writes.fetch_add(1, Ordering::Relaxed);
         self.s.hub.poke();
     }
+
+    /// Checks one resource of a create call: it parses, the caller may
+    /// create (or, when it exists and `overwrite`, update) it, and a user
+    /// gets no role its creator could not grant.
+    async fn plan_one(
+        &self,
+        p: &Principal,
+        i: usize,
+        r: &portico_proto::v1::Resource,
+        overwrite: bool,
+    ) -> Result<(Kind, String, Verb, Resource), Status> {
+        let kind = kind_arg(&r.kind)?;
+        if matches!(kind, Kind::Token | Kind::AppServer) {
+            return Err(Status::invalid_argument(format!(
+                "resource {}: {kind} resources are not created from files; use pctl tokens add",
+                i + 1
+            )));
+        }
+        let res = Resource::from_json(kind, &r.json)
+            .map_err(|e| Status::invalid_argument(format!("resource {}: {e}", i + 1)))?;
+        let name = res.name().to_string();
+        let exists = self
+            .s
+            .backend
+            .get(kind, &name)
+            .await
+            .map_err(to_status)?
+            .is_some();
+        let verb = match (exists, overwrite) {
+            (true, false) => {
+                let msg =
+                    format!("{kind} {name:?} already exists; use pctl create -f to overwrite it");
+                self.refused(p, &format!("{kind}.create"), &name, &msg).await;
+                return Err(Status::already_exists(msg));
+            }
+            (true, true) => Verb::Update,
+            (false, _) => Verb::Create,
+        };
+        if let Err(e) = p.checker.check(kind, verb) {
+            self.refused(p, &format!("{kind}.{verb}"), &name, &e.message)
+                .await;
+            return Err(to_status(e));
+        }
+        if let Resource::User(u) = &res
+            && let Err(e) = self.user_allowed(p, &name, &u.spec.roles)
+        {
+            self.refused(p, &format!("{kind}.{verb}"), &name, e.message())
+                .await;
+            return Err(e);
+        }
+        Ok((kind, name, verb, res))
+    }
+
+    /// A user may not take a name the system uses, nor get a role its
+    /// creator does not hold, unless the creator may write roles (and so
+    /// could grant itself any permission anyway).
+    fn user_allowed(&self, p: &Principal, name: &str, roles: &[String]) -> Result<(), Status> {
+        if portico_core::principal::is_reserved_name(name) {
+            return Err(Status::invalid_argument(format!(
+                "the user name {name:?} is reserved for the system; choose another"
+            )));
+        }
+        let writes_roles =
+            p.checker.allows(Kind::Role, Verb::Create) && p.checker.allows(Kind::Role, Verb::Update);
+        if writes_roles {
+            return Ok(());
+        }
+        match roles.iter().find(|r| !p.roles.contains(r)) {
+            None => Ok(()),
+            Some(r) => Err(Status::permission_denied(format!(
+                "access denied: you cannot grant the role {r:?}, which you do not hold; ask someone who may write roles"
+            ))),
+        }
+    }
+
+    async fn refused(&self, p: &Principal, event: &str, name: &str, error: &str) {
+        self.s
+            .audit(
+                event,
+                &p.name,
+                false,
+                serde_json::json!({"name": name, "error": error}),
+            )
+            .await;
+    }
 }
 
 #[tonic::async_trait]
@@ -100,56 +185,11 @@ impl AuthService for Api {
         let mut plan = Vec::with_capacity(req.resources.len());
         let mut seen = std::collections::HashSet::new();
         for (i, r) in req.resources.iter().enumerate() {
-            let kind = kind_arg(&r.kind)?;
-            if matches!(kind, Kind::Token | Kind::AppServer) {
-                return Err(Status::invalid_argument(format!(
-                    "resource {}: {kind} resources are not created from files; use pctl tokens add",
-                    i + 1
-                )));
-            }
-            let res = Resource::from_json(kind, &r.json)
-                .map_err(|e| Status::invalid_argument(format!("resource {}: {e}", i + 1)))?;
-            let name = res.name().to_string();
+            let (kind, name, verb, res) = self.plan_one(&p, i, r, req.overwrite).await?;
             if !seen.insert((kind, name.clone())) {
                 return Err(Status::invalid_argument(format!(
                     "{kind} {name:?} appears twice"
                 )));
-            }
-            let exists = self
-                .s
-                .backend
-                .get(kind, &name)
-                .await
-                .map_err(to_status)?
-                .is_some();
-            let verb = match (exists, req.overwrite) {
-                (true, false) => {
-                    let msg = format!(
-                        "{kind} {name:?} already exists; use pctl create -f to overwrite it"
-                    );
-                    self.s
-                        .audit(
-                            &format!("{kind}.create"),
-                            &p.name,
-                            false,
-                            serde_json::json!({"name": name, "error": msg}),
-                        )
-                        .await;
-                    return Err(Status::already_exists(msg));
-                }
-                (true, true) => Verb::Update,
-                (false, _) => Verb::Create,
-            };
-            if let Err(e) = p.checker.check(kind, verb) {
-                self.s
-                    .audit(
-                        &format!("{kind}.{verb}"),
-                        &p.name,
-                        false,
-                        serde_json::json!({"name": name, "error": e.message}),
-                    )
-                    .await;
-                return Err(to_status(e));
             }
             plan.push((kind, name, verb, res));
         }
@@ -410,7 +450,8 @@ impl AuthService for Api {
         let req = req.into_inner();
         self.check(&p, Kind::User, Verb::Create).await?;
         validate_name(&req.name)
-            .map_err(|e| Status::invalid_argument(format!("user name: {e}")))?;
+            .map_err(|e| Status::invalid_argument(e.within("user name").to_string()))?;
+        self.user_allowed(&p, &req.name, &req.roles)?;
         for r in &req.roles {
             if self
                 .s
@@ -567,7 +608,7 @@ impl AuthService for Api {
         } else {
             req.host_id.clone()
         };
-        validate_name(&host_id).map_err(|e| Status::invalid_argument(format!("host id: {e}")))?;
+        validate_name(&host_id).map_err(|e| Status::invalid_argument(e.within("host_id").to_string()))?;
         let name = token_name(&req.token);
         let rec = self
             .s
@@ -641,7 +682,7 @@ impl AuthService for Api {
                 "only agents announce app servers",
             ));
         }
-        validate_name(&req.app).map_err(|e| Status::invalid_argument(format!("app: {e}")))?;
+        validate_name(&req.app).map_err(|e| Status::invalid_argument(e.within("app").to_string()))?;
         let name = app_server_name(&req.app, &p.name);
         let static_app = if req.static_app_json.is_empty() {
             None

@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
+use crate::invalid::Invalid;
+
 /// One compiled value pattern.
 #[derive(Debug, Clone)]
 pub enum Pattern {
@@ -17,13 +19,13 @@ pub enum Pattern {
 
 impl Pattern {
     /// Compiles a pattern; `^...$` is a regular expression, `*` and `?` make a glob.
-    pub fn parse(p: &str) -> Result<Pattern, String> {
+    pub fn parse(p: &str) -> Result<Pattern, Invalid> {
         if p == "*" {
             Ok(Pattern::Any)
         } else if p.starts_with('^') && p.ends_with('$') {
             Regex::new(p)
                 .map(Pattern::Regex)
-                .map_err(|e| format!("invalid regular expression {p:?}: {e}"))
+                .map_err(|e| Invalid::new(format!("invalid regular expression {p:?}: {e}")))
         } else if p.contains(['*', '?']) {
             Ok(Pattern::Glob(p.to_string()))
         } else {
@@ -91,7 +93,7 @@ pub struct LabelSelector {
 }
 
 impl LabelSelector {
-    pub fn compile<'a, I, V>(map: I) -> Result<Self, String>
+    pub fn compile<'a, I, V>(map: I) -> Result<Self, Invalid>
     where
         I: IntoIterator<Item = (&'a String, V)>,
         V: AsRef<[String]>,
@@ -101,14 +103,14 @@ impl LabelSelector {
             let pats = vs
                 .as_ref()
                 .iter()
-                .map(|v| Pattern::parse(v))
+                .map(|v| Pattern::parse(v).map_err(|e| e.within(k)))
                 .collect::<Result<Vec<_>, _>>()?;
             entries.push((k.clone(), pats));
         }
         Ok(Self { entries })
     }
 
-    pub fn from_single(map: &BTreeMap<String, String>) -> Result<Self, String> {
+    pub fn from_single(map: &BTreeMap<String, String>) -> Result<Self, Invalid> {
         Self::compile(map.iter().map(|(k, v)| (k, vec![v.clone()])))
     }
 

@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod identity;
+pub mod invalid;
 pub mod kind;
 pub mod labels;
 pub mod parse;
@@ -13,6 +14,7 @@ pub mod resource;
 pub mod time;
 
 pub use error::{Code, Error, Result};
+pub use invalid::Invalid;
 pub use labels::{LabelSelector, Pattern};
 pub use kind::{Kind, Verb};
 pub use principal::{PrincipalType, SystemRole};

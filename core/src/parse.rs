@@ -5,6 +5,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::Error;
+use crate::invalid::Invalid;
 use crate::kind::Kind;
 use crate::resource::{Object, Resource};
 
@@ -68,16 +69,12 @@ fn yaml_error(file: &str, base: usize, e: &yaml_serde::Error, path: &str) -> Err
     if let Some(i) = msg.find(" at line ") {
         msg.truncate(i);
     }
-    let at = match e.location() {
-        Some(loc) => format!("{file}:{}:{}", base + loc.line() - 1, loc.column()),
-        None => format!("{file}:{base}"),
-    };
-    let field = if path.is_empty() || path == "." {
-        String::new()
-    } else {
-        format!("{path}: ")
-    };
-    Error::bad_request(format!("{at}: {field}{msg}"))
+    let field = if path == "." { "" } else { path };
+    let invalid = Invalid::field(field, msg);
+    Error::from(match e.location() {
+        Some(loc) => invalid.at(file, base + loc.line() - 1, Some(loc.column())),
+        None => invalid.at(file, base, None),
+    })
 }
 
 fn typed<S: DeserializeOwned>(file: &str, chunk: &Chunk) -> Result<Object<S>, Error> {
@@ -126,7 +123,7 @@ pub fn parse_documents(file: &str, text: &str) -> Result<Vec<Resource>, Error> {
             Kind::Event => return Err(Error::bad_request("events are not resources")),
         };
         res.validate()
-            .map_err(|e| Error::bad_request(format!("{file}:{}: {e}", chunk.first_line)))?;
+            .map_err(|e| Error::from(e.at(file, chunk.first_line, None)))?;
         out.push(res);
     }
     if out.is_empty() {

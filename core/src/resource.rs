@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::labels::{OneOrMany, Pattern};
 use crate::kind::{Kind, KindSel, VerbSel};
+use crate::invalid::Invalid;
 use crate::principal::SystemRole;
 
 /// Fields every resource carries.
@@ -202,12 +203,13 @@ impl Resource {
     }
 
     /// Parses a stored or transmitted resource of a known kind.
-    pub fn from_json(kind: Kind, json: &str) -> Result<Resource, String> {
-        fn de<T: serde::de::DeserializeOwned>(json: &str) -> Result<T, String> {
+    pub fn from_json(kind: Kind, json: &str) -> Result<Resource, Invalid> {
+        fn de<T: serde::de::DeserializeOwned>(json: &str) -> Result<T, Invalid> {
             let d = &mut serde_json::Deserializer::from_str(json);
             serde_path_to_error::deserialize(d).map_err(|e| {
                 let path = e.path().to_string();
-                format!("{path}: {}", e.into_inner())
+                let path = if path == "." { String::new() } else { path };
+                Invalid::field(path, e.into_inner().to_string())
             })
         }
         let r = match kind {
@@ -216,14 +218,14 @@ impl Resource {
             Kind::User => Resource::User(de(json)?),
             Kind::Token => Resource::Token(de(json)?),
             Kind::AppServer => Resource::AppServer(de(json)?),
-            Kind::Event => return Err("events are not resources".into()),
+            Kind::Event => return Err(Invalid::new("events are not resources")),
         };
         r.validate()?;
         Ok(r)
     }
 
     /// Semantic checks that types alone cannot express. The message names the field.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         let (kind, version) = match self {
             Resource::App(o) => (&o.kind, &o.version),
             Resource::Role(o) => (&o.kind, &o.version),
@@ -233,24 +235,28 @@ impl Resource {
         };
         let k = self.kind();
         if kind != k.as_str() {
-            return Err(format!("kind: expected {:?}, got {kind:?}", k.as_str()));
+            return Err(Invalid::field(
+                "kind",
+                format!("expected {:?}, got {kind:?}", k.as_str()),
+            ));
         }
         if version != k.version() {
-            return Err(format!(
-                "version: {kind} resources are version {:?}, got {version:?}",
-                k.version()
+            return Err(Invalid::field(
+                "version",
+                format!("{kind} resources are version {:?}, got {version:?}", k.version()),
             ));
         }
         let meta = self.metadata();
         if k == Kind::AppServer {
             validate_app_server_name(&meta.name)?;
         } else {
-            validate_name(&meta.name).map_err(|e| format!("metadata.name: {e}"))?;
+            validate_name(&meta.name).map_err(|e| e.within("metadata.name"))?;
         }
         for key in meta.labels.keys() {
             if key.is_empty() || key.len() > 63 {
-                return Err(format!(
-                    "metadata.labels: label key {key:?} must be 1 to 63 characters"
+                return Err(Invalid::field(
+                    "metadata.labels",
+                    format!("label key {key:?} must be 1 to 63 characters"),
                 ));
             }
         }
@@ -259,23 +265,26 @@ impl Resource {
             Resource::Role(r) => validate_role(&r.spec),
             Resource::User(u) => {
                 for (i, r) in u.spec.roles.iter().enumerate() {
-                    validate_name(r).map_err(|e| format!("spec.roles[{i}]: {e}"))?;
+                    validate_name(r).map_err(|e| e.within(&format!("spec.roles[{i}]")))?;
                 }
                 Ok(())
             }
             Resource::Token(t) => {
                 if t.spec.roles.is_empty() {
-                    return Err("spec.roles: a token needs at least one role (app, proxy)".into());
+                    return Err(Invalid::field(
+                        "spec.roles",
+                        "a token needs at least one role (app, proxy)",
+                    ));
                 }
                 Ok(())
             }
             Resource::AppServer(s) => {
-                validate_name(&s.spec.app).map_err(|e| format!("spec.app: {e}"))?;
-                validate_name(&s.spec.host_id).map_err(|e| format!("spec.host_id: {e}"))?;
+                validate_name(&s.spec.app).map_err(|e| e.within("spec.app"))?;
+                validate_name(&s.spec.host_id).map_err(|e| e.within("spec.host_id"))?;
                 if let Some(app) = &s.spec.static_app {
                     Resource::App((**app).clone())
                         .validate()
-                        .map_err(|e| format!("spec.static_app: {e}"))?;
+                        .map_err(|e| e.within("spec.static_app"))?;
                 }
                 Ok(())
             }
@@ -292,7 +301,7 @@ pub enum Transport {
 }
 
 impl AppSpec {
-    pub fn transport(&self) -> Result<Transport, String> {
+    pub fn transport(&self) -> Result<Transport, Invalid> {
         let uri = self.uri.trim();
         if uri.is_empty() || uri == "mcp+stdio://" {
             Ok(Transport::Stdio)
@@ -302,13 +311,15 @@ impl AppSpec {
             if rest.starts_with("http://") || rest.starts_with("https://") {
                 Ok(Transport::Http(rest.to_string()))
             } else {
-                Err(format!(
-                    "spec.uri: unsupported scheme in {uri:?}; use mcp+stdio://, mcp+http(s):// or mcp+sse+http(s)://"
+                Err(Invalid::field(
+                    "spec.uri",
+                    format!("unsupported scheme in {uri:?}; use mcp+stdio://, mcp+http(s):// or mcp+sse+http(s)://"),
                 ))
             }
         } else {
-            Err(format!(
-                "spec.uri: {uri:?} is not an MCP uri; use mcp+stdio://, mcp+http(s):// or mcp+sse+http(s)://"
+            Err(Invalid::field(
+                "spec.uri",
+                format!("{uri:?} is not an MCP uri; use mcp+stdio://, mcp+http(s):// or mcp+sse+http(s)://"),
             ))
         }
     }
@@ -323,22 +334,32 @@ impl AppSpec {
     }
 }
 
-fn validate_app(spec: &AppSpec) -> Result<(), String> {
+fn validate_app(spec: &AppSpec) -> Result<(), Invalid> {
     match spec.transport()? {
         Transport::Stdio => {
             let Some(mcp) = &spec.mcp else {
-                return Err("spec.mcp: a stdio MCP server needs spec.mcp.command and spec.mcp.run_as_host_user".into());
+                return Err(Invalid::field(
+                    "spec.mcp",
+                    "a stdio MCP server needs spec.mcp.command and spec.mcp.run_as_host_user",
+                ));
             };
             if mcp.command.trim().is_empty() {
-                return Err("spec.mcp.command: required for a stdio MCP server".into());
+                return Err(Invalid::field(
+                    "spec.mcp.command",
+                    "required for a stdio MCP server",
+                ));
             }
             if mcp.run_as_host_user.trim().is_empty() {
-                return Err("spec.mcp.run_as_host_user: required for a stdio MCP server (the host account to run it as)".into());
+                return Err(Invalid::field(
+                    "spec.mcp.run_as_host_user",
+                    "required for a stdio MCP server (the host account to run it as)",
+                ));
             }
             for key in mcp.env.keys() {
                 if key.is_empty() || key.contains(['=', '\0']) {
-                    return Err(format!(
-                        "spec.mcp.env: {key:?} is not a valid variable name"
+                    return Err(Invalid::field(
+                        "spec.mcp.env",
+                        format!("{key:?} is not a valid variable name"),
                     ));
                 }
             }
@@ -348,11 +369,11 @@ fn validate_app(spec: &AppSpec) -> Result<(), String> {
     }
 }
 
-fn validate_role(spec: &RoleSpec) -> Result<(), String> {
+fn validate_role(spec: &RoleSpec) -> Result<(), Invalid> {
     for (side, c) in [("allow", &spec.allow), ("deny", &spec.deny)] {
         for (key, vals) in &c.app_labels {
             for v in vals.values() {
-                Pattern::parse(v).map_err(|e| format!("spec.{side}.app_labels.{key}: {e}"))?;
+                Pattern::parse(v).map_err(|e| e.within(&format!("spec.{side}.app_labels.{key}")))?;
             }
         }
         if let Some(mcp) = &c.mcp {
@@ -364,14 +385,15 @@ fn validate_role(spec: &RoleSpec) -> Result<(), String> {
             for (field, list) in lists {
                 for (i, t) in list.into_iter().flatten().enumerate() {
                     Pattern::parse(t)
-                        .map_err(|e| format!("spec.{side}.mcp.{field}[{i}]: {e}"))?;
+                        .map_err(|e| e.within(&format!("spec.{side}.mcp.{field}[{i}]")))?;
                 }
             }
         }
         for (i, r) in c.rules.iter().enumerate() {
             if r.resources.is_empty() || r.verbs.is_empty() {
-                return Err(format!(
-                    "spec.{side}.rules[{i}]: needs at least one resource and one verb"
+                return Err(Invalid::field(
+                    format!("spec.{side}.rules[{i}]"),
+                    "needs at least one resource and one verb",
                 ));
             }
         }
@@ -380,7 +402,7 @@ fn validate_role(spec: &RoleSpec) -> Result<(), String> {
 }
 
 /// Checks a resource name against `^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$`.
-pub fn validate_name(name: &str) -> Result<(), String> {
+pub fn validate_name(name: &str) -> Result<(), Invalid> {
     let b = name.as_bytes();
     let shown: String = name.chars().take(40).collect();
     let shown = if name.chars().count() > 40 {
@@ -389,28 +411,31 @@ pub fn validate_name(name: &str) -> Result<(), String> {
         shown
     };
     if b.is_empty() {
-        return Err("a name is required".into());
+        return Err(Invalid::new("a name is required"));
     }
     if b.len() > 63 {
-        return Err(format!(
+        return Err(Invalid::new(format!(
             "{shown:?} is {} characters long; names have at most 63",
             b.len()
-        ));
+        )));
     }
     let edge = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit();
     let inner = |c: u8| edge(c) || matches!(c, b'.' | b'_' | b'-');
     if !edge(b[0]) || !edge(b[b.len() - 1]) || !b.iter().all(|&c| inner(c)) {
-        return Err(format!(
+        return Err(Invalid::new(format!(
             "{shown:?} is not a valid name: use lowercase letters, digits, '.', '_' and '-', starting and ending with a letter or digit"
-        ));
+        )));
     }
     Ok(())
 }
 
 /// App server records are named `<app>.<host_id>`, both valid names.
-pub fn validate_app_server_name(name: &str) -> Result<(), String> {
+pub fn validate_app_server_name(name: &str) -> Result<(), Invalid> {
     if name.len() > 127 || name.is_empty() {
-        return Err("metadata.name: app server names are <app>.<host_id>".into());
+        return Err(Invalid::field(
+            "metadata.name",
+            "app server names are <app>.<host_id>",
+        ));
     }
     Ok(())
 }
@@ -458,7 +483,7 @@ mod tests {
         assert!(validate_name("Upper").is_err());
         assert!(validate_name(&"a".repeat(63)).is_ok());
         let long = validate_name(&"a".repeat(300)).unwrap_err();
-        assert!(long.contains("300 characters"), "{long}");
+        assert!(long.to_string().contains("300 characters"), "{long}");
     }
 
     #[test]
