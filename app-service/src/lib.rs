@@ -106,8 +106,9 @@ impl AgentConfig {
             .iter()
             .enumerate()
             .map(|(i, r)| {
-                LabelSelector::from_single(&r.labels)
-                    .map_err(|e| Error::from(e.within(&format!("app_service.resources[{i}].labels"))))
+                LabelSelector::from_single(&r.labels).map_err(|e| {
+                    Error::from(e.within(&format!("app_service.resources[{i}].labels")))
+                })
             })
             .collect()
     }

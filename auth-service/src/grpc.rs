@@ -119,7 +119,8 @@ impl Api {
             (true, false) => {
                 let msg =
                     format!("{kind} {name:?} already exists; use pctl create -f to overwrite it");
-                self.refused(p, &format!("{kind}.create"), &name, &msg).await;
+                self.refused(p, &format!("{kind}.create"), &name, &msg)
+                    .await;
                 return Err(Status::already_exists(msg));
             }
             (true, true) => Verb::Update,
@@ -149,8 +150,8 @@ impl Api {
                 "the user name {name:?} is reserved for the system; choose another"
             )));
         }
-        let writes_roles =
-            p.checker.allows(Kind::Role, Verb::Create) && p.checker.allows(Kind::Role, Verb::Update);
+        let writes_roles = p.checker.allows(Kind::Role, Verb::Create)
+            && p.checker.allows(Kind::Role, Verb::Update);
         if writes_roles {
             return Ok(());
         }
@@ -608,7 +609,8 @@ impl AuthService for Api {
         } else {
             req.host_id.clone()
         };
-        validate_name(&host_id).map_err(|e| Status::invalid_argument(e.within("host_id").to_string()))?;
+        validate_name(&host_id)
+            .map_err(|e| Status::invalid_argument(e.within("host_id").to_string()))?;
         let name = token_name(&req.token);
         let rec = self
             .s
@@ -682,7 +684,8 @@ impl AuthService for Api {
                 "only agents announce app servers",
             ));
         }
-        validate_name(&req.app).map_err(|e| Status::invalid_argument(e.within("app").to_string()))?;
+        validate_name(&req.app)
+            .map_err(|e| Status::invalid_argument(e.within("app").to_string()))?;
         let name = app_server_name(&req.app, &p.name);
         let static_app = if req.static_app_json.is_empty() {
             None

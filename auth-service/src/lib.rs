@@ -309,8 +309,13 @@ impl AuthServer {
         host_id: &str,
         role: portico_core::SystemRole,
     ) -> Result<String, Error> {
-        self.new_session(host_id, PrincipalType::Service, &[role.as_str().to_string()], None)
-            .await
+        self.new_session(
+            host_id,
+            PrincipalType::Service,
+            &[role.as_str().to_string()],
+            None,
+        )
+        .await
     }
 
     pub(crate) async fn new_session(

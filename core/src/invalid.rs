@@ -104,7 +104,9 @@ mod tests {
         assert_eq!(e.to_string(), "a.yaml:3:5: spec.mcp.command: required");
         assert_eq!(Invalid::new("bad").within("x").to_string(), "x: bad");
         assert_eq!(
-            Invalid::field("[2]", "bad").within("spec.roles").to_string(),
+            Invalid::field("[2]", "bad")
+                .within("spec.roles")
+                .to_string(),
             "spec.roles[2]: bad"
         );
     }

@@ -15,8 +15,8 @@ pub mod time;
 
 pub use error::{Code, Error, Result};
 pub use invalid::Invalid;
-pub use labels::{LabelSelector, Pattern};
 pub use kind::{Kind, Verb};
+pub use labels::{LabelSelector, Pattern};
 pub use principal::{PrincipalType, SystemRole};
 pub use rbac::AccessChecker;
 pub use resource::{

@@ -108,4 +108,3 @@ pub fn system_proxy_role() -> Role {
         },
     )
 }
-

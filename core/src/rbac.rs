@@ -75,12 +75,12 @@ struct Compiled {
 
 impl Compiled {
     fn new(c: &RoleConditions) -> Self {
-        let (apps, apps_broken) =
-            match LabelSelector::compile(c.app_labels.iter().map(|(k, v)| (k, v.values().to_vec())))
-            {
-                Ok(s) => (s, false),
-                Err(_) => (LabelSelector::default(), true),
-            };
+        let (apps, apps_broken) = match LabelSelector::compile(
+            c.app_labels.iter().map(|(k, v)| (k, v.values().to_vec())),
+        ) {
+            Ok(s) => (s, false),
+            Err(_) => (LabelSelector::default(), true),
+        };
         let mcp = c.mcp.as_ref();
         let tool_text: Vec<String> = mcp.map(|m| m.tools.clone()).unwrap_or_default();
         Compiled {
@@ -187,7 +187,11 @@ impl AccessChecker {
     }
 
     /// May the caller call `tool` on an app with these labels? The error says why not.
-    pub fn tool_allowed(&self, labels: &BTreeMap<String, String>, tool: &str) -> Result<(), String> {
+    pub fn tool_allowed(
+        &self,
+        labels: &BTreeMap<String, String>,
+        tool: &str,
+    ) -> Result<(), String> {
         self.mcp_allowed(labels, Feature::Tool, tool)
     }
 
@@ -251,8 +255,8 @@ impl AccessChecker {
 #[allow(clippy::unwrap_used)] // a failing test should say where
 mod tests {
     use super::*;
-    use crate::presets::preset_roles;
     use crate::parse::parse_documents;
+    use crate::presets::preset_roles;
     use crate::resource::Resource;
 
     fn roles(yaml: &str) -> Vec<Role> {

@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::labels::{OneOrMany, Pattern};
-use crate::kind::{Kind, KindSel, VerbSel};
 use crate::invalid::Invalid;
+use crate::kind::{Kind, KindSel, VerbSel};
+use crate::labels::{OneOrMany, Pattern};
 use crate::principal::SystemRole;
 
 /// Fields every resource carries.
@@ -243,7 +243,10 @@ impl Resource {
         if version != k.version() {
             return Err(Invalid::field(
                 "version",
-                format!("{kind} resources are version {:?}, got {version:?}", k.version()),
+                format!(
+                    "{kind} resources are version {:?}, got {version:?}",
+                    k.version()
+                ),
             ));
         }
         let meta = self.metadata();
@@ -313,13 +316,17 @@ impl AppSpec {
             } else {
                 Err(Invalid::field(
                     "spec.uri",
-                    format!("unsupported scheme in {uri:?}; use mcp+stdio://, mcp+http(s):// or mcp+sse+http(s)://"),
+                    format!(
+                        "unsupported scheme in {uri:?}; use mcp+stdio://, mcp+http(s):// or mcp+sse+http(s)://"
+                    ),
                 ))
             }
         } else {
             Err(Invalid::field(
                 "spec.uri",
-                format!("{uri:?} is not an MCP uri; use mcp+stdio://, mcp+http(s):// or mcp+sse+http(s)://"),
+                format!(
+                    "{uri:?} is not an MCP uri; use mcp+stdio://, mcp+http(s):// or mcp+sse+http(s)://"
+                ),
             ))
         }
     }
@@ -373,7 +380,8 @@ fn validate_role(spec: &RoleSpec) -> Result<(), Invalid> {
     for (side, c) in [("allow", &spec.allow), ("deny", &spec.deny)] {
         for (key, vals) in &c.app_labels {
             for v in vals.values() {
-                Pattern::parse(v).map_err(|e| e.within(&format!("spec.{side}.app_labels.{key}")))?;
+                Pattern::parse(v)
+                    .map_err(|e| e.within(&format!("spec.{side}.app_labels.{key}")))?;
             }
         }
         if let Some(mcp) = &c.mcp {

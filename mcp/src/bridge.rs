@@ -257,7 +257,10 @@ impl Bridge {
         let msg = match Message::parse(&line) {
             Ok(m) => m,
             Err(e) => {
-                let _ = self.out.send(jsonrpc::error(e.id.as_ref(), e.code, &e.message)).await;
+                let _ = self
+                    .out
+                    .send(jsonrpc::error(e.id.as_ref(), e.code, &e.message))
+                    .await;
                 return Ok(());
             }
         };
@@ -325,7 +328,10 @@ impl Bridge {
     async fn fail(&self, id: &Option<Id>, msg: &str) {
         match id {
             Some(id) => {
-                let _ = self.out.send(jsonrpc::error(Some(id), SERVER_ERROR, msg)).await;
+                let _ = self
+                    .out
+                    .send(jsonrpc::error(Some(id), SERVER_ERROR, msg))
+                    .await;
             }
             None => (self.cfg.notice)(msg),
         }

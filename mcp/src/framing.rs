@@ -151,8 +151,14 @@ mod tests {
     async fn reads_lines() {
         let data: &[u8] = b"{\"a\":1}\n\n  \n{\"b\":2}";
         let mut r = LineReader::new(data, 100);
-        assert_eq!(r.next_line().await.ok().flatten().as_deref(), Some(&b"{\"a\":1}"[..]));
-        assert_eq!(r.next_line().await.ok().flatten().as_deref(), Some(&b"{\"b\":2}"[..]));
+        assert_eq!(
+            r.next_line().await.ok().flatten().as_deref(),
+            Some(&b"{\"a\":1}"[..])
+        );
+        assert_eq!(
+            r.next_line().await.ok().flatten().as_deref(),
+            Some(&b"{\"b\":2}"[..])
+        );
         assert!(r.next_line().await.expect("eof").is_none());
     }
 }

@@ -303,7 +303,12 @@ mod tests {
             br#"{"jsonrpc":"2.0","id":1,"method":"a","params":"x"}"#,
             br#"[1]"#,
         ] {
-            assert_eq!(code(bad), INVALID_REQUEST, "{}", String::from_utf8_lossy(bad));
+            assert_eq!(
+                code(bad),
+                INVALID_REQUEST,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 
@@ -326,10 +331,13 @@ mod tests {
         .expect("batch");
         assert_eq!(two.len(), 2);
         assert!(Message::parse_body(b"[]").is_err());
-        let e = Message::parse_body(br#"[{"jsonrpc":"2.0","method":"a"},{"jsonrpc":"2.0","id":null,"method":"b"}]"#)
-            .expect_err("null id in a batch");
+        let e = Message::parse_body(
+            br#"[{"jsonrpc":"2.0","method":"a"},{"jsonrpc":"2.0","id":null,"method":"b"}]"#,
+        )
+        .expect_err("null id in a batch");
         assert!(e.message.contains("batch element 1"), "{e}");
-        let e = Message::parse(&error(Some(&Id::Int(3)), INVALID_PARAMS, "no \"x\"")).expect("valid");
+        let e =
+            Message::parse(&error(Some(&Id::Int(3)), INVALID_PARAMS, "no \"x\"")).expect("valid");
         assert_eq!((e.id(), e.is_error()), (Some(&Id::Int(3)), true));
         assert_eq!(e.error_message().as_deref(), Some("no \"x\""));
     }

@@ -67,9 +67,13 @@ pub enum Target {
 /// its target as a string (it is refused, never forwarded).
 pub fn target(msg: &Message) -> Result<Option<Target>, String> {
     let need = |path: &[&str]| {
-        msg.param_str(path)
-            .map(String::from)
-            .ok_or_else(|| format!("{} needs params.{} as a string", msg.method().unwrap_or(""), path.join(".")))
+        msg.param_str(path).map(String::from).ok_or_else(|| {
+            format!(
+                "{} needs params.{} as a string",
+                msg.method().unwrap_or(""),
+                path.join(".")
+            )
+        })
     };
     Ok(Some(match msg.method().unwrap_or("") {
         "tools/call" => Target::Tool(need(&["name"])?),
@@ -80,7 +84,12 @@ pub fn target(msg: &Message) -> Result<Option<Target>, String> {
         "completion/complete" => match msg.param_str(&["ref", "type"]) {
             Some("ref/prompt") => Target::Prompt(need(&["ref", "name"])?),
             Some("ref/resource") => Target::Resource(need(&["ref", "uri"])?),
-            _ => return Err("completion/complete needs params.ref of type ref/prompt or ref/resource".into()),
+            _ => {
+                return Err(
+                    "completion/complete needs params.ref of type ref/prompt or ref/resource"
+                        .into(),
+                );
+            }
         },
         _ => return Ok(None),
     }))
@@ -94,8 +103,12 @@ mod tests {
     fn filters_and_fails_closed() {
         let mut m = Message::parse(br#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"echo"},{"name":"delete_all"},{"x":1}]}}"#).expect("msg");
         assert_eq!(filter(&mut m, ListKind::Tools, |n| n == "echo"), Ok(2));
-        assert_eq!(m.result().and_then(|r| r["tools"].as_array()).map(Vec::len), Some(1));
-        let mut bad = Message::parse(br#"{"jsonrpc":"2.0","id":1,"result":{"tools":{}}}"#).expect("msg");
+        assert_eq!(
+            m.result().and_then(|r| r["tools"].as_array()).map(Vec::len),
+            Some(1)
+        );
+        let mut bad =
+            Message::parse(br#"{"jsonrpc":"2.0","id":1,"result":{"tools":{}}}"#).expect("msg");
         assert!(filter(&mut bad, ListKind::Tools, |_| true).is_err());
     }
 
@@ -103,15 +116,27 @@ mod tests {
     fn targets() {
         let m = |s: &str| Message::parse(s.as_bytes()).expect("msg");
         assert_eq!(
-            target(&m(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x"}}"#)),
+            target(&m(
+                r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x"}}"#
+            )),
             Ok(Some(Target::Tool("x".into())))
         );
-        assert!(target(&m(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":1}}"#)).is_err());
+        assert!(
+            target(&m(
+                r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":1}}"#
+            ))
+            .is_err()
+        );
         assert!(target(&m(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call"}"#)).is_err());
         assert_eq!(
-            target(&m(r#"{"jsonrpc":"2.0","id":1,"method":"completion/complete","params":{"ref":{"type":"ref/resource","uri":"file:///a"}}}"#)),
+            target(&m(
+                r#"{"jsonrpc":"2.0","id":1,"method":"completion/complete","params":{"ref":{"type":"ref/resource","uri":"file:///a"}}}"#
+            )),
             Ok(Some(Target::Resource("file:///a".into())))
         );
-        assert_eq!(target(&m(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#)), Ok(None));
+        assert_eq!(
+            target(&m(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#)),
+            Ok(None)
+        );
     }
 }

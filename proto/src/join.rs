@@ -68,4 +68,3 @@ pub async fn load_or_join(p: JoinParams<'_>) -> Result<(String, String), Error> 
     tracing::info!(host_id = %resp.host_id, role = %p.role, path = %p.identity_path.display(), "joined the cluster");
     Ok((resp.host_id, resp.identity_token))
 }
-

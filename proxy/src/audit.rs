@@ -15,14 +15,23 @@ const GATHER: std::time::Duration = std::time::Duration::from_millis(20);
 #[derive(Clone)]
 pub struct Auditor {
     tx: mpsc::Sender<EmitEventRequest>,
+    /// Events that could not be queued or stored: the metric
+    /// `portico_proxy_audit_dropped_total`, and an `audit.lost` event.
     pub dropped: Arc<AtomicU64>,
 }
+
+/// How long a session waits for room in a full queue before the event counts as lost.
+const QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Auditor {
     pub fn start(api: AuthClient) -> Self {
         let (tx, mut rx) = mpsc::channel::<EmitEventRequest>(QUEUE);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let lost_counter = dropped.clone();
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(BATCH);
+            // Lost events not yet reported in an `audit.lost` event.
+            let mut reported = 0u64;
             // Everything queued goes in one call: one round trip and one transaction.
             while rx.recv_many(&mut batch, BATCH).await > 0 {
                 // Under load, let a few milliseconds of events gather into one transaction.
@@ -33,42 +42,89 @@ impl Auditor {
                         Err(_) => break,
                     }
                 }
+                let lost = lost_counter.load(Ordering::Relaxed);
+                if lost > reported {
+                    batch.push(EmitEventRequest {
+                        r#type: "audit.lost".into(),
+                        success: false,
+                        fields_json: serde_json::json!({"count": lost - reported, "total": lost})
+                            .to_string(),
+                    });
+                }
                 let req = EmitEventsRequest {
                     events: std::mem::take(&mut batch),
                 };
+                let n = req.events.len() as u64;
                 let mut api = api.clone();
                 let mut delay = std::time::Duration::from_millis(100);
-                // Retry a few times while the auth-service is away, then give up on these.
-                for _ in 0..5 {
+                let mut stored = false;
+                // Retry while the auth-service is away, then count these as lost.
+                for _ in 0..8 {
                     match api.emit_events(req.clone()).await {
-                        Ok(_) => break,
+                        Ok(_) => {
+                            stored = true;
+                            break;
+                        }
                         Err(s) if s.code() == tonic::Code::Unavailable => {
                             tokio::time::sleep(delay).await;
-                            delay *= 2;
+                            delay = (delay * 2).min(std::time::Duration::from_secs(5));
                         }
                         Err(s) => {
-                            tracing::warn!(events = req.events.len(), error = %s.message(), "audit events refused");
+                            tracing::error!(events = n, error = %s.message(), "audit events refused");
                             break;
                         }
                     }
                 }
+                if stored {
+                    reported = lost;
+                } else {
+                    // The `audit.lost` event itself is not counted; it is made again next time.
+                    let real = n - u64::from(lost > reported);
+                    lost_counter.fetch_add(real, Ordering::Relaxed);
+                    tracing::error!(events = real, "audit events lost after retries");
+                }
             }
         });
-        Auditor {
-            tx,
-            dropped: Arc::new(AtomicU64::new(0)),
-        }
+        Auditor { tx, dropped }
     }
 
-    pub fn emit(&self, kind: &str, success: bool, fields: serde_json::Value) {
-        let ev = EmitEventRequest {
+    fn event(kind: &str, success: bool, fields: serde_json::Value) -> EmitEventRequest {
+        EmitEventRequest {
             r#type: kind.to_string(),
             success,
             fields_json: fields.to_string(),
-        };
-        if self.tx.try_send(ev).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(event = kind, "audit queue full; event dropped");
+        }
+    }
+
+    /// Queues an event, waiting for room when the queue is full: the session
+    /// that produces events faster than they are stored slows down.
+    pub async fn record(&self, kind: &str, success: bool, fields: serde_json::Value) {
+        let ev = Self::event(kind, success, fields);
+        match tokio::time::timeout(QUEUE_WAIT, self.tx.send(ev)).await {
+            Ok(Ok(())) => {}
+            _ => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(event = kind, "audit queue full; event lost");
+            }
+        }
+    }
+
+    /// Queues an event from code that cannot wait; when the queue is full the
+    /// event is handed to a task that waits for room.
+    pub fn emit(&self, kind: &str, success: bool, fields: serde_json::Value) {
+        if let Err(mpsc::error::TrySendError::Full(ev)) =
+            self.tx.try_send(Self::event(kind, success, fields))
+        {
+            let me = self.clone();
+            tokio::spawn(async move {
+                if tokio::time::timeout(QUEUE_WAIT, me.tx.send(ev))
+                    .await
+                    .is_err()
+                {
+                    me.dropped.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!("audit queue full; event lost");
+                }
+            });
         }
     }
 }

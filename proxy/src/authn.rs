@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use portico_core::{Error, PrincipalType};
 use portico_core::time::now_ms;
+use portico_core::{Error, PrincipalType};
 use portico_proto::client::with_token;
 use portico_proto::v1::WhoAmIRequest;
 use tonic::transport::Channel;

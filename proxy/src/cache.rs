@@ -7,10 +7,10 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use portico_tunnel::backoff;
 use portico_core::{AccessChecker, App, Kind, Resource, Role, User};
 use portico_proto::client::AuthClient;
 use portico_proto::v1::{WatchRequest, watch_event};
+use portico_tunnel::backoff;
 use tokio::sync::watch;
 
 #[derive(Default)]

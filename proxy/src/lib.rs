@@ -15,9 +15,9 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use portico_tunnel::{Authenticator as TunnelAuth, TunnelServer};
 use portico_core::Error;
 use portico_proto::client::{channel_lazy, with_token};
+use portico_tunnel::{Authenticator as TunnelAuth, TunnelServer};
 use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use portico_proto::v1;
 use portico_tests::mcp_http::McpHttp;
 use portico_tests::util::{
-    app_yaml_with_command, children_named, me, example, test_app_yaml, unique_test_server,
+    app_yaml_with_command, children_named, example, me, test_app_yaml, unique_test_server,
 };
 use portico_tests::{ClusterBuilder, Storage, eventually};
 use serde_json::json;
@@ -47,8 +47,7 @@ async fn one_session_per_agent(
 #[tokio::test]
 async fn seed_lifecycle_with_both_example_agents() {
     let wildcard = std::fs::read_to_string(example("agent-wildcard.yaml")).expect("example");
-    let prod_test =
-        std::fs::read_to_string(example("agent-prod-test.yaml")).expect("example");
+    let prod_test = std::fs::read_to_string(example("agent-prod-test.yaml")).expect("example");
     let c = ClusterBuilder::new()
         .storage(Storage::Postgres)
         .proxy()

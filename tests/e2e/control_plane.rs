@@ -184,8 +184,7 @@ async fn rbac_on_every_call() {
         .storage(Storage::Postgres)
         .start()
         .await;
-    let example =
-        std::fs::read_to_string(example("app-admin-role.yaml")).expect("example role");
+    let example = std::fs::read_to_string(example("app-admin-role.yaml")).expect("example role");
     c.create_yaml(&example, false)
         .await
         .expect("app-admin role");

@@ -125,7 +125,11 @@ async fn compose_topology_as_processes() {
         .arg(dir.path().join("auth"))
         .args(["get", "roles"]);
     let o = run(first, None).await;
-    assert!(o.status.success(), "pctl right after the port opened: {:?}", text(&o));
+    assert!(
+        o.status.success(),
+        "pctl right after the port opened: {:?}",
+        text(&o)
+    );
     eventually(Duration::from_secs(30), "auth healthy", || {
         health(auth_port)
     })
@@ -241,6 +245,9 @@ async fn compose_topology_as_processes() {
     // Logs written to a file carry no colour codes.
     for log in ["auth.log", "proxy.log", "agent.log"] {
         let text = std::fs::read_to_string(dir.path().join(log)).expect("log");
-        assert!(!text.is_empty() && !text.contains('\u{1b}'), "{log} has ANSI escapes");
+        assert!(
+            !text.is_empty() && !text.contains('\u{1b}'),
+            "{log} has ANSI escapes"
+        );
     }
 }

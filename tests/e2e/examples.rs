@@ -34,15 +34,22 @@ fn examples_parse() {
     let (mut resources, mut agents) = (0, 0);
     for e in std::fs::read_dir(&dir).expect("examples dir") {
         let p = e.expect("entry").path();
-        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("").to_string();
+        let name = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("")
+            .to_string();
         if !name.ends_with(".yaml") {
             continue;
         }
         let text = std::fs::read_to_string(&p).expect("read");
         if name.starts_with("agent-") {
-            let cfg: AgentFile = yaml_serde::from_str(&text)
-                .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-            assert!(!cfg.app_service.resources.is_empty(), "{name} has selectors");
+            let cfg: AgentFile =
+                yaml_serde::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            assert!(
+                !cfg.app_service.resources.is_empty(),
+                "{name} has selectors"
+            );
             agents += 1;
         } else {
             portico_core::parse::parse_documents(&p.display().to_string(), &text)
@@ -50,7 +57,10 @@ fn examples_parse() {
             resources += 1;
         }
     }
-    assert!(resources >= 4 && agents >= 2, "{resources} resources, {agents} agent configs");
+    assert!(
+        resources >= 4 && agents >= 2,
+        "{resources} resources, {agents} agent configs"
+    );
     let ours = std::fs::read_to_string(example("mcp_server.yaml")).expect("ours");
     assert_eq!(ours, SEED);
 }

@@ -5,6 +5,7 @@ mod conformance;
 mod control_plane;
 mod deploy;
 mod examples;
+mod hostile;
 mod mcp;
 mod quickstart;
 mod watch;

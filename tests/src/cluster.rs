@@ -31,6 +31,7 @@ pub struct ClusterBuilder {
     agents: Vec<(String, AgentConfig)>,
     session_ttl: Option<String>,
     idle_timeout: Option<String>,
+    max_sessions_per_user: Option<usize>,
 }
 
 impl Default for ClusterBuilder {
@@ -47,6 +48,7 @@ impl ClusterBuilder {
             agents: vec![],
             session_ttl: None,
             idle_timeout: None,
+            max_sessions_per_user: None,
         }
     }
     pub fn storage(mut self, s: Storage) -> Self {
@@ -63,6 +65,11 @@ impl ClusterBuilder {
     }
     pub fn idle_timeout(mut self, t: &str) -> Self {
         self.idle_timeout = Some(t.into());
+        self
+    }
+    /// The proxy's cap on open MCP sessions per user (default 256).
+    pub fn max_sessions_per_user(mut self, n: usize) -> Self {
+        self.max_sessions_per_user = Some(n);
         self
     }
     /// An agent configured by a YAML document with an `app_service:` section
@@ -129,6 +136,7 @@ impl ClusterBuilder {
             let cfg = ProxyConfig {
                 auth_servers: vec![c.auth_addr.to_string()],
                 session_idle_timeout: self.idle_timeout.clone(),
+                max_sessions_per_user: self.max_sessions_per_user,
                 ..ProxyConfig::default()
             };
             c.start_proxy(cfg).await;

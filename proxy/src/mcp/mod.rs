@@ -110,7 +110,14 @@ fn find_session(
         ));
     };
     match state.sessions.get(id) {
-        Some(s) if s.user == who.name && s.admin == who.admin && s.app == app && s.closed().is_none() => Ok(s),
+        Some(s)
+            if s.user == who.name
+                && s.admin == who.admin
+                && s.app == app
+                && s.closed().is_none() =>
+        {
+            Ok(s)
+        }
         _ => Err(rpc_error(
             StatusCode::NOT_FOUND,
             SERVER_ERROR,
@@ -156,11 +163,11 @@ pub async fn handle(
         );
     };
     if !who.checker.app_allowed(&app_res.metadata.labels) {
-        state.audit.emit(
+        state.audit.record(
             "mcp.session.request",
             false,
             serde_json::json!({"user": who.name, "app": app, "error": "access to the MCP server denied by RBAC"}),
-        );
+        ).await;
         return rpc_error(
             StatusCode::FORBIDDEN,
             SERVER_ERROR,

@@ -111,11 +111,11 @@ async fn dial(state: &Arc<ProxyState>, who: &Who, app: &str) -> Result<Arc<Sessi
                     .await
                     .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
                     .unwrap_or_else(|_| format!("the agent answered {status}"));
-                state.audit.emit(
+                state.audit.record(
                     "mcp.session.request",
                     false,
                     serde_json::json!({"user": who.name, "app": app, "agent": host, "error": text}),
-                );
+                ).await;
                 return Err(rpc_error(StatusCode::BAD_GATEWAY, SERVER_ERROR, &text));
             }
             Ok(Err(e)) => {

@@ -33,11 +33,14 @@ pub async fn post(
     let msgs = match Message::parse_body(&body) {
         Ok(m) => m,
         Err(e) => {
-            state.audit.emit(
-                "mcp.session.request",
-                false,
-                serde_json::json!({"user": who.name, "app": app, "error": e.message}),
-            );
+            state
+                .audit
+                .record(
+                    "mcp.session.request",
+                    false,
+                    serde_json::json!({"user": who.name, "app": app, "error": e.message}),
+                )
+                .await;
             return rpc_error(StatusCode::BAD_REQUEST, e.code, &e.message);
         }
     };
@@ -48,14 +51,14 @@ pub async fn post(
         Some(init) => match open_session(&state, &who, &app).await {
             Ok(s) => {
                 let (name, version, proto) = jsonrpc::client_info(init);
-                state.audit.emit(
+                state.audit.record(
                     "mcp.session.start",
                     true,
                     serde_json::json!({
                         "user": who.name, "app": app, "agent": s.agent, "session": s.id,
                         "client_name": name, "client_version": version, "protocol_version": proto,
                     }),
-                );
+                ).await;
                 s
             }
             Err(r) => return r,
@@ -100,7 +103,10 @@ async fn read_body(state: &ProxyState, req: axum::extract::Request) -> Result<By
     let limited = http_body_util::Limited::new(req.into_body(), state.max_body);
     match tokio::time::timeout(state.body_timeout, limited.collect()).await {
         Ok(Ok(b)) => Ok(b.to_bytes()),
-        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+        Ok(Err(e))
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
             Err(rpc_error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 SERVER_ERROR,
@@ -127,6 +133,11 @@ async fn read_body(state: &ProxyState, req: axum::extract::Request) -> Result<By
 async fn relay(state: &Arc<ProxyState>, session: &Arc<Session>, msgs: Vec<Message>) -> Response {
     let has_requests = msgs.iter().any(Message::is_request);
     let stream = has_requests.then(|| session.open_stream());
+    // Taken now: the stream may be released as soon as the forwarded
+    // requests are answered, and the proxy's own answers must still reach it.
+    let stream_tx = stream
+        .as_ref()
+        .and_then(|(sid, _)| session.stream_sender(*sid));
     let mut answers: Vec<Bytes> = Vec::new();
     let mut forward = Vec::with_capacity(msgs.len());
     let mut waiting: Vec<Id> = Vec::new();
@@ -136,7 +147,15 @@ async fn relay(state: &Arc<ProxyState>, session: &Arc<Session>, msgs: Vec<Messag
                 let (Some((sid, _)), Some(id)) = (stream.as_ref(), msg.id().cloned()) else {
                     continue;
                 };
-                match rbac::check(state, session, &msg) {
+                if session.is_pending(&id) {
+                    answers.push(jsonrpc::error(
+                        Some(&id),
+                        INVALID_REQUEST,
+                        &format!("invalid request: id {id} is already waiting for an answer in this session"),
+                    ));
+                    continue;
+                }
+                match rbac::check(state, session, &msg).await {
                     Ok(asked) => {
                         if session.expect(id.clone(), *sid, asked).is_err() {
                             answers.push(jsonrpc::error(
@@ -155,7 +174,7 @@ async fn relay(state: &Arc<ProxyState>, session: &Arc<Session>, msgs: Vec<Messag
                 }
             }
             // A denied notification is dropped (it was audited); nothing answers it.
-            Shape::Notification if rbac::check(state, session, &msg).is_err() => continue,
+            Shape::Notification if rbac::check(state, session, &msg).await.is_err() => continue,
             _ => {}
         }
         forward.push(msg);
@@ -177,7 +196,7 @@ async fn relay(state: &Arc<ProxyState>, session: &Arc<Session>, msgs: Vec<Messag
         *r.status_mut() = StatusCode::ACCEPTED;
         return with_session(r, &session.id);
     };
-    if let Some(tx) = session.stream_sender(sid) {
+    if let Some(tx) = stream_tx {
         for a in answers {
             let _ = tx.send(a).await;
         }

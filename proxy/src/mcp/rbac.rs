@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use portico_core::rbac::Feature;
 use portico_core::AccessChecker;
+use portico_core::rbac::Feature;
 use portico_mcp::jsonrpc::{INVALID_PARAMS, Id, Message};
 use portico_mcp::lists::{self, ListKind, Target};
 use serde_json::json;
@@ -64,7 +64,7 @@ fn app_labels(state: &ProxyState, app: &str) -> Option<BTreeMap<String, String>>
 /// Decides one client message before it is forwarded, and audits gated
 /// requests. Notifications that name a gated method are checked too: a
 /// server might act on them.
-pub fn check(state: &ProxyState, s: &Session, msg: &Message) -> Result<Asked, Denied> {
+pub async fn check(state: &ProxyState, s: &Session, msg: &Message) -> Result<Asked, Denied> {
     let method = msg.method().unwrap_or("");
     if method == "initialize" {
         return Ok(Asked::Initialize);
@@ -76,7 +76,7 @@ pub fn check(state: &ProxyState, s: &Session, msg: &Message) -> Result<Asked, De
         Ok(None) => return Ok(Asked::Other),
         Ok(Some(t)) => t,
         Err(why) => {
-            audit_decision(state, s, msg, None, Err(&why));
+            audit_decision(state, s, msg, None, Err(&why)).await;
             return Err(Denied {
                 code: INVALID_PARAMS,
                 message: why,
@@ -86,10 +86,23 @@ pub fn check(state: &ProxyState, s: &Session, msg: &Message) -> Result<Asked, De
     let (f, name) = feature(&target);
     let decision = match (live_checker(state, s), app_labels(state, &s.app)) {
         (Some(checker), Some(labels)) => checker.mcp_allowed(&labels, f, name),
-        (None, _) => Err(format!("RBAC denied {} {name:?}: your user no longer exists", f.as_str())),
-        (_, None) => Err(format!("RBAC denied {} {name:?}: the MCP server was removed", f.as_str())),
+        (None, _) => Err(format!(
+            "RBAC denied {} {name:?}: your user no longer exists",
+            f.as_str()
+        )),
+        (_, None) => Err(format!(
+            "RBAC denied {} {name:?}: the MCP server was removed",
+            f.as_str()
+        )),
     };
-    audit_decision(state, s, msg, Some(&target), decision.as_ref().map(|_| ()).map_err(String::as_str));
+    audit_decision(
+        state,
+        s,
+        msg,
+        Some(&target),
+        decision.as_ref().map(|_| ()).map_err(String::as_str),
+    )
+    .await;
     match decision {
         Ok(()) => Ok(Asked::Gated(target)),
         Err(why) => Err(Denied {
@@ -99,7 +112,7 @@ pub fn check(state: &ProxyState, s: &Session, msg: &Message) -> Result<Asked, De
     }
 }
 
-fn audit_decision(
+async fn audit_decision(
     state: &ProxyState,
     s: &Session,
     msg: &Message,
@@ -118,12 +131,13 @@ fn audit_decision(
     }
     state
         .audit
-        .emit("mcp.session.request", decision.is_ok(), fields);
+        .record("mcp.session.request", decision.is_ok(), fields)
+        .await;
 }
 
 /// Handles the server's answer to a forwarded request: filters lists,
 /// audits outcomes. An answer that cannot be filtered is an error.
-pub fn on_response(
+pub async fn on_response(
     state: &ProxyState,
     s: &Session,
     pend: &Pending,
@@ -166,19 +180,22 @@ pub fn on_response(
                 "error": msg.error_message(), "tool_error": tool_error,
                 "ms": pend.started.elapsed().as_millis() as u64,
             });
-            if let (Some(obj), Some(extra)) = (fields.as_object_mut(), target_fields(target).as_object()) {
+            if let (Some(obj), Some(extra)) =
+                (fields.as_object_mut(), target_fields(target).as_object())
+            {
                 obj.extend(extra.clone());
             }
             state
                 .audit
-                .emit("mcp.session.request", outcome == "ok", fields);
+                .record("mcp.session.request", outcome == "ok", fields)
+                .await;
         }
         _ if msg.is_error() => {
-            state.audit.emit(
+            state.audit.record(
                 "mcp.session.request",
                 false,
                 json!({"user": s.user, "app": s.app, "session": s.id, "phase": "completed", "error": msg.error_message()}),
-            );
+            ).await;
         }
         _ => {}
     }
@@ -186,16 +203,21 @@ pub fn on_response(
 }
 
 /// Audits a gated request that was still waiting when its session ended.
-pub fn unanswered(state: &ProxyState, s: &Session, id: &Id, pend: &Pending, reason: &str) {
+pub async fn unanswered(state: &ProxyState, s: &Session, id: &Id, pend: &Pending, reason: &str) {
     if let Asked::Gated(target) = &pend.asked {
         let mut fields = json!({
             "user": s.user, "app": s.app, "session": s.id, "id": id.to_value(),
             "phase": "completed", "allowed": true, "outcome": "unanswered", "error": reason,
             "ms": pend.started.elapsed().as_millis() as u64,
         });
-        if let (Some(obj), Some(extra)) = (fields.as_object_mut(), target_fields(target).as_object()) {
+        if let (Some(obj), Some(extra)) =
+            (fields.as_object_mut(), target_fields(target).as_object())
+        {
             obj.extend(extra.clone());
         }
-        state.audit.emit("mcp.session.request", false, fields);
+        state
+            .audit
+            .record("mcp.session.request", false, fields)
+            .await;
     }
 }

@@ -15,8 +15,8 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming};
 use portico_core::time::now_ms;
-use portico_mcp::jsonrpc::{self, Id, Message, SERVER_ERROR};
 use portico_mcp::LineBuffer;
+use portico_mcp::jsonrpc::{self, Id, Message, SERVER_ERROR};
 use portico_tunnel::T_END;
 use tokio::sync::mpsc;
 
@@ -124,6 +124,10 @@ impl Session {
         ids.iter()
             .filter_map(|id| g.pending.remove(id).map(|p| (id.clone(), p)))
             .collect()
+    }
+
+    pub fn is_pending(&self, id: &Id) -> bool {
+        self.lock().pending.contains_key(id)
     }
 
     /// Registers a request as waiting on `stream`. An id already waiting
@@ -235,8 +239,9 @@ impl Session {
             tracing::warn!(session = %self.id, app = %self.app, id = %id, "the MCP server answered a request nobody is waiting for; dropped");
             return;
         };
-        let out = rbac::on_response(state, self, &pend, &mut msg);
-        let out = out.unwrap_or_else(|why| jsonrpc::error(Some(&id), jsonrpc::INTERNAL_ERROR, &why));
+        let out = rbac::on_response(state, self, &pend, &mut msg).await;
+        let out =
+            out.unwrap_or_else(|why| jsonrpc::error(Some(&id), jsonrpc::INTERNAL_ERROR, &why));
         match self.stream_sender(pend.stream) {
             Some(tx) if tx.send(out.clone()).await.is_ok() => {}
             _ => self.deliver_server(out).await,
@@ -272,7 +277,7 @@ impl Session {
             (pending, streams)
         };
         for (id, pend) in pending {
-            rbac::unanswered(state, self, &id, &pend, reason);
+            rbac::unanswered(state, self, &id, &pend, reason).await;
             if let Some(tx) = streams.get(&pend.stream) {
                 let _ = tx.try_send(jsonrpc::error(Some(&id), SERVER_ERROR, reason));
             }
@@ -280,14 +285,17 @@ impl Session {
         drop(streams);
         state.sessions.remove(&self.id, &self.user);
         tracing::info!(session = %self.id, app = %self.app, user = %self.user, reason, "mcp session ended");
-        state.audit.emit(
-            "mcp.session.end",
-            true,
-            serde_json::json!({
-                "user": self.user, "app": self.app, "agent": self.agent, "session": self.id,
-                "reason": reason, "duration_ms": self.started.elapsed().as_millis() as u64,
-            }),
-        );
+        state
+            .audit
+            .record(
+                "mcp.session.end",
+                true,
+                serde_json::json!({
+                    "user": self.user, "app": self.app, "agent": self.agent, "session": self.id,
+                    "reason": reason, "duration_ms": self.started.elapsed().as_millis() as u64,
+                }),
+            )
+            .await;
     }
 
     /// Reads the agent's stream until it ends, routing each line.

@@ -1,6 +1,6 @@
 //! A small stdio MCP server for Portico's tests, built with the official
-//! Rust SDK: tools (echo, add, slow, crash, big, roots, delete_everything),
-//! one resource and one prompt.
+//! Rust SDK: tools (echo, add, slow, crash, big, roots, delete_everything,
+//! touch), one resource and one prompt.
 // Roots are deprecated in newer protocol revisions but still offered by clients.
 #![allow(deprecated)]
 
@@ -36,6 +36,12 @@ struct SlowArgs {
 struct BigArgs {
     /// How many bytes of text to return.
     bytes: usize,
+}
+
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+struct TouchArgs {
+    /// The file to create (or overwrite) with the text "touched".
+    path: String,
 }
 
 #[derive(serde::Deserialize, schemars::JsonSchema)]
@@ -114,6 +120,17 @@ impl TestServer {
     #[tool(description = "Pretend to delete everything (for deny rules)")]
     fn delete_everything(&self) -> String {
         "deleted".to_string()
+    }
+
+    #[tool(description = "Write the text touched to the file at path (a visible side effect)")]
+    fn touch(&self, Parameters(a): Parameters<TouchArgs>) -> Result<CallToolResult, ErrorData> {
+        match std::fs::write(&a.path, "touched") {
+            Ok(()) => Ok(CallToolResult::success(vec![ContentBlock::text("ok")])),
+            Err(e) => Ok(CallToolResult::error(vec![ContentBlock::text(format!(
+                "cannot write {}: {e}",
+                a.path
+            ))])),
+        }
     }
 }
 

@@ -1,0 +1,910 @@
+//! A hostile client against the proxy's MCP endpoint, in raw HTTP: duplicate
+//! keys, id and name spellings, denied calls hidden in notifications and
+//! batches, reused ids, stolen session ids, oversize bodies, a race for
+//! session slots, and resource and prompt rules. Whatever is refused must
+//! never run: the test server's `touch` tool writes a file, and that file
+//! must not exist afterwards. Every refusal is audited.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::StatusCode;
+use portico_tests::cluster::text;
+use portico_tests::mcp_http::{McpHttp, Reply};
+use portico_tests::util::test_app_yaml;
+use portico_tests::{Cluster, ClusterBuilder, TempDir, eventually};
+use serde_json::{Value, json};
+
+const PW: &str = "user-password-1";
+
+/// Every tool but `touch` (mallory).
+const NO_TOUCH: &str = "kind: role\nversion: v8\nmetadata: {name: no-touch}\nspec:\n  allow:\n    app_labels: {env: dev}\n    mcp: {tools: ['*']}\n  deny:\n    mcp: {tools: [touch]}\n";
+/// Every tool, `touch` included (trent): what only the protocol rules stop.
+const TOUCHER: &str = "kind: role\nversion: v8\nmetadata: {name: toucher}\nspec:\n  allow:\n    app_labels: {env: dev}\n    mcp: {tools: ['*']}\n";
+/// Only `echo` (eve).
+const ECHO_ONLY: &str = "kind: role\nversion: v8\nmetadata: {name: echo-only}\nspec:\n  allow:\n    app_labels: {env: dev}\n    mcp: {tools: [echo]}\n";
+
+const JSON_HDRS: [(&str, &str); 2] = [
+    ("content-type", "application/json"),
+    ("accept", "application/json, text/event-stream"),
+];
+
+/// The app `tm` (the test MCP server) and the users mallory (no-touch),
+/// trent (toucher) and eve (echo-only).
+async fn cluster_with_app(b: ClusterBuilder) -> Cluster {
+    let c = b.proxy().wildcard_agent("a1").start().await;
+    c.create_yaml(&test_app_yaml("tm", "dev"), false)
+        .await
+        .expect("app");
+    for role in [NO_TOUCH, TOUCHER, ECHO_ONLY] {
+        c.create_yaml(role, false).await.expect("role");
+    }
+    c.add_user("mallory", &["no-touch"], PW).await;
+    c.add_user("trent", &["toucher"], PW).await;
+    c.add_user("eve", &["echo-only"], PW).await;
+    c.wait_servers("tm", &["a1"]).await;
+    c
+}
+
+/// Logs `user` in and waits until the proxy knows them and their roles: a
+/// POST without a session is then refused for the missing session (400),
+/// no longer for the caller (401, 403). Opens no session.
+async fn token(c: &Cluster, user: &str) -> String {
+    let t = c.login(user, PW).await;
+    let probe = McpHttp::new(c.proxy_addr(), "tm", &t);
+    eventually(
+        Duration::from_secs(10),
+        &format!("the proxy knows {user}"),
+        || async {
+            let r = raw(&probe, r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#).await;
+            (r.status == StatusCode::BAD_REQUEST).then_some(())
+        },
+    )
+    .await;
+    t
+}
+
+/// An initialized session of `user` on `tm`.
+async fn open(c: &Cluster, user: &str) -> McpHttp {
+    let t = token(c, user).await;
+    let mut s = McpHttp::new(c.proxy_addr(), "tm", &t);
+    s.initialize().await.expect("initialize");
+    s
+}
+
+/// POSTs a body exactly as written.
+async fn raw(s: &McpHttp, body: &str) -> Reply {
+    s.send(http::Method::POST, &JSON_HDRS, Some(body)).await
+}
+
+/// A JSON string literal.
+fn js(p: &Path) -> String {
+    Value::String(p.display().to_string()).to_string()
+}
+
+/// Where the `touch` tool would leave its mark.
+struct Marks {
+    target: PathBuf,
+    decoy: PathBuf,
+    control: PathBuf,
+    _dir: TempDir,
+}
+
+impl Marks {
+    fn new() -> Marks {
+        let dir = TempDir::new("portico-hostile");
+        Marks {
+            target: dir.path().join("pwned"),
+            decoy: dir.path().join("decoy"),
+            control: dir.path().join("control"),
+            _dir: dir,
+        }
+    }
+
+    /// A raw body with `$PATH` and `$DECOY` replaced by JSON strings of the paths.
+    fn fill(&self, template: &str) -> String {
+        template
+            .replace("$PATH", &js(&self.target))
+            .replace("$DECOY", &js(&self.decoy))
+    }
+}
+
+/// Proves the server handled everything sent before on this session (an
+/// echo round trip), then checks that no refused `touch` wrote its file.
+async fn assert_untouched(s: &mut McpHttp, marks: &Marks, what: &str) {
+    let r = s.call("echo", json!({"message": "barrier"})).await;
+    assert_eq!(r["result"]["content"][0]["text"], "barrier", "{what}: {r}");
+    for f in [&marks.target, &marks.decoy] {
+        assert!(
+            !f.exists(),
+            "{what}: a refused touch ran and wrote {}",
+            f.display()
+        );
+    }
+}
+
+/// The positive control: an allowed `touch` does write its file, so the
+/// absence checks mean something.
+async fn assert_touch_runs(c: &Cluster, marks: &Marks) {
+    let mut s = open(c, "trent").await;
+    let r = s
+        .call(
+            "touch",
+            json!({"path": marks.control.display().to_string()}),
+        )
+        .await;
+    assert_eq!(r["result"]["content"][0]["text"], "ok", "control: {r}");
+    assert_eq!(
+        std::fs::read_to_string(&marks.control).expect("the control touch wrote its file"),
+        "touched"
+    );
+}
+
+/// The body was refused as a whole before any session work: 400 and one
+/// JSON-RPC error with `code`.
+fn assert_refused(r: &Reply, code: i64, what: &str) {
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{what}: {r:?}");
+    let msgs = r.messages();
+    assert_eq!(msgs.len(), 1, "{what}: one error answers the body: {r:?}");
+    assert_eq!(msgs[0]["error"]["code"], code, "{what}: {r:?}");
+}
+
+/// The proxy answered the request itself with an RBAC denial.
+fn assert_rbac_denied(m: &Value, what: &str) {
+    assert_eq!(m["error"]["code"], -32602, "{what}: {m}");
+    assert!(
+        m["error"]["message"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("RBAC denied")),
+        "{what}: {m}"
+    );
+}
+
+/// The call failed (a JSON-RPC error or a tool error): nothing ran.
+fn assert_failed(m: &Value, what: &str) {
+    assert!(
+        m.get("error").is_some() || m["result"]["isError"] == true,
+        "{what}: the call succeeded: {m}"
+    );
+}
+
+/// The response to `id` (any JSON id) in a reply.
+fn answer(r: &Reply, id: &Value) -> Value {
+    assert_eq!(r.status, StatusCode::OK, "answer to {id}: {r:?}");
+    r.messages()
+        .into_iter()
+        .find(|m| &m["id"] == id && m.get("method").is_none())
+        .unwrap_or_else(|| panic!("no answer to id {id}: {r:?}"))
+}
+
+/// The `field` of each item of `result.<key>`.
+fn listed(m: &Value, key: &str, field: &str) -> Vec<String> {
+    m["result"][key]
+        .as_array()
+        .unwrap_or_else(|| panic!("no result.{key}: {m}"))
+        .iter()
+        .filter_map(|t| t[field].as_str().map(String::from))
+        .collect()
+}
+
+/// Every `mcp.session.request` event, as `pctl events ls` prints them.
+async fn request_events(c: &Cluster) -> Option<Vec<Value>> {
+    let o = c
+        .pctl(&[
+            "events",
+            "ls",
+            "--type",
+            "mcp.session.request",
+            "--format",
+            "json",
+        ])
+        .await;
+    serde_json::from_str::<Value>(&text(&o).0)
+        .ok()?
+        .as_array()
+        .cloned()
+}
+
+#[tokio::test]
+async fn duplicate_keys_are_refused_before_anything_runs() {
+    let c = cluster_with_app(ClusterBuilder::new()).await;
+    let marks = Marks::new();
+    let mut m = open(&c, "mallory").await;
+    // A lax parser keeping the last key would see `touch` where the check saw `echo`.
+    for (what, body) in [
+        (
+            "duplicate name",
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","name":"touch","arguments":{"message":"hi","path":$PATH}}}"#,
+        ),
+        (
+            "duplicate name through an escaped key",
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","na\u006de":"touch","arguments":{"message":"hi","path":$PATH}}}"#,
+        ),
+        (
+            "duplicate method at the top level",
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","method":"tools/call","params":{"name":"touch","arguments":{"path":$PATH}}}"#,
+        ),
+        (
+            "duplicate params at the top level",
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"message":"hi"}},"params":{"name":"touch","arguments":{"path":$PATH}}}"#,
+        ),
+        (
+            "duplicate id at the top level",
+            r#"{"jsonrpc":"2.0","id":1,"id":2,"method":"tools/call","params":{"name":"echo","arguments":{"message":"hi"}}}"#,
+        ),
+        (
+            "duplicate jsonrpc at the top level",
+            r#"{"jsonrpc":"2.0","jsonrpc":"2.0","id":1,"method":"tools/list"}"#,
+        ),
+        (
+            "duplicate name in a batch element",
+            r#"[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"message":"hi"}}},{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"echo","name":"touch","arguments":{"message":"hi","path":$PATH}}}]"#,
+        ),
+    ] {
+        assert_refused(&raw(&m, &marks.fill(body)).await, -32700, what);
+    }
+    assert_untouched(&mut m, &marks, "duplicate keys (mallory)").await;
+
+    // Trent may touch; duplicates are refused all the same, and a bad
+    // element refuses its whole batch, the allowed touch with it.
+    let mut t = open(&c, "trent").await;
+    for (code, what, body) in [
+        (
+            -32700,
+            "duplicate path inside arguments",
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"touch","arguments":{"path":$DECOY,"path":$PATH}}}"#,
+        ),
+        (
+            -32700,
+            "duplicate escaped path inside arguments",
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"touch","arguments":{"path":$DECOY,"\u0070ath":$PATH}}}"#,
+        ),
+        (
+            -32700,
+            "an allowed touch beside a duplicate key",
+            r#"[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"touch","arguments":{"path":$PATH}}},{"jsonrpc":"2.0","id":2,"method":"tools/list","method":"ping"}]"#,
+        ),
+        (
+            -32600,
+            "an allowed touch beside a null id",
+            r#"[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"touch","arguments":{"path":$PATH}}},{"jsonrpc":"2.0","id":null,"method":"ping"}]"#,
+        ),
+        (
+            -32600,
+            "an allowed touch beside a message without jsonrpc",
+            r#"[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"touch","arguments":{"path":$PATH}}},{"id":2,"method":"ping"}]"#,
+        ),
+    ] {
+        assert_refused(&raw(&t, &marks.fill(body)).await, code, what);
+    }
+    assert_untouched(&mut t, &marks, "duplicate keys (trent)").await;
+    assert_touch_runs(&c, &marks).await;
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn id_spellings() {
+    let c = cluster_with_app(ClusterBuilder::new()).await;
+    let marks = Marks::new();
+
+    // An escaped string id is the string "7": answered, and the list is filtered.
+    let list = r#"{"jsonrpc":"2.0","id":"\u0037","method":"tools/list"}"#;
+    let mut e = open(&c, "eve").await;
+    let r = answer(&raw(&e, list).await, &json!("7"));
+    assert_eq!(listed(&r, "tools", "name"), vec!["echo"], "{r}");
+    let mut m = open(&c, "mallory").await;
+    let r = answer(&raw(&m, list).await, &json!("7"));
+    let names = listed(&r, "tools", "name");
+    assert!(
+        names.contains(&"echo".to_string()) && !names.contains(&"touch".to_string()),
+        "{names:?}"
+    );
+    // The integer 7 is another id, answered on its own.
+    let r = answer(
+        &raw(&m, r#"{"jsonrpc":"2.0","id":7,"method":"tools/list"}"#).await,
+        &json!(7),
+    );
+    assert!(!listed(&r, "tools", "name").contains(&"touch".to_string()));
+    for (what, id) in [
+        ("fraction", "7.0"),
+        ("exponent", "7e0"),
+        ("null", "null"),
+        ("array", "[7]"),
+    ] {
+        let body = format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/list"}}"#);
+        assert_refused(
+            &raw(&m, &body).await,
+            -32600,
+            &format!("tools/list, id {what}"),
+        );
+    }
+
+    // Trent may touch: only the message rules stop these.
+    let mut t = open(&c, "trent").await;
+    let call = r#""method":"tools/call","params":{"name":"touch","arguments":{"path":$PATH}}"#;
+    for (what, head) in [
+        ("fraction id", r#""jsonrpc":"2.0","id":7.0,"#),
+        ("exponent id", r#""jsonrpc":"2.0","id":7e0,"#),
+        ("negative zero id", r#""jsonrpc":"2.0","id":-0.0,"#),
+        ("null id", r#""jsonrpc":"2.0","id":null,"#),
+        ("array id", r#""jsonrpc":"2.0","id":[7],"#),
+        ("object id", r#""jsonrpc":"2.0","id":{"n":7},"#),
+        ("boolean id", r#""jsonrpc":"2.0","id":true,"#),
+        (
+            "id beyond 64 bits",
+            r#""jsonrpc":"2.0","id":9223372036854775808,"#,
+        ),
+        ("no jsonrpc", r#""id":7,"#),
+        ("jsonrpc 1.0", r#""jsonrpc":"1.0","id":7,"#),
+        ("numeric jsonrpc", r#""jsonrpc":2.0,"id":7,"#),
+    ] {
+        let body = marks.fill(&format!("{{{head}{call}}}"));
+        assert_refused(&raw(&t, &body).await, -32600, what);
+    }
+    for (what, body) in [
+        (
+            "array method",
+            r#"{"jsonrpc":"2.0","id":7,"method":["tools/call"],"params":{"name":"touch","arguments":{"path":$PATH}}}"#,
+        ),
+        (
+            "numeric method",
+            r#"{"jsonrpc":"2.0","id":7,"method":5,"params":{"name":"touch","arguments":{"path":$PATH}}}"#,
+        ),
+        (
+            "params as a string",
+            r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":"touch"}"#,
+        ),
+    ] {
+        assert_refused(&raw(&t, &marks.fill(body)).await, -32600, what);
+    }
+    assert_untouched(&mut t, &marks, "id spellings (trent)").await;
+    assert_untouched(&mut m, &marks, "id spellings (mallory)").await;
+    assert_untouched(&mut e, &marks, "id spellings (eve)").await;
+    assert_touch_runs(&c, &marks).await;
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn escaped_and_lookalike_tool_names() {
+    let c = cluster_with_app(ClusterBuilder::new()).await;
+    let marks = Marks::new();
+    let mut m = open(&c, "mallory").await;
+
+    // Spelled differently, read once: still `touch`, still denied.
+    for (id, what, body) in [
+        (
+            31,
+            "escaped o",
+            r#"{"jsonrpc":"2.0","id":31,"method":"tools/call","params":{"name":"t\u006fuch","arguments":{"path":$PATH}}}"#,
+        ),
+        (
+            32,
+            "every letter escaped",
+            r#"{"jsonrpc":"2.0","id":32,"method":"tools/call","params":{"name":"\u0074\u006F\u0075\u0063\u0068","arguments":{"path":$PATH}}}"#,
+        ),
+        (
+            33,
+            "escaped method",
+            r#"{"jsonrpc":"2.0","id":33,"method":"tools\/c\u0061ll","params":{"name":"touch","arguments":{"path":$PATH}}}"#,
+        ),
+        (
+            34,
+            "escaped params key",
+            r#"{"jsonrpc":"2.0","id":34,"method":"tools/call","\u0070arams":{"name":"touch","arguments":{"path":$PATH}}}"#,
+        ),
+    ] {
+        let r = raw(&m, &marks.fill(body)).await;
+        assert_rbac_denied(&answer(&r, &json!(id)), what);
+    }
+    // A tools/call that names no tool as a string is refused, never forwarded.
+    for (id, what, body) in [
+        (
+            35,
+            "params as an array",
+            r#"{"jsonrpc":"2.0","id":35,"method":"tools/call","params":["touch",{"path":$PATH}]}"#,
+        ),
+        (
+            36,
+            "numeric name",
+            r#"{"jsonrpc":"2.0","id":36,"method":"tools/call","params":{"name":7,"arguments":{"path":$PATH}}}"#,
+        ),
+        (
+            37,
+            "name as an object",
+            r#"{"jsonrpc":"2.0","id":37,"method":"tools/call","params":{"name":{"name":"touch"},"arguments":{"path":$PATH}}}"#,
+        ),
+        (
+            38,
+            "no params",
+            r#"{"jsonrpc":"2.0","id":38,"method":"tools/call"}"#,
+        ),
+    ] {
+        let r = answer(&raw(&m, &marks.fill(body)).await, &json!(id));
+        assert_eq!(r["error"]["code"], -32602, "{what}: {r}");
+    }
+    // Other names are other tools: allowed by '*', forwarded, and the
+    // server knows none of them.
+    for (id, what, name) in [
+        (41, "upper case", r#""TOUCH""#),
+        (42, "capitalised", r#""Touch""#),
+        (43, "trailing space", r#""touch ""#),
+        (44, "trailing NUL", r#""touch\u0000""#),
+        (45, "Cyrillic o", r#""t\u043euch""#),
+        (
+            46,
+            "fullwidth letters",
+            r#""\uff54\uff4f\uff55\uff43\uff48""#,
+        ),
+    ] {
+        let body = marks.fill(&format!(
+            r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":{name},"arguments":{{"path":$PATH}}}}}}"#
+        ));
+        assert_failed(&answer(&raw(&m, &body).await, &json!(id)), what);
+    }
+    // A method in other case is not tools/call: the server refuses it.
+    let r = raw(
+        &m,
+        &marks.fill(r#"{"jsonrpc":"2.0","id":47,"method":"TOOLS/CALL","params":{"name":"touch","arguments":{"path":$PATH}}}"#),
+    )
+    .await;
+    assert_failed(&answer(&r, &json!(47)), "upper-case method");
+    assert_untouched(&mut m, &marks, "escaped and lookalike names").await;
+    assert_touch_runs(&c, &marks).await;
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn denied_calls_in_notifications_and_batches() {
+    let c = cluster_with_app(ClusterBuilder::new()).await;
+    let marks = Marks::new();
+    let mut m = open(&c, "mallory").await;
+
+    // A denied notification is dropped: 202, nothing answers, nothing runs.
+    for (what, body) in [
+        (
+            "touch as a notification",
+            r#"{"jsonrpc":"2.0","method":"tools/call","params":{"name":"touch","arguments":{"path":$PATH}}}"#,
+        ),
+        (
+            "escaped touch as a notification",
+            r#"{"jsonrpc":"2.0","method":"tools/call","params":{"name":"t\u006fuch","arguments":{"path":$PATH}}}"#,
+        ),
+        (
+            "a batch of notifications",
+            r#"[{"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":1,"progress":1}},{"jsonrpc":"2.0","method":"tools/call","params":{"name":"touch","arguments":{"path":$PATH}}}]"#,
+        ),
+    ] {
+        let r = raw(&m, &marks.fill(body)).await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{what}: {r:?}");
+        assert!(r.messages().is_empty(), "{what}: {r:?}");
+    }
+    // A denied notification beside an allowed request: only the request is answered.
+    let r = raw(
+        &m,
+        &marks.fill(r#"[{"jsonrpc":"2.0","method":"tools/call","params":{"name":"touch","arguments":{"path":$PATH}}},{"jsonrpc":"2.0","id":51,"method":"tools/call","params":{"name":"echo","arguments":{"message":"hi"}}}]"#),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    assert_eq!(r.messages().len(), 1, "{r:?}");
+    assert_eq!(r.response(51)["result"]["content"][0]["text"], "hi");
+    // An allowed and a denied request in one batch: each gets its own answer.
+    let r = raw(
+        &m,
+        &marks.fill(r#"[{"jsonrpc":"2.0","id":52,"method":"tools/call","params":{"name":"echo","arguments":{"message":"hi"}}},{"jsonrpc":"2.0","id":53,"method":"tools/call","params":{"name":"touch","arguments":{"path":$PATH}}}]"#),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    assert_eq!(r.response(52)["result"]["content"][0]["text"], "hi");
+    assert_rbac_denied(&r.response(53), "touch in a batch");
+    // Only denied requests: all answered by the proxy, and the stream ends.
+    let r = raw(
+        &m,
+        &marks.fill(r#"[{"jsonrpc":"2.0","id":54,"method":"tools/call","params":{"name":"touch","arguments":{"path":$PATH}}},{"jsonrpc":"2.0","id":55,"method":"tools/call","params":{"name":"t\u006fuch","arguments":{"path":$DECOY}}}]"#),
+    )
+    .await;
+    assert_rbac_denied(&answer(&r, &json!(54)), "first denied in a batch");
+    assert_rbac_denied(&answer(&r, &json!(55)), "second denied in a batch");
+    assert_untouched(&mut m, &marks, "notifications and batches").await;
+    assert_touch_runs(&c, &marks).await;
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn pipelined_requests_reusing_an_id() {
+    let c = cluster_with_app(ClusterBuilder::new()).await;
+    let marks = Marks::new();
+    let mut m = open(&c, "mallory").await;
+
+    let r = raw(
+        &m,
+        r#"[{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"echo","arguments":{"message":"first"}}},{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"echo","arguments":{"message":"second"}}}]"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    let nine: Vec<Value> = r.messages().into_iter().filter(|x| x["id"] == 9).collect();
+    assert_eq!(nine.len(), 2, "{r:?}");
+    assert!(
+        nine.iter()
+            .any(|x| x["result"]["content"][0]["text"] == "first"),
+        "{r:?}"
+    );
+    assert!(nine.iter().any(|x| x["error"]["code"] == -32600), "{r:?}");
+    assert!(
+        !String::from_utf8_lossy(&r.body).contains("second"),
+        "the second request was not forwarded: {r:?}"
+    );
+    // The same string id, spelled two ways.
+    let r = raw(
+        &m,
+        r#"[{"jsonrpc":"2.0","id":"k","method":"tools/call","params":{"name":"echo","arguments":{"message":"first"}}},{"jsonrpc":"2.0","id":"\u006b","method":"tools/call","params":{"name":"echo","arguments":{"message":"second"}}}]"#,
+    )
+    .await;
+    let k: Vec<Value> = r
+        .messages()
+        .into_iter()
+        .filter(|x| x["id"] == "k")
+        .collect();
+    assert_eq!(k.len(), 2, "{r:?}");
+    assert!(k.iter().any(|x| x["error"]["code"] == -32600), "{r:?}");
+    assert!(
+        !String::from_utf8_lossy(&r.body).contains("second"),
+        "{r:?}"
+    );
+    // Once answered, an id may be used again.
+    let r = raw(
+        &m,
+        r#"{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"echo","arguments":{"message":"again"}}}"#,
+    )
+    .await;
+    assert_eq!(
+        answer(&r, &json!(9))["result"]["content"][0]["text"],
+        "again"
+    );
+
+    // Trent may touch: a touch reusing a pending id is refused, not run.
+    let mut t = open(&c, "trent").await;
+    let r = raw(
+        &t,
+        &marks.fill(r#"[{"jsonrpc":"2.0","id":11,"method":"tools/call","params":{"name":"echo","arguments":{"message":"first"}}},{"jsonrpc":"2.0","id":11,"method":"tools/call","params":{"name":"touch","arguments":{"path":$PATH}}}]"#),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    let eleven: Vec<Value> = r.messages().into_iter().filter(|x| x["id"] == 11).collect();
+    assert_eq!(eleven.len(), 2, "{r:?}");
+    assert!(
+        eleven
+            .iter()
+            .any(|x| x["result"]["content"][0]["text"] == "first"),
+        "{r:?}"
+    );
+    assert!(eleven.iter().any(|x| x["error"]["code"] == -32600), "{r:?}");
+    assert_untouched(&mut t, &marks, "a touch reusing a pending id").await;
+    assert_untouched(&mut m, &marks, "pipelined (mallory)").await;
+    assert_touch_runs(&c, &marks).await;
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn another_users_session_id_is_not_found() {
+    let c = cluster_with_app(ClusterBuilder::new()).await;
+    let marks = Marks::new();
+    // The victim may touch; the thief may not, and tries through the victim's session.
+    let mut victim = open(&c, "trent").await;
+    let mut thief = McpHttp::new(c.proxy_addr(), "tm", &token(&c, "mallory").await);
+    thief.session = victim.session.clone();
+    let r = raw(
+        &thief,
+        &marks.fill(r#"{"jsonrpc":"2.0","id":61,"method":"tools/call","params":{"name":"touch","arguments":{"path":$PATH}}}"#),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "POST: {r:?}");
+    let r = raw(
+        &thief,
+        &marks.fill(r#"{"jsonrpc":"2.0","method":"tools/call","params":{"name":"touch","arguments":{"path":$PATH}}}"#),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "notification: {r:?}");
+    let r = thief
+        .send(http::Method::GET, &[("accept", "text/event-stream")], None)
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "GET: {r:?}");
+    let r = thief.delete().await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "DELETE: {r:?}");
+    // The victim's session is untouched and still theirs.
+    assert_untouched(&mut victim, &marks, "a stolen session id").await;
+    assert_touch_runs(&c, &marks).await;
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn oversize_body_is_refused() {
+    let c = cluster_with_app(ClusterBuilder::new()).await;
+    let marks = Marks::new();
+    let mut t = open(&c, "trent").await;
+    // An allowed touch, padded past the 4 MiB default.
+    let body = format!(
+        r#"{{"jsonrpc":"2.0","id":71,"method":"tools/call","params":{{"name":"touch","arguments":{{"path":{},"pad":"{}"}}}}}}"#,
+        js(&marks.target),
+        "a".repeat(4 * 1024 * 1024 + 1)
+    );
+    let r = raw(&t, &body).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{r:?}");
+    assert_untouched(&mut t, &marks, "an oversize body").await;
+    assert_touch_runs(&c, &marks).await;
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_cap_holds_under_parallel_initialize() {
+    let c = cluster_with_app(ClusterBuilder::new().max_sessions_per_user(3)).await;
+    let t = token(&c, "mallory").await;
+    let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "portico-hostile", "version": "1"}}});
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..12 {
+        let s = McpHttp::new(c.proxy_addr(), "tm", &t);
+        let init = init.clone();
+        set.spawn(async move { s.post(&init).await });
+    }
+    let mut opened: Vec<String> = Vec::new();
+    let mut limited = 0;
+    while let Some(r) = set.join_next().await {
+        let r = r.expect("initialize task");
+        match r.status {
+            StatusCode::OK => opened.push(
+                r.headers
+                    .get("mcp-session-id")
+                    .and_then(|v| v.to_str().ok())
+                    .expect("a session id")
+                    .to_string(),
+            ),
+            StatusCode::TOO_MANY_REQUESTS => limited += 1,
+            _ => panic!("an initialize was answered neither 200 nor 429: {r:?}"),
+        }
+    }
+    assert_eq!(
+        (opened.len(), limited),
+        (3, 9),
+        "three sessions, nine refusals"
+    );
+    // A slot freed by DELETE can be taken again, and only that one.
+    let mut first = McpHttp::new(c.proxy_addr(), "tm", &t);
+    first.session = Some(opened[0].clone());
+    assert_eq!(first.delete().await.status, StatusCode::OK);
+    let mut again = McpHttp::new(c.proxy_addr(), "tm", &t);
+    again.initialize().await.expect("the freed slot");
+    let mut over = McpHttp::new(c.proxy_addr(), "tm", &t);
+    let e = over.initialize().await.expect_err("the cap still holds");
+    assert_eq!(e.status, StatusCode::TOO_MANY_REQUESTS, "{e:?}");
+    // The cap is per user: another user still gets in.
+    let mut other = McpHttp::new(c.proxy_addr(), "tm", &token(&c, "trent").await);
+    other.initialize().await.expect("another user's session");
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn resource_and_prompt_rbac() {
+    let c = cluster_with_app(ClusterBuilder::new()).await;
+    c.create_yaml("kind: role\nversion: v8\nmetadata: {name: res-only}\nspec:\n  allow:\n    app_labels: {env: dev}\n    mcp: {tools: ['*'], resources: ['test://allowed/*'], prompts: []}\n", false)
+        .await
+        .expect("role");
+    c.create_yaml("kind: role\nversion: v8\nmetadata: {name: no-greet}\nspec:\n  allow:\n    app_labels: {env: dev}\n    mcp: {tools: ['*'], resources: ['test://hel*'], prompts: ['*']}\n  deny:\n    mcp: {prompts: [greet]}\n", false)
+        .await
+        .expect("role");
+    c.add_user("ro", &["res-only"], PW).await;
+    c.add_user("ng", &["no-greet"], PW).await;
+
+    // A role that says nothing about resources and prompts allows them.
+    let mut m = open(&c, "mallory").await;
+    let r = m.request("resources/list", json!({})).await;
+    assert_eq!(listed(&r, "resources", "uri"), vec!["test://hello"], "{r}");
+    let r = m
+        .request("resources/read", json!({"uri": "test://hello"}))
+        .await;
+    assert!(r.to_string().contains("hello resource"), "{r}");
+    let r = m.request("prompts/list", json!({})).await;
+    assert_eq!(listed(&r, "prompts", "name"), vec!["greet"], "{r}");
+    let r = m
+        .request(
+            "prompts/get",
+            json!({"name": "greet", "arguments": {"name": "mallory"}}),
+        )
+        .await;
+    assert!(r.to_string().contains("Hello, mallory!"), "{r}");
+
+    // Resources under test://allowed/ only, and no prompts.
+    let mut ro = open(&c, "ro").await;
+    let r = ro.request("resources/list", json!({})).await;
+    assert!(listed(&r, "resources", "uri").is_empty(), "{r}");
+    let r = ro
+        .request("resources/read", json!({"uri": "test://hello"}))
+        .await;
+    assert_rbac_denied(&r, "resources/read test://hello");
+    let r = raw(
+        &ro,
+        r#"{"jsonrpc":"2.0","id":81,"method":"resources/read","params":{"uri":"test://hel\u006co"}}"#,
+    )
+    .await;
+    assert_rbac_denied(&answer(&r, &json!(81)), "resources/read, escaped URI");
+    let r = ro
+        .request("resources/subscribe", json!({"uri": "test://hello"}))
+        .await;
+    assert_rbac_denied(&r, "resources/subscribe test://hello");
+    let r = ro
+        .request(
+            "completion/complete",
+            json!({"ref": {"type": "ref/resource", "uri": "test://hello"}, "argument": {"name": "x", "value": ""}}),
+        )
+        .await;
+    assert_rbac_denied(&r, "completion/complete on test://hello");
+    // Allowed by the pattern, but no such resource: the server says so, and
+    // nothing of test://hello comes back.
+    let r = ro
+        .request("resources/read", json!({"uri": "test://allowed/../hello"}))
+        .await;
+    assert!(
+        r.get("error").is_some() && !r.to_string().contains("hello resource"),
+        "{r}"
+    );
+    let r = ro.request("prompts/list", json!({})).await;
+    assert!(listed(&r, "prompts", "name").is_empty(), "{r}");
+    let r = ro
+        .request(
+            "prompts/get",
+            json!({"name": "greet", "arguments": {"name": "ro"}}),
+        )
+        .await;
+    assert_rbac_denied(&r, "prompts/get greet with prompts: []");
+    let r = ro
+        .request(
+            "completion/complete",
+            json!({"ref": {"type": "ref/prompt", "name": "greet"}, "argument": {"name": "name", "value": "a"}}),
+        )
+        .await;
+    assert_rbac_denied(&r, "completion/complete on greet");
+
+    // Deny wins over allow: prompts ['*'] but deny [greet].
+    let mut ng = open(&c, "ng").await;
+    let r = ng.request("resources/list", json!({})).await;
+    assert_eq!(listed(&r, "resources", "uri"), vec!["test://hello"], "{r}");
+    let r = ng
+        .request("resources/read", json!({"uri": "test://hello"}))
+        .await;
+    assert!(r.to_string().contains("hello resource"), "{r}");
+    let r = ng.request("prompts/list", json!({})).await;
+    assert!(listed(&r, "prompts", "name").is_empty(), "{r}");
+    let r = ng
+        .request(
+            "prompts/get",
+            json!({"name": "greet", "arguments": {"name": "ng"}}),
+        )
+        .await;
+    assert_rbac_denied(&r, "prompts/get greet, denied");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .is_some_and(|s| s.contains("deny.mcp.prompts")),
+        "the deny rule decided: {r}"
+    );
+
+    eventually(
+        Duration::from_secs(10),
+        "resource and prompt denials audited",
+        || async {
+            let evs = request_events(&c).await?;
+            let denied = |user: &str, key: &str, name: &str| {
+                evs.iter().any(|e| {
+                    let f = &e["fields"];
+                    f["user"] == user
+                        && f[key] == name
+                        && f["allowed"] == false
+                        && f["phase"] == "decided"
+                })
+            };
+            (denied("ro", "resource", "test://hello")
+                && denied("ro", "prompt", "greet")
+                && denied("ng", "prompt", "greet"))
+            .then_some(())
+        },
+    )
+    .await;
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn denials_are_audited() {
+    let c = cluster_with_app(ClusterBuilder::new()).await;
+    let marks = Marks::new();
+    let mut m = open(&c, "mallory").await;
+    let r = raw(
+        &m,
+        &marks.fill(r#"{"jsonrpc":"2.0","id":90,"method":"tools/call","params":{"name":"echo","name":"touch","arguments":{"path":$PATH}}}"#),
+    )
+    .await;
+    assert_refused(&r, -32700, "duplicate name");
+    let r = raw(
+        &m,
+        &marks.fill(r#"{"jsonrpc":"2.0","id":91,"method":"tools/call","params":{"name":"t\u006fuch","arguments":{"path":$PATH}}}"#),
+    )
+    .await;
+    assert_rbac_denied(&answer(&r, &json!(91)), "escaped touch");
+    let r = raw(
+        &m,
+        &marks.fill(r#"{"jsonrpc":"2.0","method":"tools/call","params":{"name":"touch","arguments":{"path":$PATH}}}"#),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{r:?}");
+    let r = raw(
+        &m,
+        &marks.fill(r#"[{"jsonrpc":"2.0","id":92,"method":"tools/call","params":{"name":"echo","arguments":{"message":"hi"}}},{"jsonrpc":"2.0","id":93,"method":"tools/call","params":{"name":"touch","arguments":{"path":$PATH}}}]"#),
+    )
+    .await;
+    assert_rbac_denied(&answer(&r, &json!(93)), "touch in a batch");
+    let r = raw(
+        &m,
+        &marks.fill(r#"{"jsonrpc":"2.0","id":94,"method":"tools/call","params":{"name":"TOUCH","arguments":{"path":$PATH}}}"#),
+    )
+    .await;
+    assert_failed(&answer(&r, &json!(94)), "TOUCH");
+    assert_untouched(&mut m, &marks, "audited denials").await;
+
+    let mine = eventually(
+        Duration::from_secs(10),
+        "the denials are audited",
+        || async {
+            let mine: Vec<Value> = request_events(&c)
+                .await?
+                .into_iter()
+                .filter(|e| e["fields"]["user"] == "mallory")
+                .collect();
+            let denied_ids: Vec<Value> = mine
+                .iter()
+                .filter(|e| {
+                    let f = &e["fields"];
+                    f["tool"] == "touch" && f["allowed"] == false && f["phase"] == "decided"
+                })
+                .map(|e| e["fields"]["id"].clone())
+                .collect();
+            let parse_refusal = mine.iter().any(|e| {
+                e["success"] == false
+                    && e["fields"]["error"]
+                        .as_str()
+                        .is_some_and(|s| s.contains("duplicate key"))
+            });
+            let upper_completed = mine
+                .iter()
+                .any(|e| e["fields"]["tool"] == "TOUCH" && e["fields"]["phase"] == "completed");
+            // The escaped request, the notification (no id) and the batch element.
+            let all_denials = [json!(91), Value::Null, json!(93)]
+                .iter()
+                .all(|id| denied_ids.contains(id));
+            (all_denials && parse_refusal && upper_completed).then_some(mine)
+        },
+    )
+    .await;
+    for e in &mine {
+        let f = &e["fields"];
+        if f["tool"] == "touch" {
+            assert_eq!(f["allowed"], false, "a touch was allowed: {e}");
+            assert_eq!(f["phase"], "decided", "a touch went further: {e}");
+            assert_eq!(e["success"], false, "{e}");
+            assert_eq!(f["method"], "tools/call", "{e}");
+            assert_eq!(f["app"], "tm", "{e}");
+            assert!(
+                f["error"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with("RBAC denied")),
+                "{e}"
+            );
+        }
+    }
+    let upper = mine
+        .iter()
+        .find(|e| e["fields"]["tool"] == "TOUCH" && e["fields"]["phase"] == "completed")
+        .expect("TOUCH completed");
+    assert_ne!(
+        upper["fields"]["outcome"], "ok",
+        "the server refused TOUCH: {upper}"
+    );
+    c.shutdown().await;
+}
