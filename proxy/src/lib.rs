@@ -8,6 +8,7 @@ pub mod authn;
 pub mod cache;
 mod forward;
 pub mod mcp;
+pub mod serve;
 mod web;
 
 use std::path::PathBuf;
@@ -62,6 +63,12 @@ pub struct ProxyConfig {
     pub session_idle_timeout: Option<String>,
     #[serde(default)]
     pub max_sessions_per_user: Option<usize>,
+    /// Open client connections at once (default 4096).
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    /// Answer `/metrics` to any address, not only loopback (default false).
+    #[serde(default)]
+    pub public_metrics: bool,
 }
 
 fn default_web() -> String {
@@ -87,6 +94,8 @@ impl Default for ProxyConfig {
             max_body_bytes: None,
             session_idle_timeout: None,
             max_sessions_per_user: None,
+            max_connections: None,
+            public_metrics: false,
         }
     }
 }
@@ -114,6 +123,8 @@ pub struct ProxyState {
     pub max_sessions_per_user: usize,
     pub allowed_origins: Vec<String>,
     pub public_addr: Option<String>,
+    /// `/metrics` answers only loopback callers unless this is set.
+    pub public_metrics: bool,
     pub metrics: Metrics,
 }
 
@@ -200,6 +211,7 @@ pub async fn start(
         max_sessions_per_user: cfg.max_sessions_per_user.unwrap_or(256),
         allowed_origins: cfg.allowed_origins.clone(),
         public_addr: cfg.public_addr.clone(),
+        public_metrics: cfg.public_metrics,
         metrics: Metrics::default(),
     });
     let (stop, stop_rx) = watch::channel(false);
@@ -242,23 +254,17 @@ pub async fn start(
     );
     tokio::spawn(idle_sweeper(state.clone(), stop_rx.clone()));
     let router = web::router(state.clone());
-    let mut web_stop = stop_rx.clone();
-    let web_task = tokio::spawn(async move {
-        let shutdown = async move {
-            let _ = web_stop.wait_for(|s| *s).await;
-        };
-        use axum::serve::ListenerExt;
-        let web = listeners.web.tap_io(|tcp| {
-            // Small JSON-RPC messages must not wait for Nagle's algorithm.
-            let _ = tcp.set_nodelay(true);
-        });
-        if let Err(e) = axum::serve(web, router)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
-            tracing::error!(error = %e, "proxy web server failed");
-        }
-    });
+    let limits = serve::WebLimits {
+        max_connections: cfg.max_connections.unwrap_or(4096),
+        ..Default::default()
+    };
+    let web_task = tokio::spawn(serve::serve(
+        listeners.web,
+        router,
+        limits,
+        stop_rx.clone(),
+        Duration::from_secs(10),
+    ));
     tracing::info!(web = %web_addr, tunnel = %tunnel_addr, auth = %auth, "proxy started");
     Ok(Proxy {
         state,

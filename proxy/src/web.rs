@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use axum::Router;
-use axum::extract::State;
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, State};
 use axum::http::HeaderMap;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{any, get, post};
@@ -42,8 +44,12 @@ pub struct AppInfo {
 }
 
 /// The apps the caller may reach that at least one live agent serves.
-async fn apps(State(state): State<Arc<ProxyState>>, headers: HeaderMap) -> Response {
-    let who = match crate::mcp::who(&state, &headers).await {
+async fn apps(
+    State(state): State<Arc<ProxyState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    let who = match crate::mcp::who(&state, &headers, peer, "/v1/apps").await {
         Ok(w) => w,
         Err(r) => return r,
     };
@@ -79,7 +85,17 @@ async fn ready(State(state): State<Arc<ProxyState>>) -> Response {
     }
 }
 
-async fn metrics(State(state): State<Arc<ProxyState>>) -> String {
+async fn metrics(
+    State(state): State<Arc<ProxyState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Response {
+    if !state.public_metrics && !peer.ip().is_loopback() {
+        return (
+            StatusCode::FORBIDDEN,
+            "metrics answer only on loopback; set proxy_service.public_metrics: true to serve them to other addresses\n",
+        )
+            .into_response();
+    }
     let m = &state.metrics;
     format!(
         "# TYPE portico_proxy_sessions_total counter\nportico_proxy_sessions_total {}\n\
@@ -93,6 +109,7 @@ async fn metrics(State(state): State<Arc<ProxyState>>) -> String {
         state.tunnels.connected().len(),
         state.audit.dropped.load(Ordering::Relaxed),
     )
+    .into_response()
 }
 
 async fn index() -> Html<&'static str> {

@@ -21,7 +21,9 @@ use std::sync::{Arc, OnceLock};
 
 use ::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::body::Body;
-use axum::extract::{Path, State};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Path, State};
 use axum::response::Response;
 use portico_core::presets::preset_roles;
 use portico_core::{AccessChecker, PrincipalType};
@@ -50,12 +52,42 @@ pub fn admin_checker() -> Arc<AccessChecker> {
         .clone()
 }
 
-/// Authenticates a user (or the local admin) and loads their live permissions.
-pub async fn who(state: &ProxyState, headers: &HeaderMap) -> Result<Who, Response> {
+/// Authenticates a user (or the local admin) and loads their live
+/// permissions. A refusal is counted and audited with the caller's address.
+pub async fn who(
+    state: &ProxyState,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+    path: &str,
+) -> Result<Who, Response> {
+    match authenticate(state, headers).await {
+        Ok(w) => Ok(w),
+        Err((r, why)) => {
+            state
+                .metrics
+                .denied
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            state
+                .audit
+                .record(
+                    "proxy.auth.failed",
+                    false,
+                    serde_json::json!({"source": peer.to_string(), "path": path, "error": why}),
+                )
+                .await;
+            Err(r)
+        }
+    }
+}
+
+async fn authenticate(
+    state: &ProxyState,
+    headers: &HeaderMap,
+) -> Result<Who, (Response, String)> {
+    let refuse = |status: StatusCode, why: &str| (rpc_error(status, SERVER_ERROR, why), why.to_string());
     let Some(token) = bearer(headers) else {
-        return Err(rpc_error(
+        return Err(refuse(
             StatusCode::UNAUTHORIZED,
-            SERVER_ERROR,
             "authentication required: send Authorization: Bearer <token> (psh login gives you one)",
         ));
     };
@@ -66,24 +98,22 @@ pub async fn who(state: &ProxyState, headers: &HeaderMap) -> Result<Who, Respons
         } else {
             status
         };
-        rpc_error(status, SERVER_ERROR, &e.message)
+        refuse(status, &e.message)
     })?;
     let (admin, checker) = match caller.ptype {
         PrincipalType::Admin => (true, admin_checker()),
         PrincipalType::User => (
             false,
             state.cache.checker(&caller.name).ok_or_else(|| {
-                rpc_error(
+                refuse(
                     StatusCode::UNAUTHORIZED,
-                    SERVER_ERROR,
                     &format!("user {:?} no longer exists", caller.name),
                 )
             })?,
         ),
         PrincipalType::Service => {
-            return Err(rpc_error(
+            return Err(refuse(
                 StatusCode::FORBIDDEN,
-                SERVER_ERROR,
                 "services cannot open MCP sessions",
             ));
         }
@@ -128,6 +158,7 @@ fn find_session(
 
 pub async fn handle(
     State(state): State<Arc<ProxyState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(app): Path<String>,
     req: axum::extract::Request,
 ) -> Response {
@@ -145,15 +176,9 @@ pub async fn handle(
     if !origin_allowed(&state, req.headers()) {
         return rpc_error(StatusCode::FORBIDDEN, SERVER_ERROR, "origin not allowed");
     }
-    let who = match who(&state, req.headers()).await {
+    let who = match who(&state, req.headers(), peer, req.uri().path()).await {
         Ok(w) => w,
-        Err(r) => {
-            state
-                .metrics
-                .denied
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return r;
-        }
+        Err(r) => return r,
     };
     let Some(app_res) = state.cache.app(&app) else {
         return rpc_error(

@@ -1,0 +1,99 @@
+//! The web listener's accept loop: a cap on open connections, a bound on
+//! how long request headers (and an idle keep-alive connection) may take,
+//! HTTP/2 keep-alive pings, `TCP_NODELAY`, the peer's address for handlers,
+//! and a graceful stop that lets answers in flight finish.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tower::ServiceExt;
+
+/// Bounds on what one client can hold.
+#[derive(Debug, Clone, Copy)]
+pub struct WebLimits {
+    /// Open connections at once; more are closed at accept.
+    pub max_connections: usize,
+    /// Time to send a request's headers, and the most an idle HTTP/1
+    /// keep-alive connection is kept.
+    pub header_timeout: Duration,
+}
+
+impl Default for WebLimits {
+    fn default() -> Self {
+        WebLimits {
+            max_connections: 4096,
+            header_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Serves `router` on `listener` until `stop` turns true, then waits up to
+/// `drain` for open connections to finish.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: WebLimits,
+    mut stop: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(64 * 1024);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .max_header_list_size(64 * 1024);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "web accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = async { let _ = stop.wait_for(|s| *s).await; } => break,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(peer = %peer, max = limits.max_connections, "too many open connections; closed a new one");
+            continue;
+        };
+        // Small JSON-RPC messages must not wait for Nagle's algorithm.
+        let _ = tcp.set_nodelay(true);
+        let app = router.clone();
+        let svc = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
+            req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+            app.clone().oneshot(req.map(axum::body::Body::new))
+        });
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(peer = %peer, error = %e, "web connection ended with an error");
+            }
+            drop(slot);
+        });
+    }
+    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+        tracing::warn!("some web connections were still open at shutdown");
+    }
+}
