@@ -276,7 +276,14 @@ async fn get(t: &Target, what: &str, name: Option<String>, format: Format) -> Cl
         print!("{}", structured(&values, format));
         return Ok(());
     }
-    let (header, rows): (Vec<&str>, Vec<Vec<String>>) = match kind {
+    let (header, rows) = rows_of(kind, &resources);
+    print!("{}", table(&header, &rows));
+    Ok(())
+}
+
+/// The text table of `pctl get` for one kind: its columns and one row per resource.
+fn rows_of(kind: Kind, resources: &[Resource]) -> (Vec<&'static str>, Vec<Vec<String>>) {
+    match kind {
         Kind::App => (
             vec!["Name", "Description", "Type", "Labels"],
             resources
@@ -344,9 +351,7 @@ async fn get(t: &Target, what: &str, name: Option<String>, format: Format) -> Cl
                 })
                 .collect(),
         ),
-    };
-    print!("{}", table(&header, &rows));
-    Ok(())
+    }
 }
 
 async fn remove(t: &Target, kind: Kind, name: &str) -> CliResult {
