@@ -108,23 +108,4 @@ impl Auditor {
             }
         }
     }
-
-    /// Queues an event from code that cannot wait; when the queue is full the
-    /// event is handed to a task that waits for room.
-    pub fn emit(&self, kind: &str, success: bool, fields: serde_json::Value) {
-        if let Err(mpsc::error::TrySendError::Full(ev)) =
-            self.tx.try_send(Self::event(kind, success, fields))
-        {
-            let me = self.clone();
-            tokio::spawn(async move {
-                if tokio::time::timeout(QUEUE_WAIT, me.tx.send(ev))
-                    .await
-                    .is_err()
-                {
-                    me.dropped.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!("audit queue full; event lost");
-                }
-            });
-        }
-    }
 }

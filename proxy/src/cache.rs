@@ -69,10 +69,6 @@ impl Cache {
             .unwrap_or_default()
     }
 
-    pub fn user_exists(&self, name: &str) -> bool {
-        self.read().users.contains_key(name)
-    }
-
     pub fn synced(&self) -> bool {
         self.read().synced
     }
