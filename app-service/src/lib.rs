@@ -1,6 +1,8 @@
 //! Portico's app-service agent: joins the cluster, watches `app` resources,
 //! serves those its selectors match (plus static ones), announces them with
-//! heartbeats, dials the proxies' tunnels and runs one MCP process per session.
+//! heartbeats, dials the proxies' tunnels and runs one MCP process per session,
+//! within its own bounds: which host accounts, which secrets for which apps,
+//! how many sessions, and the resource limits of each process.
 
 pub mod registry;
 pub mod session;
@@ -20,7 +22,7 @@ use portico_proto::client::{AuthClient, connect_lazy};
 use portico_proto::join::{JoinParams, load_or_join};
 use portico_tunnel as tunnel;
 use serde::Deserialize;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 pub use registry::Registry;
 
@@ -56,6 +58,45 @@ pub struct AgentConfig {
     /// Time between SIGINT and SIGKILL when a session ends (default 10s).
     #[serde(default)]
     pub shutdown_grace: Option<String>,
+    /// Most live MCP sessions (processes and upstream relays) at once (default 256).
+    #[serde(default)]
+    pub max_sessions: Option<usize>,
+    /// Who the agent runs MCP servers as, with which secrets and limits.
+    #[serde(default)]
+    pub mcp: Option<AgentMcpConfig>,
+}
+
+/// The `app_service.mcp` section: the agent's own bounds on the MCP servers
+/// it runs, whatever the apps in the cluster ask for.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AgentMcpConfig {
+    /// Host accounts apps may name in `run_as_host_user`. Absent: any
+    /// existing account except root (uid 0).
+    #[serde(default)]
+    pub allowed_host_users: Option<Vec<String>>,
+    /// Which apps may use which `{{secret NAME}}`; a secret no grant covers
+    /// fails the session.
+    #[serde(default)]
+    pub secrets: Vec<SecretGrant>,
+    /// RLIMIT_NOFILE of every MCP process (default 1024, or the agent's own
+    /// hard limit when that is lower).
+    #[serde(default)]
+    pub max_open_files: Option<u64>,
+    /// RLIMIT_AS (address space, bytes) of every MCP process (default: not set).
+    #[serde(default)]
+    pub max_memory_bytes: Option<u64>,
+}
+
+/// Grants the secret `name` (`{{secret NAME}}`, from the agent's
+/// `PORTICO_SECRET_NAME`) to the apps whose labels match `labels` (the
+/// grammar of `resources[].labels`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretGrant {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -79,6 +120,12 @@ pub struct StaticApp {
 }
 
 pub use portico_mcp::DEFAULT_MAX_MESSAGE;
+/// `app_service.max_sessions` when absent.
+pub const DEFAULT_MAX_SESSIONS: usize = 256;
+/// The smallest `mcp.max_open_files` accepted: stdio and a few libraries.
+const MIN_OPEN_FILES: u64 = 16;
+/// The smallest `mcp.max_memory_bytes` accepted (16 MiB).
+const MIN_MEMORY_BYTES: u64 = 16 * 1024 * 1024;
 const HEARTBEAT_TTL: Duration = Duration::from_secs(15);
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
 
@@ -95,6 +142,12 @@ pub struct AgentState {
     pub max_message: usize,
     pub grace: Duration,
     pub metrics: Metrics,
+    /// Who runs what, which secrets, which limits (`app_service.mcp`).
+    pub policy: spawn::Policy,
+    /// `app_service.max_sessions`.
+    pub max_sessions: usize,
+    /// One permit per live session, `max_sessions` in all.
+    pub(crate) slots: Arc<Semaphore>,
     pub(crate) api: AuthClient,
     /// Registrations and withdrawals for the heartbeat task, in order.
     pub(crate) announce: tokio::sync::mpsc::UnboundedSender<(String, bool)>,
@@ -111,6 +164,92 @@ impl AgentConfig {
                 })
             })
             .collect()
+    }
+
+    /// The `mcp` section, checked and compiled.
+    fn policy(&self) -> Result<spawn::Policy, Error> {
+        let mcp = self.mcp.clone().unwrap_or_default();
+        if let Some(users) = &mcp.allowed_host_users {
+            for (i, u) in users.iter().enumerate() {
+                if u.is_empty() || u.trim() != u.as_str() {
+                    return Err(Error::bad_request(format!(
+                        "app_service.mcp.allowed_host_users[{i}]: {u:?} is not an account name"
+                    )));
+                }
+                if spawn::lookup_user(u).is_none() {
+                    tracing::warn!(user = %u, "app_service.mcp.allowed_host_users names an account that does not exist on this host");
+                }
+            }
+        }
+        let secrets = mcp
+            .secrets
+            .iter()
+            .enumerate()
+            .map(|(i, g)| {
+                let at = format!("app_service.mcp.secrets[{i}]");
+                if g.name.is_empty()
+                    || !g
+                        .name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_')
+                {
+                    return Err(Error::bad_request(format!(
+                        "{at}.name: {:?} is not a secret name (letters, digits and _, as in PORTICO_SECRET_NAME)",
+                        g.name
+                    )));
+                }
+                if g.labels.is_empty() {
+                    return Err(Error::bad_request(format!(
+                        "{at}.labels: a label selector is required (\"*\": \"*\" grants {:?} to every app)",
+                        g.name
+                    )));
+                }
+                let selector = LabelSelector::from_single(&g.labels)
+                    .map_err(|e| Error::from(e.within(&format!("{at}.labels"))))?;
+                Ok((g.name.clone(), selector))
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        let max_open_files = match mcp.max_open_files {
+            None => spawn::default_open_files(),
+            Some(n) if n < MIN_OPEN_FILES => {
+                return Err(Error::bad_request(format!(
+                    "app_service.mcp.max_open_files: {n} is too few for any process (at least {MIN_OPEN_FILES})"
+                )));
+            }
+            Some(n) => {
+                spawn::check_limit(spawn::Limit::OpenFiles, n).map_err(|m| {
+                    Error::bad_request(format!("app_service.mcp.max_open_files: {m}"))
+                })?;
+                n
+            }
+        };
+        if let Some(n) = mcp.max_memory_bytes {
+            if n < MIN_MEMORY_BYTES {
+                return Err(Error::bad_request(format!(
+                    "app_service.mcp.max_memory_bytes: {n} is too little for any process (at least {MIN_MEMORY_BYTES})"
+                )));
+            }
+            spawn::check_limit(spawn::Limit::Memory, n).map_err(|m| {
+                Error::bad_request(format!("app_service.mcp.max_memory_bytes: {m}"))
+            })?;
+        }
+        Ok(spawn::Policy {
+            allowed_host_users: mcp.allowed_host_users,
+            secrets,
+            max_open_files,
+            max_memory_bytes: mcp.max_memory_bytes,
+        })
+    }
+
+    fn session_cap(&self) -> Result<usize, Error> {
+        match self.max_sessions {
+            None => Ok(DEFAULT_MAX_SESSIONS),
+            Some(n) if n == 0 || n > Semaphore::MAX_PERMITS => Err(Error::bad_request(format!(
+                "app_service.max_sessions: {n} is out of range (1 to {})",
+                Semaphore::MAX_PERMITS
+            ))),
+            Some(n) => Ok(n),
+        }
     }
 
     fn statics(&self) -> Result<Vec<App>, Error> {
@@ -199,6 +338,8 @@ impl Agent {
 pub async fn start(cfg: &AgentConfig, creds: Credentials) -> Result<Agent, Error> {
     let selectors = cfg.selectors()?;
     let statics = cfg.statics()?;
+    let policy = cfg.policy()?;
+    let max_sessions = cfg.session_cap()?;
     let grace = match &cfg.shutdown_grace {
         Some(s) => Duration::from_millis(portico_core::time::parse_duration(s).ok_or_else(|| {
             Error::bad_request(format!(
@@ -222,6 +363,9 @@ pub async fn start(cfg: &AgentConfig, creds: Credentials) -> Result<Agent, Error
         max_message: cfg.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE),
         grace,
         metrics: Metrics::default(),
+        policy,
+        max_sessions,
+        slots: Arc::new(Semaphore::new(max_sessions)),
         api,
         announce,
     });
@@ -270,4 +414,65 @@ pub(crate) fn heartbeat_ttl() -> Duration {
 
 pub(crate) fn heartbeat_every() -> Duration {
     HEARTBEAT_EVERY
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> Result<AgentConfig, String> {
+        yaml_serde::from_str::<AgentConfig>(yaml).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_mcp_section() {
+        let cfg = parse(
+            "max_sessions: 2\nmcp:\n  allowed_host_users: [mcp]\n  max_open_files: 64\n  max_memory_bytes: 1073741824\n  secrets:\n  - name: GH_TOKEN\n    labels: {env: prod}\n",
+        )
+        .expect("parses");
+        assert_eq!(cfg.session_cap().expect("cap"), 2);
+        let p = cfg.policy().expect("policy");
+        assert_eq!(p.allowed_host_users, Some(vec!["mcp".to_string()]));
+        assert_eq!(p.max_open_files, 64);
+        assert_eq!(p.max_memory_bytes, Some(1 << 30));
+        assert_eq!(p.secrets.len(), 1);
+
+        let defaults = parse("enabled: true\n").expect("parses");
+        assert_eq!(defaults.session_cap().expect("cap"), DEFAULT_MAX_SESSIONS);
+        let p = defaults.policy().expect("policy");
+        assert!(p.allowed_host_users.is_none() && p.secrets.is_empty());
+        assert!(p.max_open_files <= spawn::DEFAULT_OPEN_FILES && p.max_memory_bytes.is_none());
+
+        for unknown in [
+            "mcp: {allowed_users: [x]}\n",
+            "mcp: {secrets: [{name: X, labels: {env: prod}, value: x}]}\n",
+        ] {
+            assert!(parse(unknown).is_err(), "{unknown} is refused");
+        }
+        for (bad, says) in [
+            ("max_sessions: 0\n", "app_service.max_sessions"),
+            ("mcp: {max_open_files: 3}\n", "max_open_files"),
+            ("mcp: {max_memory_bytes: 1000}\n", "max_memory_bytes"),
+            (
+                "mcp: {allowed_host_users: [' root']}\n",
+                "allowed_host_users[0]",
+            ),
+            (
+                "mcp: {secrets: [{name: A-B, labels: {env: x}}]}\n",
+                "secrets[0].name",
+            ),
+            ("mcp: {secrets: [{name: A}]}\n", "secrets[0].labels"),
+            (
+                "mcp: {secrets: [{name: A, labels: {env: '^(x$'}}]}\n",
+                "secrets[0].labels",
+            ),
+        ] {
+            let cfg = parse(bad).expect("parses");
+            let e = cfg
+                .session_cap()
+                .and_then(|_| cfg.policy().map(|_| 0))
+                .expect_err(bad);
+            assert!(e.message.contains(says), "{bad}: {}", e.message);
+        }
+    }
 }

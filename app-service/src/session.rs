@@ -1,6 +1,7 @@
-//! One MCP session on the agent: spawn the app's process, relay
-//! newline-delimited JSON-RPC both ways with bounded buffers, and end it
-//! cleanly (SIGINT, then SIGKILL after a grace period, always reaped).
+//! One MCP session on the agent: take one of the agent's `max_sessions`
+//! slots, spawn the app's process within the agent's bounds (`spawn::Policy`),
+//! relay newline-delimited JSON-RPC both ways with bounded buffers, and end
+//! it cleanly (SIGINT, then SIGKILL after a grace period, always reaped).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -12,7 +13,7 @@ use hyper::body::{Frame, Incoming};
 use portico_core::resource::Transport;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::Child;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
 use crate::AgentState;
 use crate::spawn::{self, SIGINT, SIGKILL};
@@ -61,7 +62,10 @@ pub async fn handle(
             None => return text_response(502, "the app has no mcp.command"),
         },
         Ok(Transport::Http(url)) if url.starts_with("http://") => {
-            return upstream_session(state, req, url, end, app_name, session);
+            let Some(permit) = take_slot(&state, &app_name, &session) else {
+                return full(&state);
+            };
+            return upstream_session(state, req, url, end, app_name, session, permit);
         }
         Ok(_) => {
             return text_response(
@@ -73,12 +77,16 @@ pub async fn handle(
         }
         Err(e) => return text_response(502, &e.to_string()),
     };
-    let mut child = match spawn::spawn(&spec) {
+    let Some(permit) = take_slot(&state, &app_name, &session) else {
+        return full(&state);
+    };
+    let mut child = match spawn::spawn(&spec, &state.policy, &app.metadata.labels) {
         Ok(c) => c,
         Err(e) => {
-            tracing::warn!(app = %app_name, session = %session, error = %e, "cannot start MCP server");
+            let status = if e.is_refusal() { 403 } else { 502 };
+            tracing::warn!(app = %app_name, session = %session, user = %user, status, error = %e, "cannot start MCP server");
             return text_response(
-                502,
+                status,
                 &format!("cannot start the MCP server {app_name:?}: {e}"),
             );
         }
@@ -120,6 +128,8 @@ pub async fn handle(
         }
         let _ = tx.send(Ok(Frame::trailers(trailers))).await;
         st.metrics.live.fetch_sub(1, Ordering::Relaxed);
+        // The slot is free only once the process has been reaped.
+        drop(permit);
     });
     let mut resp = hyper::Response::new(body);
     resp.headers_mut().insert(
@@ -127,6 +137,28 @@ pub async fn handle(
         http::HeaderValue::from_static("application/x-ndjson"),
     );
     resp
+}
+
+/// One of the agent's `max_sessions` slots, taken before anything starts so
+/// that parallel sessions cannot pass the cap; it lives as long as the session.
+fn take_slot(state: &AgentState, app: &str, session: &str) -> Option<OwnedSemaphorePermit> {
+    match state.slots.clone().try_acquire_owned() {
+        Ok(p) => Some(p),
+        Err(_) => {
+            tracing::warn!(app = %app, session = %session, max_sessions = state.max_sessions, "session refused: the agent runs as many MCP sessions as it may");
+            None
+        }
+    }
+}
+
+fn full(state: &AgentState) -> hyper::Response<TunnelBody> {
+    text_response(
+        503,
+        &format!(
+            "the agent {:?} is running {} MCP sessions, the most its app_service.max_sessions allows; try again when one has ended",
+            state.host_id, state.max_sessions
+        ),
+    )
 }
 
 enum End {
@@ -319,6 +351,7 @@ fn upstream_session(
     mut end: tokio::sync::watch::Receiver<Option<String>>,
     app: String,
     session: String,
+    permit: OwnedSemaphorePermit,
 ) -> hyper::Response<TunnelBody> {
     tracing::info!(app = %app, session = %session, upstream = %url, "mcp session started");
     state.metrics.sessions.fetch_add(1, Ordering::Relaxed);
@@ -351,6 +384,7 @@ fn upstream_session(
         }
         let _ = tx.send(Ok(Frame::trailers(trailers))).await;
         state.metrics.live.fetch_sub(1, Ordering::Relaxed);
+        drop(permit);
     });
     let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed();
     hyper::Response::new(body)

@@ -1,17 +1,123 @@
 //! Starting MCP server processes: never through a shell, as the configured
-//! host user, with a minimal explicit environment, in their own process group
-//! so that signals reach every process they start.
-#![allow(unsafe_code)] // getpwnam_r, initgroups/setgid/setuid after fork, kill(2).
+//! host user (within the agent's `allowed_host_users`), with a minimal
+//! explicit environment (secrets only where a grant covers the app), under
+//! resource limits, in their own process group so that signals reach every
+//! process they start.
+#![allow(unsafe_code)] // getpwnam_r, get/setrlimit, initgroups/setgid/setuid after fork, kill(2).
 
 use std::collections::BTreeMap;
 use std::ffi::{CStr, CString};
 use std::path::PathBuf;
 use std::process::Stdio;
 
-use portico_core::McpSpec;
+use portico_core::{LabelSelector, McpSpec};
 use tokio::process::{Child, Command};
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// RLIMIT_NOFILE of MCP processes unless `app_service.mcp.max_open_files` says otherwise.
+pub const DEFAULT_OPEN_FILES: u64 = 1024;
+
+/// The agent's rules for the processes it starts (`app_service.mcp`),
+/// compiled once when the agent starts.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Host accounts apps may run as; `None`: any existing account except uid 0.
+    pub allowed_host_users: Option<Vec<String>>,
+    /// `{{secret NAME}}` grants: a secret resolves only for apps whose labels
+    /// match the selector of a grant with its name.
+    pub secrets: Vec<(String, LabelSelector)>,
+    /// RLIMIT_NOFILE (soft and hard) of every process.
+    pub max_open_files: u64,
+    /// RLIMIT_AS (soft and hard) of every process, when set.
+    pub max_memory_bytes: Option<u64>,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            allowed_host_users: None,
+            secrets: Vec::new(),
+            max_open_files: default_open_files(),
+            max_memory_bytes: None,
+        }
+    }
+}
+
+impl Policy {
+    /// Whether apps may run as `user`.
+    fn check_user(&self, user: &HostUser) -> Result<(), SpawnError> {
+        match &self.allowed_host_users {
+            None if user.uid == 0 => Err(SpawnError::UserNotAllowed {
+                user: user.name.clone(),
+                why: "app_service.mcp.allowed_host_users is not set on this agent, and by default it allows any existing account except root (uid 0); run the app as another account, or list this one in allowed_host_users".into(),
+            }),
+            None => Ok(()),
+            Some(list) if list.contains(&user.name) => Ok(()),
+            Some(_) => Err(SpawnError::UserNotAllowed {
+                user: user.name.clone(),
+                why: "the account is not listed in app_service.mcp.allowed_host_users on this agent".into(),
+            }),
+        }
+    }
+
+    /// Whether an app with these labels may resolve `{{secret NAME}}`.
+    fn granted(&self, secret: &str, labels: &BTreeMap<String, String>) -> bool {
+        self.secrets
+            .iter()
+            .any(|(name, selector)| name == secret && selector.matches(labels))
+    }
+}
+
+/// A resource limit the agent sets on its processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// RLIMIT_NOFILE.
+    OpenFiles,
+    /// RLIMIT_AS.
+    Memory,
+}
+
+/// The agent's own hard limit, when it can be read (`u64::MAX` for unlimited).
+pub fn own_hard_limit(limit: Limit) -> Option<u64> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: r is a valid, writable rlimit for getrlimit to fill.
+    let rc = unsafe {
+        match limit {
+            Limit::OpenFiles => libc::getrlimit(libc::RLIMIT_NOFILE, &mut r),
+            Limit::Memory => libc::getrlimit(libc::RLIMIT_AS, &mut r),
+        }
+    };
+    if rc != 0 {
+        return None;
+    }
+    Some(if r.rlim_max == libc::RLIM_INFINITY {
+        u64::MAX
+    } else {
+        r.rlim_max
+    })
+}
+
+/// 1024, or the agent's own hard limit when that is lower: limits are only ever lowered.
+pub fn default_open_files() -> u64 {
+    own_hard_limit(Limit::OpenFiles)
+        .map(|h| h.min(DEFAULT_OPEN_FILES))
+        .unwrap_or(DEFAULT_OPEN_FILES)
+}
+
+/// Checks that the agent can give its processes `value`: processes only
+/// ever get limits at or below the agent's own hard limit.
+pub fn check_limit(limit: Limit, value: u64) -> Result<(), String> {
+    match own_hard_limit(limit) {
+        Some(hard) if value > hard => Err(format!(
+            "{value} is above the agent's own hard limit ({hard}); raise the agent's limit or configure a lower value"
+        )),
+        _ => Ok(()),
+    }
+}
 
 /// A host account resolved from the password database.
 #[derive(Debug, Clone, PartialEq)]
@@ -84,14 +190,35 @@ pub enum SpawnError {
     NotFound(String),
     #[error("command {0:?} is not executable (check its permissions and format)")]
     NotExecutable(String),
+    #[error("the agent does not run MCP servers as {user:?}: {why}")]
+    UserNotAllowed { user: String, why: String },
+    #[error(
+        "secret {0:?} is not granted to this app: no app_service.mcp.secrets grant for {0:?} on the agent matches the app's labels"
+    )]
+    SecretNotGranted(String),
     #[error("secret {0:?} is not set on the agent (set PORTICO_SECRET_{0})")]
     MissingSecret(String),
     #[error("cannot start {cmd:?}: {err}")]
     Other { cmd: String, err: std::io::Error },
 }
 
-/// Resolves `{{secret NAME}}` references from the agent's `PORTICO_SECRET_NAME` variables.
-fn resolve_env(env: &BTreeMap<String, String>) -> Result<Vec<(String, String)>, SpawnError> {
+impl SpawnError {
+    /// The agent's rules refused the session (as opposed to a failure to start it).
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            SpawnError::UserNotAllowed { .. } | SpawnError::SecretNotGranted(_)
+        )
+    }
+}
+
+/// Resolves `{{secret NAME}}` references from the agent's `PORTICO_SECRET_NAME`
+/// variables, for apps (by `labels`) that a grant in `policy` covers.
+fn resolve_env(
+    env: &BTreeMap<String, String>,
+    policy: &Policy,
+    labels: &BTreeMap<String, String>,
+) -> Result<Vec<(String, String)>, SpawnError> {
     let mut out = Vec::with_capacity(env.len());
     for (k, v) in env {
         let t = v.trim();
@@ -99,6 +226,11 @@ fn resolve_env(env: &BTreeMap<String, String>) -> Result<Vec<(String, String)>, 
             match inner.trim().strip_prefix("secret ") {
                 Some(name) => {
                     let name = name.trim();
+                    // The grant first: an app that is not covered learns nothing
+                    // about whether the secret exists.
+                    if !policy.granted(name, labels) {
+                        return Err(SpawnError::SecretNotGranted(name.to_string()));
+                    }
                     std::env::var(format!("PORTICO_SECRET_{name}"))
                         .map_err(|_| SpawnError::MissingSecret(name.to_string()))?
                 }
@@ -112,10 +244,16 @@ fn resolve_env(env: &BTreeMap<String, String>) -> Result<Vec<(String, String)>, 
     Ok(out)
 }
 
-/// Spawns `command` + `args` exactly as given, with piped stdio.
-pub fn spawn(spec: &McpSpec) -> Result<Child, SpawnError> {
+/// Spawns `command` + `args` exactly as given, with piped stdio, if `policy`
+/// allows it for an app with these `labels`.
+pub fn spawn(
+    spec: &McpSpec,
+    policy: &Policy,
+    labels: &BTreeMap<String, String>,
+) -> Result<Child, SpawnError> {
     let user = lookup_user(&spec.run_as_host_user)
         .ok_or_else(|| SpawnError::NoSuchUser(spec.run_as_host_user.clone()))?;
+    policy.check_user(&user)?;
     let me = current_uid();
     let switch = user.uid != me;
     if switch && me != 0 {
@@ -138,7 +276,7 @@ pub fn spawn(spec: &McpSpec) -> Result<Child, SpawnError> {
             "LANG",
             std::env::var("LANG").unwrap_or_else(|_| "C.UTF-8".into()),
         )
-        .envs(resolve_env(&spec.env)?)
+        .envs(resolve_env(&spec.env, policy, labels)?)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -154,23 +292,47 @@ pub fn spawn(spec: &McpSpec) -> Result<Child, SpawnError> {
     } else {
         cmd.current_dir("/");
     }
-    if switch {
+    let switch_to = if switch {
         let cname = CString::new(user.name.clone())
             .map_err(|_| SpawnError::NoSuchUser(user.name.clone()))?;
-        let (uid, gid) = (user.uid, user.gid);
-        // SAFETY: the closure runs between fork and exec and calls only
-        // async-signal-safe functions on memory allocated before the fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::initgroups(cname.as_ptr(), gid as _) != 0
-                    || libc::setgid(gid) != 0
-                    || libc::setuid(uid) != 0
-                {
+        Some((cname, user.uid, user.gid))
+    } else {
+        None
+    };
+    let open_files = policy.max_open_files as libc::rlim_t;
+    let memory = policy.max_memory_bytes.map(|m| m as libc::rlim_t);
+    // SAFETY: the closure runs between fork and exec and calls only
+    // async-signal-safe functions on memory allocated before the fork
+    // (initgroups aside, as before: it reads the group database).
+    // Users are switched first; the limits come last and only ever lower
+    // the agent's own (checked at start), which needs no privilege.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some((cname, uid, gid)) = &switch_to
+                && (libc::initgroups(cname.as_ptr(), *gid as _) != 0
+                    || libc::setgid(*gid) != 0
+                    || libc::setuid(*uid) != 0)
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            let files = libc::rlimit {
+                rlim_cur: open_files,
+                rlim_max: open_files,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &files) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(m) = memory {
+                let mem = libc::rlimit {
+                    rlim_cur: m,
+                    rlim_max: m,
+                };
+                if libc::setrlimit(libc::RLIMIT_AS, &mem) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                Ok(())
-            });
-        }
+            }
+            Ok(())
+        });
     }
     cmd.spawn().map_err(|err| match err.kind() {
         std::io::ErrorKind::NotFound => SpawnError::NotFound(spec.command.clone()),
@@ -215,16 +377,85 @@ mod tests {
         assert!(lookup_user("no-such-user-portico").is_none());
     }
 
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn grant(name: &str, pairs: &[(&str, &str)]) -> (String, LabelSelector) {
+        (
+            name.to_string(),
+            LabelSelector::from_single(&labels(pairs)).expect("selector"),
+        )
+    }
+
     #[test]
-    fn secrets_resolve() {
-        let env: BTreeMap<String, String> = [
-            ("A".to_string(), "plain".to_string()),
-            ("B".to_string(), "{{secret PORTICO_TEST_NOPE}}".to_string()),
-        ]
-        .into_iter()
-        .collect();
+    fn secrets_resolve_only_where_granted() {
+        let env = labels(&[("A", "plain"), ("B", "{{secret PORTICO_TEST_NOPE}}")]);
+        let policy = Policy {
+            secrets: vec![grant("PORTICO_TEST_NOPE", &[("env", "prod")])],
+            ..Policy::default()
+        };
+        let prod = labels(&[("env", "prod")]);
+        let dev = labels(&[("env", "dev")]);
         assert!(
-            matches!(resolve_env(&env), Err(SpawnError::MissingSecret(n)) if n == "PORTICO_TEST_NOPE")
+            matches!(resolve_env(&env, &policy, &prod), Err(SpawnError::MissingSecret(n)) if n == "PORTICO_TEST_NOPE"),
+            "granted, but not set on the agent"
         );
+        assert!(
+            matches!(resolve_env(&env, &policy, &dev), Err(SpawnError::SecretNotGranted(n)) if n == "PORTICO_TEST_NOPE"),
+            "no grant covers env=dev"
+        );
+        assert!(
+            matches!(
+                resolve_env(&env, &Policy::default(), &prod),
+                Err(SpawnError::SecretNotGranted(_))
+            ),
+            "no grants at all: fail closed"
+        );
+        let plain = labels(&[("A", "plain")]);
+        let resolved = resolve_env(&plain, &Policy::default(), &dev).expect("no secrets");
+        assert_eq!(resolved, vec![("A".to_string(), "plain".to_string())]);
+    }
+
+    #[test]
+    fn users_within_the_bound() {
+        let root = lookup_user("root").expect("root exists");
+        let other = HostUser {
+            name: "someone".into(),
+            uid: 4242,
+            gid: 4242,
+            home: PathBuf::from("/"),
+        };
+        let default = Policy::default();
+        let e = default
+            .check_user(&root)
+            .expect_err("root is refused by default");
+        assert!(
+            e.to_string()
+                .contains("does not run MCP servers as \"root\""),
+            "{e}"
+        );
+        assert!(e.is_refusal());
+        assert!(default.check_user(&other).is_ok());
+        let listed = Policy {
+            allowed_host_users: Some(vec!["root".into()]),
+            ..Policy::default()
+        };
+        assert!(listed.check_user(&root).is_ok());
+        assert!(listed.check_user(&other).is_err());
+    }
+
+    #[test]
+    fn limits_are_only_lowered() {
+        assert!(default_open_files() <= DEFAULT_OPEN_FILES);
+        if let Some(hard) = own_hard_limit(Limit::OpenFiles)
+            && hard < u64::MAX
+        {
+            assert!(check_limit(Limit::OpenFiles, hard + 1).is_err());
+            assert!(check_limit(Limit::OpenFiles, hard).is_ok());
+        }
     }
 }

@@ -1,10 +1,14 @@
 //! The gRPC API. Every handler authenticates the caller and checks
-//! `(kind, verb)` against their roles before it touches storage.
+//! `(kind, verb)` against their roles before it touches storage. Every
+//! refusal (unauthenticated or permission denied) is audited as
+//! `api.denied` with the method, the caller when known and the source
+//! address; open watch streams re-check their caller twice a second.
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use portico_core::SystemRole;
 use portico_core::resource::{app_server_name, validate_name};
@@ -15,20 +19,30 @@ use portico_core::{
 use portico_proto::convert::to_status;
 use portico_proto::v1::*;
 use portico_proto::{AuthService, AuthServiceServer};
+use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::AuthServer;
 use crate::identity::{
     Principal, PrincipalType, authenticate, bearer, generate_password, hash_password, random_token,
-    token_name, verify_password,
+    token_name, verify_password_limited,
 };
+use crate::limiter::Refused;
 use crate::storage::{PutMode, WriteOp};
 
 /// Largest request the API accepts (a resource file is at most 1 MiB).
 const MAX_MESSAGE: usize = 4 * 1024 * 1024;
 const MAX_TOKEN_TTL_MS: i64 = 30 * 24 * 3600 * 1000;
 const DEFAULT_TOKEN_TTL_MS: i64 = 3600 * 1000;
+/// How long a login waits for a turn to check its password.
+const PASSWORD_CHECK_WAIT: Duration = Duration::from_secs(5);
+/// How often an open watch re-checks its caller's credentials and roles.
+const WATCH_RECHECK: Duration = Duration::from_millis(500);
+/// Events buffered between a watch's guard and the client's stream.
+const WATCH_BUFFER: usize = 64;
+/// The actor of a refusal whose caller could not be identified.
+const UNAUTHENTICATED_ACTOR: &str = "(unauthenticated)";
 
 pub fn routes(server: Arc<AuthServer>) -> tonic::service::Routes {
     use axum::routing::get;
@@ -71,16 +85,149 @@ fn kind_arg(k: &str) -> Result<Kind, Status> {
     })
 }
 
+/// The address a call came from: the IP of its TCP peer. A call forwarded
+/// by a proxy comes from the proxy's address; `x-forwarded-for` and the
+/// like are not read, since any client can send them.
+fn source_of<T>(req: &Request<T>) -> String {
+    req.remote_addr()
+        .map(|a| a.ip().to_canonical().to_string())
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
+fn is_denial(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+    )
+}
+
+/// An authenticated call: who, through which method, from where.
+struct Caller {
+    p: Principal,
+    method: &'static str,
+    source: String,
+}
+
+/// What an `api.denied` audit event records.
+struct Denial<'a> {
+    method: &'a str,
+    source: &'a str,
+    caller: Option<&'a Principal>,
+    kind: Option<Kind>,
+    verb: Option<Verb>,
+    name: Option<&'a str>,
+}
+
+impl Denial<'_> {
+    async fn record(&self, s: &AuthServer, status: &Status) {
+        let code = if status.code() == tonic::Code::Unauthenticated {
+            "unauthenticated"
+        } else {
+            "permission_denied"
+        };
+        let actor = self
+            .caller
+            .map(|p| p.name.as_str())
+            .unwrap_or(UNAUTHENTICATED_ACTOR);
+        let fields = serde_json::json!({
+            "method": self.method,
+            "kind": self.kind.map(|k| k.as_str()),
+            "verb": self.verb.map(|v| v.as_str()),
+            "name": self.name,
+            "caller": self.caller.map(|p| p.name.as_str()),
+            "principal_type": self.caller.map(|p| p.ptype.as_str()),
+            "code": code,
+            "error": status.message(),
+            "source": self.source,
+        });
+        s.audit("api.denied", actor, false, fields).await;
+    }
+}
+
 impl Api {
-    async fn caller<T>(&self, req: &Request<T>) -> Result<Principal, Status> {
+    /// Authenticates the call; a refusal is audited with its source address.
+    async fn caller<T>(&self, req: &Request<T>, method: &'static str) -> Result<Caller, Status> {
         self.s.metrics.requests.fetch_add(1, Ordering::Relaxed);
-        authenticate(self.s.backend.as_ref(), bearer(req.metadata()))
-            .await
-            .map_err(to_status)
+        let source = source_of(req);
+        match authenticate(self.s.backend.as_ref(), bearer(req.metadata())).await {
+            Ok(p) => Ok(Caller { p, method, source }),
+            Err(e) => {
+                let status = to_status(e);
+                if is_denial(&status) {
+                    Denial {
+                        method,
+                        source: &source,
+                        caller: None,
+                        kind: None,
+                        verb: None,
+                        name: None,
+                    }
+                    .record(&self.s, &status)
+                    .await;
+                }
+                Err(status)
+            }
+        }
     }
 
-    async fn check(&self, p: &Principal, kind: Kind, verb: Verb) -> Result<(), Status> {
-        p.checker.check(kind, verb).map_err(to_status)
+    async fn check(&self, c: &Caller, kind: Kind, verb: Verb) -> Result<(), Status> {
+        self.check_named(c, kind, verb, None).await
+    }
+
+    /// `(kind, verb)` against the caller's roles; a refusal is audited.
+    async fn check_named(
+        &self,
+        c: &Caller,
+        kind: Kind,
+        verb: Verb,
+        name: Option<&str>,
+    ) -> Result<(), Status> {
+        match c.p.checker.check(kind, verb) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self
+                .denied(c, Some(kind), Some(verb), name, to_status(e))
+                .await),
+        }
+    }
+
+    /// Audits `status` as `api.denied` when it refuses the caller; returns it.
+    async fn denied(
+        &self,
+        c: &Caller,
+        kind: Option<Kind>,
+        verb: Option<Verb>,
+        name: Option<&str>,
+        status: Status,
+    ) -> Status {
+        if is_denial(&status) {
+            Denial {
+                method: c.method,
+                source: &c.source,
+                caller: Some(&c.p),
+                kind,
+                verb,
+                name,
+            }
+            .record(&self.s, &status)
+            .await;
+        }
+        status
+    }
+
+    /// Audit events come from services only (proxies, agents), never from
+    /// people, who could otherwise write whatever history they liked.
+    async fn require_service(&self, c: &Caller) -> Result<(), Status> {
+        if c.p.ptype == PrincipalType::Service {
+            return Ok(());
+        }
+        let status = Status::permission_denied(format!(
+            "access denied: only services (proxies and agents) write audit events, not the {} {:?}",
+            c.p.ptype.as_str(),
+            c.p.name
+        ));
+        Err(self
+            .denied(c, Some(Kind::Event), Some(Verb::Create), None, status)
+            .await)
     }
 
     async fn written(&self) {
@@ -93,7 +240,7 @@ impl Api {
     /// gets no role its creator could not grant.
     async fn plan_one(
         &self,
-        p: &Principal,
+        c: &Caller,
         i: usize,
         r: &portico_proto::v1::Resource,
         overwrite: bool,
@@ -117,24 +264,28 @@ impl Api {
             .is_some();
         let verb = match (exists, overwrite) {
             (true, false) => {
+                // Whoever may not create learns nothing about what exists.
+                self.check_named(c, kind, Verb::Create, Some(name.as_str()))
+                    .await?;
                 let msg =
                     format!("{kind} {name:?} already exists; use pctl create -f to overwrite it");
-                self.refused(p, &format!("{kind}.create"), &name, &msg)
+                self.refused(c, &format!("{kind}.create"), &name, &msg)
                     .await;
                 return Err(Status::already_exists(msg));
             }
             (true, true) => Verb::Update,
             (false, _) => Verb::Create,
         };
-        if let Err(e) = p.checker.check(kind, verb) {
-            self.refused(p, &format!("{kind}.{verb}"), &name, &e.message)
-                .await;
-            return Err(to_status(e));
-        }
+        self.check_named(c, kind, verb, Some(name.as_str())).await?;
         if let Resource::User(u) = &res
-            && let Err(e) = self.user_allowed(p, &name, &u.spec.roles)
+            && let Err(e) = self.user_allowed(&c.p, &name, &u.spec.roles)
         {
-            self.refused(p, &format!("{kind}.{verb}"), &name, e.message())
+            if is_denial(&e) {
+                return Err(self
+                    .denied(c, Some(kind), Some(verb), Some(name.as_str()), e)
+                    .await);
+            }
+            self.refused(c, &format!("{kind}.{verb}"), &name, e.message())
                 .await;
             return Err(e);
         }
@@ -163,13 +314,13 @@ impl Api {
         }
     }
 
-    async fn refused(&self, p: &Principal, event: &str, name: &str, error: &str) {
+    async fn refused(&self, c: &Caller, event: &str, name: &str, error: &str) {
         self.s
             .audit(
                 event,
-                &p.name,
+                &c.p.name,
                 false,
-                serde_json::json!({"name": name, "error": error}),
+                serde_json::json!({"name": name, "error": error, "method": c.method, "source": c.source}),
             )
             .await;
     }
@@ -178,7 +329,7 @@ impl Api {
 #[tonic::async_trait]
 impl AuthService for Api {
     async fn create(&self, req: Request<CreateRequest>) -> Res<CreateResponse> {
-        let p = self.caller(&req).await?;
+        let c = self.caller(&req, "create").await?;
         let req = req.into_inner();
         if req.resources.is_empty() {
             return Err(Status::invalid_argument("nothing to create"));
@@ -186,7 +337,7 @@ impl AuthService for Api {
         let mut plan = Vec::with_capacity(req.resources.len());
         let mut seen = std::collections::HashSet::new();
         for (i, r) in req.resources.iter().enumerate() {
-            let (kind, name, verb, res) = self.plan_one(&p, i, r, req.overwrite).await?;
+            let (kind, name, verb, res) = self.plan_one(&c, i, r, req.overwrite).await?;
             if !seen.insert((kind, name.clone())) {
                 return Err(Status::invalid_argument(format!(
                     "{kind} {name:?} appears twice"
@@ -213,7 +364,7 @@ impl AuthService for Api {
             let ok = result.is_ok();
             let fields = serde_json::json!({"name": name, "error": result.as_ref().err().map(|e| e.message.clone())});
             self.s
-                .audit(&format!("{kind}.{verb}"), &p.name, ok, fields)
+                .audit(&format!("{kind}.{verb}"), &c.p.name, ok, fields)
                 .await;
         }
         let events = result.map_err(|e| {
@@ -241,10 +392,11 @@ impl AuthService for Api {
     }
 
     async fn get(&self, req: Request<GetRequest>) -> Res<portico_proto::v1::Resource> {
-        let p = self.caller(&req).await?;
+        let c = self.caller(&req, "get").await?;
         let req = req.into_inner();
         let kind = kind_arg(&req.kind)?;
-        self.check(&p, kind, Verb::Read).await?;
+        self.check_named(&c, kind, Verb::Read, Some(req.name.as_str()))
+            .await?;
         let rec = self
             .s
             .backend
@@ -264,10 +416,10 @@ impl AuthService for Api {
     }
 
     async fn list(&self, req: Request<ListRequest>) -> Res<ListResponse> {
-        let p = self.caller(&req).await?;
+        let c = self.caller(&req, "list").await?;
         let req = req.into_inner();
         let kind = kind_arg(&req.kind)?;
-        self.check(&p, kind, Verb::List).await?;
+        self.check(&c, kind, Verb::List).await?;
         let recs = self.s.backend.list(kind).await.map_err(to_status)?;
         let mut items = Vec::with_capacity(recs.len());
         for rec in recs {
@@ -289,20 +441,11 @@ impl AuthService for Api {
     }
 
     async fn delete(&self, req: Request<DeleteRequest>) -> Res<DeleteResponse> {
-        let p = self.caller(&req).await?;
+        let c = self.caller(&req, "delete").await?;
         let req = req.into_inner();
         let kind = kind_arg(&req.kind)?;
-        if let Err(e) = p.checker.check(kind, Verb::Delete) {
-            self.s
-                .audit(
-                    &format!("{kind}.delete"),
-                    &p.name,
-                    false,
-                    serde_json::json!({"name": req.name, "error": e.message}),
-                )
-                .await;
-            return Err(to_status(e));
-        }
+        self.check_named(&c, kind, Verb::Delete, Some(req.name.as_str()))
+            .await?;
         let result = self
             .s
             .backend
@@ -323,7 +466,7 @@ impl AuthService for Api {
         self.s
             .audit(
                 &format!("{kind}.delete"),
-                &p.name,
+                &c.p.name,
                 result.is_ok(),
                 serde_json::json!({"name": req.name, "error": err}),
             )
@@ -338,7 +481,8 @@ impl AuthService for Api {
     type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchEvent, Status>> + Send>>;
 
     async fn watch(&self, req: Request<WatchRequest>) -> Res<Self::WatchStream> {
-        let p = self.caller(&req).await?;
+        let c = self.caller(&req, "watch").await?;
+        let token = bearer(req.metadata());
         let req = req.into_inner();
         let kinds = req
             .kinds
@@ -351,17 +495,25 @@ impl AuthService for Api {
             kinds.clone()
         };
         for k in &check_kinds {
-            self.check(&p, *k, Verb::List).await?;
-            self.check(&p, *k, Verb::Read).await?;
+            self.check(&c, *k, Verb::List).await?;
+            self.check(&c, *k, Verb::Read).await?;
         }
-        let rx = self.s.hub.watch(check_kinds, req.from_revision);
+        let events = self.s.hub.watch(check_kinds.clone(), req.from_revision);
+        let (out, rx) = mpsc::channel(WATCH_BUFFER);
+        let watching = Watching {
+            token,
+            kinds: check_kinds,
+            p: c.p,
+            source: c.source,
+        };
+        tokio::spawn(guard_watch(self.s.clone(), watching, events, out));
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-        let stream = tokio_stream::StreamExt::map(stream, |r| r.map_err(to_status));
         Ok(Response::new(Box::pin(stream)))
     }
 
     async fn login(&self, req: Request<LoginRequest>) -> Res<LoginResponse> {
         self.s.metrics.requests.fetch_add(1, Ordering::Relaxed);
+        let source = source_of(&req);
         let req = req.into_inner();
         let user = req.user.trim().to_string();
         if user.is_empty() || user.len() > 63 || req.password.len() > 1024 {
@@ -369,20 +521,37 @@ impl AuthService for Api {
                 "a user name and a password are required",
             ));
         }
-        if let Some(wait) = self.s.limiter.check(&user) {
-            self.s
-                .audit(
-                    "user.login",
-                    &user,
-                    false,
-                    serde_json::json!({"error": "rate limited"}),
-                )
-                .await;
-            return Err(Status::resource_exhausted(format!(
-                "too many failed logins for {user:?}; try again in {} s",
-                wait.as_secs() + 1
-            )));
-        }
+        // The attempt is counted before the password is checked, so guesses
+        // sent at once cannot get more checks than the limit between them.
+        let attempt = match self.s.limiter.begin(&user, &source) {
+            Ok(a) => a,
+            Err(refused) => {
+                let (error, message) = match refused {
+                    Refused::Locked(wait) => (
+                        "rate limited",
+                        format!(
+                            "too many failed logins for {user:?}; try again in {} s",
+                            wait.as_secs() + 1
+                        ),
+                    ),
+                    Refused::Busy => (
+                        "rate limited: too many attempts at once",
+                        format!(
+                            "too many failed logins for {user:?} (or too many attempts at once); try again in a few seconds"
+                        ),
+                    ),
+                };
+                self.s
+                    .audit(
+                        "user.login",
+                        &user,
+                        false,
+                        serde_json::json!({"error": error, "source": source}),
+                    )
+                    .await;
+                return Err(Status::resource_exhausted(message));
+            }
+        };
         let hash = self.s.backend.password(&user).await.map_err(to_status)?;
         let user_rec = self
             .s
@@ -390,28 +559,45 @@ impl AuthService for Api {
             .get(Kind::User, &user)
             .await
             .map_err(to_status)?;
+        // Few password checks run at once, so that calls anyone may make
+        // cannot take all the memory and CPU; the rest wait a little.
+        let permit = match tokio::time::timeout(
+            PASSWORD_CHECK_WAIT,
+            self.s.password_checks.clone().acquire_owned(),
+        )
+        .await
+        {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(_)) | Err(_) => {
+                tracing::warn!(user = %user, source = %source, "login refused: too many password checks at once");
+                // The attempt was not checked: it goes back uncounted.
+                drop(attempt);
+                return Err(Status::unavailable("too many logins at once; try again"));
+            }
+        };
         let ok = match (hash, &user_rec) {
-            (Some(h), Some(_)) => verify_password(req.password, h).await,
+            (Some(h), Some(_)) => verify_password_limited(req.password, h, permit).await,
             _ => {
                 // Spend the same time on unknown users as on known ones.
-                let _ = verify_password(req.password, dummy_hash().await).await;
+                let dummy = dummy_hash().await;
+                let _ = verify_password_limited(req.password, dummy, permit).await;
                 false
             }
         };
         if !ok {
-            self.s.limiter.failure(&user);
+            attempt.fail();
             self.s.metrics.logins_failed.fetch_add(1, Ordering::Relaxed);
             self.s
                 .audit(
                     "user.login",
                     &user,
                     false,
-                    serde_json::json!({"error": "invalid user name or password"}),
+                    serde_json::json!({"error": "invalid user name or password", "source": source}),
                 )
                 .await;
             return Err(Status::unauthenticated("invalid user name or password"));
         }
-        self.s.limiter.success(&user);
+        attempt.succeed();
         let expires = now_ms() + self.s.session_ttl_ms;
         let token = self
             .s
@@ -420,7 +606,12 @@ impl AuthService for Api {
             .map_err(to_status)?;
         self.s.metrics.logins_ok.fetch_add(1, Ordering::Relaxed);
         self.s
-            .audit("user.login", &user, true, serde_json::json!({}))
+            .audit(
+                "user.login",
+                &user,
+                true,
+                serde_json::json!({"source": source}),
+            )
             .await;
         let roles = user_rec
             .and_then(|r| match Resource::from_json(Kind::User, &r.value) {
@@ -437,7 +628,7 @@ impl AuthService for Api {
     }
 
     async fn who_am_i(&self, req: Request<WhoAmIRequest>) -> Res<WhoAmIResponse> {
-        let p = self.caller(&req).await?;
+        let p = self.caller(&req, "who_am_i").await?.p;
         Ok(Response::new(WhoAmIResponse {
             name: p.name,
             principal_type: p.ptype.as_str().into(),
@@ -447,12 +638,23 @@ impl AuthService for Api {
     }
 
     async fn add_user(&self, req: Request<AddUserRequest>) -> Res<AddUserResponse> {
-        let p = self.caller(&req).await?;
+        let c = self.caller(&req, "add_user").await?;
         let req = req.into_inner();
-        self.check(&p, Kind::User, Verb::Create).await?;
+        self.check_named(&c, Kind::User, Verb::Create, Some(req.name.as_str()))
+            .await?;
         validate_name(&req.name)
             .map_err(|e| Status::invalid_argument(e.within("user name").to_string()))?;
-        self.user_allowed(&p, &req.name, &req.roles)?;
+        if let Err(e) = self.user_allowed(&c.p, &req.name, &req.roles) {
+            return Err(self
+                .denied(
+                    &c,
+                    Some(Kind::User),
+                    Some(Verb::Create),
+                    Some(req.name.as_str()),
+                    e,
+                )
+                .await);
+        }
         for r in &req.roles {
             if self
                 .s
@@ -517,7 +719,7 @@ impl AuthService for Api {
         self.s
             .audit(
                 "user.create",
-                &p.name,
+                &c.p.name,
                 result.is_ok(),
                 serde_json::json!({"name": req.name, "roles": req.roles, "error": result.as_ref().err().map(|e| e.message.clone())}),
             )
@@ -530,9 +732,9 @@ impl AuthService for Api {
     }
 
     async fn create_token(&self, req: Request<CreateTokenRequest>) -> Res<CreateTokenResponse> {
-        let p = self.caller(&req).await?;
+        let c = self.caller(&req, "create_token").await?;
         let req = req.into_inner();
-        self.check(&p, Kind::Token, Verb::Create).await?;
+        self.check(&c, Kind::Token, Verb::Create).await?;
         let mut roles = Vec::new();
         for r in &req.roles {
             let Some(role) = SystemRole::parse(r) else {
@@ -584,7 +786,7 @@ impl AuthService for Api {
             .map_err(to_status)?;
         let role_names: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
         self.s
-            .audit("token.create", &p.name, true, serde_json::json!({"name": name, "roles": role_names, "expires": format_rfc3339(expires)}))
+            .audit("token.create", &c.p.name, true, serde_json::json!({"name": name, "roles": role_names, "expires": format_rfc3339(expires)}))
             .await;
         self.written().await;
         Ok(Response::new(CreateTokenResponse {
@@ -596,6 +798,7 @@ impl AuthService for Api {
 
     async fn join(&self, req: Request<JoinRequest>) -> Res<JoinResponse> {
         self.s.metrics.requests.fetch_add(1, Ordering::Relaxed);
+        let source = source_of(&req);
         let req = req.into_inner();
         let refused = "the join token is not valid: it was already used, it expired, or it never existed; create a new one with pctl tokens add";
         let Some(role) = SystemRole::parse(&req.role) else {
@@ -645,7 +848,7 @@ impl AuthService for Api {
                     "token.join",
                     &host_id,
                     false,
-                    serde_json::json!({"role": role.as_str(), "error": refused}),
+                    serde_json::json!({"role": role.as_str(), "error": refused, "source": source}),
                 )
                 .await;
             return Err(Status::unauthenticated(refused));
@@ -666,7 +869,7 @@ impl AuthService for Api {
                 "token.join",
                 &host_id,
                 true,
-                serde_json::json!({"role": role.as_str(), "token": name}),
+                serde_json::json!({"role": role.as_str(), "token": name, "source": source}),
             )
             .await;
         Ok(Response::new(JoinResponse {
@@ -676,14 +879,22 @@ impl AuthService for Api {
     }
 
     async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Res<HeartbeatResponse> {
-        let p = self.caller(&req).await?;
+        let c = self.caller(&req, "heartbeat").await?;
         let req = req.into_inner();
-        self.check(&p, Kind::AppServer, Verb::Update).await?;
-        if p.ptype != PrincipalType::Service {
-            return Err(Status::permission_denied(
-                "only agents announce app servers",
-            ));
+        self.check(&c, Kind::AppServer, Verb::Update).await?;
+        if c.p.ptype != PrincipalType::Service {
+            let status = Status::permission_denied("only agents announce app servers");
+            return Err(self
+                .denied(
+                    &c,
+                    Some(Kind::AppServer),
+                    Some(Verb::Update),
+                    Some(req.app.as_str()),
+                    status,
+                )
+                .await);
         }
+        let p = c.p;
         validate_name(&req.app)
             .map_err(|e| Status::invalid_argument(e.within("app").to_string()))?;
         let name = app_server_name(&req.app, &p.name);
@@ -738,29 +949,27 @@ impl AuthService for Api {
     }
 
     async fn emit_event(&self, req: Request<EmitEventRequest>) -> Res<EmitEventResponse> {
-        let p = self.caller(&req).await?;
+        let c = self.caller(&req, "emit_event").await?;
+        self.require_service(&c).await?;
+        self.check(&c, Kind::Event, Verb::Create).await?;
         let req = req.into_inner();
-        self.check(&p, Kind::Event, Verb::Create).await?;
         if req.r#type.is_empty() || req.r#type.len() > 64 || req.fields_json.len() > 64 * 1024 {
             return Err(Status::invalid_argument(
                 "an event needs a type (at most 64 characters) and at most 64 KiB of fields",
             ));
         }
-        let fields: serde_json::Value = if req.fields_json.is_empty() {
-            serde_json::json!({})
-        } else {
-            serde_json::from_str(&req.fields_json)
-                .map_err(|e| Status::invalid_argument(format!("fields_json: {e}")))?
-        };
+        let fields = event_fields(&req.fields_json, &c.p.name)?;
         self.s
-            .audit(&req.r#type, &p.name, req.success, fields)
+            .audit(&req.r#type, &c.p.name, req.success, fields)
             .await;
         Ok(Response::new(EmitEventResponse {}))
     }
 
     async fn emit_events(&self, req: Request<EmitEventsRequest>) -> Res<EmitEventResponse> {
-        let p = self.caller(&req).await?;
-        self.check(&p, Kind::Event, Verb::Create).await?;
+        let c = self.caller(&req, "emit_events").await?;
+        self.require_service(&c).await?;
+        self.check(&c, Kind::Event, Verb::Create).await?;
+        let p = c.p;
         let events = req.into_inner().events;
         if events.len() > 1000 {
             return Err(Status::invalid_argument("at most 1000 events per call"));
@@ -773,12 +982,7 @@ impl AuthService for Api {
                     "an event needs a type (at most 64 characters) and at most 64 KiB of fields",
                 ));
             }
-            let fields: serde_json::Value = if e.fields_json.is_empty() {
-                serde_json::json!({})
-            } else {
-                serde_json::from_str(&e.fields_json)
-                    .map_err(|err| Status::invalid_argument(format!("fields_json: {err}")))?
-            };
+            let fields = event_fields(&e.fields_json, &p.name)?;
             recs.push(crate::storage::AuditRecord {
                 id: 0,
                 time_ms: now,
@@ -797,9 +1001,9 @@ impl AuthService for Api {
     }
 
     async fn list_events(&self, req: Request<ListEventsRequest>) -> Res<ListEventsResponse> {
-        let p = self.caller(&req).await?;
+        let c = self.caller(&req, "list_events").await?;
         let req = req.into_inner();
-        self.check(&p, Kind::Event, Verb::List).await?;
+        self.check(&c, Kind::Event, Verb::List).await?;
         let limit = if req.limit <= 0 {
             1000
         } else {
@@ -824,6 +1028,134 @@ impl AuthService for Api {
             })
             .collect();
         Ok(Response::new(ListEventsResponse { events }))
+    }
+}
+
+/// An emitted event's fields: a JSON object whose `actor` is the service
+/// that sent it, whatever the sender wrote there.
+fn event_fields(json: &str, actor: &str) -> Result<serde_json::Value, Status> {
+    let mut fields = if json.is_empty() {
+        serde_json::Map::new()
+    } else {
+        match serde_json::from_str::<serde_json::Value>(json) {
+            Ok(serde_json::Value::Object(m)) => m,
+            Ok(_) => {
+                return Err(Status::invalid_argument(
+                    "fields_json: must be a JSON object",
+                ));
+            }
+            Err(e) => return Err(Status::invalid_argument(format!("fields_json: {e}"))),
+        }
+    };
+    fields.insert(
+        "actor".to_string(),
+        serde_json::Value::String(actor.to_string()),
+    );
+    Ok(serde_json::Value::Object(fields))
+}
+
+/// An open watch: whose, from where, over which kinds.
+struct Watching {
+    /// The caller's token, re-checked while the watch is open.
+    token: Option<String>,
+    kinds: Vec<Kind>,
+    p: Principal,
+    source: String,
+}
+
+/// Why a watch must end.
+struct Revoked {
+    status: Status,
+    kind: Option<Kind>,
+    verb: Option<Verb>,
+}
+
+/// Re-authenticates a watcher: `Some` when its login is gone (user deleted,
+/// session revoked or expired) or its roles no longer allow `list` and
+/// `read` on every watched kind. Storage trouble is no verdict: the next
+/// round asks again.
+async fn recheck(s: &AuthServer, w: &Watching) -> Option<Revoked> {
+    let p = match authenticate(s.backend.as_ref(), w.token.clone()).await {
+        Ok(p) => p,
+        Err(e) if e.code == Code::Unauthenticated => {
+            return Some(Revoked {
+                status: Status::unauthenticated(format!("the watch ended: {}", e.message)),
+                kind: None,
+                verb: None,
+            });
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, principal = %w.p.name, "cannot re-check a watcher now");
+            return None;
+        }
+    };
+    for kind in &w.kinds {
+        for verb in [Verb::List, Verb::Read] {
+            if let Err(e) = p.checker.check(*kind, verb) {
+                return Some(Revoked {
+                    status: Status::permission_denied(format!(
+                        "the watch ended: your roles changed: {}",
+                        e.message
+                    )),
+                    kind: Some(*kind),
+                    verb: Some(verb),
+                });
+            }
+        }
+    }
+    None
+}
+
+/// Relays a watch's events to the client, re-checking the caller every
+/// `WATCH_RECHECK`; ends the stream with the refusal when they lost access.
+async fn guard_watch(
+    s: Arc<AuthServer>,
+    w: Watching,
+    mut events: mpsc::Receiver<Result<WatchEvent, Error>>,
+    out: mpsc::Sender<Result<WatchEvent, Status>>,
+) {
+    let start = tokio::time::Instant::now() + WATCH_RECHECK;
+    let mut tick = tokio::time::interval_at(start, WATCH_RECHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // An event waiting for room in the client's stream.
+    let mut pending: Option<Result<WatchEvent, Status>> = None;
+    loop {
+        tokio::select! {
+            biased;
+            _ = tick.tick() => {
+                if let Some(r) = recheck(&s, &w).await {
+                    Denial {
+                        method: "watch",
+                        source: &w.source,
+                        caller: Some(&w.p),
+                        kind: r.kind,
+                        verb: r.verb,
+                        name: None,
+                    }
+                    .record(&s, &r.status)
+                    .await;
+                    // A client that reads nothing gets its stream cut instead.
+                    let _ = tokio::time::timeout(Duration::from_secs(1), out.send(Err(r.status)))
+                        .await;
+                    return;
+                }
+            }
+            _ = out.closed() => return,
+            permit = out.reserve(), if pending.is_some() => {
+                let Ok(permit) = permit else { return };
+                if let Some(item) = pending.take() {
+                    let last = item.is_err();
+                    permit.send(item);
+                    if last {
+                        return;
+                    }
+                }
+            }
+            ev = events.recv(), if pending.is_none() => match ev {
+                Some(ev) => pending = Some(ev.map_err(to_status)),
+                None => return,
+            },
+        }
     }
 }
 

@@ -73,7 +73,26 @@ pub async fn hash_password(password: String) -> Result<String, Error> {
 }
 
 pub async fn verify_password(password: String, hash: String) -> bool {
+    verify_blocking(password, hash, None).await
+}
+
+/// Verifies while holding `permit`, which goes back only when the hashing
+/// itself is done: a caller that hangs up does not free its place early.
+pub async fn verify_password_limited(
+    password: String,
+    hash: String,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> bool {
+    verify_blocking(password, hash, Some(permit)).await
+}
+
+async fn verify_blocking(
+    password: String,
+    hash: String,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+) -> bool {
     tokio::task::spawn_blocking(move || {
+        let _permit = permit;
         PasswordHash::new(&hash)
             .map(|h| {
                 Argon2::default()

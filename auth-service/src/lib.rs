@@ -100,6 +100,10 @@ impl Default for StorageConfig {
 
 const DEFAULT_SESSION_TTL_MS: i64 = 12 * 3600 * 1000;
 const DEFAULT_EVENT_RETENTION: i64 = 100_000;
+/// Failed logins per (user, source address) within a minute before a 30 s lockout.
+pub const LOGIN_MAX_FAILURES: u32 = 5;
+/// Password checks that may run at once; more wait (at most 5 s) for a turn.
+pub const PASSWORD_CHECKS_AT_ONCE: usize = 4;
 
 #[derive(Default)]
 pub struct Metrics {
@@ -115,6 +119,8 @@ pub struct AuthServer {
     pub hub: Arc<Hub>,
     pub(crate) session_ttl_ms: i64,
     pub(crate) limiter: LoginLimiter,
+    /// Password checks (argon2, about 19 MiB and a core each) running at once.
+    pub(crate) password_checks: Arc<tokio::sync::Semaphore>,
     pub metrics: Metrics,
     stop: watch::Sender<bool>,
 }
@@ -170,7 +176,12 @@ impl AuthServer {
             backend,
             hub,
             session_ttl_ms,
-            limiter: LoginLimiter::new(5, Duration::from_secs(60), Duration::from_secs(30)),
+            limiter: LoginLimiter::new(
+                LOGIN_MAX_FAILURES,
+                Duration::from_secs(60),
+                Duration::from_secs(30),
+            ),
+            password_checks: Arc::new(tokio::sync::Semaphore::new(PASSWORD_CHECKS_AT_ONCE)),
             metrics: Metrics::default(),
             stop,
         });

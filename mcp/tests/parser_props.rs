@@ -56,7 +56,10 @@ fn message() -> impl Strategy<Value = Value> {
 fn with_duplicate(msg: &Value, key: &str, escape: bool, nested: bool) -> String {
     let spelled = if escape {
         let mut cs = key.chars();
-        let first = cs.next().map(|c| format!("\\u{:04x}", c as u32)).unwrap_or_default();
+        let first = cs
+            .next()
+            .map(|c| format!("\\u{:04x}", c as u32))
+            .unwrap_or_default();
         format!("{first}{}", cs.as_str())
     } else {
         key.to_string()

@@ -71,7 +71,15 @@ pub async fn run(cfg: Config, quick_start: bool) -> Result<()> {
             "the config enables no service: set enabled: true in auth_service, proxy_service or app_service"
         );
     }
-    std::fs::create_dir_all(&cfg.data_dir).with_context(|| {
+    // Owner-only: it holds the database, identities and tokens.
+    let made = {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&cfg.data_dir)
+    };
+    made.with_context(|| {
         format!(
             "cannot create the data directory {}",
             cfg.data_dir.display()

@@ -93,7 +93,10 @@ pub async fn serve(
             drop(slot);
         });
     }
-    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("some web connections were still open at shutdown");
     }
 }

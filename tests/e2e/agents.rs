@@ -82,7 +82,7 @@ async fn seed_lifecycle_with_both_example_agents() {
     });
     let slow_w =
         tokio::spawn(async move { (on_wild.call("slow", json!({"ms": 3000})).await, on_wild) });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.wait_pending(2).await;
 
     // env=staging matches only the wildcard agent: prodtest unregisters and ends its sessions.
     c.create_yaml(&test_app_yaml("tm", "staging"), true)
@@ -118,7 +118,7 @@ async fn seed_lifecycle_with_both_example_agents() {
         "the wildcard agent keeps serving: {reply}"
     );
     let slow_w = tokio::spawn(async move { s_w.call("slow", json!({"ms": 30000})).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.wait_pending(1).await;
 
     c.create_yaml(&test_app_yaml("tm", "test"), true)
         .await
@@ -414,7 +414,7 @@ async fn a_lost_agent_ends_its_sessions_and_new_ones_go_elsewhere() {
     let mut doomed = on.remove("a2").expect("a session on a2");
     let mut kept = on.remove("a1").expect("a session on a1");
     let pending = tokio::spawn(async move { doomed.call("slow", json!({"ms": 30000})).await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    c.wait_pending(1).await;
     let (_, a2) = c.agents.remove(1);
     a2.shutdown();
     let r = tokio::time::timeout(Duration::from_secs(15), pending)

@@ -454,6 +454,7 @@ async fn join_tokens_are_single_use_and_expire() {
         .lines()
         .find_map(|l| l.strip_prefix("token: ").map(String::from))
         .expect("token");
+    // Time passing is the condition here: a join attempt would use the token up.
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     let e = anon.join(join(&short, "app")).await.expect_err("expired");
     assert_eq!(e.code(), tonic::Code::Unauthenticated);

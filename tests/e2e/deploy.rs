@@ -9,7 +9,7 @@ use std::time::Duration;
 use portico_tests::cluster::{run, text};
 use portico_tests::mcp_http::McpHttp;
 use portico_tests::pg::PgDb;
-use portico_tests::util::test_app_yaml;
+use portico_tests::util::{me, test_app_yaml};
 use portico_tests::{TempDir, bin, eventually};
 use serde_json::json;
 
@@ -159,6 +159,8 @@ async fn compose_topology_as_processes() {
     })
     .await;
     let mut agent_env = common("agent");
+    // The tests run apps as their own user (root here), which the agent must allow.
+    agent_env.push(("PORTICO_ALLOWED_HOST_USERS".into(), format!("[{}]", me())));
     agent_env.push((
         "PORTICO_TUNNEL_ADDR".into(),
         format!("127.0.0.1:{tunnel_port}"),

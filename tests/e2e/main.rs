@@ -1,11 +1,13 @@
 //! Portico's end-to-end suites, in one test binary.
 
+mod agent_limits;
 mod agents;
 mod conformance;
 mod control_plane;
 mod deploy;
 mod examples;
 mod hostile;
+mod hostile_api;
 mod mcp;
 mod quickstart;
 mod watch;

@@ -682,7 +682,7 @@ async fn streamable_http_edges() {
     // No agent serving an app: 503 with a JSON-RPC error body.
     c.create_yaml("kind: app\nversion: v3\nmetadata: {name: remote}\nspec: {uri: 'mcp+http://127.0.0.1:9/mcp'}\n", false).await.expect("app");
     let mut none = McpHttp::new(c.proxy_addr(), "remote", &t1);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    c.wait_servers("remote", &["a1"]).await;
     c.agent("a1").shutdown();
     c.wait_servers("remote", &[]).await;
     let e = none.initialize().await.expect_err("no agent");

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use portico_agent::{Agent, AgentConfig, ResourceSelector};
+use portico_agent::{Agent, AgentConfig, AgentMcpConfig, ResourceSelector};
 use portico_auth::{AuthConfig, AuthServer, StorageConfig};
 use portico_core::identity::ADMIN_IDENTITY_FILE;
 use portico_proto::client::{AuthClient, connect};
@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::pg::PgDb;
-use crate::util::{TempDir, bin, eventually};
+use crate::util::{TempDir, bin, eventually, me};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Storage {
@@ -79,7 +79,10 @@ impl ClusterBuilder {
         struct File {
             app_service: AgentConfig,
         }
-        let f: File = yaml_serde::from_str(yaml).expect("agent config parses");
+        let mut f: File = yaml_serde::from_str(yaml).expect("agent config parses");
+        if f.app_service.mcp.is_none() {
+            f.app_service.mcp = Some(harness_mcp());
+        }
         self.agents.push((host_id.to_string(), f.app_service));
         self
     }
@@ -93,6 +96,9 @@ impl ClusterBuilder {
                     labels: BTreeMap::from([("*".into(), "*".into())]),
                 }],
                 shutdown_grace: Some("2s".into()),
+                // portico-bench holds 1000 idle sessions on one agent.
+                max_sessions: Some(4096),
+                mcp: Some(harness_mcp()),
                 ..AgentConfig::default()
             },
         ));
@@ -145,6 +151,16 @@ impl ClusterBuilder {
             c.start_agent(&host, cfg).await;
         }
         c
+    }
+}
+
+/// The harness's agents run apps as the accounts the suites name: the tests'
+/// own user (root in CI), `root` and `nobody`. An agent config that has its
+/// own `mcp:` section keeps it as given (tests/e2e/agent_limits.rs).
+fn harness_mcp() -> AgentMcpConfig {
+    AgentMcpConfig {
+        allowed_host_users: Some(vec![me(), "root".into(), "nobody".into()]),
+        ..AgentMcpConfig::default()
     }
 }
 
@@ -337,6 +353,23 @@ impl Cluster {
         .expect("login")
         .into_inner()
         .token
+    }
+
+    /// Waits until at least `n` requests are waiting for answers in the proxy's sessions.
+    pub async fn wait_pending(&self, n: usize) {
+        let state = self.proxy.as_ref().expect("proxy").state.clone();
+        eventually(
+            Duration::from_secs(10),
+            &format!("{n} requests in flight"),
+            || {
+                let s = state.clone();
+                async move {
+                    let waiting: usize = s.sessions.all().iter().map(|x| x.pending_count()).sum();
+                    (waiting >= n).then_some(())
+                }
+            },
+        )
+        .await;
     }
 
     /// Waits until the proxy routes `app` to exactly these agents.

@@ -1,4 +1,7 @@
 //! The embedded SQLite backend: one file under the data directory, WAL mode.
+//! The directory is created owner-only (0700) and the database with its
+//! `-wal` and `-shm` files are owner-only (0600): they hold password hashes
+//! and session token hashes.
 
 use std::borrow::Cow;
 use std::path::Path;
@@ -38,13 +41,18 @@ impl SqliteBackend {
 
     /// Opens (creating if needed) `portico.db` in `dir` and migrates it.
     pub async fn open(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir).map_err(|e| {
+        create_private_dir(dir).map_err(|e| {
             Error::unavailable(format!(
                 "cannot create the data directory {}: {e}",
                 dir.display()
             ))
         })?;
         let file = dir.join("portico.db");
+        // Created here, empty and 0600, before SQLite opens it (SQLite takes
+        // an empty file for a new database and gives its -wal and -shm files
+        // the database's mode).
+        create_private_file(&file)
+            .map_err(|e| Error::unavailable(format!("cannot create {}: {e}", file.display())))?;
         let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", file.display()))
             .map_err(|e| Error::bad_request(format!("bad sqlite path {}: {e}", file.display())))?
             .create_if_missing(true)
@@ -60,6 +68,13 @@ impl SqliteBackend {
         migrator().run(&pool).await.map_err(|e| {
             tracing::error!(error = %e, "sqlite migration failed");
             Error::internal(format!("migrating {} failed: {e}", file.display()))
+        })?;
+        // Databases made by earlier versions, with the umask's mode.
+        restrict_files(&file).map_err(|e| {
+            Error::unavailable(format!(
+                "cannot make {} readable by its owner only: {e}",
+                file.display()
+            ))
         })?;
         Ok(Self {
             pool,
@@ -77,4 +92,105 @@ impl SqliteBackend {
     }
 }
 
+/// Creates `dir` and any missing parents with mode 0700; an existing
+/// directory keeps its mode, with a warning when others may read it.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let mode = std::fs::metadata(dir)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            dir = %dir.display(),
+            mode = format!("{:o}", mode & 0o777),
+            "the data directory is open to other users; chmod 700 it"
+        );
+    }
+    Ok(())
+}
+
+/// Creates `file` empty with mode 0600 unless it exists; never follows a
+/// symlink planted there.
+fn create_private_file(file: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(file)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Sets 0600 on the database and its `-wal` and `-shm` files where present.
+fn restrict_files(file: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut paths = vec![file.to_path_buf()];
+    for suffix in ["-wal", "-shm"] {
+        let mut name = file.as_os_str().to_os_string();
+        name.push(suffix);
+        paths.push(name.into());
+    }
+    for p in paths {
+        let meta = match std::fs::symlink_metadata(&p) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        if meta.file_type().is_file() && meta.permissions().mode() & 0o077 != 0 {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))?;
+        }
+    }
+    Ok(())
+}
+
 impl_backend!(SqliteBackend, sqlx::Sqlite, "SELECT 1");
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p)
+            .map(|m| m.permissions().mode() & 0o777)
+            .unwrap_or(0)
+    }
+
+    #[tokio::test]
+    async fn directory_and_files_are_owner_only() {
+        let n = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let base = std::env::temp_dir().join(format!("portico-sqlite-{}-{n}", std::process::id()));
+        let dir = base.join("nested").join("data");
+        let db = SqliteBackend::open(&dir).await.expect("opens");
+        drop(db);
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&base.join("nested")), 0o700);
+        assert_eq!(mode(&dir.join("portico.db")), 0o600);
+        for f in ["portico.db-wal", "portico.db-shm"] {
+            let p = dir.join(f);
+            if p.exists() {
+                assert_eq!(mode(&p), 0o600, "{f}");
+            }
+        }
+        // A database left with a wide mode is narrowed at the next open.
+        std::fs::set_permissions(
+            dir.join("portico.db"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .expect("chmod");
+        let db = SqliteBackend::open(&dir).await.expect("opens again");
+        drop(db);
+        assert_eq!(mode(&dir.join("portico.db")), 0o600);
+        let _ = std::fs::remove_dir_all(&base);
+    }
+}

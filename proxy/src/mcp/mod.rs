@@ -80,11 +80,9 @@ pub async fn who(
     }
 }
 
-async fn authenticate(
-    state: &ProxyState,
-    headers: &HeaderMap,
-) -> Result<Who, (Response, String)> {
-    let refuse = |status: StatusCode, why: &str| (rpc_error(status, SERVER_ERROR, why), why.to_string());
+async fn authenticate(state: &ProxyState, headers: &HeaderMap) -> Result<Who, (Response, String)> {
+    let refuse =
+        |status: StatusCode, why: &str| (rpc_error(status, SERVER_ERROR, why), why.to_string());
     let Some(token) = bearer(headers) else {
         return Err(refuse(
             StatusCode::UNAUTHORIZED,

@@ -126,6 +126,11 @@ impl Session {
             .collect()
     }
 
+    /// Requests forwarded and not yet answered.
+    pub fn pending_count(&self) -> usize {
+        self.lock().pending.len()
+    }
+
     pub fn is_pending(&self, id: &Id) -> bool {
         self.lock().pending.contains_key(id)
     }

@@ -1,0 +1,409 @@
+//! The agent's own bounds, whatever the apps in the cluster ask for: which
+//! host accounts MCP servers run as, which apps get which secrets, how many
+//! sessions run at once, and the resource limits of each process.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use portico_tests::cluster::run;
+use portico_tests::mcp_http::{McpHttp, Reply};
+use portico_tests::util::{me, test_app_yaml};
+use portico_tests::{Cluster, ClusterBuilder, bin, eventually};
+use serde_json::Value;
+
+const PW: &str = "limits-password-1";
+
+/// A stdio MCP server that answers initialize with what it was given: the
+/// `PT_SECRET` variable as its name, its RLIMIT_NOFILE and RLIMIT_AS
+/// (soft:hard) as its version.
+const REPORT: &str = "import json,os,resource,sys\nfor l in sys.stdin:\n    m = json.loads(l)\n    if m.get('method') == 'initialize':\n        lim = resource.getrlimit(resource.RLIMIT_NOFILE) + resource.getrlimit(resource.RLIMIT_AS)\n        info = {'name': os.environ.get('PT_SECRET', '-'), 'version': '%d:%d %d:%d' % lim}\n        print(json.dumps({'jsonrpc':'2.0','id':m['id'],'result':{'protocolVersion':m['params']['protocolVersion'],'capabilities':{},'serverInfo':info}}), flush=True)\n";
+
+/// The system interpreter: a version-manager shim would add its own variables.
+fn python() -> &'static str {
+    if std::path::Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    }
+}
+
+/// An app running `REPORT` as `user`, with these labels and `spec.mcp.env` (YAML flow maps).
+fn report_app(name: &str, labels: &str, user: &str, env: &str) -> String {
+    format!(
+        "kind: app\nversion: v3\nmetadata:\n  name: {name}\n  labels: {labels}\nspec:\n  mcp:\n    command: {}\n    args: [\"-c\", {}]\n    env: {env}\n    run_as_host_user: {user}\n",
+        python(),
+        serde_json::to_string(REPORT).expect("json")
+    )
+}
+
+async fn token(c: &Cluster) -> String {
+    c.add_user("limits-admin", &["admin"], PW).await;
+    c.login("limits-admin", PW).await
+}
+
+/// The JSON-RPC error message of a refused initialize.
+fn message(r: &Reply) -> String {
+    r.messages()
+        .first()
+        .and_then(|m| m["error"]["message"].as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+async fn refused(c: &Cluster, app: &str, token: &str) -> String {
+    let mut s = McpHttp::new(c.proxy_addr(), app, token);
+    let e = s
+        .initialize()
+        .await
+        .expect_err(&format!("{app}: the agent refuses the session"));
+    assert_eq!(e.status, http::StatusCode::BAD_GATEWAY, "{e:?}");
+    message(&e)
+}
+
+async fn session_events(c: &Cluster) -> Option<Vec<Value>> {
+    let o = c
+        .pctl(&[
+            "events",
+            "ls",
+            "--type",
+            "mcp.session.request",
+            "--format",
+            "json",
+        ])
+        .await;
+    serde_json::from_slice::<Value>(&o.stdout)
+        .ok()?
+        .as_array()
+        .cloned()
+}
+
+#[tokio::test]
+async fn apps_run_only_as_the_accounts_the_agent_allows() {
+    // `bound` lists its accounts; `plain` has an mcp section without a list: the default.
+    let c = ClusterBuilder::new()
+        .proxy()
+        .agent_yaml(
+            "bound",
+            "app_service:\n  resources:\n  - labels: {team: bound}\n  mcp:\n    allowed_host_users: [nobody]\n",
+        )
+        .agent_yaml(
+            "plain",
+            "app_service:\n  resources:\n  - labels: {team: plain}\n  mcp: {}\n",
+        )
+        .start()
+        .await;
+    let token = token(&c).await;
+    let root_agent = portico_agent::spawn::current_uid() == 0;
+    // What the default allows and this process can actually switch to.
+    let other = if root_agent {
+        "nobody".to_string()
+    } else {
+        me()
+    };
+    let apps = [
+        ("mine-on-bound", "{team: bound}", me(), "bound"),
+        (
+            "root-on-plain",
+            "{team: plain}",
+            "root".to_string(),
+            "plain",
+        ),
+        ("other-on-plain", "{team: plain}", other, "plain"),
+    ];
+    for (name, labels, user, _) in &apps {
+        c.create_yaml(&report_app(name, labels, user, "{}"), false)
+            .await
+            .expect("app");
+    }
+    for (name, _, _, agent) in &apps {
+        c.wait_servers(name, &[*agent]).await;
+    }
+
+    let msg = refused(&c, "mine-on-bound", &token).await;
+    assert!(
+        msg.contains(&format!("the agent does not run MCP servers as {:?}", me()))
+            && msg.contains("not listed in app_service.mcp.allowed_host_users"),
+        "{msg}"
+    );
+    let msg = refused(&c, "root-on-plain", &token).await;
+    assert!(
+        msg.contains("the agent does not run MCP servers as \"root\"")
+            && msg.contains("allowed_host_users is not set")
+            && msg.contains("except root (uid 0)"),
+        "{msg}"
+    );
+    // Any other existing account is allowed by default.
+    let mut s = McpHttp::new(c.proxy_addr(), "other-on-plain", &token);
+    s.initialize()
+        .await
+        .expect("the default allows accounts other than root");
+
+    // The proxy audited both refusals with the agent's words.
+    eventually(Duration::from_secs(10), "refusals audited", || async {
+        let events = session_events(&c).await?;
+        let audited = |app: &str| {
+            events.iter().any(|e| {
+                e["success"] == false
+                    && e["fields"]["app"] == app
+                    && e["fields"]["error"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("does not run MCP servers as"))
+            })
+        };
+        (audited("mine-on-bound") && audited("root-on-plain")).then_some(())
+    })
+    .await;
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn max_sessions_caps_live_processes() {
+    let c = ClusterBuilder::new()
+        .proxy()
+        .agent_yaml(
+            "capped",
+            "app_service:\n  max_sessions: 2\n  resources:\n  - labels: {env: capped}\n",
+        )
+        .start()
+        .await;
+    let token = token(&c).await;
+    c.create_yaml(&test_app_yaml("tm", "capped"), false)
+        .await
+        .expect("app");
+    c.wait_servers("tm", &["capped"]).await;
+    let proxy = c.proxy_addr();
+
+    // Four at once: the cap is taken atomically, so exactly two open.
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let token = token.clone();
+        tasks.spawn(async move {
+            let mut s = McpHttp::new(proxy, "tm", &token);
+            match s.initialize().await {
+                Ok(_) => Ok(s),
+                Err(e) => Err((e.status, message(&e))),
+            }
+        });
+    }
+    let (mut open, mut refusals) = (Vec::new(), Vec::new());
+    while let Some(r) = tasks.join_next().await {
+        match r.expect("task") {
+            Ok(s) => open.push(s),
+            Err(e) => refusals.push(e),
+        }
+    }
+    assert_eq!(open.len(), 2, "{refusals:?}");
+    for (status, msg) in &refusals {
+        assert_eq!(*status, http::StatusCode::BAD_GATEWAY);
+        assert!(
+            msg.contains("is running 2 MCP sessions") && msg.contains("app_service.max_sessions"),
+            "{msg}"
+        );
+    }
+    let agent = c.agent("capped");
+    assert_eq!(
+        agent
+            .state
+            .metrics
+            .live
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+
+    // The open ones work; ending one frees its slot once its process is reaped.
+    let mut first = open.remove(0);
+    let r = first
+        .call("echo", serde_json::json!({"message": "capped"}))
+        .await;
+    assert_eq!(r["result"]["content"][0]["text"], "capped", "{r}");
+    assert_eq!(first.delete().await.status, http::StatusCode::OK);
+    let mut third = eventually(Duration::from_secs(15), "a slot freed", || async {
+        let mut s = McpHttp::new(proxy, "tm", &token);
+        s.initialize().await.ok().map(|_| s)
+    })
+    .await;
+    let r = third
+        .call("echo", serde_json::json!({"message": "again"}))
+        .await;
+    assert_eq!(r["result"]["content"][0]["text"], "again", "{r}");
+    let msg = refused(&c, "tm", &token).await;
+    assert!(msg.contains("max_sessions"), "full again: {msg}");
+    c.shutdown().await;
+}
+
+/// An agent in its own `portico start` process, so that it can have a
+/// `PORTICO_SECRET_*` variable without touching this process's environment.
+struct AgentProcess {
+    child: tokio::process::Child,
+}
+
+impl AgentProcess {
+    async fn start(c: &Cluster, host_id: &str, mcp_yaml: &str, env: &[(&str, &str)]) -> Self {
+        let dir = c.data_dir().join(format!("process-{host_id}"));
+        std::fs::create_dir_all(&dir).expect("agent dir");
+        let config = dir.join("portico.yaml");
+        let join_token = c.join_token("app").await;
+        std::fs::write(
+            &config,
+            format!(
+                "version: v1\ndata_dir: {}\napp_service:\n  auth_servers: [\"{}\"]\n  proxy_servers: [\"{}\"]\n  join_token: \"{}\"\n  host_id: {host_id}\n  shutdown_grace: 2s\n  resources:\n  - labels: {{team: {host_id}}}\n{mcp_yaml}",
+                dir.join("data").display(),
+                c.auth_addr,
+                c.tunnel_addr(),
+                join_token,
+            ),
+        )
+        .expect("write config");
+        let log = std::fs::File::create(dir.join("agent.log")).expect("log file");
+        let mut cmd = tokio::process::Command::new(bin("portico"));
+        cmd.arg("start")
+            .arg("--config")
+            .arg(&config)
+            .env_remove("PORTICO_DATA_DIR")
+            .env_remove("PORTICO_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("portico start");
+        let tunnels = c.proxy.as_ref().expect("proxy").state.tunnels.clone();
+        eventually(
+            Duration::from_secs(30),
+            &format!(
+                "agent {host_id} connected (log: {})",
+                dir.join("agent.log").display()
+            ),
+            || {
+                let t = tunnels.clone();
+                async move { t.is_connected(host_id).then_some(()) }
+            },
+        )
+        .await;
+        AgentProcess { child }
+    }
+
+    async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let mut kill = tokio::process::Command::new("kill");
+            kill.args(["-TERM", &pid.to_string()]);
+            let o = run(kill, None).await;
+            assert!(o.status.success(), "kill -TERM {pid}");
+        }
+        let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .expect("the agent exits after SIGTERM")
+            .expect("status");
+        assert!(status.success(), "{status}");
+    }
+}
+
+#[tokio::test]
+async fn secrets_resolve_only_for_the_apps_a_grant_covers() {
+    let c = ClusterBuilder::new().proxy().start().await;
+    let agent = AgentProcess::start(
+        &c,
+        "vault",
+        &format!(
+            "  mcp:\n    allowed_host_users: [{}]\n    secrets:\n    - name: PT_TOKEN\n      labels: {{env: prod}}\n",
+            me()
+        ),
+        &[("PORTICO_SECRET_PT_TOKEN", "s3cret-value")],
+    )
+    .await;
+    let token = token(&c).await;
+    let env = "{PT_SECRET: '{{secret PT_TOKEN}}'}";
+    c.create_yaml(
+        &report_app("sec-prod", "{team: vault, env: prod}", &me(), env),
+        false,
+    )
+    .await
+    .expect("app");
+    c.create_yaml(
+        &report_app("sec-dev", "{team: vault, env: dev}", &me(), env),
+        false,
+    )
+    .await
+    .expect("app");
+    // A grant names one secret: it does not cover another set on the same agent.
+    c.create_yaml(
+        &report_app(
+            "sec-other",
+            "{team: vault, env: prod}",
+            &me(),
+            "{PT_SECRET: '{{secret PT_OTHER}}'}",
+        ),
+        false,
+    )
+    .await
+    .expect("app");
+    for app in ["sec-prod", "sec-dev", "sec-other"] {
+        c.wait_servers(app, &["vault"]).await;
+    }
+
+    let mut s = McpHttp::new(c.proxy_addr(), "sec-prod", &token);
+    let info = s.initialize().await.expect("env=prod is granted")["serverInfo"].clone();
+    assert_eq!(info["name"], "s3cret-value", "{info}");
+
+    for (app, secret) in [("sec-dev", "PT_TOKEN"), ("sec-other", "PT_OTHER")] {
+        let msg = refused(&c, app, &token).await;
+        assert!(
+            msg.contains(&format!("secret {secret:?} is not granted to this app"))
+                && msg.contains("no app_service.mcp.secrets grant"),
+            "{app}: {msg}"
+        );
+        assert!(!msg.contains("s3cret-value"), "{msg}");
+    }
+    drop(s);
+    agent.stop().await;
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn processes_run_under_the_configured_rlimits() {
+    let c = ClusterBuilder::new()
+        .proxy()
+        .agent_yaml(
+            "limited",
+            &format!(
+                "app_service:\n  resources:\n  - labels: {{team: limited}}\n  mcp:\n    allowed_host_users: [{}]\n    max_open_files: 64\n    max_memory_bytes: 1073741824\n",
+                me()
+            ),
+        )
+        .agent_yaml(
+            "dflt",
+            "app_service:\n  resources:\n  - labels: {team: dflt}\n",
+        )
+        .start()
+        .await;
+    let token = token(&c).await;
+    c.create_yaml(&report_app("lim", "{team: limited}", &me(), "{}"), false)
+        .await
+        .expect("app");
+    c.create_yaml(&report_app("dfl", "{team: dflt}", &me(), "{}"), false)
+        .await
+        .expect("app");
+    c.wait_servers("lim", &["limited"]).await;
+    c.wait_servers("dfl", &["dflt"]).await;
+
+    let mut s = McpHttp::new(c.proxy_addr(), "lim", &token);
+    let info = s.initialize().await.expect("initialize")["serverInfo"].clone();
+    assert_eq!(
+        info["version"], "64:64 1073741824:1073741824",
+        "RLIMIT_NOFILE and RLIMIT_AS, soft and hard: {info}"
+    );
+
+    // No limits configured: 1024 open files (or the agent's own lower hard
+    // limit), the address space as the agent has it.
+    let files = portico_agent::spawn::default_open_files();
+    let mut s = McpHttp::new(c.proxy_addr(), "dfl", &token);
+    let info = s.initialize().await.expect("initialize")["serverInfo"].clone();
+    let version = info["version"].as_str().unwrap_or_default().to_string();
+    assert!(
+        version.starts_with(&format!("{files}:{files} ")),
+        "default RLIMIT_NOFILE: {info}"
+    );
+    c.shutdown().await;
+}
