@@ -63,9 +63,21 @@ pub fn routes(server: Arc<AuthServer>) -> tonic::service::Routes {
         )
         .route(
             "/metrics",
-            get(move || {
+            get(move |req: axum::extract::Request| {
                 let m = m.clone();
-                async move { m.metrics_text() }
+                async move {
+                    let peer = req
+                        .extensions()
+                        .get::<tonic::transport::server::TcpConnectInfo>()
+                        .and_then(|c| c.remote_addr());
+                    if !m.public_metrics && !peer.is_some_and(|p| p.ip().is_loopback()) {
+                        return (
+                            axum::http::StatusCode::FORBIDDEN,
+                            "metrics answer only on loopback; set auth_service.public_metrics: true to serve them to other addresses\n".to_string(),
+                        );
+                    }
+                    (axum::http::StatusCode::OK, m.metrics_text())
+                }
             }),
         );
     tonic::service::Routes::from(router)
@@ -946,23 +958,6 @@ impl AuthService for Api {
         }
         self.written().await;
         Ok(Response::new(HeartbeatResponse {}))
-    }
-
-    async fn emit_event(&self, req: Request<EmitEventRequest>) -> Res<EmitEventResponse> {
-        let c = self.caller(&req, "emit_event").await?;
-        self.require_service(&c).await?;
-        self.check(&c, Kind::Event, Verb::Create).await?;
-        let req = req.into_inner();
-        if req.r#type.is_empty() || req.r#type.len() > 64 || req.fields_json.len() > 64 * 1024 {
-            return Err(Status::invalid_argument(
-                "an event needs a type (at most 64 characters) and at most 64 KiB of fields",
-            ));
-        }
-        let fields = event_fields(&req.fields_json, &c.p.name)?;
-        self.s
-            .audit(&req.r#type, &c.p.name, req.success, fields)
-            .await;
-        Ok(Response::new(EmitEventResponse {}))
     }
 
     async fn emit_events(&self, req: Request<EmitEventsRequest>) -> Res<EmitEventResponse> {

@@ -50,6 +50,9 @@ pub struct AuthConfig {
     /// deployments such as docker-compose that join without an operator).
     #[serde(default)]
     pub bootstrap_tokens: Vec<BootstrapToken>,
+    /// Answer `/metrics` to any address, not only loopback (default false).
+    #[serde(default)]
+    pub public_metrics: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -75,6 +78,7 @@ impl Default for AuthConfig {
             session_ttl: None,
             event_retention: None,
             bootstrap_tokens: vec![],
+            public_metrics: false,
         }
     }
 }
@@ -118,6 +122,8 @@ pub struct AuthServer {
     pub backend: Arc<dyn Backend>,
     pub hub: Arc<Hub>,
     pub(crate) session_ttl_ms: i64,
+    /// `/metrics` answers only loopback callers unless this is set.
+    pub(crate) public_metrics: bool,
     pub(crate) limiter: LoginLimiter,
     /// Password checks (argon2, about 19 MiB and a core each) running at once.
     pub(crate) password_checks: Arc<tokio::sync::Semaphore>,
@@ -176,6 +182,7 @@ impl AuthServer {
             backend,
             hub,
             session_ttl_ms,
+            public_metrics: cfg.public_metrics,
             limiter: LoginLimiter::new(
                 LOGIN_MAX_FAILURES,
                 Duration::from_secs(60),

@@ -63,6 +63,13 @@ pub struct ProxyConfig {
     pub session_idle_timeout: Option<String>,
     #[serde(default)]
     pub max_sessions_per_user: Option<usize>,
+    /// Time a client may take to send a request's headers; also how long an
+    /// idle HTTP/1 keep-alive connection is kept (default 30s).
+    #[serde(default)]
+    pub header_timeout: Option<String>,
+    /// Time a client may take to send a POST body (default 30s).
+    #[serde(default)]
+    pub body_timeout: Option<String>,
     /// Open client connections at once (default 4096).
     #[serde(default)]
     pub max_connections: Option<usize>,
@@ -94,6 +101,8 @@ impl Default for ProxyConfig {
             max_body_bytes: None,
             session_idle_timeout: None,
             max_sessions_per_user: None,
+            header_timeout: None,
+            body_timeout: None,
             max_connections: None,
             public_metrics: false,
         }
@@ -206,7 +215,7 @@ pub async fn start(
         auth_channel: channel.clone(),
         max_message: portico_mcp::DEFAULT_MAX_MESSAGE,
         max_body: cfg.max_body_bytes.unwrap_or(4 * 1024 * 1024),
-        body_timeout: Duration::from_secs(30),
+        body_timeout: duration(&cfg.body_timeout, "body_timeout", Duration::from_secs(30))?,
         idle_timeout,
         max_sessions_per_user: cfg.max_sessions_per_user.unwrap_or(256),
         allowed_origins: cfg.allowed_origins.clone(),
@@ -256,7 +265,11 @@ pub async fn start(
     let router = web::router(state.clone());
     let limits = serve::WebLimits {
         max_connections: cfg.max_connections.unwrap_or(4096),
-        ..Default::default()
+        header_timeout: duration(
+            &cfg.header_timeout,
+            "header_timeout",
+            Duration::from_secs(30),
+        )?,
     };
     let web_task = tokio::spawn(serve::serve(
         listeners.web,
@@ -273,6 +286,21 @@ pub async fn start(
         stop,
         web_task,
     })
+}
+
+/// A `proxy_service` duration setting, or its default.
+fn duration(v: &Option<String>, field: &str, default: Duration) -> Result<Duration, Error> {
+    match v {
+        None => Ok(default),
+        Some(s) => portico_core::time::parse_duration(s)
+            .filter(|ms| *ms > 0)
+            .map(|ms| Duration::from_millis(ms as u64))
+            .ok_or_else(|| {
+                Error::bad_request(format!(
+                    "proxy_service.{field}: {s:?} is not a duration like 30s"
+                ))
+            }),
+    }
 }
 
 /// Runs the proxy until `shutdown` resolves.

@@ -908,3 +908,212 @@ async fn denials_are_audited() {
     );
     c.shutdown().await;
 }
+
+/// Reads from a raw connection until the peer answers or closes, for at most `limit`.
+async fn read_reply(tcp: &mut tokio::net::TcpStream, limit: Duration) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 4096];
+    match tokio::time::timeout(limit, tcp.read(&mut buf)).await {
+        Ok(Ok(n)) => Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
+        Ok(Err(_)) => Some(String::new()),
+        Err(_) => None,
+    }
+}
+
+#[tokio::test]
+async fn slow_headers_and_bodies_are_cut_off() {
+    use tokio::io::AsyncWriteExt;
+    let c = cluster_with_app(ClusterBuilder::new().request_timeouts("1s", "1s")).await;
+    let marks = Marks::new();
+    let mut t = open(&c, "trent").await;
+    let sid = t.session.clone().expect("session id");
+
+    // Headers that never finish: the connection is closed, with nothing served.
+    let mut slow = tokio::net::TcpStream::connect(c.proxy_addr())
+        .await
+        .expect("connect");
+    slow.write_all(b"POST /mcp/tm HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("partial headers");
+    let r = read_reply(&mut slow, Duration::from_secs(10))
+        .await
+        .expect("the proxy gives up on slow headers");
+    assert!(!r.starts_with("HTTP/1.1 200"), "{r}");
+
+    // An allowed touch whose body stops half way: 408, and it never runs.
+    let body = format!(
+        r#"{{"jsonrpc":"2.0","id":81,"method":"tools/call","params":{{"name":"touch","arguments":{{"path":{}}}}}}}"#,
+        js(&marks.target)
+    );
+    let head = format!(
+        "POST /mcp/tm HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nMcp-Session-Id: {sid}\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nContent-Length: {}\r\n\r\n",
+        t.token,
+        body.len()
+    );
+    let mut slow = tokio::net::TcpStream::connect(c.proxy_addr())
+        .await
+        .expect("connect");
+    slow.write_all(head.as_bytes()).await.expect("headers");
+    slow.write_all(&body.as_bytes()[..body.len() / 2])
+        .await
+        .expect("half the body");
+    let r = read_reply(&mut slow, Duration::from_secs(10))
+        .await
+        .expect("the proxy gives up on a slow body");
+    assert!(r.starts_with("HTTP/1.1 408"), "{r}");
+    assert_untouched(&mut t, &marks, "a slow body").await;
+    assert_touch_runs(&c, &marks).await;
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn calls_pending_at_session_end_are_audited_as_unanswered() {
+    let c = cluster_with_app(ClusterBuilder::new()).await;
+    let mut t = open(&c, "trent").await;
+    let slow = tokio::spawn(async move { t.call("slow", json!({"ms": 30000})).await });
+    c.wait_pending(1).await;
+    let state = c.proxy.as_ref().expect("proxy").state.clone();
+    for s in state.sessions.all() {
+        s.end(&state, "ended by the test").await;
+    }
+    let r = tokio::time::timeout(Duration::from_secs(10), slow)
+        .await
+        .expect("the call ends with its session")
+        .expect("task");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("ended by the test")),
+        "{r}"
+    );
+    eventually(
+        Duration::from_secs(10),
+        "unanswered call audited",
+        || async {
+            let evs = request_events(&c).await?;
+            let decided = evs.iter().any(|e| {
+                e["fields"]["tool"] == "slow"
+                    && e["fields"]["phase"] == "decided"
+                    && e["fields"]["allowed"] == true
+            });
+            let unanswered = evs.iter().any(|e| {
+                e["fields"]["tool"] == "slow"
+                    && e["fields"]["phase"] == "completed"
+                    && e["fields"]["outcome"] == "unanswered"
+            });
+            (decided && unanswered).then_some(())
+        },
+    )
+    .await;
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn users_cannot_grant_roles_they_do_not_hold() {
+    let c = ClusterBuilder::new().start().await;
+    c.create_yaml(
+        "kind: role\nversion: v8\nmetadata: {name: user-admin}\nspec:\n  allow:\n    rules:\n    - resources: [user]\n      verbs: [list, read, create, update]\n",
+        false,
+    )
+    .await
+    .expect("role");
+    c.add_user("ursula", &["user-admin"], PW).await;
+    let mut api = c.client(&c.login("ursula", PW).await).await;
+    let add = |name: &str, roles: &[&str]| portico_proto::v1::AddUserRequest {
+        name: name.into(),
+        roles: roles.iter().map(|r| r.to_string()).collect(),
+        ..Default::default()
+    };
+    let e = api
+        .add_user(add("mole", &["admin"]))
+        .await
+        .expect_err("admin is not ursula's to give");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("\"admin\""), "{}", e.message());
+    // The same through a user resource, created and overwritten.
+    let mole = |roles: &str| portico_proto::v1::Resource {
+        kind: "user".into(),
+        json: format!(
+            r#"{{"kind":"user","version":"v2","metadata":{{"name":"mole2"}},"spec":{{"roles":{roles}}}}}"#
+        ),
+    };
+    let e = api
+        .create(portico_proto::v1::CreateRequest {
+            resources: vec![mole(r#"["mcp-user"]"#)],
+            overwrite: false,
+        })
+        .await
+        .expect_err("mcp-user is not ursula's to give");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    // Roles she holds are hers to give.
+    api.add_user(add("helper", &["user-admin"]))
+        .await
+        .expect("her own role");
+    // Names the system uses are nobody's, the admin's included.
+    let mut admin = c.admin().await;
+    for reserved in ["admin", "system", "root", "portico"] {
+        let e = admin
+            .add_user(add(reserved, &["mcp-user"]))
+            .await
+            .expect_err("reserved");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{reserved}: {e:?}");
+    }
+    c.shutdown().await;
+}
+
+/// A local address that is not loopback, when the machine has one.
+fn outside_address() -> Option<std::net::IpAddr> {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    s.connect("192.0.2.1:9").ok()?;
+    let ip = s.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+#[tokio::test]
+async fn metrics_answer_only_loopback() {
+    let c = ClusterBuilder::new().start().await;
+    let cfg = portico_proxy::ProxyConfig {
+        auth_servers: vec![c.auth_addr.to_string()],
+        join_token: Some(c.join_token("proxy").await),
+        ..Default::default()
+    };
+    let listeners = portico_proxy::Listeners {
+        web: tokio::net::TcpListener::bind("0.0.0.0:0")
+            .await
+            .expect("bind"),
+        tunnel: tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind"),
+    };
+    let p = portico_proxy::start(
+        &cfg,
+        portico_proxy::Credentials::Join {
+            data_dir: c.data_dir().join("metrics-proxy"),
+        },
+        listeners,
+    )
+    .await
+    .expect("proxy");
+    let port = p.web_addr.port();
+    let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let status = |ip: std::net::IpAddr| {
+        let http = http.clone();
+        async move {
+            let uri: http::Uri = format!("http://{}/metrics", std::net::SocketAddr::new(ip, port))
+                .parse()
+                .expect("uri");
+            http.get(uri).await.expect("metrics answer").status()
+        }
+    };
+    assert_eq!(
+        status("127.0.0.1".parse().expect("ip")).await,
+        StatusCode::OK
+    );
+    match outside_address() {
+        Some(ip) => assert_eq!(status(ip).await, StatusCode::FORBIDDEN, "from {ip}"),
+        None => eprintln!("no non-loopback address on this machine; remote /metrics not tried"),
+    }
+    p.shutdown().await;
+    c.shutdown().await;
+}

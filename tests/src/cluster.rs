@@ -32,6 +32,8 @@ pub struct ClusterBuilder {
     session_ttl: Option<String>,
     idle_timeout: Option<String>,
     max_sessions_per_user: Option<usize>,
+    /// The proxy's header and body read timeouts.
+    timeouts: Option<(String, String)>,
 }
 
 impl Default for ClusterBuilder {
@@ -49,6 +51,7 @@ impl ClusterBuilder {
             session_ttl: None,
             idle_timeout: None,
             max_sessions_per_user: None,
+            timeouts: None,
         }
     }
     pub fn storage(mut self, s: Storage) -> Self {
@@ -59,6 +62,12 @@ impl ClusterBuilder {
         self.proxy = true;
         self
     }
+    /// The proxy's header and body read timeouts.
+    pub fn request_timeouts(mut self, header: &str, body: &str) -> Self {
+        self.timeouts = Some((header.to_string(), body.to_string()));
+        self
+    }
+
     pub fn session_ttl(mut self, ttl: &str) -> Self {
         self.session_ttl = Some(ttl.into());
         self
@@ -143,6 +152,8 @@ impl ClusterBuilder {
                 auth_servers: vec![c.auth_addr.to_string()],
                 session_idle_timeout: self.idle_timeout.clone(),
                 max_sessions_per_user: self.max_sessions_per_user,
+                header_timeout: self.timeouts.as_ref().map(|t| t.0.clone()),
+                body_timeout: self.timeouts.as_ref().map(|t| t.1.clone()),
                 ..ProxyConfig::default()
             };
             c.start_proxy(cfg).await;

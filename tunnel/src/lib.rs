@@ -26,6 +26,9 @@ pub type TunnelBody = BoxBody<Bytes, std::io::Error>;
 pub const HANDSHAKE: &str = "PORTICO-TUNNEL/1";
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_HANDSHAKE_LINE: usize = 1024;
+/// Handshakes in progress at once; connections beyond are closed at accept,
+/// so that silent connections cannot pile up while they wait to time out.
+pub const MAX_HANDSHAKES: usize = 64;
 
 /// Headers of a session request.
 pub const H_APP: &str = "x-portico-app";
@@ -172,11 +175,22 @@ struct Conn {
 }
 
 /// The agents currently connected to this proxy.
-#[derive(Default)]
 pub struct TunnelServer {
     agents: RwLock<HashMap<String, Vec<Conn>>>,
     next_id: AtomicU64,
     changed: tokio::sync::Notify,
+    handshakes: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for TunnelServer {
+    fn default() -> Self {
+        TunnelServer {
+            agents: RwLock::default(),
+            next_id: AtomicU64::new(0),
+            changed: tokio::sync::Notify::new(),
+            handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
+        }
+    }
 }
 
 impl TunnelServer {
@@ -229,11 +243,15 @@ impl TunnelServer {
                     continue;
                 }
             };
+            let Ok(slot) = self.handshakes.clone().try_acquire_owned() else {
+                tracing::warn!(peer = %peer, max = MAX_HANDSHAKES, "too many tunnel handshakes in progress; closed a new connection");
+                continue;
+            };
             let me = self.clone();
             let auth = auth.clone();
             let stop = stop.clone();
             tokio::spawn(async move {
-                if let Err(e) = me.handle(stream, auth, stop).await {
+                if let Err(e) = me.handle(stream, auth, stop, slot).await {
                     tracing::warn!(peer = %peer, error = %e, "tunnel from agent ended");
                 }
             });
@@ -245,6 +263,7 @@ impl TunnelServer {
         stream: TcpStream,
         auth: Authenticator,
         mut stop: watch::Receiver<bool>,
+        slot: tokio::sync::OwnedSemaphorePermit,
     ) -> Result<(), String> {
         let _ = stream.set_nodelay(true);
         let mut stream = BufReader::new(stream);
@@ -293,6 +312,8 @@ impl TunnelServer {
             .handshake::<_, TunnelBody>(io)
             .await
             .map_err(|e| format!("http/2 handshake: {e}"))?;
+        // The handshake is over: its slot goes to the next agent.
+        drop(slot);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         {
             let mut agents = self.agents.write().unwrap_or_else(|p| p.into_inner());
