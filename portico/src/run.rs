@@ -65,175 +65,208 @@ async fn shutdown_signal() {
     }
 }
 
+/// Where a service started in this process can be reached by the others.
+fn reachable(addr: std::net::SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        format!("127.0.0.1:{}", addr.port())
+    } else {
+        addr.to_string()
+    }
+}
+
+/// The auth-service, once it can answer: its server, task and address.
+struct AuthRunning {
+    server: std::sync::Arc<portico_auth::AuthServer>,
+    task: tokio::task::JoinHandle<()>,
+    addr: String,
+}
+
+/// Opens storage and writes the admin identity before listening, so that
+/// whoever connects can be answered.
+async fn start_auth(
+    a: &portico_auth::AuthConfig,
+    data_dir: &std::path::Path,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<AuthRunning> {
+    let reserved = reserve(&a.listen_addr, "auth-service").await?;
+    let local = reserved.addr;
+    let server = portico_auth::AuthServer::open(a, data_dir)
+        .await
+        .map_err(|e| anyhow::anyhow!(e.message))?;
+    let addr = reachable(local);
+    server
+        .ensure_admin_identity(data_dir, &addr)
+        .await
+        .map_err(|e| anyhow::anyhow!(e.message))?;
+    // Ready: storage is open and the admin identity written.
+    let listener = reserved.listen()?;
+    let s = server.clone();
+    let task = tokio::spawn(async move {
+        let r = portico_auth::serve(s, listener, async move {
+            let _ = stop.wait_for(|v| *v).await;
+        })
+        .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "auth-service stopped");
+        }
+    });
+    tracing::info!(addr = %local, "auth-service listening");
+    Ok(AuthRunning { server, task, addr })
+}
+
+/// A service identity issued by the in-process auth-service when the
+/// service has no join token of its own.
+async fn local_identity(
+    auth: Option<&AuthRunning>,
+    joins: bool,
+    host: String,
+    role: portico_core::SystemRole,
+) -> Result<Option<(String, String)>> {
+    match auth {
+        Some(a) if !joins => {
+            let token = a
+                .server
+                .issue_service_identity(&host, role)
+                .await
+                .map_err(|e| anyhow::anyhow!(e.message))?;
+            Ok(Some((host, token)))
+        }
+        _ => Ok(None),
+    }
+}
+
+async fn start_proxy(
+    p: &portico_proxy::ProxyConfig,
+    auth: Option<&AuthRunning>,
+    data_dir: &std::path::Path,
+) -> Result<(portico_proxy::Proxy, String)> {
+    let mut p = p.clone();
+    if p.auth_servers.is_empty() {
+        match auth {
+            Some(a) => p.auth_servers = vec![a.addr.clone()],
+            None => {
+                bail!("proxy_service.auth_servers: required when the auth-service runs elsewhere")
+            }
+        }
+    }
+    let joins = p.join_token.is_some() || p.join_token_file.is_some();
+    let host = p.host_id.clone().unwrap_or_else(|| "local-proxy".into());
+    let creds = match local_identity(auth, joins, host, portico_core::SystemRole::Proxy).await? {
+        Some((host_id, token)) => portico_proxy::Credentials::Identity { host_id, token },
+        None => portico_proxy::Credentials::Join {
+            data_dir: data_dir.to_path_buf(),
+        },
+    };
+    let listeners = portico_proxy::Listeners {
+        web: bind(&p.web_listen_addr, "proxy web listener").await?,
+        tunnel: bind(&p.tunnel_listen_addr, "proxy tunnel listener").await?,
+    };
+    let started = portico_proxy::start(&p, creds, listeners)
+        .await
+        .map_err(|e| anyhow::anyhow!(e.message))?;
+    tracing::info!(web = %started.web_addr, tunnel = %started.tunnel_addr, "proxy listening");
+    let tunnel = reachable(started.tunnel_addr);
+    Ok((started, tunnel))
+}
+
+async fn start_agent(
+    a: &portico_agent::AgentConfig,
+    auth: Option<&AuthRunning>,
+    tunnel: Option<&str>,
+    data_dir: &std::path::Path,
+) -> Result<portico_agent::Agent> {
+    let mut a = a.clone();
+    if a.auth_servers.is_empty() {
+        match auth {
+            Some(x) => a.auth_servers = vec![x.addr.clone()],
+            None => {
+                bail!("app_service.auth_servers: required when the auth-service runs elsewhere")
+            }
+        }
+    }
+    if a.proxy_servers.is_empty() {
+        match tunnel {
+            Some(x) => a.proxy_servers = vec![x.to_string()],
+            None => bail!("app_service.proxy_servers: required when the proxy runs elsewhere"),
+        }
+    }
+    let joins = a.join_token.is_some() || a.join_token_file.is_some();
+    let host = a.host_id.clone().unwrap_or_else(|| "local-agent".into());
+    let creds = match local_identity(auth, joins, host, portico_core::SystemRole::App).await? {
+        Some((host_id, token)) => portico_agent::Credentials::Identity { host_id, token },
+        None => portico_agent::Credentials::Join {
+            data_dir: data_dir.to_path_buf(),
+        },
+    };
+    portico_agent::start(&a, creds)
+        .await
+        .map_err(|e| anyhow::anyhow!(e.message))
+}
+
+fn print_next_steps(data_dir: &std::path::Path, web: std::net::SocketAddr, tunnel: Option<&str>) {
+    println!(
+        "Portico is running: auth-service, proxy and one agent, with SQLite in {}",
+        data_dir.display()
+    );
+    println!(
+        "  proxy (MCP, psh, web): http://{web}    tunnel: {}",
+        tunnel.unwrap_or("-")
+    );
+    println!();
+    println!("Next, in another terminal in this directory:");
+    println!("  pctl users add alice --roles=admin          # prints alice's password once");
+    println!("  psh login --proxy={web} --user=alice");
+    println!(
+        "  pctl create examples/mcp_server.yaml        # register an MCP server (see examples/)"
+    );
+    println!("  psh mcp ls                                  # see what you can reach");
+    println!(
+        "  psh mcp config everything                   # client config that runs psh mcp connect"
+    );
+    println!("Stop with Ctrl-C.");
+}
+
+/// Creates the data directory owner-only: it holds the database, identities and tokens.
+fn make_data_dir(dir: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create the data directory {}", dir.display()))
+}
+
 pub async fn run(cfg: Config, quick_start: bool) -> Result<()> {
     if cfg.auth.is_none() && cfg.proxy.is_none() && cfg.agent.is_none() {
         bail!(
             "the config enables no service: set enabled: true in auth_service, proxy_service or app_service"
         );
     }
-    // Owner-only: it holds the database, identities and tokens.
-    let made = {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&cfg.data_dir)
-    };
-    made.with_context(|| {
-        format!(
-            "cannot create the data directory {}",
-            cfg.data_dir.display()
-        )
-    })?;
+    make_data_dir(&cfg.data_dir)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-
-    let mut auth_addr: Option<String> = None;
-    let mut auth_server = None;
-    let mut auth_task = None;
-    if let Some(a) = &cfg.auth {
-        let reserved = reserve(&a.listen_addr, "auth-service").await?;
-        let local = reserved.addr;
-        let server = portico_auth::AuthServer::open(a, &cfg.data_dir)
-            .await
-            .map_err(|e| anyhow::anyhow!(e.message))?;
-        let reach = if local.ip().is_unspecified() {
-            format!("127.0.0.1:{}", local.port())
-        } else {
-            local.to_string()
-        };
-        server
-            .ensure_admin_identity(&cfg.data_dir, &reach)
-            .await
-            .map_err(|e| anyhow::anyhow!(e.message))?;
-        // Ready: storage is open and the admin identity written.
-        let listener = reserved.listen()?;
-        let mut rx = stop_rx.clone();
-        let s = server.clone();
-        auth_task = Some(tokio::spawn(async move {
-            let r = portico_auth::serve(s, listener, async move {
-                let _ = rx.wait_for(|v| *v).await;
-            })
-            .await;
-            if let Err(e) = r {
-                tracing::error!(error = %e, "auth-service stopped");
-            }
-        }));
-        tracing::info!(addr = %local, "auth-service listening");
-        auth_addr = Some(reach);
-        auth_server = Some(server);
-    }
-
-    let mut proxy = None;
-    let mut tunnel_addr: Option<String> = None;
-    if let Some(p) = &cfg.proxy {
-        let mut p = p.clone();
-        if p.auth_servers.is_empty() {
-            match &auth_addr {
-                Some(a) => p.auth_servers = vec![a.clone()],
-                None => bail!(
-                    "proxy_service.auth_servers: required when the auth-service runs elsewhere"
-                ),
-            }
+    let auth = match &cfg.auth {
+        Some(a) => Some(start_auth(a, &cfg.data_dir, stop_rx.clone()).await?),
+        None => None,
+    };
+    let (proxy, tunnel) = match &cfg.proxy {
+        Some(p) => {
+            let (p, t) = start_proxy(p, auth.as_ref(), &cfg.data_dir).await?;
+            (Some(p), Some(t))
         }
-        let creds = match (&auth_server, &p.join_token, &p.join_token_file) {
-            (Some(server), None, None) => {
-                let host = p.host_id.clone().unwrap_or_else(|| "local-proxy".into());
-                let token = server
-                    .issue_service_identity(&host, portico_core::SystemRole::Proxy)
-                    .await
-                    .map_err(|e| anyhow::anyhow!(e.message))?;
-                portico_proxy::Credentials::Identity {
-                    host_id: host,
-                    token,
-                }
-            }
-            _ => portico_proxy::Credentials::Join {
-                data_dir: cfg.data_dir.clone(),
-            },
-        };
-        let listeners = portico_proxy::Listeners {
-            web: bind(&p.web_listen_addr, "proxy web listener").await?,
-            tunnel: bind(&p.tunnel_listen_addr, "proxy tunnel listener").await?,
-        };
-        let started = portico_proxy::start(&p, creds, listeners)
-            .await
-            .map_err(|e| anyhow::anyhow!(e.message))?;
-        let t = started.tunnel_addr;
-        tunnel_addr = Some(if t.ip().is_unspecified() {
-            format!("127.0.0.1:{}", t.port())
-        } else {
-            t.to_string()
-        });
-        tracing::info!(web = %started.web_addr, tunnel = %started.tunnel_addr, "proxy listening");
-        proxy = Some(started);
-    }
-
-    let mut agent = None;
-    if let Some(a) = &cfg.agent {
-        let mut a = a.clone();
-        if a.auth_servers.is_empty() {
-            match &auth_addr {
-                Some(x) => a.auth_servers = vec![x.clone()],
-                None => {
-                    bail!("app_service.auth_servers: required when the auth-service runs elsewhere")
-                }
-            }
-        }
-        if a.proxy_servers.is_empty() {
-            match &tunnel_addr {
-                Some(x) => a.proxy_servers = vec![x.clone()],
-                None => bail!("app_service.proxy_servers: required when the proxy runs elsewhere"),
-            }
-        }
-        let creds = match (&auth_server, &a.join_token, &a.join_token_file) {
-            (Some(server), None, None) => {
-                let host = a.host_id.clone().unwrap_or_else(|| "local-agent".into());
-                let token = server
-                    .issue_service_identity(&host, portico_core::SystemRole::App)
-                    .await
-                    .map_err(|e| anyhow::anyhow!(e.message))?;
-                portico_agent::Credentials::Identity {
-                    host_id: host,
-                    token,
-                }
-            }
-            _ => portico_agent::Credentials::Join {
-                data_dir: cfg.data_dir.clone(),
-            },
-        };
-        agent = Some(
-            portico_agent::start(&a, creds)
-                .await
-                .map_err(|e| anyhow::anyhow!(e.message))?,
-        );
-    }
-
+        None => (None, None),
+    };
+    let agent = match &cfg.agent {
+        Some(a) => Some(start_agent(a, auth.as_ref(), tunnel.as_deref(), &cfg.data_dir).await?),
+        None => None,
+    };
     if quick_start && let Some(p) = &proxy {
-        let web = p.web_addr;
-        println!(
-            "Portico is running: auth-service, proxy and one agent, with SQLite in {}",
-            cfg.data_dir.display()
-        );
-        println!(
-            "  proxy (MCP, psh, web): http://{web}    tunnel: {}",
-            tunnel_addr.as_deref().unwrap_or("-")
-        );
-        println!();
-        println!("Next, in another terminal in this directory:");
-        println!("  pctl users add alice --roles=admin          # prints alice's password once");
-        println!("  psh login --proxy={web} --user=alice");
-        println!(
-            "  pctl create examples/mcp_server.yaml        # register an MCP server (see examples/)"
-        );
-        println!("  psh mcp ls                                  # see what you can reach");
-        println!(
-            "  psh mcp config everything                   # client config that runs psh mcp connect"
-        );
-        println!("Stop with Ctrl-C.");
+        print_next_steps(&cfg.data_dir, p.web_addr, tunnel.as_deref());
     }
 
     shutdown_signal().await;
     tracing::info!("shutting down");
+    // Agents stop taking sessions, the proxy ends its own, then the agents'
+    // processes are reaped, and the auth-service goes last.
     if let Some(a) = &agent {
         a.shutdown();
     }
@@ -248,11 +281,9 @@ pub async fn run(cfg: Config, quick_start: bool) -> Result<()> {
         tracing::warn!("some MCP processes were still running at exit");
     }
     let _ = stop_tx.send(true);
-    if let Some(t) = auth_task {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), t).await;
-    }
-    if let Some(s) = auth_server {
-        s.shutdown();
+    if let Some(a) = auth {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), a.task).await;
+        a.server.shutdown();
     }
     Ok(())
 }
