@@ -747,6 +747,10 @@ impl AuthService for Api {
         let c = self.caller(&req, "create_token").await?;
         let req = req.into_inner();
         self.check(&c, Kind::Token, Verb::Create).await?;
+        // A join token grants a system role nobody holds: only those who
+        // may write roles (and so could grant anything) may mint one.
+        self.check(&c, Kind::Role, Verb::Create).await?;
+        self.check(&c, Kind::Role, Verb::Update).await?;
         let mut roles = Vec::new();
         for r in &req.roles {
             let Some(role) = SystemRole::parse(r) else {

@@ -1,11 +1,50 @@
 //! Reading Server-Sent Events with a bound on the size of one event. Only
 //! `data:` fields make up a message; comments, `id:`, `event:` and `retry:`
-//! lines and empty "priming" events are passed over.
+//! lines and empty "priming" events are passed over. One decoder serves
+//! streams read as they arrive and bodies read whole.
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 
 use crate::framing::LineBuffer;
+
+/// Assembles events from lines.
+struct Decoder {
+    lines: LineBuffer,
+    data: BytesMut,
+    max: usize,
+}
+
+impl Decoder {
+    fn new(max: usize) -> Self {
+        Decoder {
+            lines: LineBuffer::new(max),
+            data: BytesMut::new(),
+            max,
+        }
+    }
+
+    /// The next complete event's data, `None` when more bytes are needed.
+    fn next_event(&mut self) -> Result<Option<Bytes>, String> {
+        while let Some(line) = self.lines.next_line().map_err(|e| e.to_string())? {
+            if line.is_empty() {
+                if !self.data.is_empty() {
+                    return Ok(Some(self.data.split().freeze()));
+                }
+            } else if let Some(rest) = line.strip_prefix(b"data:") {
+                let rest = rest.strip_prefix(b" ").unwrap_or(rest);
+                if !self.data.is_empty() {
+                    self.data.extend_from_slice(b"\n");
+                }
+                self.data.extend_from_slice(rest);
+                if self.data.len() > self.max {
+                    return Err(format!("an event exceeded {} bytes", self.max));
+                }
+            }
+        }
+        Ok(None)
+    }
+}
 
 /// Sends the data of each event to `out`, except events `skip` rejects,
 /// until the body ends or `out` closes.
@@ -19,33 +58,50 @@ where
     B: hyper::body::Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
-    let mut lines = LineBuffer::new(max);
-    let mut data = BytesMut::new();
+    let mut dec = Decoder::new(max);
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| e.to_string())?;
         let Ok(chunk) = frame.into_data() else {
             continue;
         };
-        lines.push(&chunk);
-        while let Some(line) = lines.next_line().map_err(|e| e.to_string())? {
-            if line.is_empty() {
-                if !data.is_empty() {
-                    let ev = data.split().freeze();
-                    if !skip(&ev) && out.send(ev).await.is_err() {
-                        return Ok(());
-                    }
-                }
-            } else if let Some(rest) = line.strip_prefix(b"data:") {
-                let rest = rest.strip_prefix(b" ").unwrap_or(rest);
-                if !data.is_empty() {
-                    data.extend_from_slice(b"\n");
-                }
-                data.extend_from_slice(rest);
-                if data.len() > max {
-                    return Err(format!("an event exceeded {max} bytes"));
-                }
+        dec.lines.push(&chunk);
+        while let Some(ev) = dec.next_event()? {
+            if !skip(&ev) && out.send(ev).await.is_err() {
+                return Ok(());
             }
         }
     }
     Ok(())
+}
+
+/// The data of every event in a whole SSE body (an event the body ends
+/// without closing with a blank line counts too).
+pub fn events(body: &[u8], max: usize) -> Result<Vec<Bytes>, String> {
+    let mut dec = Decoder::new(max);
+    dec.lines.push(body);
+    dec.lines.push(b"\n\n");
+    let mut out = Vec::new();
+    while let Some(ev) = dec.next_event()? {
+        out.push(ev);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whole_bodies() {
+        let body = b": keep-alive\n\nid: 0\ndata:\n\nid: 1\nevent: message\ndata: {\"a\":1}\n\ndata: x\ndata: y";
+        let evs = events(body, 100).expect("valid");
+        assert_eq!(
+            evs,
+            vec![
+                Bytes::from_static(b"{\"a\":1}"),
+                Bytes::from_static(b"x\ny")
+            ]
+        );
+        assert!(events(b"data: 0123456789\n\n", 4).is_err());
+    }
 }

@@ -28,7 +28,30 @@ pub fn router(state: Arc<ProxyState>) -> Router {
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .route("/", get(index))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            until_synced,
+        ))
         .with_state(state)
+}
+
+/// Until the first sync with the auth-service the proxy knows no app, role
+/// or user: routes that need them answer 503 rather than a wrong 404 or 403.
+async fn until_synced(
+    State(state): State<Arc<ProxyState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = req.uri().path();
+    let needs_cache = path.starts_with("/mcp/") || path == "/v1/apps";
+    if !needs_cache || state.cache.synced() {
+        return next.run(req).await;
+    }
+    crate::mcp::http::rpc_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        portico_mcp::jsonrpc::SERVER_ERROR,
+        "the proxy has not synced with the auth service yet; try again shortly",
+    )
 }
 
 /// One row of `psh mcp ls`.

@@ -1117,3 +1117,36 @@ async fn metrics_answer_only_loopback() {
     p.shutdown().await;
     c.shutdown().await;
 }
+
+#[tokio::test]
+async fn role_patterns_that_do_not_compile_are_refused() {
+    let c = ClusterBuilder::new().start().await;
+    let dir = TempDir::new("portico-badrole");
+    for (field, mcp) in [
+        ("spec.deny.mcp.tools[1]", "tools: [echo, '^(unclosed$']"),
+        ("spec.deny.mcp.resources[0]", "resources: ['^[z-a]$']"),
+        ("spec.deny.mcp.prompts[0]", "prompts: ['^(?<$']"),
+    ] {
+        let file = dir.path().join("role.yaml");
+        std::fs::write(
+            &file,
+            format!(
+                "kind: role\nversion: v8\nmetadata: {{name: leaky}}\nspec:\n  allow:\n    app_labels: {{'*': '*'}}\n    mcp: {{tools: ['*']}}\n  deny:\n    mcp: {{{mcp}}}\n"
+            ),
+        )
+        .expect("write");
+        let o = c.pctl(&["create", &file.display().to_string()]).await;
+        let (out, err) = text(&o);
+        assert!(
+            !o.status.success(),
+            "a deny rule that denies nothing was stored: {out}"
+        );
+        assert!(
+            err.contains(field) && err.contains("role.yaml:1"),
+            "the error names the file and {field}: {err}"
+        );
+    }
+    let o = c.pctl(&["get", "roles"]).await;
+    assert!(!text(&o).0.contains("leaky"), "{:?}", text(&o));
+    c.shutdown().await;
+}

@@ -3,13 +3,14 @@
 
 use std::time::Duration;
 
+use portico_mcp::LineReader;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 
 pub struct Direct {
     child: tokio::process::Child,
     stdin: tokio::process::ChildStdin,
-    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    lines: LineReader<tokio::process::ChildStdout>,
     id: i64,
 }
 
@@ -25,7 +26,10 @@ impl Direct {
             .spawn()
             .expect("spawn");
         let stdin = child.stdin.take().expect("stdin");
-        let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let lines = LineReader::new(
+            child.stdout.take().expect("stdout"),
+            portico_mcp::DEFAULT_MAX_MESSAGE,
+        );
         let mut d = Direct {
             child,
             stdin,
@@ -58,7 +62,7 @@ impl Direct {
                 .expect("answer in 30 s")
                 .expect("read")
                 .expect("a line");
-            let v: Value = serde_json::from_str(&line).expect("json");
+            let v: Value = serde_json::from_slice(&line).expect("json");
             if v["id"] == json!(id) && v.get("method").is_none() {
                 return v;
             }

@@ -42,16 +42,10 @@ impl Reply {
             .unwrap_or("")
             .starts_with("text/event-stream")
         {
-            text.split("\n\n")
-                .filter_map(|ev| {
-                    let data: Vec<&str> = ev
-                        .lines()
-                        .filter_map(|l| l.strip_prefix("data:"))
-                        .map(|d| d.trim_start())
-                        .collect();
-                    (!data.is_empty())
-                        .then(|| serde_json::from_str(&data.join("\n")).unwrap_or(Value::Null))
-                })
+            portico_mcp::sse::events(&self.body, usize::MAX)
+                .unwrap_or_default()
+                .iter()
+                .map(|ev| serde_json::from_slice(ev).unwrap_or(Value::Null))
                 .collect()
         } else if text.trim().is_empty() {
             vec![]
