@@ -72,7 +72,7 @@ pub struct AgentConfig {
 #[serde(deny_unknown_fields)]
 pub struct AgentMcpConfig {
     /// Host accounts apps may name in `run_as_host_user`. Absent: any
-    /// existing account except root (uid 0).
+    /// existing account except root (uid 0) and the agent's own.
     #[serde(default)]
     pub allowed_host_users: Option<Vec<String>>,
     /// Which apps may use which `{{secret NAME}}`; a secret no grant covers

@@ -50,7 +50,12 @@ impl Policy {
         match &self.allowed_host_users {
             None if user.uid == 0 => Err(SpawnError::UserNotAllowed {
                 user: user.name.clone(),
-                why: "app_service.mcp.allowed_host_users is not set on this agent, and by default it allows any existing account except root (uid 0); run the app as another account, or list this one in allowed_host_users".into(),
+                why: "app_service.mcp.allowed_host_users is not set on this agent, and by default it allows any existing account except root and the agent's own; run the app as another account, or list this one in allowed_host_users".into(),
+            }),
+            // The agent's own account can read its identity and secrets.
+            None if user.uid == current_uid() => Err(SpawnError::UserNotAllowed {
+                user: user.name.clone(),
+                why: "it is the agent's own account, which can read the agent's identity and secrets; app_service.mcp.allowed_host_users is not set, and by default it allows any existing account except root and the agent's own; run the app as another account, or list this one in allowed_host_users".into(),
             }),
             None => Ok(()),
             Some(list) if list.contains(&user.name) => Ok(()),
@@ -287,32 +292,51 @@ pub fn spawn(
         .as_ref()
         .map(PathBuf::from)
         .unwrap_or_else(|| user.home.clone());
-    if dir.is_dir() {
-        cmd.current_dir(dir);
+    let dir = if dir.is_dir() {
+        dir
     } else {
-        cmd.current_dir("/");
-    }
+        PathBuf::from("/")
+    };
+    // Entered in the child after the user switch, with the user's rights.
+    let cdir = {
+        use std::os::unix::ffi::OsStrExt;
+        CString::new(dir.as_os_str().as_bytes()).map_err(|_| SpawnError::Other {
+            cmd: spec.command.clone(),
+            err: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the working directory holds a NUL byte",
+            ),
+        })?
+    };
+    // Groups are looked up here, before the fork: reading the group
+    // database after fork in a threaded process can deadlock.
     let switch_to = if switch {
-        let cname = CString::new(user.name.clone())
-            .map_err(|_| SpawnError::NoSuchUser(user.name.clone()))?;
-        Some((cname, user.uid, user.gid))
+        let groups = group_list(&user).map_err(|err| SpawnError::Other {
+            cmd: spec.command.clone(),
+            err,
+        })?;
+        Some((groups, user.uid, user.gid))
     } else {
         None
     };
     let open_files = policy.max_open_files as libc::rlim_t;
     let memory = policy.max_memory_bytes.map(|m| m as libc::rlim_t);
     // SAFETY: the closure runs between fork and exec and calls only
-    // async-signal-safe functions on memory allocated before the fork
-    // (initgroups aside, as before: it reads the group database).
-    // Users are switched first; the limits come last and only ever lower
-    // the agent's own (checked at start), which needs no privilege.
+    // async-signal-safe functions (setgroups, setgid, setuid, chdir,
+    // setrlimit) on memory allocated before the fork. Users are switched
+    // first, then the directory is entered with the user's rights; the
+    // limits come last and only ever lower the agent's own (checked at
+    // start), which needs no privilege.
     unsafe {
         cmd.pre_exec(move || {
-            if let Some((cname, uid, gid)) = &switch_to
-                && (libc::initgroups(cname.as_ptr(), *gid as _) != 0
+            if let Some((groups, uid, gid)) = &switch_to
+                && (libc::setgroups(groups.len() as _, groups.as_ptr()) != 0
                     || libc::setgid(*gid) != 0
                     || libc::setuid(*uid) != 0)
             {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::chdir(cdir.as_ptr()) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             let files = libc::rlimit {
@@ -345,6 +369,35 @@ pub fn spawn(
             err,
         },
     })
+}
+
+/// The supplementary groups of `user` (with its primary group), from the
+/// group database.
+fn group_list(user: &HostUser) -> std::io::Result<Vec<libc::gid_t>> {
+    let cname = CString::new(user.name.clone()).map_err(|_| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "user name holds NUL")
+    })?;
+    let mut n: libc::c_int = 32;
+    for _ in 0..8 {
+        let mut groups = vec![0 as libc::gid_t; n.max(1) as usize];
+        let mut got = n;
+        // SAFETY: groups has room for `got` entries; cname is NUL-terminated.
+        let rc = unsafe {
+            libc::getgrouplist(
+                cname.as_ptr(),
+                user.gid as _,
+                groups.as_mut_ptr() as _,
+                &mut got,
+            )
+        };
+        if rc >= 0 {
+            groups.truncate(got.max(0) as usize);
+            return Ok(groups);
+        }
+        // Too small: `got` holds the size needed.
+        n = got.max(n.saturating_mul(2));
+    }
+    Err(std::io::Error::other("cannot read the user's groups"))
 }
 
 /// The name of the user the agent runs as.

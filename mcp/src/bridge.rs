@@ -136,7 +136,7 @@ impl Bridge {
         }
         if status.is_success() && ctype.starts_with("text/event-stream") {
             let r = read_sse(resp.into_body(), self.cfg.max, &self.out, |data| {
-                skip.is_some_and(|s| Message::parse(data).is_ok_and(|m| m.id() == Some(s)))
+                self.messages(&data, skip)
             })
             .await;
             if let Err(e) = r {
@@ -150,7 +150,11 @@ impl Bridge {
             .map(|b| b.to_bytes())
             .unwrap_or_default();
         if status.is_success() && !body.is_empty() {
-            let _ = self.out.send(body).await;
+            for m in self.messages(&body, skip) {
+                if self.out.send(m).await.is_err() {
+                    return;
+                }
+            }
             return;
         }
         let msg = Message::parse(&body)
@@ -158,6 +162,27 @@ impl Bridge {
             .and_then(|m| m.error_message())
             .unwrap_or_else(|| format!("{} answered HTTP {}", self.cfg.peer, status.as_u16()));
         self.fail(&id, &msg).await;
+    }
+
+    /// The messages of one JSON body or SSE event, each on one line in
+    /// canonical form (a pretty-printed answer or a batch would otherwise be
+    /// split at its newlines); `skip` drops the answer to that id. What does
+    /// not parse is reported and dropped.
+    fn messages(&self, data: &[u8], skip: Option<&Id>) -> Vec<Bytes> {
+        match Message::parse_body(data) {
+            Ok(msgs) => msgs
+                .into_iter()
+                .filter(|m| skip.is_none() || !(m.is_response() && m.id() == skip))
+                .map(|m| m.to_bytes())
+                .collect(),
+            Err(e) => {
+                (self.cfg.notice)(&format!(
+                    "{} sent a message that is not valid JSON-RPC ({e}); dropped",
+                    self.cfg.peer
+                ));
+                Vec::new()
+            }
+        }
     }
 
     fn set_session(self: &Arc<Self>, resp: &hyper::Response<Incoming>) {
@@ -184,7 +209,10 @@ impl Bridge {
             match self.send(hyper::Method::GET, None, Some(&sid)).await {
                 Sent::Ok(r) if r.status().is_success() => {
                     attempt = 0;
-                    let _ = read_sse(r.into_body(), self.cfg.max, &self.out, |_| false).await;
+                    let _ = read_sse(r.into_body(), self.cfg.max, &self.out, |data| {
+                        self.messages(&data, None)
+                    })
+                    .await;
                 }
                 Sent::Ok(r) if r.status() == hyper::StatusCode::METHOD_NOT_ALLOWED => return,
                 Sent::Gone => return,

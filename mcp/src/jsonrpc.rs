@@ -19,6 +19,10 @@ pub const INTERNAL_ERROR: i64 = -32603;
 /// Server errors: the session ended, no agent, and the like.
 pub const SERVER_ERROR: i64 = -32000;
 
+/// The members a JSON-RPC message may have; anything else is refused, so
+/// nothing travels that was not checked.
+const MEMBERS: [&str; 6] = ["jsonrpc", "id", "method", "params", "result", "error"];
+
 /// A request id: MCP allows a string or an integer, never null.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Id {
@@ -127,6 +131,15 @@ impl Message {
         };
         if obj.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
             return Err(invalid("\"jsonrpc\" must be \"2.0\"", id));
+        }
+        if let Some(k) = obj.keys().find(|k| !MEMBERS.contains(&k.as_str())) {
+            let shown: String = k.chars().take(64).collect();
+            return Err(invalid(
+                format!(
+                    "{shown:?} is not a JSON-RPC member (jsonrpc, id, method, params, result, error)"
+                ),
+                id,
+            ));
         }
         let shape = match obj.get("method") {
             Some(Value::String(_)) if id.is_some() => Shape::Request,
@@ -302,6 +315,8 @@ mod tests {
             br#"{"jsonrpc":"2.0","id":1,"result":1,"error":{}}"#,
             br#"{"jsonrpc":"2.0","id":1,"method":"a","params":"x"}"#,
             br#"[1]"#,
+            br#"{"jsonrpc":"2.0","id":1,"method":"a","extra":1}"#,
+            br#"{"jsonrpc":"2.0","id":1,"METHOD":"a","error":{}}"#,
         ] {
             assert_eq!(
                 code(bad),

@@ -78,12 +78,12 @@ pub fn target(msg: &Message) -> Result<Option<Target>, String> {
     Ok(Some(match msg.method().unwrap_or("") {
         "tools/call" => Target::Tool(need(&["name"])?),
         "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
-            Target::Resource(need(&["uri"])?)
+            Target::Resource(normal_uri(need(&["uri"])?)?)
         }
         "prompts/get" => Target::Prompt(need(&["name"])?),
         "completion/complete" => match msg.param_str(&["ref", "type"]) {
             Some("ref/prompt") => Target::Prompt(need(&["ref", "name"])?),
-            Some("ref/resource") => Target::Resource(need(&["ref", "uri"])?),
+            Some("ref/resource") => Target::Resource(normal_uri(need(&["ref", "uri"])?)?),
             _ => {
                 return Err(
                     "completion/complete needs params.ref of type ref/prompt or ref/resource"
@@ -95,9 +95,44 @@ pub fn target(msg: &Message) -> Result<Option<Target>, String> {
     }))
 }
 
+/// A resource URI in the one spelling rules are written against: a
+/// lower-case scheme, no `.` or `..` path segments, no encoded dots,
+/// slashes or backslashes, no backslashes and no control characters.
+/// Others are refused rather than normalised, so that what was checked is
+/// what the server receives, whatever normalisation the server applies.
+pub fn normal_uri(uri: String) -> Result<String, String> {
+    let refuse = |why: &str| {
+        Err(format!(
+            "resource URI {uri:?} is refused: {why}; send it in normal form"
+        ))
+    };
+    if let Some((scheme, _)) = uri.split_once(':')
+        && scheme.bytes().any(|b| b.is_ascii_uppercase())
+    {
+        return refuse("its scheme is not lower case");
+    }
+    if uri.chars().any(|c| c.is_control() || c == '\\') {
+        return refuse("it holds a backslash or a control character");
+    }
+    let lower = uri.to_ascii_lowercase();
+    if ["%2e", "%2f", "%5c", "%00"]
+        .iter()
+        .any(|e| lower.contains(e))
+    {
+        return refuse("it encodes a dot, a slash or a backslash");
+    }
+    let path = uri.split_once("://").map_or(uri.as_str(), |(_, rest)| rest);
+    let path = path.split(['?', '#']).next().unwrap_or("");
+    if path.split('/').any(|seg| seg == "." || seg == "..") {
+        return refuse("it has a . or .. path segment");
+    }
+    Ok(uri)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn filters_and_fails_closed() {
@@ -138,5 +173,19 @@ mod tests {
             target(&m(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#)),
             Ok(None)
         );
+        for bad in [
+            "FILE:///secret/x",
+            "file:///pub/../secret/x",
+            "file:///pub/./x",
+            "file:///secret%2Fx",
+            "file:///pub/%2e%2e/secret",
+            "file:///a\\b",
+            "file:///pub/..",
+        ] {
+            let msg =
+                json!({"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri": bad}});
+            assert!(target(&m(&msg.to_string())).is_err(), "{bad}");
+        }
+        assert!(normal_uri("test://allowed/a.txt?x=..#y".into()).is_ok());
     }
 }

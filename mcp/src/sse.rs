@@ -46,13 +46,13 @@ impl Decoder {
     }
 }
 
-/// Sends the data of each event to `out`, except events `skip` rejects,
-/// until the body ends or `out` closes.
+/// Sends what `each` makes of each event's data (nothing, to skip it) to
+/// `out`, until the body ends or `out` closes.
 pub async fn read_sse<B>(
     mut body: B,
     max: usize,
     out: &tokio::sync::mpsc::Sender<Bytes>,
-    skip: impl Fn(&[u8]) -> bool,
+    each: impl Fn(Bytes) -> Vec<Bytes>,
 ) -> Result<(), String>
 where
     B: hyper::body::Body<Data = Bytes> + Unpin,
@@ -66,8 +66,10 @@ where
         };
         dec.lines.push(&chunk);
         while let Some(ev) = dec.next_event()? {
-            if !skip(&ev) && out.send(ev).await.is_err() {
-                return Ok(());
+            for m in each(ev) {
+                if out.send(m).await.is_err() {
+                    return Ok(());
+                }
             }
         }
     }

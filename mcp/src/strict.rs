@@ -1,6 +1,10 @@
 //! The one place where JSON is read strictly: a JSON value in which no
 //! object holds the same key twice, at any depth. Keys are compared after
-//! unescaping, so `"name"` and `"na\u006de"` are the same key.
+//! unescaping, so `"name"` and `"na\u006de"` are the same key, and also
+//! under case folding, so `"name"`, `"NAME"` and `"nameſ"`-style spellings
+//! that a case-insensitive decoder (Go's `encoding/json`, say) would merge
+//! cannot both appear: whichever one a server picked, it would not be the
+//! one that was checked.
 
 use std::fmt;
 
@@ -59,16 +63,45 @@ impl<'de> Visitor<'de> for StrictVisitor {
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         let mut out = Map::new();
+        // Folded keys, kept only once an object has a second key.
+        let mut folded: Vec<String> = Vec::new();
         while let Some(key) = map.next_key::<String>()? {
+            let shown = || key.chars().take(64).collect::<String>();
             if out.contains_key(&key) {
-                let shown: String = key.chars().take(64).collect();
-                return Err(de::Error::custom(format!("duplicate key {shown:?}")));
+                return Err(de::Error::custom(format!("duplicate key {:?}", shown())));
+            }
+            if !out.is_empty() {
+                if folded.is_empty() {
+                    folded.extend(out.keys().map(|k| fold(k)));
+                }
+                let f = fold(&key);
+                if folded.contains(&f) {
+                    return Err(de::Error::custom(format!(
+                        "key {:?} differs from another key only in case",
+                        shown()
+                    )));
+                }
+                folded.push(f);
             }
             let StrictValue(v) = map.next_value()?;
             out.insert(key, v);
         }
         Ok(Value::Object(out))
     }
+}
+
+/// A key folded for comparison: every character to upper case and back to
+/// lower case, which merges the spellings simple case folding merges
+/// (`ſ` and `s`, the Kelvin sign and `k`, `ς` and `σ`). It merges a few more
+/// (`ß` and `ss`), which only refuses more.
+fn fold(key: &str) -> String {
+    if key.is_ascii() {
+        return key.to_ascii_lowercase();
+    }
+    key.chars()
+        .flat_map(char::to_uppercase)
+        .flat_map(char::to_lowercase)
+        .collect()
 }
 
 /// Parses JSON text strictly: one value, nothing after it, no duplicate keys.
@@ -90,6 +123,10 @@ mod tests {
         assert!(from_slice(br#"[{"x":[{"k":1,"k":2}]}]"#).is_err());
         assert!(from_slice(br#"{"name":1,"na\u006de":2}"#).is_err());
         assert!(from_slice(br#"{"a":1} x"#).is_err());
+        assert!(from_slice(br#"{"name":1,"NAME":2}"#).is_err());
+        assert!(from_slice("{\"params\":1,\"param\u{17f}\":2}".as_bytes()).is_err());
+        assert!(from_slice("{\"k\":1,\"\u{212a}\":2}".as_bytes()).is_err());
+        assert!(from_slice(br#"{"a":{"x":1,"X":2}}"#).is_err());
         let v = from_slice(br#"{"a":[1,-2,3.5,"s",null,true,{"b":{}}]}"#).expect("valid");
         assert_eq!(v["a"][1], -2);
     }

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use portico_agent::{AgentConfig, ResourceSelector};
+use portico_agent::{AgentConfig, AgentMcpConfig, ResourceSelector};
 use portico_auth::AuthConfig;
 use portico_proxy::ProxyConfig;
 use serde::Deserialize;
@@ -50,6 +50,12 @@ impl Config {
                 resources: vec![ResourceSelector {
                     labels: BTreeMap::from([("*".to_string(), "*".to_string())]),
                 }],
+                // One person's machine: their own account may run servers
+                // (and could read the data directory anyway).
+                mcp: portico_agent::spawn::current_user_name().map(|me| AgentMcpConfig {
+                    allowed_host_users: Some(vec![me]),
+                    ..AgentMcpConfig::default()
+                }),
                 ..AgentConfig::default()
             }),
         }

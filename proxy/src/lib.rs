@@ -73,6 +73,9 @@ pub struct ProxyConfig {
     /// Open client connections at once (default 4096).
     #[serde(default)]
     pub max_connections: Option<usize>,
+    /// Open client connections from one address at once (default 512).
+    #[serde(default)]
+    pub max_connections_per_address: Option<usize>,
     /// Answer `/metrics` to any address, not only loopback (default false).
     #[serde(default)]
     pub public_metrics: bool,
@@ -104,6 +107,7 @@ impl Default for ProxyConfig {
             header_timeout: None,
             body_timeout: None,
             max_connections: None,
+            max_connections_per_address: None,
             public_metrics: false,
         }
     }
@@ -265,6 +269,7 @@ pub async fn start(
     let router = web::router(state.clone());
     let limits = serve::WebLimits {
         max_connections: cfg.max_connections.unwrap_or(4096),
+        max_per_address: cfg.max_connections_per_address.unwrap_or(512),
         header_timeout: duration(
             &cfg.header_timeout,
             "header_timeout",

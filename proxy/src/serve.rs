@@ -3,8 +3,9 @@
 //! HTTP/2 keep-alive pings, `TCP_NODELAY`, the peer's address for handlers,
 //! and a graceful stop that lets answers in flight finish.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -22,6 +23,8 @@ use tower::ServiceExt;
 pub struct WebLimits {
     /// Open connections at once; more are closed at accept.
     pub max_connections: usize,
+    /// Open connections from one address at once.
+    pub max_per_address: usize,
     /// Time to send a request's headers, and the most an idle HTTP/1
     /// keep-alive connection is kept.
     pub header_timeout: Duration,
@@ -31,6 +34,7 @@ impl Default for WebLimits {
     fn default() -> Self {
         WebLimits {
             max_connections: 4096,
+            max_per_address: 512,
             header_timeout: Duration::from_secs(30),
         }
     }
@@ -46,6 +50,7 @@ pub async fn serve(
     drain: Duration,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let per_address: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -75,6 +80,10 @@ pub async fn serve(
             tracing::warn!(peer = %peer, max = limits.max_connections, "too many open connections; closed a new one");
             continue;
         };
+        let Some(mine) = PerAddress::take(&per_address, peer.ip(), limits.max_per_address) else {
+            tracing::warn!(peer = %peer, max = limits.max_per_address, "too many open connections from one address; closed a new one");
+            continue;
+        };
         // Small JSON-RPC messages must not wait for Nagle's algorithm.
         let _ = tcp.set_nodelay(true);
         let app = router.clone();
@@ -90,7 +99,7 @@ pub async fn serve(
             if let Err(e) = conn.await {
                 tracing::debug!(peer = %peer, error = %e, "web connection ended with an error");
             }
-            drop(slot);
+            drop((slot, mine));
         });
     }
     if tokio::time::timeout(drain, graceful.shutdown())
@@ -98,5 +107,38 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("some web connections were still open at shutdown");
+    }
+}
+
+/// One open connection counted against its address; uncounted on drop.
+struct PerAddress {
+    table: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl PerAddress {
+    fn take(table: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr, max: usize) -> Option<Self> {
+        let mut t = table.lock().unwrap_or_else(|p| p.into_inner());
+        let n = t.entry(ip).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(PerAddress {
+            table: table.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PerAddress {
+    fn drop(&mut self) {
+        let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = t.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                t.remove(&self.ip);
+            }
+        }
     }
 }

@@ -129,14 +129,19 @@ async fn apps_run_only_as_the_accounts_the_agent_allows() {
     assert!(
         msg.contains("the agent does not run MCP servers as \"root\"")
             && msg.contains("allowed_host_users is not set")
-            && msg.contains("except root (uid 0)"),
+            && msg.contains("except root and the agent's own"),
         "{msg}"
     );
-    // Any other existing account is allowed by default.
-    let mut s = McpHttp::new(c.proxy_addr(), "other-on-plain", &token);
-    s.initialize()
-        .await
-        .expect("the default allows accounts other than root");
+    // Any other existing account is allowed by default; the agent's own is not.
+    if root_agent {
+        let mut s = McpHttp::new(c.proxy_addr(), "other-on-plain", &token);
+        s.initialize()
+            .await
+            .expect("the default allows accounts other than root and the agent's");
+    } else {
+        let msg = refused(&c, "other-on-plain", &token).await;
+        assert!(msg.contains("the agent's own account"), "{msg}");
+    }
 
     // The proxy audited both refusals with the agent's words.
     eventually(Duration::from_secs(10), "refusals audited", || async {

@@ -737,15 +737,24 @@ async fn resource_and_prompt_rbac() {
         )
         .await;
     assert_rbac_denied(&r, "completion/complete on test://hello");
-    // Allowed by the pattern, but no such resource: the server says so, and
-    // nothing of test://hello comes back.
-    let r = ro
-        .request("resources/read", json!({"uri": "test://allowed/../hello"}))
-        .await;
-    assert!(
-        r.get("error").is_some() && !r.to_string().contains("hello resource"),
-        "{r}"
-    );
+    // Matched by the pattern as written, but a server that normalises the
+    // path would read test://hello: refused before it is forwarded, as are
+    // other spellings of a URI.
+    for uri in [
+        "test://allowed/../hello",
+        "test://allowed/%2e%2e/hello",
+        "TEST://allowed/x",
+        "test://allowed/.%2Fx",
+    ] {
+        let r = ro.request("resources/read", json!({"uri": uri})).await;
+        assert_eq!(r["error"]["code"], -32602, "{uri}: {r}");
+        assert!(
+            r["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("normal form")),
+            "{uri}: {r}"
+        );
+    }
     let r = ro.request("prompts/list", json!({})).await;
     assert!(listed(&r, "prompts", "name").is_empty(), "{r}");
     let r = ro
@@ -1148,5 +1157,60 @@ async fn role_patterns_that_do_not_compile_are_refused() {
     }
     let o = c.pctl(&["get", "roles"]).await;
     assert!(!text(&o).0.contains("leaky"), "{:?}", text(&o));
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn keys_a_case_insensitive_server_would_merge_are_refused() {
+    let c = cluster_with_app(ClusterBuilder::new()).await;
+    let marks = Marks::new();
+    let mut m = open(&c, "mallory").await;
+    // A Go server decoding into structs matches keys case-insensitively
+    // (and folds ſ to s, K to k): whichever key it took, it would not be
+    // the one the proxy checked.
+    for (what, body, code) in [
+        (
+            "NAME beside name",
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","NAME":"touch","arguments":{"path":$PATH}}}"#,
+            -32700,
+        ),
+        (
+            "long s in a top-level key",
+            "{\"jsonrpc\":\"2.0\",\"id\":2,\"method\":\"tools/call\",\"params\":{\"name\":\"echo\"},\"param\u{017f}\":{\"name\":\"touch\",\"arguments\":{\"path\":$PATH}}}",
+            -32700,
+        ),
+        (
+            "upper-case members of a response",
+            r#"{"jsonrpc":"2.0","id":3,"METHOD":"tools/call","PARAMS":{"name":"touch","arguments":{"path":$PATH}},"error":{"code":1,"message":"x"}}"#,
+            -32600,
+        ),
+        (
+            "Kelvin sign",
+            "{\"jsonrpc\":\"2.0\",\"id\":4,\"method\":\"tools/call\",\"params\":{\"name\":\"echo\",\"arguments\":{\"path\":$PATH,\"\u{212a}\":1,\"k\":2}}}",
+            -32700,
+        ),
+    ] {
+        let r = raw(&m, &marks.fill(body)).await;
+        assert_refused(&r, code, what);
+    }
+    assert_untouched(&mut m, &marks, "case-folded keys").await;
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn batches_are_bounded() {
+    let c = cluster_with_app(ClusterBuilder::new()).await;
+    let m = open(&c, "mallory").await;
+    let batch = |n: usize| {
+        let items: Vec<String> = (0..n)
+            .map(|i| format!(r#"{{"jsonrpc":"2.0","id":{},"method":"ping"}}"#, 1000 + i))
+            .collect();
+        format!("[{}]", items.join(","))
+    };
+    let r = raw(&m, &batch(101)).await;
+    assert_refused(&r, -32600, "101 messages");
+    let r = raw(&m, &batch(100)).await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    assert_eq!(r.messages().len(), 100, "every ping is answered");
     c.shutdown().await;
 }

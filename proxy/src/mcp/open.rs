@@ -41,11 +41,31 @@ pub async fn open_session(
             ),
         ));
     }
+    // Given back unless the session opens, also when the client goes away
+    // while the agent is dialled (the future is dropped then).
+    let mut slot = Slot {
+        state,
+        user: &who.name,
+        kept: false,
+    };
     let opened = dial(state, who, app).await;
-    if opened.is_err() {
-        state.sessions.unreserve(&who.name);
-    }
+    slot.kept = opened.is_ok();
     opened
+}
+
+/// A reserved session slot, returned on drop unless `kept`.
+struct Slot<'a> {
+    state: &'a ProxyState,
+    user: &'a str,
+    kept: bool,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.state.sessions.unreserve(self.user);
+        }
+    }
 }
 
 async fn dial(state: &Arc<ProxyState>, who: &Who, app: &str) -> Result<Arc<Session>, Response> {

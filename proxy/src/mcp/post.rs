@@ -16,6 +16,9 @@ use super::session::Session;
 use super::{Who, find_session, open::open_session};
 use crate::ProxyState;
 
+/// The most messages one POST may carry.
+pub const MAX_BATCH: usize = 100;
+
 pub async fn post(
     state: Arc<ProxyState>,
     who: Who,
@@ -31,6 +34,18 @@ pub async fn post(
         Err(r) => return r,
     };
     let msgs = match Message::parse_body(&body) {
+        Ok(m) if m.len() > MAX_BATCH => {
+            let why = format!("invalid request: a batch may hold at most {MAX_BATCH} messages");
+            state
+                .audit
+                .record(
+                    "mcp.session.request",
+                    false,
+                    serde_json::json!({"user": who.name, "app": app, "error": why}),
+                )
+                .await;
+            return rpc_error(StatusCode::BAD_REQUEST, INVALID_REQUEST, &why);
+        }
         Ok(m) => m,
         Err(e) => {
             state
@@ -197,8 +212,9 @@ async fn relay(state: &Arc<ProxyState>, session: &Arc<Session>, msgs: Vec<Messag
         return with_session(r, &session.id);
     };
     if let Some(tx) = stream_tx {
+        // At most MAX_BATCH answers, and the stream has room for more.
         for a in answers {
-            let _ = tx.send(a).await;
+            let _ = tx.try_send(a);
         }
     }
     session.release_stream_if_done(sid);

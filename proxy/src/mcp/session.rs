@@ -28,7 +28,27 @@ pub type AgentTx = mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>;
 pub type StreamTx = mpsc::Sender<Bytes>;
 
 const BACKLOG: usize = 1000;
-pub const STREAM_BUFFER: usize = 1024;
+pub const STREAM_BUFFER: usize = 256;
+/// How long a client stream may stay full before the session is ended: a
+/// client that stops reading must not hold the agent's tunnel.
+const STALL: std::time::Duration = std::time::Duration::from_secs(5);
+const STALLED: &str = "the client stopped reading its stream; the session was ended";
+
+/// Sends to a client stream, waiting at most `STALL` for room. `Ok(None)`:
+/// sent; `Ok(Some(msg))`: the stream is closed; `Err`: the client stalled.
+async fn send_bounded(tx: &StreamTx, msg: Bytes) -> Result<Option<Bytes>, ()> {
+    match tx.try_send(msg) {
+        Ok(()) => Ok(None),
+        Err(mpsc::error::TrySendError::Closed(m)) => Ok(Some(m)),
+        Err(mpsc::error::TrySendError::Full(m)) => {
+            match tokio::time::timeout(STALL, tx.send(m)).await {
+                Ok(Ok(())) => Ok(None),
+                Ok(Err(e)) => Ok(Some(e.0)),
+                Err(_) => Err(()),
+            }
+        }
+    }
+}
 
 pub struct Pending {
     pub stream: u64,
@@ -102,9 +122,10 @@ impl Session {
         self.lock().closed.clone()
     }
 
+    /// Whether a client is still reading any of the session's streams.
     pub fn has_streams(&self) -> bool {
         let g = self.lock();
-        !g.streams.is_empty() || g.get.as_ref().is_some_and(|s| !s.is_closed())
+        g.streams.values().any(|s| !s.is_closed()) || g.get.as_ref().is_some_and(|s| !s.is_closed())
     }
 
     /// Opens a POST stream; returns its id and receiver.
@@ -224,45 +245,50 @@ impl Session {
         g.backlog.push_back(msg);
     }
 
-    /// Routes one message from the MCP server to the client.
-    async fn route(&self, state: &ProxyState, line: &[u8]) {
+    /// Routes one message from the MCP server to the client; an error means
+    /// the client stopped reading and the session must end.
+    async fn route(&self, state: &ProxyState, line: &[u8]) -> Result<(), &'static str> {
         let mut msg = match Message::parse(line) {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(session = %self.id, app = %self.app, error = %e, "the MCP server sent an invalid message; dropped");
-                return;
+                return Ok(());
             }
         };
         if !msg.is_response() {
-            self.deliver_server(msg.to_bytes()).await;
-            return;
+            return self.deliver_server(msg.to_bytes()).await;
         }
         let Some(id) = msg.id().cloned() else {
-            return;
+            return Ok(());
         };
         let Some(pend) = self.lock().pending.remove(&id) else {
             tracing::warn!(session = %self.id, app = %self.app, id = %id, "the MCP server answered a request nobody is waiting for; dropped");
-            return;
+            return Ok(());
         };
         let out = rbac::on_response(state, self, &pend, &mut msg).await;
         let out =
             out.unwrap_or_else(|why| jsonrpc::error(Some(&id), jsonrpc::INTERNAL_ERROR, &why));
-        match self.stream_sender(pend.stream) {
-            Some(tx) if tx.send(out.clone()).await.is_ok() => {}
-            _ => self.deliver_server(out).await,
-        }
+        let undelivered = match self.stream_sender(pend.stream) {
+            Some(tx) => send_bounded(&tx, out).await.map_err(|()| STALLED)?,
+            None => Some(out),
+        };
         self.release_stream_if_done(pend.stream);
+        match undelivered {
+            Some(out) => self.deliver_server(out).await,
+            None => Ok(()),
+        }
     }
 
-    async fn deliver_server(&self, msg: Bytes) {
+    async fn deliver_server(&self, msg: Bytes) -> Result<(), &'static str> {
         match self.server_target() {
             Target::Stream(tx) => {
-                if let Err(e) = tx.send(msg).await {
-                    self.push_backlog(e.0);
+                if let Some(m) = send_bounded(&tx, msg).await.map_err(|()| STALLED)? {
+                    self.push_backlog(m);
                 }
             }
             Target::Backlog => self.push_backlog(msg),
         }
+        Ok(())
     }
 
     /// Ends the session: waiting requests get an error that says why, and
@@ -323,7 +349,12 @@ impl Session {
                     loop {
                         match lines.next_line() {
                             Ok(Some(line)) if line.is_empty() => {}
-                            Ok(Some(line)) => self.route(&state, &line).await,
+                            Ok(Some(line)) => {
+                                if let Err(why) = self.route(&state, &line).await {
+                                    reason = Some(why.to_string());
+                                    break 'read;
+                                }
+                            }
                             Ok(None) => break,
                             Err(_) => {
                                 reason = Some(format!(
