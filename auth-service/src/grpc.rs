@@ -106,6 +106,18 @@ fn source_of<T>(req: &Request<T>) -> String {
         .unwrap_or_else(|| "unknown".to_string())
 }
 
+/// The network a guesser controls as a whole: an IPv4 address, or the /64
+/// of an IPv6 one (a single host usually holds a whole /64).
+fn guess_network(source: &str) -> String {
+    match source.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(v6)) => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+        _ => source.to_string(),
+    }
+}
+
 fn is_denial(status: &Status) -> bool {
     matches!(
         status.code(),
@@ -535,7 +547,7 @@ impl AuthService for Api {
         }
         // The attempt is counted before the password is checked, so guesses
         // sent at once cannot get more checks than the limit between them.
-        let attempt = match self.s.limiter.begin(&user, &source) {
+        let attempt = match self.s.limiter.begin(&user, &guess_network(&source)) {
             Ok(a) => a,
             Err(refused) => {
                 let (error, message) = match refused {
@@ -1166,4 +1178,16 @@ async fn dummy_hash() -> String {
         .get_or_init(|| async { hash_password(random_token()).await.unwrap_or_default() })
         .await
         .clone()
+}
+
+#[cfg(test)]
+mod guess_tests {
+    use super::guess_network;
+
+    #[test]
+    fn ipv6_guesses_count_per_64() {
+        assert_eq!(guess_network("2001:db8:1:2:3:4:5:6"), "2001:db8:1:2::/64");
+        assert_eq!(guess_network("2001:db8:1:2:ffff::1"), "2001:db8:1:2::/64");
+        assert_eq!(guess_network("192.0.2.7"), "192.0.2.7");
+    }
 }
