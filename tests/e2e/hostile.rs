@@ -1214,3 +1214,65 @@ async fn batches_are_bounded() {
     assert_eq!(r.messages().len(), 100, "every ping is answered");
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_ended_and_others_go_on() {
+    use tokio::io::AsyncWriteExt;
+    let c = cluster_with_app(ClusterBuilder::new()).await;
+    let m = open(&c, "mallory").await;
+    let sid = m.session.clone().expect("session id");
+    let mut t = open(&c, "trent").await;
+    // Mallory has her own stream flooded (4,000 notifications of 8 KiB,
+    // far more than every buffer on the way) and never reads a byte.
+    let body = r#"{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"flood","arguments":{"count":4000,"bytes":8192},"_meta":{"progressToken":"p"}}}"#;
+    let request = format!(
+        "POST /mcp/tm HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nMcp-Session-Id: {sid}\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nContent-Length: {}\r\n\r\n{body}",
+        m.token,
+        body.len()
+    );
+    let mut stalled = tokio::net::TcpStream::connect(c.proxy_addr())
+        .await
+        .expect("connect");
+    stalled
+        .write_all(request.as_bytes())
+        .await
+        .expect("request");
+    let state = c.proxy.as_ref().expect("proxy").state.clone();
+    let started = std::time::Instant::now();
+    // Trent, on the same agent, is answered all along; mallory's session ends.
+    loop {
+        let r = tokio::time::timeout(
+            Duration::from_secs(3),
+            t.call("echo", json!({"message": "alive"})),
+        )
+        .await
+        .expect("another session is answered while one client stalls");
+        assert_eq!(r["result"]["content"][0]["text"], "alive", "{r}");
+        if state.sessions.get(&sid).is_none() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the stalled session was never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eventually(Duration::from_secs(10), "the stall is audited", || async {
+        let o = c
+            .pctl(&["events", "ls", "--type", "mcp.session.end", "--format", "json"])
+            .await;
+        let v: Value = serde_json::from_str(&text(&o).0).ok()?;
+        v.as_array()?
+            .iter()
+            .any(|e| {
+                e["fields"]["session"] == sid.as_str()
+                    && e["fields"]["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.contains("stopped reading"))
+            })
+            .then_some(())
+    })
+    .await;
+    drop(stalled);
+    c.shutdown().await;
+}

@@ -27,6 +27,14 @@ struct AddArgs {
 }
 
 #[derive(serde::Deserialize, schemars::JsonSchema)]
+struct FloodArgs {
+    /// How many progress notifications to send.
+    count: u64,
+    /// The length of each one's message.
+    bytes: u64,
+}
+
+#[derive(serde::Deserialize, schemars::JsonSchema)]
 struct SlowArgs {
     /// How long to sleep, in milliseconds.
     ms: u64,
@@ -87,6 +95,27 @@ impl TestServer {
                     .await;
             }
             tokio::time::sleep(std::time::Duration::from_millis(a.ms / steps)).await;
+        }
+        "done".to_string()
+    }
+
+    #[tool(description = "Send this many progress notifications of this many bytes each, then answer")]
+    async fn flood(
+        &self,
+        Parameters(a): Parameters<FloodArgs>,
+        meta: RequestMetaObject,
+        client: Peer<RoleServer>,
+    ) -> String {
+        let Some(token) = meta.get_progress_token() else {
+            return "no progress token".to_string();
+        };
+        let filler = "x".repeat(a.bytes as usize);
+        for step in 0..a.count {
+            let note = ProgressNotificationParam::new(token.clone(), step as f64)
+                .with_message(filler.clone());
+            if client.notify_progress(note).await.is_err() {
+                return "the client went away".to_string();
+            }
         }
         "done".to_string()
     }
