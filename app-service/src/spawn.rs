@@ -249,6 +249,110 @@ fn resolve_env(
     Ok(out)
 }
 
+/// What happens between fork and exec, prepared before the fork.
+struct InChild {
+    /// Groups, uid and gid to switch to.
+    switch_to: Option<(Vec<libc::gid_t>, u32, u32)>,
+    /// The working directory, entered with the target user's rights.
+    cdir: CString,
+    open_files: libc::rlim_t,
+    memory: Option<libc::rlim_t>,
+}
+
+impl InChild {
+    fn prepare(
+        spec: &McpSpec,
+        user: &HostUser,
+        switch: bool,
+        policy: &Policy,
+    ) -> Result<InChild, SpawnError> {
+        let dir = spec
+            .working_dir
+            .as_ref()
+            .map(PathBuf::from)
+            .unwrap_or_else(|| user.home.clone());
+        let dir = if dir.is_dir() {
+            dir
+        } else {
+            PathBuf::from("/")
+        };
+        // Entered in the child after the user switch, with the user's rights.
+        let cdir = {
+            use std::os::unix::ffi::OsStrExt;
+            CString::new(dir.as_os_str().as_bytes()).map_err(|_| SpawnError::Other {
+                cmd: spec.command.clone(),
+                err: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "the working directory holds a NUL byte",
+                ),
+            })?
+        };
+        // Groups are looked up here, before the fork: reading the group
+        // database after fork in a threaded process can deadlock.
+        let switch_to = if switch {
+            let groups = group_list(user).map_err(|err| SpawnError::Other {
+                cmd: spec.command.clone(),
+                err,
+            })?;
+            Some((groups, user.uid, user.gid))
+        } else {
+            None
+        };
+        Ok(InChild {
+            switch_to,
+            cdir,
+            open_files: policy.max_open_files as libc::rlim_t,
+            memory: policy.max_memory_bytes.map(|m| m as libc::rlim_t),
+        })
+    }
+
+    fn install(self, cmd: &mut Command) {
+        let InChild {
+            switch_to,
+            cdir,
+            open_files,
+            memory,
+        } = self;
+        // SAFETY: the closure runs between fork and exec and calls only
+        // async-signal-safe functions (setgroups, setgid, setuid, chdir,
+        // setrlimit) on memory allocated before the fork. Users are switched
+        // first, then the directory is entered with the user's rights; the
+        // limits come last and only ever lower the agent's own (checked at
+        // start), which needs no privilege.
+        unsafe {
+            cmd.pre_exec(move || {
+                if let Some((groups, uid, gid)) = &switch_to
+                    && (libc::setgroups(groups.len() as _, groups.as_ptr()) != 0
+                        || libc::setgid(*gid) != 0
+                        || libc::setuid(*uid) != 0)
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::chdir(cdir.as_ptr()) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let files = libc::rlimit {
+                    rlim_cur: open_files,
+                    rlim_max: open_files,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &files) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if let Some(m) = memory {
+                    let mem = libc::rlimit {
+                        rlim_cur: m,
+                        rlim_max: m,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_AS, &mem) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
 /// Spawns `command` + `args` exactly as given, with piped stdio, if `policy`
 /// allows it for an app with these `labels`.
 pub fn spawn(
@@ -287,77 +391,8 @@ pub fn spawn(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    let dir = spec
-        .working_dir
-        .as_ref()
-        .map(PathBuf::from)
-        .unwrap_or_else(|| user.home.clone());
-    let dir = if dir.is_dir() {
-        dir
-    } else {
-        PathBuf::from("/")
-    };
-    // Entered in the child after the user switch, with the user's rights.
-    let cdir = {
-        use std::os::unix::ffi::OsStrExt;
-        CString::new(dir.as_os_str().as_bytes()).map_err(|_| SpawnError::Other {
-            cmd: spec.command.clone(),
-            err: std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "the working directory holds a NUL byte",
-            ),
-        })?
-    };
-    // Groups are looked up here, before the fork: reading the group
-    // database after fork in a threaded process can deadlock.
-    let switch_to = if switch {
-        let groups = group_list(&user).map_err(|err| SpawnError::Other {
-            cmd: spec.command.clone(),
-            err,
-        })?;
-        Some((groups, user.uid, user.gid))
-    } else {
-        None
-    };
-    let open_files = policy.max_open_files as libc::rlim_t;
-    let memory = policy.max_memory_bytes.map(|m| m as libc::rlim_t);
-    // SAFETY: the closure runs between fork and exec and calls only
-    // async-signal-safe functions (setgroups, setgid, setuid, chdir,
-    // setrlimit) on memory allocated before the fork. Users are switched
-    // first, then the directory is entered with the user's rights; the
-    // limits come last and only ever lower the agent's own (checked at
-    // start), which needs no privilege.
-    unsafe {
-        cmd.pre_exec(move || {
-            if let Some((groups, uid, gid)) = &switch_to
-                && (libc::setgroups(groups.len() as _, groups.as_ptr()) != 0
-                    || libc::setgid(*gid) != 0
-                    || libc::setuid(*uid) != 0)
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::chdir(cdir.as_ptr()) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let files = libc::rlimit {
-                rlim_cur: open_files,
-                rlim_max: open_files,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &files) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if let Some(m) = memory {
-                let mem = libc::rlimit {
-                    rlim_cur: m,
-                    rlim_max: m,
-                };
-                if libc::setrlimit(libc::RLIMIT_AS, &mem) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
+    let in_child = InChild::prepare(spec, &user, switch, policy)?;
+    in_child.install(&mut cmd);
     cmd.spawn().map_err(|err| match err.kind() {
         std::io::ErrorKind::NotFound => SpawnError::NotFound(spec.command.clone()),
         std::io::ErrorKind::PermissionDenied => SpawnError::NotExecutable(spec.command.clone()),

@@ -51,86 +51,78 @@ enum LogFormat {
 fn main() {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Check { config } => match config::load(&config) {
-            Ok(c) => {
-                println!("{}: ok", config.display());
-                println!(
-                    "  auth_service:  {}",
-                    if c.auth.is_some() {
-                        "enabled"
-                    } else {
-                        "disabled"
-                    }
-                );
-                println!(
-                    "  proxy_service: {}",
-                    if c.proxy.is_some() {
-                        "enabled"
-                    } else {
-                        "disabled"
-                    }
-                );
-                println!(
-                    "  app_service:   {}",
-                    if c.agent.is_some() {
-                        "enabled"
-                    } else {
-                        "disabled"
-                    }
-                );
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                std::process::exit(1);
-            }
-        },
+        Cmd::Check { config } => check(&config),
         Cmd::Start {
             config,
             data_dir,
             log_format,
             log_level,
-        } => {
-            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_level));
-            use std::io::IsTerminal;
-            // Colour only for a person at a terminal, never into files or pipes.
-            let builder = tracing_subscriber::fmt()
-                .with_env_filter(filter)
-                .with_ansi(std::io::stderr().is_terminal())
-                .with_writer(std::io::stderr);
-            if log_format == LogFormat::Json {
-                builder.json().init();
-            } else {
-                builder.init();
-            }
-            let cfg = match &config {
-                Some(path) => config::load(path),
-                None => Ok(config::Config::quick_start()),
-            };
-            let mut cfg = match cfg {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    std::process::exit(2);
-                }
-            };
-            if let Some(d) = data_dir {
-                cfg.data_dir = d;
-            }
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("error: cannot start the runtime: {e}");
-                    std::process::exit(1);
-                }
-            };
-            if let Err(e) = rt.block_on(run::run(cfg, config.is_none())) {
-                eprintln!("error: {e}");
-                std::process::exit(1);
-            }
+        } => start(config, data_dir, log_format, log_level),
+    }
+}
+
+/// `portico check`: the config parses, and which services it runs.
+fn check(config: &std::path::Path) {
+    match config::load(config) {
+        Ok(c) => {
+            let state = |on: bool| if on { "enabled" } else { "disabled" };
+            println!("{}: ok", config.display());
+            println!("  auth_service:  {}", state(c.auth.is_some()));
+            println!("  proxy_service: {}", state(c.proxy.is_some()));
+            println!("  app_service:   {}", state(c.agent.is_some()));
         }
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn init_logs(format: LogFormat, level: String) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    // Colour only for a person at a terminal, never into files or pipes.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    if format == LogFormat::Json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// `portico start`: the config (or the quick start), then the services until a signal.
+fn start(config: Option<PathBuf>, data_dir: Option<PathBuf>, format: LogFormat, level: String) {
+    init_logs(format, level);
+    let cfg = match &config {
+        Some(path) => config::load(path),
+        None => Ok(config::Config::quick_start()),
+    };
+    let mut cfg = match cfg {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
+    if let Some(d) = data_dir {
+        cfg.data_dir = d;
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(run::run(cfg, config.is_none())) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
     }
 }

@@ -17,7 +17,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use portico_core::Error;
-use portico_proto::client::{channel_lazy, with_token};
+use portico_proto::client::{AuthClient, channel_lazy, with_token};
 use portico_tunnel::{Authenticator as TunnelAuth, TunnelServer};
 use serde::Deserialize;
 use tokio::net::TcpListener;
@@ -200,57 +200,12 @@ pub async fn start(
             .await?
         }
     };
-    let idle_timeout = match &cfg.session_idle_timeout {
-        Some(s) => Duration::from_millis(portico_core::time::parse_duration(s).ok_or_else(|| {
-            Error::bad_request(format!(
-                "proxy_service.session_idle_timeout: {s:?} is not a duration"
-            ))
-        })? as u64),
-        None => Duration::from_secs(30 * 60),
-    };
     let channel = channel_lazy(&auth).map_err(Error::bad_request)?;
     let api = with_token(channel.clone(), Some(&token)).map_err(Error::bad_request)?;
-    let state = Arc::new(ProxyState {
-        cache: Arc::new(Cache::default()),
-        tunnels: TunnelServer::new(),
-        sessions: Sessions::default(),
-        authn: Authenticator::new(channel.clone()),
-        audit: Auditor::start(api.clone()),
-        auth_channel: channel.clone(),
-        max_message: portico_mcp::DEFAULT_MAX_MESSAGE,
-        max_body: cfg.max_body_bytes.unwrap_or(4 * 1024 * 1024),
-        body_timeout: duration(&cfg.body_timeout, "body_timeout", Duration::from_secs(30))?,
-        idle_timeout,
-        max_sessions_per_user: cfg.max_sessions_per_user.unwrap_or(256),
-        allowed_origins: cfg.allowed_origins.clone(),
-        public_addr: cfg.public_addr.clone(),
-        public_metrics: cfg.public_metrics,
-        metrics: Metrics::default(),
-    });
+    let state = Arc::new(ProxyState::new(cfg, channel.clone(), api.clone())?);
     let (stop, stop_rx) = watch::channel(false);
     tokio::spawn(state.cache.clone().follow(api, stop_rx.clone()));
-    let auth_channel = channel.clone();
-    let tunnel_auth: TunnelAuth = Arc::new(move |token: String| {
-        let ch = auth_channel.clone();
-        Box::pin(async move {
-            let mut c = with_token(ch, Some(&token))?;
-            let who = c
-                .who_am_i(portico_proto::v1::WhoAmIRequest {})
-                .await
-                .map_err(|s| s.message().to_string())?
-                .into_inner();
-            let is_agent = portico_core::PrincipalType::parse(&who.principal_type)
-                == Some(portico_core::PrincipalType::Service)
-                && who
-                    .roles
-                    .iter()
-                    .any(|r| r == portico_core::SystemRole::App.role_name());
-            if !is_agent {
-                return Err("this identity is not an app-service agent".to_string());
-            }
-            Ok(who.name)
-        })
-    });
+    let tunnel_auth = agents_only(channel.clone());
     let web_addr = listeners
         .web
         .local_addr()
@@ -290,6 +245,57 @@ pub async fn start(
         tunnel_addr,
         stop,
         web_task,
+    })
+}
+
+impl ProxyState {
+    fn new(cfg: &ProxyConfig, channel: Channel, api: AuthClient) -> Result<Self, Error> {
+        Ok(ProxyState {
+            cache: Arc::new(Cache::default()),
+            tunnels: TunnelServer::new(),
+            sessions: Sessions::default(),
+            authn: Authenticator::new(channel.clone()),
+            audit: Auditor::start(api),
+            auth_channel: channel,
+            max_message: portico_mcp::DEFAULT_MAX_MESSAGE,
+            max_body: cfg.max_body_bytes.unwrap_or(4 * 1024 * 1024),
+            body_timeout: duration(&cfg.body_timeout, "body_timeout", Duration::from_secs(30))?,
+            idle_timeout: duration(
+                &cfg.session_idle_timeout,
+                "session_idle_timeout",
+                Duration::from_secs(30 * 60),
+            )?,
+            max_sessions_per_user: cfg.max_sessions_per_user.unwrap_or(256),
+            allowed_origins: cfg.allowed_origins.clone(),
+            public_addr: cfg.public_addr.clone(),
+            public_metrics: cfg.public_metrics,
+            metrics: Metrics::default(),
+        })
+    }
+}
+
+/// Lets a tunnel in only for an agent identity, as the auth-service sees it.
+fn agents_only(channel: Channel) -> TunnelAuth {
+    Arc::new(move |token: String| {
+        let ch = channel.clone();
+        Box::pin(async move {
+            let mut c = with_token(ch, Some(&token))?;
+            let who = c
+                .who_am_i(portico_proto::v1::WhoAmIRequest {})
+                .await
+                .map_err(|s| s.message().to_string())?
+                .into_inner();
+            let is_agent = portico_core::PrincipalType::parse(&who.principal_type)
+                == Some(portico_core::PrincipalType::Service)
+                && who
+                    .roles
+                    .iter()
+                    .any(|r| r == portico_core::SystemRole::App.role_name());
+            if !is_agent {
+                return Err("this identity is not an app-service agent".to_string());
+            }
+            Ok(who.name)
+        })
     })
 }
 

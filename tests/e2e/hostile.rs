@@ -1259,7 +1259,14 @@ async fn a_client_that_stops_reading_is_ended_and_others_go_on() {
     }
     eventually(Duration::from_secs(10), "the stall is audited", || async {
         let o = c
-            .pctl(&["events", "ls", "--type", "mcp.session.end", "--format", "json"])
+            .pctl(&[
+                "events",
+                "ls",
+                "--type",
+                "mcp.session.end",
+                "--format",
+                "json",
+            ])
             .await;
         let v: Value = serde_json::from_str(&text(&o).0).ok()?;
         v.as_array()?

@@ -99,7 +99,9 @@ impl TestServer {
         "done".to_string()
     }
 
-    #[tool(description = "Send this many progress notifications of this many bytes each, then answer")]
+    #[tool(
+        description = "Send this many progress notifications of this many bytes each, then answer"
+    )]
     async fn flood(
         &self,
         Parameters(a): Parameters<FloodArgs>,
