@@ -141,6 +141,12 @@ impl Message {
                 id,
             ));
         }
+        if obj.contains_key("method") && (obj.contains_key("result") || obj.contains_key("error")) {
+            return Err(invalid(
+                "a message is a request or a response, not both: it has \"method\" and a result or error",
+                id,
+            ));
+        }
         let shape = match obj.get("method") {
             Some(Value::String(_)) if id.is_some() => Shape::Request,
             Some(Value::String(_)) => Shape::Notification,
@@ -162,7 +168,7 @@ impl Message {
             }
         };
         if let Some(p) = obj.get("params")
-            && !matches!(p, Value::Object(_) | Value::Array(_))
+            && !matches!(p, Value::Object(_) | Value::Array(_) | Value::Null)
         {
             return Err(invalid("\"params\" must be an object or an array", id));
         }
@@ -317,6 +323,7 @@ mod tests {
             br#"[1]"#,
             br#"{"jsonrpc":"2.0","id":1,"method":"a","extra":1}"#,
             br#"{"jsonrpc":"2.0","id":1,"METHOD":"a","error":{}}"#,
+            br#"{"jsonrpc":"2.0","id":1,"method":"a","result":{}}"#,
         ] {
             assert_eq!(
                 code(bad),

@@ -114,17 +114,37 @@ pub fn normal_uri(uri: String) -> Result<String, String> {
     if uri.chars().any(|c| c.is_control() || c == '\\') {
         return refuse("it holds a backslash or a control character");
     }
-    let lower = uri.to_ascii_lowercase();
-    if ["%2e", "%2f", "%5c", "%00"]
-        .iter()
-        .any(|e| lower.contains(e))
-    {
-        return refuse("it encodes a dot, a slash or a backslash");
+    // Percent-encoding is for characters that could not appear otherwise:
+    // an encoded letter, digit, `-._~`, `/` or `\` is another spelling.
+    let bytes = uri.as_bytes();
+    for (i, b) in bytes.iter().enumerate() {
+        if *b == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok());
+            let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) else {
+                return refuse("it has a % that starts no escape");
+            };
+            if v.is_ascii_alphanumeric() || b"-._~/\\".contains(&v) || v == 0 {
+                return refuse("it encodes a character that needs no encoding");
+            }
+        }
     }
-    let path = uri.split_once("://").map_or(uri.as_str(), |(_, rest)| rest);
+    // No `.` or `..` segment anywhere (servers may strip a prefix as text),
+    // and no empty segment in the path (`//` is `/` to a file system).
+    if uri
+        .split(['/', '?', '#', '&', '='])
+        .any(|seg| seg == "." || seg == "..")
+    {
+        return refuse("it has a . or .. segment");
+    }
+    let path = match uri.split_once("://") {
+        Some((_, rest)) => rest.find('/').map_or("", |i| &rest[i..]),
+        None => uri.split_once(':').map_or(uri.as_str(), |(_, p)| p),
+    };
     let path = path.split(['?', '#']).next().unwrap_or("");
-    if path.split('/').any(|seg| seg == "." || seg == "..") {
-        return refuse("it has a . or .. path segment");
+    if path.contains("//") {
+        return refuse("its path has an empty segment");
     }
     Ok(uri)
 }
@@ -181,11 +201,18 @@ mod tests {
             "file:///pub/%2e%2e/secret",
             "file:///a\\b",
             "file:///pub/..",
+            "file:///docs//private/key",
+            "file:////docs/private/key",
+            "file:///docs/%70rivate/key",
+            "file:///docs/x?a=..",
+            "file:///docs/%zz",
         ] {
             let msg =
                 json!({"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri": bad}});
             assert!(target(&m(&msg.to_string())).is_err(), "{bad}");
         }
-        assert!(normal_uri("test://allowed/a.txt?x=..#y".into()).is_ok());
+        assert!(normal_uri("test://allowed/a.txt?x=1#y".into()).is_ok());
+        assert!(normal_uri("file:///docs/a%20b.txt".into()).is_ok());
+        assert!(normal_uri("https://example.com/".into()).is_ok());
     }
 }

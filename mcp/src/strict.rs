@@ -6,6 +6,7 @@
 //! cannot both appear: whichever one a server picked, it would not be the
 //! one that was checked.
 
+use std::collections::HashSet;
 use std::fmt;
 
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
@@ -64,7 +65,7 @@ impl<'de> Visitor<'de> for StrictVisitor {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         let mut out = Map::new();
         // Folded keys, kept only once an object has a second key.
-        let mut folded: Vec<String> = Vec::new();
+        let mut folded: HashSet<String> = HashSet::new();
         while let Some(key) = map.next_key::<String>()? {
             let shown = || key.chars().take(64).collect::<String>();
             if out.contains_key(&key) {
@@ -74,14 +75,12 @@ impl<'de> Visitor<'de> for StrictVisitor {
                 if folded.is_empty() {
                     folded.extend(out.keys().map(|k| fold(k)));
                 }
-                let f = fold(&key);
-                if folded.contains(&f) {
+                if !folded.insert(fold(&key)) {
                     return Err(de::Error::custom(format!(
                         "key {:?} differs from another key only in case",
                         shown()
                     )));
                 }
-                folded.push(f);
             }
             let StrictValue(v) = map.next_value()?;
             out.insert(key, v);
@@ -90,15 +89,24 @@ impl<'de> Visitor<'de> for StrictVisitor {
     }
 }
 
-/// A key folded for comparison: every character to upper case and back to
-/// lower case, which merges the spellings simple case folding merges
-/// (`ſ` and `s`, the Kelvin sign and `k`, `ς` and `σ`). It merges a few more
-/// (`ß` and `ss`), which only refuses more.
+/// A key folded for comparison: the dotted and dotless `i` to `i` (as a
+/// Turkish-locale lower-casing does), then every character to lower, upper
+/// and lower case again, which merges what simple case folding merges (`ſ`
+/// and `s`, the Kelvin sign and `k`, `ς` and `σ`, `ß` and `ẞ`). It merges a
+/// few more (`ß` and `ss`), which only refuses more.
 fn fold(key: &str) -> String {
     if key.is_ascii() {
         return key.to_ascii_lowercase();
     }
     key.chars()
+        .map(|c| {
+            if matches!(c, '\u{130}' | '\u{131}') {
+                'i'
+            } else {
+                c
+            }
+        })
+        .flat_map(char::to_lowercase)
         .flat_map(char::to_uppercase)
         .flat_map(char::to_lowercase)
         .collect()
@@ -127,6 +135,14 @@ mod tests {
         assert!(from_slice("{\"params\":1,\"param\u{17f}\":2}".as_bytes()).is_err());
         assert!(from_slice("{\"k\":1,\"\u{212a}\":2}".as_bytes()).is_err());
         assert!(from_slice(br#"{"a":{"x":1,"X":2}}"#).is_err());
+        assert!(from_slice("{\"gr\u{f6}\u{df}e\":1,\"GR\u{d6}\u{1e9e}E\":2}".as_bytes()).is_err());
+        assert!(from_slice("{\"uri\":1,\"UR\u{130}\":2}".as_bytes()).is_err());
+        // Many keys stay cheap: each is folded and looked up once.
+        let many: String = (0..200_000)
+            .map(|i| format!("\"k{i}\":0"))
+            .collect::<Vec<_>>()
+            .join(",");
+        assert!(from_slice(format!("{{{many}}}").as_bytes()).is_ok());
         let v = from_slice(br#"{"a":[1,-2,3.5,"s",null,true,{"b":{}}]}"#).expect("valid");
         assert_eq!(v["a"][1], -2);
     }

@@ -164,8 +164,17 @@ pub struct Proxy {
 impl Proxy {
     /// Stops accepting, ends sessions and waits for the web server to finish.
     pub async fn shutdown(self) {
-        for s in self.state.sessions.all() {
-            s.end(&self.state, "the proxy is shutting down").await;
+        let state = self.state.clone();
+        let ending = async move {
+            for s in state.sessions.all() {
+                s.end(&state, "the proxy is shutting down").await;
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(10), ending)
+            .await
+            .is_err()
+        {
+            tracing::warn!("not every session could be ended in 10 s; stopping anyway");
         }
         let _ = self.stop.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(10), self.web_task).await;

@@ -23,7 +23,8 @@ use tower::ServiceExt;
 pub struct WebLimits {
     /// Open connections at once; more are closed at accept.
     pub max_connections: usize,
-    /// Open connections from one address at once.
+    /// Open connections from one address (a /64 for IPv6) at once; 0: no
+    /// limit (behind a TLS terminator every client shares its address).
     pub max_per_address: usize,
     /// Time to send a request's headers, and the most an idle HTTP/1
     /// keep-alive connection is kept.
@@ -50,7 +51,7 @@ pub async fn serve(
     drain: Duration,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let per_address: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
+    let per_address: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -112,21 +113,22 @@ pub async fn serve(
 
 /// One open connection counted against its address; uncounted on drop.
 struct PerAddress {
-    table: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    ip: IpAddr,
+    table: Arc<Mutex<HashMap<String, usize>>>,
+    key: String,
 }
 
 impl PerAddress {
-    fn take(table: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr, max: usize) -> Option<Self> {
+    fn take(table: &Arc<Mutex<HashMap<String, usize>>>, ip: IpAddr, max: usize) -> Option<Self> {
+        let key = portico_tunnel::network_of(ip);
         let mut t = table.lock().unwrap_or_else(|p| p.into_inner());
-        let n = t.entry(ip).or_default();
-        if *n >= max {
+        let n = t.entry(key.clone()).or_default();
+        if max > 0 && *n >= max {
             return None;
         }
         *n += 1;
         Some(PerAddress {
             table: table.clone(),
-            ip,
+            key,
         })
     }
 }
@@ -134,10 +136,10 @@ impl PerAddress {
 impl Drop for PerAddress {
     fn drop(&mut self) {
         let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = t.get_mut(&self.ip) {
+        if let Some(n) = t.get_mut(&self.key) {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                t.remove(&self.ip);
+                t.remove(&self.key);
             }
         }
     }

@@ -1283,3 +1283,40 @@ async fn a_client_that_stops_reading_is_ended_and_others_go_on() {
     drop(stalled);
     c.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_server_answer_that_cannot_be_read_is_an_error_not_a_hang() {
+    let c = ClusterBuilder::new()
+        .proxy()
+        .wildcard_agent("a1")
+        .start()
+        .await;
+    // A server that answers initialize properly and every other request with
+    // duplicate keys (its tools/list would otherwise go out unfiltered).
+    let script = "import json,sys\nfor l in sys.stdin:\n    m = json.loads(l)\n    if 'id' not in m: continue\n    if m.get('method') == 'initialize':\n        print(json.dumps({'jsonrpc':'2.0','id':m['id'],'result':{'protocolVersion':m['params']['protocolVersion'],'capabilities':{'tools':{}},'serverInfo':{'name':'twofaced','version':'1'}}}), flush=True)\n    else:\n        i = json.dumps(m['id'])\n        print('{\"jsonrpc\":\"2.0\",\"id\":' + i + ',\"result\":{\"tools\":[]},\"result\":{\"tools\":[{\"name\":\"secret\"}]}}', flush=True)\n";
+    let yaml = format!(
+        "kind: app\nversion: v3\nmetadata: {{name: twofaced}}\nspec:\n  mcp:\n    command: python3\n    args: [\"-c\", {}]\n    run_as_host_user: {}\n",
+        serde_json::to_string(script).expect("json"),
+        portico_tests::util::me()
+    );
+    c.create_yaml(&yaml, false).await.expect("app");
+    c.create_yaml(NO_TOUCH.replace("{env: dev}", "{'*': '*'}").as_str(), false)
+        .await
+        .expect("role");
+    c.add_user("mallory", &["no-touch"], PW).await;
+    c.wait_servers("twofaced", &["a1"]).await;
+    let t = c.login("mallory", PW).await;
+    let mut s = McpHttp::new(c.proxy_addr(), "twofaced", &t);
+    eventually(Duration::from_secs(10), "a session opens", || async {
+        let mut probe = McpHttp::new(c.proxy_addr(), "twofaced", &t);
+        probe.initialize().await.ok().map(|_| ())
+    })
+    .await;
+    s.initialize().await.expect("initialize");
+    let r = tokio::time::timeout(Duration::from_secs(10), s.request("tools/list", json!({})))
+        .await
+        .expect("answered, not left waiting");
+    assert_eq!(r["error"]["code"], -32603, "{r}");
+    assert!(!r.to_string().contains("secret"), "{r}");
+    c.shutdown().await;
+}

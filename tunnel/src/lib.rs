@@ -8,7 +8,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -27,6 +27,12 @@ pub const HANDSHAKE: &str = "PORTICO-TUNNEL/1";
 /// A real agent sends its handshake at once; silence is not kept waiting.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 const MAX_HANDSHAKE_LINE: usize = 1024;
+/// HTTP/2 flow control: each session's stream may hold 1 MiB unread, and the
+/// connection as a whole as much as HTTP/2 allows, so that sessions whose
+/// reader stalls cannot use up a window the others need.
+const CONNECTION_WINDOW: u32 = (1 << 31) - 1;
+/// Handshakes in progress at once from one address (a /64 for IPv6).
+pub const MAX_HANDSHAKES_PER_ADDRESS: usize = 8;
 /// Handshakes in progress at once; connections beyond are closed at accept,
 /// so that silent connections cannot pile up while they wait to time out.
 pub const MAX_HANDSHAKES: usize = 64;
@@ -153,7 +159,7 @@ async fn dial_once(addr: &str, token: &str, handler: Handler) -> Result<(), Stri
         .keep_alive_interval(Some(Duration::from_secs(15)))
         .keep_alive_timeout(Duration::from_secs(10))
         .initial_stream_window_size(1 << 20)
-        .initial_connection_window_size(8 << 20)
+        .initial_connection_window_size(CONNECTION_WINDOW)
         .max_concurrent_streams(10_000)
         .serve_connection(io, svc)
         .await
@@ -181,6 +187,7 @@ pub struct TunnelServer {
     next_id: AtomicU64,
     changed: tokio::sync::Notify,
     handshakes: Arc<tokio::sync::Semaphore>,
+    handshakes_from: Arc<Mutex<HashMap<String, usize>>>,
 }
 
 impl Default for TunnelServer {
@@ -190,6 +197,7 @@ impl Default for TunnelServer {
             next_id: AtomicU64::new(0),
             changed: tokio::sync::Notify::new(),
             handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
+            handshakes_from: Arc::default(),
         }
     }
 }
@@ -248,6 +256,10 @@ impl TunnelServer {
                 tracing::warn!(peer = %peer, max = MAX_HANDSHAKES, "too many tunnel handshakes in progress; closed a new connection");
                 continue;
             };
+            let Some(slot) = HandshakeSlot::take(&self.handshakes_from, peer.ip(), slot) else {
+                tracing::warn!(peer = %peer, max = MAX_HANDSHAKES_PER_ADDRESS, "too many tunnel handshakes from one address; closed a new connection");
+                continue;
+            };
             let me = self.clone();
             let auth = auth.clone();
             let stop = stop.clone();
@@ -264,7 +276,7 @@ impl TunnelServer {
         stream: TcpStream,
         auth: Authenticator,
         mut stop: watch::Receiver<bool>,
-        slot: tokio::sync::OwnedSemaphorePermit,
+        slot: HandshakeSlot,
     ) -> Result<(), String> {
         let _ = stream.set_nodelay(true);
         let mut stream = BufReader::new(stream);
@@ -309,7 +321,7 @@ impl TunnelServer {
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true)
             .initial_stream_window_size(1 << 20)
-            .initial_connection_window_size(8 << 20)
+            .initial_connection_window_size(CONNECTION_WINDOW)
             .handshake::<_, TunnelBody>(io)
             .await
             .map_err(|e| format!("http/2 handshake: {e}"))?;
@@ -341,5 +353,56 @@ impl TunnelServer {
         self.changed.notify_waiters();
         tracing::info!(host_id = %host_id, "agent disconnected");
         result
+    }
+}
+
+/// The network one party controls: an IPv4 address, or the /64 of an IPv6 one.
+pub fn network_of(ip: std::net::IpAddr) -> String {
+    match ip {
+        std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+        other => other.to_canonical().to_string(),
+    }
+}
+
+/// A handshake in progress, counted globally and against its address.
+pub struct HandshakeSlot {
+    _global: tokio::sync::OwnedSemaphorePermit,
+    table: Arc<Mutex<HashMap<String, usize>>>,
+    key: String,
+}
+
+impl HandshakeSlot {
+    fn take(
+        table: &Arc<Mutex<HashMap<String, usize>>>,
+        ip: std::net::IpAddr,
+        global: tokio::sync::OwnedSemaphorePermit,
+    ) -> Option<Self> {
+        let key = network_of(ip);
+        let mut t = table.lock().unwrap_or_else(|p| p.into_inner());
+        let n = t.entry(key.clone()).or_default();
+        if *n >= MAX_HANDSHAKES_PER_ADDRESS {
+            return None;
+        }
+        *n += 1;
+        Some(HandshakeSlot {
+            _global: global,
+            table: table.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = t.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                t.remove(&self.key);
+            }
+        }
     }
 }

@@ -194,16 +194,38 @@ async fn relay(state: &Arc<ProxyState>, session: &Arc<Session>, msgs: Vec<Messag
         }
         forward.push(msg);
     }
+    // The proxy's own answers first: the stream is empty, so they fit.
+    if let Some(tx) = &stream_tx {
+        for a in answers.drain(..) {
+            let _ = tx.try_send(a);
+        }
+    }
+    // Requests registered but not yet sent are forgotten if the client goes
+    // away mid-way (this future is dropped) or a send fails.
+    let mut unsent = Unsent {
+        session,
+        ids: waiting,
+    };
     for m in &forward {
         if let Err(why) = session.send_to_agent(m).await {
             // Nothing will answer these now: answer them here and stop waiting.
-            for (id, _) in session.forget(&waiting) {
-                answers.push(jsonrpc::error(Some(&id), SERVER_ERROR, &why));
-            }
+            let failed: Vec<Bytes> = session
+                .forget(&std::mem::take(&mut unsent.ids))
+                .into_iter()
+                .map(|(id, _)| jsonrpc::error(Some(&id), SERVER_ERROR, &why))
+                .collect();
             if stream.is_none() {
                 return rpc_error(StatusCode::NOT_FOUND, SERVER_ERROR, &why);
             }
+            if let Some(tx) = &stream_tx {
+                for a in failed {
+                    let _ = tx.try_send(a);
+                }
+            }
             break;
+        }
+        if let Some(id) = m.id().filter(|_| m.is_request()) {
+            unsent.ids.retain(|w| w != id);
         }
     }
     let Some((sid, rx)) = stream else {
@@ -211,12 +233,22 @@ async fn relay(state: &Arc<ProxyState>, session: &Arc<Session>, msgs: Vec<Messag
         *r.status_mut() = StatusCode::ACCEPTED;
         return with_session(r, &session.id);
     };
-    if let Some(tx) = stream_tx {
-        // At most MAX_BATCH answers, and the stream has room for more.
-        for a in answers {
-            let _ = tx.try_send(a);
+    drop(stream_tx);
+    session.release_stream_if_done(sid);
+    session.offer(sid);
+    sse_response(rx, &session.id)
+}
+
+/// Requests registered as pending but not yet sent to the agent.
+struct Unsent<'a> {
+    session: &'a Session,
+    ids: Vec<Id>,
+}
+
+impl Drop for Unsent<'_> {
+    fn drop(&mut self) {
+        if !self.ids.is_empty() {
+            self.session.forget(&self.ids);
         }
     }
-    session.release_stream_if_done(sid);
-    sse_response(rx, &session.id)
 }

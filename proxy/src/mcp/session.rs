@@ -128,15 +128,24 @@ impl Session {
         g.streams.values().any(|s| !s.is_closed()) || g.get.as_ref().is_some_and(|s| !s.is_closed())
     }
 
-    /// Opens a POST stream; returns its id and receiver.
+    /// Opens a POST stream for the answers to its requests; returns its id
+    /// and receiver. It takes server-initiated messages only once `offer`ed.
     pub fn open_stream(&self) -> (u64, mpsc::Receiver<Bytes>) {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let mut g = self.lock();
         g.next_stream += 1;
         let id = g.next_stream;
         g.streams.insert(id, tx);
-        g.order.push(id);
         (id, rx)
+    }
+
+    /// Lets a POST stream, now handed to its client, carry server-initiated
+    /// messages too (the newest open one does).
+    pub fn offer(&self, stream: u64) {
+        let mut g = self.lock();
+        if g.streams.contains_key(&stream) {
+            g.order.push(stream);
+        }
     }
 
     /// Stops waiting for these requests; returns what they asked.
@@ -202,7 +211,9 @@ impl Session {
         self.lock().to_agent.clone()
     }
 
-    /// Sends one message, in its canonical form, to the MCP server.
+    /// Sends one message, in its canonical form, to the MCP server. A server
+    /// that does not take it within `STALL` ends nothing, but the caller
+    /// gets an error rather than waiting on it.
     pub async fn send_to_agent(&self, msg: &Message) -> Result<(), String> {
         let Some(tx) = self.agent_tx() else {
             return Err(self
@@ -211,12 +222,13 @@ impl Session {
         };
         let mut line = msg.to_bytes().to_vec();
         line.push(b'\n');
-        tx.send(Ok(Frame::data(Bytes::from(line))))
-            .await
-            .map_err(|_| {
-                self.closed()
-                    .unwrap_or_else(|| "the session has ended".into())
-            })
+        match tokio::time::timeout(STALL, tx.send(Ok(Frame::data(Bytes::from(line))))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(self
+                .closed()
+                .unwrap_or_else(|| "the session has ended".into())),
+            Err(_) => Err("the MCP server is not reading its input".into()),
+        }
     }
 
     fn server_target(&self) -> Target {
@@ -252,7 +264,7 @@ impl Session {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(session = %self.id, app = %self.app, error = %e, "the MCP server sent an invalid message; dropped");
-                return Ok(());
+                return self.answer_invalid(state, line, &e.message).await;
             }
         };
         if !msg.is_response() {
@@ -268,6 +280,51 @@ impl Session {
         let out = rbac::on_response(state, self, &pend, &mut msg).await;
         let out =
             out.unwrap_or_else(|why| jsonrpc::error(Some(&id), jsonrpc::INTERNAL_ERROR, &why));
+        let undelivered = match self.stream_sender(pend.stream) {
+            Some(tx) => send_bounded(&tx, out).await.map_err(|()| STALLED)?,
+            None => Some(out),
+        };
+        self.release_stream_if_done(pend.stream);
+        match undelivered {
+            Some(out) => self.deliver_server(out).await,
+            None => Ok(()),
+        }
+    }
+
+    /// An invalid message whose id (read leniently) names a pending request
+    /// is that request's answer: the client gets an error instead of waiting.
+    async fn answer_invalid(
+        &self,
+        state: &ProxyState,
+        line: &[u8],
+        why: &str,
+    ) -> Result<(), &'static str> {
+        let Some(id) = serde_json::from_slice::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| match v.get("id")? {
+                serde_json::Value::String(s) => Some(Id::Str(s.clone())),
+                serde_json::Value::Number(n) => n.as_i64().map(Id::Int),
+                _ => None,
+            })
+        else {
+            return Ok(());
+        };
+        let Some(pend) = self.lock().pending.remove(&id) else {
+            return Ok(());
+        };
+        rbac::unanswered(
+            state,
+            self,
+            &id,
+            &pend,
+            "the MCP server sent an invalid answer",
+        )
+        .await;
+        let out = jsonrpc::error(
+            Some(&id),
+            jsonrpc::INTERNAL_ERROR,
+            &format!("the MCP server sent an invalid answer ({why})"),
+        );
         let undelivered = match self.stream_sender(pend.stream) {
             Some(tx) => send_bounded(&tx, out).await.map_err(|()| STALLED)?,
             None => Some(out),
