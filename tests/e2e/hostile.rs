@@ -1320,3 +1320,163 @@ async fn a_server_answer_that_cannot_be_read_is_an_error_not_a_hang() {
     assert!(!r.to_string().contains("secret"), "{r}");
     c.shutdown().await;
 }
+
+/// Whether the proxy closes a fresh connection at once (read sees EOF or a reset).
+async fn closed_at_once(tcp: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), tcp.read(&mut buf)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+#[tokio::test]
+async fn connections_and_handshakes_are_capped_per_address() {
+    let c = ClusterBuilder::new().start().await;
+    let cfg = portico_proxy::ProxyConfig {
+        auth_servers: vec![c.auth_addr.to_string()],
+        join_token: Some(c.join_token("proxy").await),
+        max_connections_per_address: Some(3),
+        ..Default::default()
+    };
+    let listeners = portico_proxy::Listeners {
+        web: tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind"),
+        tunnel: tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind"),
+    };
+    let p = portico_proxy::start(
+        &cfg,
+        portico_proxy::Credentials::Join {
+            data_dir: c.data_dir().join("capped-proxy"),
+        },
+        listeners,
+    )
+    .await
+    .expect("proxy");
+    // Three idle web connections are held; a fourth from the same address is closed.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(
+            tokio::net::TcpStream::connect(p.web_addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    let mut fourth = tokio::net::TcpStream::connect(p.web_addr)
+        .await
+        .expect("connect");
+    assert!(
+        closed_at_once(&mut fourth).await,
+        "a fourth connection was kept"
+    );
+    drop(held);
+    // Once they are gone, a new one is served.
+    eventually(
+        Duration::from_secs(10),
+        "a connection is served again",
+        || async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut tcp = tokio::net::TcpStream::connect(p.web_addr).await.ok()?;
+            tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .ok()?;
+            let mut buf = [0u8; 64];
+            let n = tokio::time::timeout(Duration::from_secs(2), tcp.read(&mut buf))
+                .await
+                .ok()?
+                .ok()?;
+            buf[..n].starts_with(b"HTTP/1.1 200").then_some(())
+        },
+    )
+    .await;
+
+    // Eight silent tunnel handshakes from one address are waited on; a ninth is closed.
+    let mut silent = Vec::new();
+    for _ in 0..portico_tunnel::MAX_HANDSHAKES_PER_ADDRESS {
+        silent.push(
+            tokio::net::TcpStream::connect(p.tunnel_addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    let mut ninth = tokio::net::TcpStream::connect(p.tunnel_addr)
+        .await
+        .expect("connect");
+    assert!(
+        closed_at_once(&mut ninth).await,
+        "a ninth handshake was waited on"
+    );
+    // Silence is not waited on for long: the held ones are closed within seconds.
+    for s in &mut silent {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 64];
+        let r = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await;
+        assert!(
+            matches!(r, Ok(Ok(_)) | Ok(Err(_))),
+            "a silent handshake was kept"
+        );
+    }
+    p.shutdown().await;
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_server_that_stops_reading_does_not_hang_its_clients() {
+    let c = ClusterBuilder::new()
+        .proxy()
+        .wildcard_agent("a1")
+        .start()
+        .await;
+    // Answers initialize, then never reads its input again.
+    let script = "import json,sys,time\nfor l in sys.stdin:\n    m = json.loads(l)\n    if m.get('method') == 'initialize':\n        print(json.dumps({'jsonrpc':'2.0','id':m['id'],'result':{'protocolVersion':m['params']['protocolVersion'],'capabilities':{},'serverInfo':{'name':'deaf','version':'1'}}}), flush=True)\n    if m.get('method') == 'notifications/initialized':\n        time.sleep(600)\n";
+    let yaml = format!(
+        "kind: app\nversion: v3\nmetadata: {{name: deaf}}\nspec:\n  mcp:\n    command: python3\n    args: [\"-c\", {}]\n    run_as_host_user: {}\n",
+        serde_json::to_string(script).expect("json"),
+        portico_tests::util::me()
+    );
+    c.create_yaml(&yaml, false).await.expect("app");
+    c.add_user("una", &["admin"], PW).await;
+    c.wait_servers("deaf", &["a1"]).await;
+    let t = c.login("una", PW).await;
+    let mut s = McpHttp::new(c.proxy_addr(), "deaf", &t);
+    eventually(Duration::from_secs(10), "the session opens", || async {
+        let mut probe = McpHttp::new(c.proxy_addr(), "deaf", &t);
+        probe.initialize().await.ok().map(|_| ())
+    })
+    .await;
+    s.initialize().await.expect("initialize");
+    // Fill the pipe and the tunnel stream's window, then keep sending.
+    let big = format!(
+        r#"{{"jsonrpc":"2.0","method":"notifications/message","params":{{"level":"info","data":"{}"}}}}"#,
+        "z".repeat(3 * 1024 * 1024)
+    );
+    let small: Vec<String> = (0..100)
+        .map(|i| format!(r#"{{"jsonrpc":"2.0","method":"notifications/progress","params":{{"progressToken":"t","progress":{i}}}}}"#))
+        .collect();
+    let small = format!("[{}]", small.join(","));
+    let outcome = tokio::time::timeout(Duration::from_secs(60), async {
+        let r = raw(&s, &big).await;
+        if r.status != StatusCode::ACCEPTED {
+            return r;
+        }
+        loop {
+            let r = raw(&s, &small).await;
+            if r.status != StatusCode::ACCEPTED {
+                return r;
+            }
+        }
+    })
+    .await
+    .expect("the proxy gives up on a server that does not read, rather than hang");
+    assert!(
+        outcome.messages()[0]["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("not reading its input")),
+        "{outcome:?}"
+    );
+    c.shutdown().await;
+}
