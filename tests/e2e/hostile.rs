@@ -1480,3 +1480,50 @@ async fn a_server_that_stops_reading_does_not_hang_its_clients() {
     );
     c.shutdown().await;
 }
+
+#[tokio::test]
+async fn failed_authentication_at_the_proxy_is_audited_with_its_source() {
+    let c = cluster_with_app(ClusterBuilder::new()).await;
+    for (what, token) in [("missing", ""), ("unknown", "not-a-token")] {
+        let s = McpHttp::new(c.proxy_addr(), "tm", token);
+        let hdrs: Vec<(&str, &str)> = JSON_HDRS.to_vec();
+        let mut with_auth = hdrs.clone();
+        let bearer = format!("Bearer {token}");
+        if !token.is_empty() {
+            with_auth.push(("authorization", bearer.as_str()));
+        }
+        let r = s
+            .send(
+                http::Method::POST,
+                &with_auth,
+                Some(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{what}: {r:?}");
+    }
+    eventually(Duration::from_secs(10), "refusals audited", || async {
+        let o = c
+            .pctl(&[
+                "events",
+                "ls",
+                "--type",
+                "proxy.auth.failed",
+                "--format",
+                "json",
+            ])
+            .await;
+        let v: Value = serde_json::from_str(&text(&o).0).ok()?;
+        let evs = v.as_array()?;
+        (evs.len() >= 2
+            && evs.iter().all(|e| {
+                e["success"] == false
+                    && e["fields"]["path"] == "/mcp/tm"
+                    && e["fields"]["source"]
+                        .as_str()
+                        .is_some_and(|s| s.starts_with("127.0.0.1:"))
+            }))
+        .then_some(())
+    })
+    .await;
+    c.shutdown().await;
+}
