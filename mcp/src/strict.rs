@@ -64,23 +64,25 @@ impl<'de> Visitor<'de> for StrictVisitor {
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         let mut out = Map::new();
-        // Folded keys, kept only once an object has a second key.
+        // Folded keys, kept only once a key that folds to something else
+        // (upper case, or not ASCII) meets another key: keys in lower-case
+        // ASCII fold to themselves, and equal keys are caught above.
         let mut folded: HashSet<String> = HashSet::new();
+        let mut folding = false;
         while let Some(key) = map.next_key::<String>()? {
             let shown = || key.chars().take(64).collect::<String>();
             if out.contains_key(&key) {
                 return Err(de::Error::custom(format!("duplicate key {:?}", shown())));
             }
-            if !out.is_empty() {
-                if folded.is_empty() {
-                    folded.extend(out.keys().map(|k| fold(k)));
-                }
-                if !folded.insert(fold(&key)) {
-                    return Err(de::Error::custom(format!(
-                        "key {:?} differs from another key only in case",
-                        shown()
-                    )));
-                }
+            if !folding && key.bytes().any(|b| b.is_ascii_uppercase() || !b.is_ascii()) {
+                folding = true;
+                folded.extend(out.keys().map(|k| fold(k)));
+            }
+            if folding && !folded.insert(fold(&key)) {
+                return Err(de::Error::custom(format!(
+                    "key {:?} differs from another key only in case",
+                    shown()
+                )));
             }
             let StrictValue(v) = map.next_value()?;
             out.insert(key, v);
