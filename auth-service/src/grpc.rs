@@ -174,7 +174,16 @@ impl Api {
         self.s.metrics.requests.fetch_add(1, Ordering::Relaxed);
         let source = source_of(req);
         match authenticate(self.s.backend.as_ref(), bearer(req.metadata())).await {
-            Ok(p) => Ok(Caller { p, method, source }),
+            Ok(p) => {
+                if p.ptype == PrincipalType::Service {
+                    self.s
+                        .last_seen
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(p.name.clone(), now_ms());
+                }
+                Ok(Caller { p, method, source })
+            }
             Err(e) => {
                 let status = to_status(e);
                 if is_denial(&status) {
@@ -858,6 +867,30 @@ impl AuthService for Api {
             }
             _ => false,
         };
+        // A host id is bound to its identity while that lives: a join token
+        // cannot take over an agent or proxy that is still in service.
+        let live = self
+            .s
+            .backend
+            .service_sessions()
+            .await
+            .map_err(to_status)?
+            .into_iter()
+            .any(|r| r.principal == host_id && r.expires.is_none_or(|e| e > now_ms()));
+        if valid && live {
+            let msg = format!(
+                "host id {host_id:?} belongs to a live identity; revoke it first (pctl identities rm {host_id}) or join under another host id"
+            );
+            self.s
+                .audit(
+                    "token.join",
+                    &host_id,
+                    false,
+                    serde_json::json!({"role": role.as_str(), "error": msg, "source": source}),
+                )
+                .await;
+            return Err(Status::already_exists(msg));
+        }
         // Single use: whoever deletes the token first joins.
         let consumed = valid
             && self
@@ -974,6 +1007,63 @@ impl AuthService for Api {
         }
         self.written().await;
         Ok(Response::new(HeartbeatResponse {}))
+    }
+
+    async fn list_identities(
+        &self,
+        req: Request<ListIdentitiesRequest>,
+    ) -> Res<ListIdentitiesResponse> {
+        let c = self.caller(&req, "list_identities").await?;
+        self.check(&c, Kind::Token, Verb::List).await?;
+        let rows = self.s.backend.service_sessions().await.map_err(to_status)?;
+        let seen = self
+            .s
+            .last_seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let now = now_ms();
+        let identities = rows
+            .into_iter()
+            .filter(|r| r.expires.is_none_or(|e| e > now))
+            .map(|r| Identity {
+                last_seen_ms: seen.get(&r.principal).copied().unwrap_or(0),
+                roles: serde_json::from_str(&r.roles).unwrap_or_default(),
+                expires_ms: r.expires.unwrap_or(0),
+                host_id: r.principal,
+            })
+            .collect();
+        Ok(Response::new(ListIdentitiesResponse { identities }))
+    }
+
+    async fn revoke_identity(
+        &self,
+        req: Request<RevokeIdentityRequest>,
+    ) -> Res<RevokeIdentityResponse> {
+        let c = self.caller(&req, "revoke_identity").await?;
+        let host_id = req.get_ref().host_id.clone();
+        self.check_named(&c, Kind::Token, Verb::Delete, Some(&host_id))
+            .await?;
+        let revoked = self
+            .s
+            .backend
+            .revoke_service(&host_id)
+            .await
+            .map_err(to_status)?;
+        self.s
+            .audit(
+                "identity.revoke",
+                &c.p.name,
+                revoked > 0,
+                serde_json::json!({"host_id": host_id, "revoked": revoked, "source": c.source}),
+            )
+            .await;
+        if revoked == 0 {
+            return Err(Status::not_found(format!(
+                "no live identity has host id {host_id:?}; see pctl identities ls"
+            )));
+        }
+        Ok(Response::new(RevokeIdentityResponse { revoked }))
     }
 
     async fn emit_events(&self, req: Request<EmitEventsRequest>) -> Res<EmitEventResponse> {

@@ -128,6 +128,8 @@ pub struct AuthServer {
     /// Password checks (argon2, about 19 MiB and a core each) running at once.
     pub(crate) password_checks: Arc<tokio::sync::Semaphore>,
     pub metrics: Metrics,
+    /// When each service identity last authenticated here (host id → ms).
+    pub(crate) last_seen: std::sync::Mutex<std::collections::HashMap<String, i64>>,
     stop: watch::Sender<bool>,
 }
 
@@ -190,6 +192,7 @@ impl AuthServer {
             ),
             password_checks: Arc::new(tokio::sync::Semaphore::new(PASSWORD_CHECKS_AT_ONCE)),
             metrics: Metrics::default(),
+            last_seen: Default::default(),
             stop,
         });
         server.bootstrap_roles().await?;
@@ -327,6 +330,8 @@ impl AuthServer {
         host_id: &str,
         role: portico_core::SystemRole,
     ) -> Result<String, Error> {
+        // A fresh identity for an in-process service replaces the last one.
+        self.backend.revoke_service(host_id).await?;
         self.new_session(
             host_id,
             PrincipalType::Service,

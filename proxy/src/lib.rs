@@ -215,6 +215,12 @@ pub async fn start(
     let (stop, stop_rx) = watch::channel(false);
     tokio::spawn(state.cache.clone().follow(api, stop_rx.clone()));
     let tunnel_auth = agents_only(channel.clone());
+    // Revoked agents lose their tunnels within a second.
+    tokio::spawn(state.tunnels.clone().revalidate(
+        tunnel_auth.clone(),
+        Duration::from_millis(500),
+        stop_rx.clone(),
+    ));
     let web_addr = listeners
         .web
         .local_addr()
@@ -285,14 +291,20 @@ impl ProxyState {
 
 /// Lets a tunnel in only for an agent identity, as the auth-service sees it.
 fn agents_only(channel: Channel) -> TunnelAuth {
+    use portico_tunnel::Refusal;
     Arc::new(move |token: String| {
         let ch = channel.clone();
         Box::pin(async move {
-            let mut c = with_token(ch, Some(&token))?;
+            let mut c = with_token(ch, Some(&token)).map_err(Refusal::Refused)?;
             let who = c
                 .who_am_i(portico_proto::v1::WhoAmIRequest {})
                 .await
-                .map_err(|s| s.message().to_string())?
+                .map_err(|s| match s.code() {
+                    tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+                        Refusal::Refused(s.message().to_string())
+                    }
+                    _ => Refusal::Unavailable(s.message().to_string()),
+                })?
                 .into_inner();
             let is_agent = portico_core::PrincipalType::parse(&who.principal_type)
                 == Some(portico_core::PrincipalType::Service)
@@ -301,7 +313,9 @@ fn agents_only(channel: Channel) -> TunnelAuth {
                     .iter()
                     .any(|r| r == portico_core::SystemRole::App.role_name());
             if !is_agent {
-                return Err("this identity is not an app-service agent".to_string());
+                return Err(Refusal::Refused(
+                    "this identity is not an app-service agent".to_string(),
+                ));
             }
             Ok(who.name)
         })

@@ -8,6 +8,7 @@ mod deploy;
 mod examples;
 mod hostile;
 mod hostile_api;
+mod identities;
 mod mcp;
 mod quickstart;
 mod watch;

@@ -172,13 +172,34 @@ pub type Sender = hyper::client::conn::http2::SendRequest<TunnelBody>;
 
 /// Decides whether a dialling agent's token is good; returns its host id.
 pub type Authenticator = Arc<
-    dyn Fn(String) -> Pin<Box<dyn Future<Output = Result<String, String>> + Send>> + Send + Sync,
+    dyn Fn(String) -> Pin<Box<dyn Future<Output = Result<String, Refusal>> + Send>> + Send + Sync,
 >;
+
+/// Why an agent's token was not accepted.
+#[derive(Debug, Clone)]
+pub enum Refusal {
+    /// The identity is not (or no longer) valid: the tunnel must close.
+    Refused(String),
+    /// It could not be checked now (the auth-service is away).
+    Unavailable(String),
+}
+
+impl Refusal {
+    fn message(&self) -> &str {
+        match self {
+            Refusal::Refused(m) | Refusal::Unavailable(m) => m,
+        }
+    }
+}
 
 #[derive(Clone)]
 struct Conn {
     id: u64,
     sender: Sender,
+    /// The token it authenticated with, checked again while it is open.
+    token: String,
+    /// Closes the connection (its identity was revoked).
+    kill: Arc<tokio::sync::Notify>,
 }
 
 /// The agents currently connected to this proxy.
@@ -230,6 +251,43 @@ impl TunnelServer {
     /// Resolves on the next connect or disconnect.
     pub async fn changed(&self) {
         self.changed.notified().await
+    }
+
+    /// Checks every connected agent's identity again every `every`, and
+    /// closes the tunnels of those no longer valid (revoked, expired, or now
+    /// naming another host). An auth-service that cannot answer closes
+    /// nothing.
+    pub async fn revalidate(
+        self: Arc<Self>,
+        auth: Authenticator,
+        every: Duration,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.changed() => return,
+            }
+            let conns: Vec<(String, Conn)> = {
+                let agents = self.agents.read().unwrap_or_else(|p| p.into_inner());
+                agents
+                    .iter()
+                    .flat_map(|(h, cs)| cs.iter().map(|c| (h.clone(), c.clone())))
+                    .collect()
+            };
+            for (host, conn) in conns {
+                let verdict =
+                    tokio::time::timeout(Duration::from_secs(2), auth(conn.token.clone())).await;
+                let why = match verdict {
+                    Ok(Ok(h)) if h == host => continue,
+                    Ok(Ok(h)) => format!("the identity now names host {h:?}"),
+                    Ok(Err(Refusal::Refused(m))) => m,
+                    Ok(Err(Refusal::Unavailable(_))) | Err(_) => continue,
+                };
+                tracing::warn!(host_id = %host, reason = %why, "closing the tunnel of an agent whose identity is no longer valid");
+                conn.kill.notify_one();
+            }
+        }
     }
 
     /// Accepts agents until `stop` turns true.
@@ -291,10 +349,11 @@ impl TunnelServer {
                 return Err("not a tunnel handshake".into());
             }
         };
-        let host_id = match tokio::time::timeout(Duration::from_secs(10), auth(token)).await {
+        let host_id = match tokio::time::timeout(Duration::from_secs(10), auth(token.clone())).await
+        {
             Ok(Ok(h)) => h,
-            Ok(Err(msg)) => {
-                let msg = msg.replace('\n', " ");
+            Ok(Err(refusal)) => {
+                let msg = refusal.message().replace('\n', " ");
                 let _ = stream
                     .get_mut()
                     .write_all(format!("ERR {msg}\n").as_bytes())
@@ -327,19 +386,23 @@ impl TunnelServer {
             .map_err(|e| format!("http/2 handshake: {e}"))?;
         // The handshake is over: its slot goes to the next agent.
         drop(slot);
+        let kill = Arc::new(tokio::sync::Notify::new());
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         {
             let mut agents = self.agents.write().unwrap_or_else(|p| p.into_inner());
-            agents
-                .entry(host_id.clone())
-                .or_default()
-                .push(Conn { id, sender });
+            agents.entry(host_id.clone()).or_default().push(Conn {
+                id,
+                sender,
+                token: token.clone(),
+                kill: kill.clone(),
+            });
         }
         self.changed.notify_waiters();
         tracing::info!(host_id = %host_id, "agent connected");
         let result = tokio::select! {
             r = conn => r.map_err(|e| format!("tunnel connection: {e}")),
             _ = stop.changed() => Ok(()),
+            _ = kill.notified() => Err("the agent's identity is no longer valid; tunnel closed".to_string()),
         };
         {
             let mut agents = self.agents.write().unwrap_or_else(|p| p.into_inner());

@@ -373,6 +373,40 @@ macro_rules! impl_backend {
                 .transpose()
             }
 
+            async fn service_sessions(
+                &self,
+            ) -> portico_core::Result<Vec<$crate::storage::SessionRow>> {
+                use $crate::storage::{db_error, SessionRow};
+                use sqlx::Row;
+                let rows = sqlx::query(
+                    "SELECT token_hash, principal, ptype, roles, expires FROM sessions WHERE ptype = 'service' ORDER BY principal",
+                )
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_error)?;
+                rows.into_iter()
+                    .map(|r| {
+                        Ok(SessionRow {
+                            token_hash: r.try_get(0).map_err(db_error)?,
+                            principal: r.try_get(1).map_err(db_error)?,
+                            ptype: r.try_get(2).map_err(db_error)?,
+                            roles: r.try_get(3).map_err(db_error)?,
+                            expires: r.try_get(4).map_err(db_error)?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn revoke_service(&self, principal: &str) -> portico_core::Result<u64> {
+                use $crate::storage::db_error;
+                let r = sqlx::query("DELETE FROM sessions WHERE principal = $1 AND ptype = 'service'")
+                    .bind(principal)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db_error)?;
+                Ok(r.rows_affected())
+            }
+
             async fn purge_sessions(&self, now_ms: i64) -> portico_core::Result<u64> {
                 use $crate::storage::db_error;
                 let r = sqlx::query("DELETE FROM sessions WHERE expires IS NOT NULL AND expires < $1")

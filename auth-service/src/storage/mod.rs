@@ -110,6 +110,10 @@ pub trait Backend: Send + Sync + 'static {
     async fn put_session(&self, s: &SessionRow) -> Result<()>;
     async fn session(&self, token_hash: &str) -> Result<Option<SessionRow>>;
     async fn purge_sessions(&self, now_ms: i64) -> Result<u64>;
+    /// Every service identity (proxies and agents).
+    async fn service_sessions(&self) -> Result<Vec<SessionRow>>;
+    /// Revokes every identity of one service principal; returns how many.
+    async fn revoke_service(&self, principal: &str) -> Result<u64>;
 
     /// Appends audit records in one transaction.
     async fn append_audit(&self, events: &[AuditRecord]) -> Result<()>;

@@ -62,6 +62,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: TokensCmd,
     },
+    /// Live service identities (proxies and agents): list, revoke.
+    Identities {
+        #[command(subcommand)]
+        cmd: IdentitiesCmd,
+    },
     /// Query the audit log.
     Events {
         #[command(subcommand)]
@@ -110,6 +115,18 @@ enum TokensCmd {
     },
     /// Revoke a join token by name.
     Rm { name: String },
+}
+
+#[derive(Subcommand)]
+enum IdentitiesCmd {
+    /// List live service identities: host id, role, expiry, last seen.
+    Ls {
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Revoke a service identity by host id: its tunnels and API streams
+    /// close within a second, and it must join again with a new token.
+    Rm { host_id: String },
 }
 
 #[derive(Subcommand)]
@@ -175,6 +192,10 @@ async fn run(cli: Cli) -> CliResult {
             TokensCmd::Add { kind, ttl, format } => add_token(&target, kind, &ttl, format).await,
             TokensCmd::Ls { format } => get(&target, "tokens", None, format).await,
             TokensCmd::Rm { name } => remove(&target, Kind::Token, &name).await,
+        },
+        Cmd::Identities { cmd } => match cmd {
+            IdentitiesCmd::Ls { format } => identities(&target, format).await,
+            IdentitiesCmd::Rm { host_id } => revoke_identity(&target, &host_id).await,
         },
         Cmd::Events {
             cmd: EventsCmd::Ls(a),
@@ -424,6 +445,68 @@ async fn add_token(t: &Target, kinds: Vec<String>, ttl: &str, format: Format) ->
         resp.name
     );
     println!("it can be used once; put it in the agent's join_token or join_token_file");
+    Ok(())
+}
+
+async fn identities(t: &Target, format: Format) -> CliResult {
+    let mut api = connect_api(t).await?;
+    let list = api
+        .list_identities(v1::ListIdentitiesRequest {})
+        .await?
+        .into_inner()
+        .identities;
+    let when = |ms: i64, none: &str| {
+        if ms == 0 {
+            none.to_string()
+        } else {
+            format_rfc3339(ms)
+        }
+    };
+    if format != Format::Text {
+        let values: Vec<serde_json::Value> = list
+            .iter()
+            .map(|i| {
+                serde_json::json!({
+                    "host_id": i.host_id, "roles": i.roles,
+                    "expires": (i.expires_ms != 0).then(|| format_rfc3339(i.expires_ms)),
+                    "last_seen": (i.last_seen_ms != 0).then(|| format_rfc3339(i.last_seen_ms)),
+                })
+            })
+            .collect();
+        print!("{}", structured(&values, format));
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|i| {
+            vec![
+                i.host_id.clone(),
+                i.roles.join(","),
+                when(i.expires_ms, "never"),
+                when(i.last_seen_ms, "-"),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table(&["Host ID", "Role", "Expires", "Last seen"], &rows)
+    );
+    Ok(())
+}
+
+async fn revoke_identity(t: &Target, host_id: &str) -> CliResult {
+    let mut api = connect_api(t).await?;
+    let r = api
+        .revoke_identity(v1::RevokeIdentityRequest {
+            host_id: host_id.to_string(),
+        })
+        .await?
+        .into_inner();
+    println!(
+        "revoked {} identit{} of {host_id}; it must join again with a new token",
+        r.revoked,
+        if r.revoked == 1 { "y" } else { "ies" }
+    );
     Ok(())
 }
 

@@ -1,0 +1,103 @@
+//! Service identities: listed with `pctl identities ls`, bound to their host
+//! id while they live, and revoked with `pctl identities rm`, which closes
+//! the agent's tunnels and keeps it out.
+
+use std::time::Duration;
+
+use portico_proto::client::connect;
+use portico_proto::v1;
+use portico_tests::cluster::text;
+use portico_tests::util::test_app_yaml;
+use portico_tests::{ClusterBuilder, eventually};
+use serde_json::Value;
+
+fn join(token: &str, host_id: &str) -> v1::JoinRequest {
+    v1::JoinRequest {
+        token: token.into(),
+        host_id: host_id.into(),
+        role: "app".into(),
+    }
+}
+
+#[tokio::test]
+async fn identities_are_listed_bound_to_their_host_and_revocable() {
+    let c = ClusterBuilder::new()
+        .proxy()
+        .wildcard_agent("a1")
+        .start()
+        .await;
+    c.create_yaml(&test_app_yaml("tm", "dev"), false)
+        .await
+        .expect("app");
+    c.wait_servers("tm", &["a1"]).await;
+
+    // Listed, with the role it joined as and when it was last seen.
+    eventually(Duration::from_secs(10), "a1 listed and seen", || async {
+        let o = c.pctl(&["identities", "ls", "--format", "json"]).await;
+        let v: Value = serde_json::from_str(&text(&o).0).ok()?;
+        v.as_array()?
+            .iter()
+            .any(|i| i["host_id"] == "a1" && i["roles"][0] == "app" && i["last_seen"].is_string())
+            .then_some(())
+    })
+    .await;
+    let o = c.pctl(&["identities", "ls"]).await;
+    assert!(text(&o).0.contains("Last seen"), "{:?}", text(&o));
+
+    // A join token cannot take over a live host id, and is not used up trying.
+    let token = c.join_token("app").await;
+    let mut anon = connect(&c.auth_addr.to_string(), None)
+        .await
+        .expect("connect");
+    let e = anon
+        .join(join(&token, "a1"))
+        .await
+        .expect_err("a1 is taken");
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
+    assert!(
+        e.message().contains("pctl identities rm a1"),
+        "{}",
+        e.message()
+    );
+
+    // Revoked: its tunnel closes, it cannot come back, and it is no longer listed.
+    let proxy = c.proxy.as_ref().expect("proxy").state.clone();
+    assert!(proxy.tunnels.is_connected("a1"));
+    let o = c.pctl(&["identities", "rm", "a1"]).await;
+    assert!(o.status.success(), "{:?}", text(&o));
+    eventually(Duration::from_secs(3), "a1's tunnel closed", || {
+        let p = proxy.clone();
+        async move { (!p.tunnels.is_connected("a1")).then_some(()) }
+    })
+    .await;
+    // The agent keeps dialling; none of its attempts gets through.
+    let watched = tokio::time::Instant::now();
+    while watched.elapsed() < Duration::from_millis(1500) {
+        assert!(
+            !proxy.tunnels.is_connected("a1"),
+            "a revoked agent reconnected"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let o = c.pctl(&["identities", "ls", "--format", "json"]).await;
+    assert!(!text(&o).0.contains("\"a1\""), "{:?}", text(&o));
+    let o = c.pctl(&["identities", "rm", "a1"]).await;
+    assert!(!o.status.success(), "revoking twice: {:?}", text(&o));
+
+    // The host id is free again: the same, unused token joins under it.
+    anon.join(join(&token, "a1"))
+        .await
+        .expect("a1 joins again after revocation");
+    let o = c
+        .pctl(&[
+            "events",
+            "ls",
+            "--type",
+            "identity.revoke",
+            "--format",
+            "json",
+        ])
+        .await;
+    assert!(text(&o).0.contains("\"a1\""), "{:?}", text(&o));
+    c.shutdown().await;
+}
