@@ -236,6 +236,7 @@ pub async fn start(
             .accept_loop(listeners.tunnel, tunnel_auth, stop_rx.clone()),
     );
     tokio::spawn(idle_sweeper(state.clone(), stop_rx.clone()));
+    tokio::spawn(access_sweeper(state.clone(), stop_rx.clone()));
     let router = web::router(state.clone());
     let limits = serve::WebLimits {
         max_connections: cfg.max_connections.unwrap_or(4096),
@@ -348,6 +349,34 @@ pub async fn serve(
     shutdown.await;
     proxy.shutdown().await;
     Ok(())
+}
+
+/// Ends the sessions of users who were deleted or whose roles no longer
+/// reach the app, as soon as the cache learns of it (and at least every
+/// 500 ms).
+async fn access_sweeper(state: Arc<ProxyState>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = state.cache.changed() => {}
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = stop.changed() => return,
+        }
+        for s in state.sessions.all() {
+            if s.admin {
+                continue;
+            }
+            let reason = match state.cache.checker(&s.user) {
+                None => "your user was deleted",
+                Some(c) => match state.cache.app(&s.app) {
+                    Some(app) if !c.app_allowed(&app.metadata.labels) => {
+                        "your roles no longer allow this MCP server"
+                    }
+                    _ => continue,
+                },
+            };
+            s.end(&state, reason).await;
+        }
+    }
 }
 
 async fn idle_sweeper(state: Arc<ProxyState>, mut stop: watch::Receiver<bool>) {

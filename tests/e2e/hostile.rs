@@ -1527,3 +1527,50 @@ async fn failed_authentication_at_the_proxy_is_audited_with_its_source() {
     .await;
     c.shutdown().await;
 }
+
+#[tokio::test]
+async fn sessions_end_when_their_user_or_access_goes() {
+    let c = cluster_with_app(ClusterBuilder::new()).await;
+    // Mallory is deleted while a call is in flight.
+    let mut m = open(&c, "mallory").await;
+    let pending = tokio::spawn(async move { m.call("slow", json!({"ms": 30000})).await });
+    c.wait_pending(1).await;
+    let o = c.pctl(&["users", "rm", "mallory"]).await;
+    assert!(o.status.success(), "{:?}", text(&o));
+    let r = tokio::time::timeout(Duration::from_secs(5), pending)
+        .await
+        .expect("the call ends with the session")
+        .expect("task");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("your user was deleted")),
+        "{r}"
+    );
+    // Eve's role stops reaching the app.
+    let mut e = open(&c, "eve").await;
+    let r = e.call("echo", json!({"message": "before"})).await;
+    assert_eq!(r["result"]["content"][0]["text"], "before", "{r}");
+    c.create_yaml(&ECHO_ONLY.replace("{env: dev}", "{env: prod}"), true)
+        .await
+        .expect("role narrowed");
+    let state = c.proxy.as_ref().expect("proxy").state.clone();
+    eventually(Duration::from_secs(5), "eve's session ended", || {
+        let st = state.clone();
+        async move {
+            st.sessions
+                .all()
+                .iter()
+                .all(|s| s.user != "eve")
+                .then_some(())
+        }
+    })
+    .await;
+    let r = raw(
+        &e,
+        r#"{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"echo","arguments":{"message":"after"}}}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{r:?}");
+    c.shutdown().await;
+}
