@@ -1009,6 +1009,16 @@ impl AuthService for Api {
         Ok(Response::new(HeartbeatResponse {}))
     }
 
+    async fn get_cluster_ca(
+        &self,
+        _req: Request<GetClusterCaRequest>,
+    ) -> Res<GetClusterCaResponse> {
+        self.s.metrics.requests.fetch_add(1, Ordering::Relaxed);
+        Ok(Response::new(GetClusterCaResponse {
+            cert_pem: self.s.ca.cert_pem.clone(),
+        }))
+    }
+
     async fn list_identities(
         &self,
         req: Request<ListIdentitiesRequest>,

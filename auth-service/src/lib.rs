@@ -1,6 +1,7 @@
 //! Portico's auth-service: storage with a change feed, users and login,
 //! join tokens, RBAC on every call, and the audit log, served over gRPC.
 
+pub mod ca;
 pub mod grpc;
 pub mod hub;
 pub mod identity;
@@ -128,6 +129,8 @@ pub struct AuthServer {
     /// Password checks (argon2, about 19 MiB and a core each) running at once.
     pub(crate) password_checks: Arc<tokio::sync::Semaphore>,
     pub metrics: Metrics,
+    /// The cluster CA: its certificate is public, its key stays here.
+    pub ca: ca::ClusterCa,
     /// When each service identity last authenticated here (host id → ms).
     pub(crate) last_seen: std::sync::Mutex<std::collections::HashMap<String, i64>>,
     stop: watch::Sender<bool>,
@@ -178,6 +181,7 @@ impl AuthServer {
             None => DEFAULT_SESSION_TTL_MS,
         };
         let fresh = backend.current_revision().await? == 0;
+        let ca = ca::ClusterCa::load_or_create(backend.as_ref()).await?;
         let (stop, stop_rx) = watch::channel(false);
         let hub = Hub::start(backend.clone(), stop_rx.clone()).await?;
         let server = Arc::new(AuthServer {
@@ -192,6 +196,7 @@ impl AuthServer {
             ),
             password_checks: Arc::new(tokio::sync::Semaphore::new(PASSWORD_CHECKS_AT_ONCE)),
             metrics: Metrics::default(),
+            ca,
             last_seen: Default::default(),
             stop,
         });

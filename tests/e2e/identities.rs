@@ -101,3 +101,64 @@ async fn identities_are_listed_bound_to_their_host_and_revocable() {
     assert!(text(&o).0.contains("\"a1\""), "{:?}", text(&o));
     c.shutdown().await;
 }
+
+/// What `openssl x509 -text` says of a PEM certificate.
+fn x509_text(pem: &str) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-text"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("openssl");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(pem.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("openssl ran");
+    assert!(out.status.success(), "not a certificate: {pem}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn the_cluster_ca_is_made_once_kept_and_exported() {
+    let mut c = ClusterBuilder::new().start().await;
+    let o = c.pctl(&["ca", "export"]).await;
+    let pem = text(&o).0;
+    assert!(
+        o.status.success() && pem.starts_with("-----BEGIN CERTIFICATE-----"),
+        "{pem}"
+    );
+    assert!(!pem.contains("PRIVATE KEY"), "the key is never sent");
+    let t = x509_text(&pem);
+    assert!(
+        t.contains("CA:TRUE") && t.contains("Portico cluster CA") && t.contains("prime256v1"),
+        "{t}"
+    );
+    // The same CA after a restart.
+    c.stop_auth().await;
+    c.start_auth_again().await;
+    let o = c.pctl(&["ca", "export"]).await;
+    assert_eq!(text(&o).0, pem, "the CA survives a restart");
+    c.shutdown().await;
+
+    // Several instances starting together on one Postgres agree on one CA.
+    let db = portico_tests::pg::PgDb::create().await;
+    let dir = portico_tests::TempDir::new("portico-ca");
+    let cfg = portico_auth::AuthConfig {
+        storage: portico_auth::StorageConfig::Postgres {
+            conn_string: db.url.clone(),
+        },
+        ..Default::default()
+    };
+    let (a, b) = tokio::join!(
+        portico_auth::AuthServer::open(&cfg, dir.path()),
+        portico_auth::AuthServer::open(&cfg, dir.path())
+    );
+    let (a, b) = (a.expect("first"), b.expect("second"));
+    assert_eq!(a.ca.cert_pem, b.ca.cert_pem, "one CA for the cluster");
+    a.shutdown();
+    b.shutdown();
+}

@@ -373,6 +373,31 @@ macro_rules! impl_backend {
                 .transpose()
             }
 
+            async fn init_cluster_ca(
+                &self,
+                cert_pem: &str,
+                key_pem: &str,
+            ) -> portico_core::Result<(String, String)> {
+                use $crate::storage::db_error;
+                use sqlx::Row;
+                sqlx::query(
+                    "INSERT INTO cluster_ca (id, cert_pem, key_pem) VALUES (1, $1, $2) ON CONFLICT (id) DO NOTHING",
+                )
+                .bind(cert_pem)
+                .bind(key_pem)
+                .execute(&self.pool)
+                .await
+                .map_err(db_error)?;
+                let row = sqlx::query("SELECT cert_pem, key_pem FROM cluster_ca WHERE id = 1")
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(db_error)?;
+                Ok((
+                    row.try_get(0).map_err(db_error)?,
+                    row.try_get(1).map_err(db_error)?,
+                ))
+            }
+
             async fn service_sessions(
                 &self,
             ) -> portico_core::Result<Vec<$crate::storage::SessionRow>> {

@@ -110,6 +110,9 @@ pub trait Backend: Send + Sync + 'static {
     async fn put_session(&self, s: &SessionRow) -> Result<()>;
     async fn session(&self, token_hash: &str) -> Result<Option<SessionRow>>;
     async fn purge_sessions(&self, now_ms: i64) -> Result<u64>;
+    /// Stores the cluster CA (certificate and key, PEM) unless one exists,
+    /// and returns the one stored: concurrent first starts agree on one.
+    async fn init_cluster_ca(&self, cert_pem: &str, key_pem: &str) -> Result<(String, String)>;
     /// Every service identity (proxies and agents).
     async fn service_sessions(&self) -> Result<Vec<SessionRow>>;
     /// Revokes every identity of one service principal; returns how many.

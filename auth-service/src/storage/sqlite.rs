@@ -25,13 +25,22 @@ pub struct SqliteBackend {
 /// The embedded schema, shared by the service and the tests.
 pub fn migrator() -> Migrator {
     Migrator {
-        migrations: Cow::Owned(vec![Migration::new(
-            1,
-            Cow::Borrowed("init"),
-            MigrationType::Simple,
-            include_str!("../../migrations/sqlite/0001_init.sql").into_sql_str(),
-            false,
-        )]),
+        migrations: Cow::Owned(vec![
+            Migration::new(
+                1,
+                Cow::Borrowed("init"),
+                MigrationType::Simple,
+                include_str!("../../migrations/sqlite/0001_init.sql").into_sql_str(),
+                false,
+            ),
+            Migration::new(
+                2,
+                Cow::Borrowed("cluster_ca"),
+                MigrationType::Simple,
+                include_str!("../../migrations/sqlite/0002_cluster_ca.sql").into_sql_str(),
+                false,
+            ),
+        ]),
         ..Migrator::DEFAULT
     }
 }

@@ -62,6 +62,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: TokensCmd,
     },
+    /// The cluster's certificate authority.
+    Ca {
+        #[command(subcommand)]
+        cmd: CaCmd,
+    },
     /// Live service identities (proxies and agents): list, revoke.
     Identities {
         #[command(subcommand)]
@@ -115,6 +120,12 @@ enum TokensCmd {
     },
     /// Revoke a join token by name.
     Rm { name: String },
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Print the cluster CA's certificate (PEM); its key never leaves the auth-service.
+    Export,
 }
 
 #[derive(Subcommand)]
@@ -193,6 +204,15 @@ async fn run(cli: Cli) -> CliResult {
             TokensCmd::Ls { format } => get(&target, "tokens", None, format).await,
             TokensCmd::Rm { name } => remove(&target, Kind::Token, &name).await,
         },
+        Cmd::Ca { cmd: CaCmd::Export } => {
+            let mut api = connect_api(&target).await?;
+            let ca = api
+                .get_cluster_ca(v1::GetClusterCaRequest {})
+                .await?
+                .into_inner();
+            print!("{}", ca.cert_pem);
+            Ok(())
+        }
         Cmd::Identities { cmd } => match cmd {
             IdentitiesCmd::Ls { format } => identities(&target, format).await,
             IdentitiesCmd::Rm { host_id } => revoke_identity(&target, &host_id).await,

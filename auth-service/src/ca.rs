@@ -1,0 +1,76 @@
+//! The cluster's certificate authority: an ECDSA P-256 key and a
+//! self-signed CA certificate, made once at the first start and kept in the
+//! backend (the SQLite file, owner-only in the data directory, or Postgres,
+//! so that several auth-service instances share it). The key never leaves
+//! the auth-service: only the certificate is served (`pctl ca export`).
+
+use portico_core::Error;
+use portico_core::time::now_ms;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose,
+    PKCS_ECDSA_P256_SHA256, date_time_ymd,
+};
+
+use crate::storage::Backend;
+
+/// How long the CA certificate is valid, in years.
+const CA_YEARS: i32 = 10;
+
+pub struct ClusterCa {
+    pub cert_pem: String,
+    /// Kept for signing service certificates; never sent anywhere.
+    #[allow(dead_code)]
+    key_pem: String,
+}
+
+impl ClusterCa {
+    /// The stored CA, or a new one stored now. Instances starting together
+    /// on one database agree on whichever was stored first.
+    pub async fn load_or_create(backend: &dyn Backend) -> Result<ClusterCa, Error> {
+        let (cert, key) = generate()?;
+        let (cert_pem, key_pem) = backend.init_cluster_ca(&cert, &key).await?;
+        Ok(ClusterCa { cert_pem, key_pem })
+    }
+}
+
+fn internal(e: rcgen::Error) -> Error {
+    tracing::error!(error = %e, "cannot make the cluster CA");
+    Error::internal("cannot make the cluster certificate authority")
+}
+
+/// A fresh CA: key and self-signed certificate, both PEM.
+fn generate() -> Result<(String, String), Error> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(internal)?;
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(internal)?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "Portico cluster CA");
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "Portico");
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    // Years since 1970, near enough for a validity window.
+    let year = 1970 + (now_ms() / (3_652_425 * 8_640)) as i32;
+    params.not_before = date_time_ymd(year - 1, 1, 1);
+    params.not_after = date_time_ymd(year + CA_YEARS, 1, 1);
+    let cert = params.self_signed(&key).map_err(internal)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn makes_a_ca_certificate_and_a_key() {
+        let (cert, key) = generate().expect("generated");
+        assert!(cert.starts_with("-----BEGIN CERTIFICATE-----"), "{cert}");
+        assert!(key.contains("PRIVATE KEY"));
+        assert!(!cert.contains("PRIVATE KEY"));
+    }
+}
