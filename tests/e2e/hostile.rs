@@ -1070,6 +1070,43 @@ async fn users_cannot_grant_roles_they_do_not_hold() {
     c.shutdown().await;
 }
 
+/// A proxy of the test's own, joined to the cluster, its web listener on `web`.
+async fn own_proxy(
+    c: &Cluster,
+    web: &str,
+    mut cfg: portico_proxy::ProxyConfig,
+) -> portico_proxy::Proxy {
+    cfg.auth_servers = vec![c.auth_addr.to_string()];
+    cfg.join_token = Some(c.join_token("proxy").await);
+    let listeners = portico_proxy::Listeners {
+        web: tokio::net::TcpListener::bind(web).await.expect("bind"),
+        tunnel: tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind"),
+    };
+    let dir = c
+        .data_dir()
+        .join(format!("own-proxy-{}", rand::random::<u32>()));
+    portico_proxy::start(
+        &cfg,
+        portico_proxy::Credentials::Join { data_dir: dir },
+        listeners,
+    )
+    .await
+    .expect("proxy")
+}
+
+/// A stdio app running a Python script, registered and served by `a1`.
+async fn python_app(c: &Cluster, name: &str, script: &str) {
+    let yaml = format!(
+        "kind: app\nversion: v3\nmetadata: {{name: {name}}}\nspec:\n  mcp:\n    command: python3\n    args: [\"-c\", {}]\n    run_as_host_user: {}\n",
+        serde_json::to_string(script).expect("json"),
+        portico_tests::util::me()
+    );
+    c.create_yaml(&yaml, false).await.expect("app");
+    c.wait_servers(name, &["a1"]).await;
+}
+
 /// A local address that is not loopback, when the machine has one.
 fn outside_address() -> Option<std::net::IpAddr> {
     let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
@@ -1081,28 +1118,7 @@ fn outside_address() -> Option<std::net::IpAddr> {
 #[tokio::test]
 async fn metrics_answer_only_loopback() {
     let c = ClusterBuilder::new().start().await;
-    let cfg = portico_proxy::ProxyConfig {
-        auth_servers: vec![c.auth_addr.to_string()],
-        join_token: Some(c.join_token("proxy").await),
-        ..Default::default()
-    };
-    let listeners = portico_proxy::Listeners {
-        web: tokio::net::TcpListener::bind("0.0.0.0:0")
-            .await
-            .expect("bind"),
-        tunnel: tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind"),
-    };
-    let p = portico_proxy::start(
-        &cfg,
-        portico_proxy::Credentials::Join {
-            data_dir: c.data_dir().join("metrics-proxy"),
-        },
-        listeners,
-    )
-    .await
-    .expect("proxy");
+    let p = own_proxy(&c, "0.0.0.0:0", portico_proxy::ProxyConfig::default()).await;
     let port = p.web_addr.port();
     let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<http_body_util::Empty<bytes::Bytes>>();
@@ -1294,17 +1310,11 @@ async fn a_server_answer_that_cannot_be_read_is_an_error_not_a_hang() {
     // A server that answers initialize properly and every other request with
     // duplicate keys (its tools/list would otherwise go out unfiltered).
     let script = "import json,sys\nfor l in sys.stdin:\n    m = json.loads(l)\n    if 'id' not in m: continue\n    if m.get('method') == 'initialize':\n        print(json.dumps({'jsonrpc':'2.0','id':m['id'],'result':{'protocolVersion':m['params']['protocolVersion'],'capabilities':{'tools':{}},'serverInfo':{'name':'twofaced','version':'1'}}}), flush=True)\n    else:\n        i = json.dumps(m['id'])\n        print('{\"jsonrpc\":\"2.0\",\"id\":' + i + ',\"result\":{\"tools\":[]},\"result\":{\"tools\":[{\"name\":\"secret\"}]}}', flush=True)\n";
-    let yaml = format!(
-        "kind: app\nversion: v3\nmetadata: {{name: twofaced}}\nspec:\n  mcp:\n    command: python3\n    args: [\"-c\", {}]\n    run_as_host_user: {}\n",
-        serde_json::to_string(script).expect("json"),
-        portico_tests::util::me()
-    );
-    c.create_yaml(&yaml, false).await.expect("app");
+    python_app(&c, "twofaced", script).await;
     c.create_yaml(NO_TOUCH.replace("{env: dev}", "{'*': '*'}").as_str(), false)
         .await
         .expect("role");
     c.add_user("mallory", &["no-touch"], PW).await;
-    c.wait_servers("twofaced", &["a1"]).await;
     let t = c.login("mallory", PW).await;
     let mut s = McpHttp::new(c.proxy_addr(), "twofaced", &t);
     eventually(Duration::from_secs(10), "a session opens", || async {
@@ -1335,28 +1345,10 @@ async fn closed_at_once(tcp: &mut tokio::net::TcpStream) -> bool {
 async fn connections_and_handshakes_are_capped_per_address() {
     let c = ClusterBuilder::new().start().await;
     let cfg = portico_proxy::ProxyConfig {
-        auth_servers: vec![c.auth_addr.to_string()],
-        join_token: Some(c.join_token("proxy").await),
         max_connections_per_address: Some(3),
         ..Default::default()
     };
-    let listeners = portico_proxy::Listeners {
-        web: tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind"),
-        tunnel: tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind"),
-    };
-    let p = portico_proxy::start(
-        &cfg,
-        portico_proxy::Credentials::Join {
-            data_dir: c.data_dir().join("capped-proxy"),
-        },
-        listeners,
-    )
-    .await
-    .expect("proxy");
+    let p = own_proxy(&c, "127.0.0.1:0", cfg).await;
     // Three idle web connections are held; a fourth from the same address is closed.
     let mut held = Vec::new();
     for _ in 0..3 {
@@ -1433,14 +1425,8 @@ async fn a_server_that_stops_reading_does_not_hang_its_clients() {
         .await;
     // Answers initialize, then never reads its input again.
     let script = "import json,sys,time\nfor l in sys.stdin:\n    m = json.loads(l)\n    if m.get('method') == 'initialize':\n        print(json.dumps({'jsonrpc':'2.0','id':m['id'],'result':{'protocolVersion':m['params']['protocolVersion'],'capabilities':{},'serverInfo':{'name':'deaf','version':'1'}}}), flush=True)\n    if m.get('method') == 'notifications/initialized':\n        time.sleep(600)\n";
-    let yaml = format!(
-        "kind: app\nversion: v3\nmetadata: {{name: deaf}}\nspec:\n  mcp:\n    command: python3\n    args: [\"-c\", {}]\n    run_as_host_user: {}\n",
-        serde_json::to_string(script).expect("json"),
-        portico_tests::util::me()
-    );
-    c.create_yaml(&yaml, false).await.expect("app");
+    python_app(&c, "deaf", script).await;
     c.add_user("una", &["admin"], PW).await;
-    c.wait_servers("deaf", &["a1"]).await;
     let t = c.login("una", PW).await;
     let mut s = McpHttp::new(c.proxy_addr(), "deaf", &t);
     eventually(Duration::from_secs(10), "the session opens", || async {

@@ -280,15 +280,7 @@ impl Session {
         let out = rbac::on_response(state, self, &pend, &mut msg).await;
         let out =
             out.unwrap_or_else(|why| jsonrpc::error(Some(&id), jsonrpc::INTERNAL_ERROR, &why));
-        let undelivered = match self.stream_sender(pend.stream) {
-            Some(tx) => send_bounded(&tx, out).await.map_err(|()| STALLED)?,
-            None => Some(out),
-        };
-        self.release_stream_if_done(pend.stream);
-        match undelivered {
-            Some(out) => self.deliver_server(out).await,
-            None => Ok(()),
-        }
+        self.answer(&pend, out).await
     }
 
     /// An invalid message whose id (read leniently) names a pending request
@@ -325,6 +317,13 @@ impl Session {
             jsonrpc::INTERNAL_ERROR,
             &format!("the MCP server sent an invalid answer ({why})"),
         );
+        self.answer(&pend, out).await
+    }
+
+    /// Delivers the answer to a request on the stream of the POST that
+    /// asked (or, if that is gone, as a server message), and closes that
+    /// stream once nothing else is awaited on it.
+    async fn answer(&self, pend: &Pending, out: Bytes) -> Result<(), &'static str> {
         let undelivered = match self.stream_sender(pend.stream) {
             Some(tx) => send_bounded(&tx, out).await.map_err(|()| STALLED)?,
             None => Some(out),
