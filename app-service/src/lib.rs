@@ -75,6 +75,11 @@ pub struct AgentMcpConfig {
     /// existing account except root (uid 0) and the agent's own.
     #[serde(default)]
     pub allowed_host_users: Option<Vec<String>>,
+    /// With no `allowed_host_users`, also allow the agent's own account
+    /// (and root, when the agent runs as root): for one person's machine,
+    /// as the all-in-one quick start is. Default false.
+    #[serde(default)]
+    pub allow_agent_account: bool,
     /// Which apps may use which `{{secret NAME}}`; a secret no grant covers
     /// fails the session.
     #[serde(default)]
@@ -235,6 +240,7 @@ impl AgentConfig {
         }
         Ok(spawn::Policy {
             allowed_host_users: mcp.allowed_host_users,
+            allow_agent_account: mcp.allow_agent_account,
             secrets,
             max_open_files,
             max_memory_bytes: mcp.max_memory_bytes,

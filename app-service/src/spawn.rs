@@ -22,8 +22,11 @@ pub const DEFAULT_OPEN_FILES: u64 = 1024;
 /// compiled once when the agent starts.
 #[derive(Debug, Clone)]
 pub struct Policy {
-    /// Host accounts apps may run as; `None`: any existing account except uid 0.
+    /// Host accounts apps may run as; `None`: any existing account except
+    /// uid 0 and the agent's own (unless `allow_agent_account`).
     pub allowed_host_users: Option<Vec<String>>,
+    /// With no list, the agent's own account is allowed too.
+    pub allow_agent_account: bool,
     /// `{{secret NAME}}` grants: a secret resolves only for apps whose labels
     /// match the selector of a grant with its name.
     pub secrets: Vec<(String, LabelSelector)>,
@@ -37,6 +40,7 @@ impl Default for Policy {
     fn default() -> Self {
         Policy {
             allowed_host_users: None,
+            allow_agent_account: false,
             secrets: Vec::new(),
             max_open_files: default_open_files(),
             max_memory_bytes: None,
@@ -48,6 +52,7 @@ impl Policy {
     /// Whether apps may run as `user`.
     fn check_user(&self, user: &HostUser) -> Result<(), SpawnError> {
         match &self.allowed_host_users {
+            None if self.allow_agent_account && user.uid == current_uid() => Ok(()),
             None if user.uid == 0 => Err(SpawnError::UserNotAllowed {
                 user: user.name.clone(),
                 why: "app_service.mcp.allowed_host_users is not set on this agent, and by default it allows any existing account except root and the agent's own; run the app as another account, or list this one in allowed_host_users".into(),
@@ -463,6 +468,32 @@ mod tests {
         let u = lookup_user("root").expect("root is in every password database");
         assert_eq!(u.uid, 0);
         assert!(lookup_user("no-such-user-portico").is_none());
+    }
+
+    #[test]
+    fn the_agents_own_account_needs_saying_so() {
+        let me = current_user_name()
+            .and_then(|n| lookup_user(&n))
+            .expect("the agent's own account");
+        let default = Policy::default();
+        assert!(matches!(
+            default.check_user(&me),
+            Err(SpawnError::UserNotAllowed { .. })
+        ));
+        let own = Policy {
+            allow_agent_account: true,
+            ..Policy::default()
+        };
+        assert!(own.check_user(&me).is_ok());
+        let listed = Policy {
+            allowed_host_users: Some(vec![me.name.clone()]),
+            ..Policy::default()
+        };
+        assert!(listed.check_user(&me).is_ok());
+        let root = lookup_user("root").expect("root");
+        if me.uid != 0 {
+            assert!(own.check_user(&root).is_err(), "root stays out");
+        }
     }
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {

@@ -51,9 +51,10 @@ impl Config {
                     labels: BTreeMap::from([("*".to_string(), "*".to_string())]),
                 }],
                 // One person's machine: their own account may run servers
-                // (and could read the data directory anyway).
-                mcp: portico_agent::spawn::current_user_name().map(|me| AgentMcpConfig {
-                    allowed_host_users: Some(vec![me]),
+                // (and could read the data directory anyway), besides any
+                // account the default allows.
+                mcp: Some(AgentMcpConfig {
+                    allow_agent_account: true,
                     ..AgentMcpConfig::default()
                 }),
                 ..AgentConfig::default()
