@@ -27,6 +27,9 @@ impl ClusterCa {
     /// The stored CA, or a new one stored now. Instances starting together
     /// on one database agree on whichever was stored first.
     pub async fn load_or_create(backend: &dyn Backend) -> Result<ClusterCa, Error> {
+        if let Some((cert_pem, key_pem)) = backend.cluster_ca().await? {
+            return Ok(ClusterCa { cert_pem, key_pem });
+        }
         let (cert, key) = generate()?;
         let (cert_pem, key_pem) = backend.init_cluster_ca(&cert, &key).await?;
         Ok(ClusterCa { cert_pem, key_pem })

@@ -183,19 +183,7 @@ async fn only_services_write_audit_events_and_under_their_own_name() {
     }
 
     // A proxy joins and writes: its own name is the actor, whatever it claims.
-    let token = c.join_token("proxy").await;
-    let mut anon = connect(&c.auth_addr.to_string(), None)
-        .await
-        .expect("connect");
-    let id = anon
-        .join(v1::JoinRequest {
-            token,
-            host_id: "px-test".into(),
-            role: "proxy".into(),
-        })
-        .await
-        .expect("join")
-        .into_inner();
+    let id = c.join_as("proxy", "px-test").await;
     let mut proxy = c.client(&id.identity_token).await;
     proxy.emit_events(forged()).await.expect("a service writes");
     let e = proxy

@@ -173,19 +173,7 @@ async fn resume_compaction_and_expiry() {
     assert!(e.message().contains("re-sync"), "{}", e.message());
 
     // A heartbeat with a short TTL expires into a delete event.
-    let token = c.join_token("app").await;
-    let mut anon = connect(&c.auth_addr.to_string(), None)
-        .await
-        .expect("connect");
-    let id = anon
-        .join(v1::JoinRequest {
-            token,
-            host_id: "h1".into(),
-            role: "app".into(),
-        })
-        .await
-        .expect("join")
-        .into_inner();
+    let id = c.join_as("app", "h1").await;
     let mut agent = c.client(&id.identity_token).await;
     let events: Arc<Mutex<HashMap<String, Vec<i32>>>> = Arc::default();
     let ev2 = events.clone();

@@ -249,6 +249,22 @@ impl Cluster {
             .tunnel_addr
     }
 
+    /// Joins a service identity (`app` or `proxy`) under `host_id` with a fresh token.
+    pub async fn join_as(&self, role: &str, host_id: &str) -> v1::JoinResponse {
+        let token = self.join_token(role).await;
+        connect(&self.auth_addr.to_string(), None)
+            .await
+            .expect("connect")
+            .join(v1::JoinRequest {
+                token,
+                host_id: host_id.into(),
+                role: role.into(),
+            })
+            .await
+            .expect("join")
+            .into_inner()
+    }
+
     pub async fn join_token(&self, role: &str) -> String {
         self.admin()
             .await

@@ -373,6 +373,17 @@ macro_rules! impl_backend {
                 .transpose()
             }
 
+            async fn cluster_ca(&self) -> portico_core::Result<Option<(String, String)>> {
+                use $crate::storage::db_error;
+                use sqlx::Row;
+                let row = sqlx::query("SELECT cert_pem, key_pem FROM cluster_ca WHERE id = 1")
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db_error)?;
+                row.map(|r| Ok((r.try_get(0).map_err(db_error)?, r.try_get(1).map_err(db_error)?)))
+                    .transpose()
+            }
+
             async fn init_cluster_ca(
                 &self,
                 cert_pem: &str,

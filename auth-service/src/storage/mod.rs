@@ -110,6 +110,8 @@ pub trait Backend: Send + Sync + 'static {
     async fn put_session(&self, s: &SessionRow) -> Result<()>;
     async fn session(&self, token_hash: &str) -> Result<Option<SessionRow>>;
     async fn purge_sessions(&self, now_ms: i64) -> Result<u64>;
+    /// The stored cluster CA (certificate and key, PEM), if there is one.
+    async fn cluster_ca(&self) -> Result<Option<(String, String)>>;
     /// Stores the cluster CA (certificate and key, PEM) unless one exists,
     /// and returns the one stored: concurrent first starts agree on one.
     async fn init_cluster_ca(&self, cert_pem: &str, key_pem: &str) -> Result<(String, String)>;
