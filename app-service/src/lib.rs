@@ -19,7 +19,7 @@ use std::time::Duration;
 use portico_core::resource::{AppSpec, Metadata};
 use portico_core::{App, Error, Kind, LabelSelector, Object, SystemRole};
 use portico_proto::client::{AuthClient, connect_lazy};
-use portico_proto::join::{JoinParams, load_or_join};
+use portico_proto::join::{Credentials as JoinCredentials, JoinParams, load_or_join};
 use portico_tunnel as tunnel;
 use serde::Deserialize;
 use tokio::sync::{Semaphore, watch};
@@ -33,7 +33,8 @@ pub struct AgentConfig {
     /// A section that is present runs unless it says `enabled: false`.
     #[serde(default = "portico_core::yes")]
     pub enabled: bool,
-    /// Where the auth API is: an auth-service (host:3025) or a proxy's web address.
+    /// The auth-service's gRPC address(es) (host:3025). Agents speak to it
+    /// directly, over mutual TLS with their own certificate.
     #[serde(default)]
     pub auth_servers: Vec<String>,
     /// The proxies' tunnel listeners (host:3024) to dial.
@@ -46,6 +47,10 @@ pub struct AgentConfig {
     /// This agent's name; generated at join when absent.
     #[serde(default)]
     pub host_id: Option<String>,
+    /// `sha256:<hex>` of the cluster CA (`pctl ca export` prints it): what
+    /// the first join checks the auth-service against.
+    #[serde(default)]
+    pub ca_pin: Option<String>,
     /// Label selectors: an app is served if any of them matches.
     #[serde(default)]
     pub resources: Vec<ResourceSelector>,
@@ -285,16 +290,17 @@ impl AgentConfig {
 
 /// How the agent proves who it is.
 pub enum Credentials {
-    /// An identity token already issued (the all-in-one, or a saved identity).
-    Identity { host_id: String, token: String },
-    /// Join with the configured token and save the identity under `data_dir`.
+    /// An identity already issued (the all-in-one).
+    Issued(Arc<JoinCredentials>),
+    /// Load the saved identity, or join with the configured token and save
+    /// it under `data_dir`.
     Join { data_dir: PathBuf },
 }
 
 const IDENTITY_FILE: &str = "agent-identity.yaml";
 
 /// Loads the agent's saved identity or joins with its configured token.
-async fn identity(cfg: &AgentConfig, data_dir: &Path) -> Result<(String, String), Error> {
+async fn identity(cfg: &AgentConfig, data_dir: &Path) -> Result<JoinCredentials, Error> {
     let auth = cfg.auth_servers.first().ok_or_else(|| {
         Error::bad_request("app_service.auth_servers: at least one address is required")
     })?;
@@ -305,6 +311,7 @@ async fn identity(cfg: &AgentConfig, data_dir: &Path) -> Result<(String, String)
         host_id: cfg.host_id.as_deref(),
         role: SystemRole::App,
         identity_path: data_dir.join(IDENTITY_FILE),
+        ca_pin: cfg.ca_pin.as_deref(),
     })
     .await
 }
@@ -354,14 +361,17 @@ pub async fn start(cfg: &AgentConfig, creds: Credentials) -> Result<Agent, Error
         })? as u64),
         None => Duration::from_secs(10),
     };
-    let (host_id, token) = match creds {
-        Credentials::Identity { host_id, token } => (host_id, token),
-        Credentials::Join { data_dir } => identity(cfg, &data_dir).await?,
+    let identity = match creds {
+        Credentials::Issued(c) => c,
+        Credentials::Join { data_dir } => Arc::new(identity(cfg, &data_dir).await?),
     };
+    let (host_id, token) = (identity.host_id.clone(), identity.token.clone());
     let auth = cfg.auth_servers.first().ok_or_else(|| {
         Error::bad_request("app_service.auth_servers: at least one address is required")
     })?;
-    let api = connect_lazy(auth, Some(&token)).map_err(Error::bad_request)?;
+    let api = connect_lazy(&identity.dial(auth)?, Some(&token)).map_err(Error::bad_request)?;
+    let tunnel_tls =
+        tunnel::agent_tls(identity.cert.clone(), &identity.ca_pem).map_err(Error::internal)?;
     let (announce, announcements) = tokio::sync::mpsc::unbounded_channel();
     let state = Arc::new(AgentState {
         host_id: host_id.clone(),
@@ -376,6 +386,11 @@ pub async fn start(cfg: &AgentConfig, creds: Credentials) -> Result<Agent, Error
         announce,
     });
     let (stop, stop_rx) = watch::channel(false);
+    tokio::spawn(portico_proto::join::renew_forever(
+        identity.clone(),
+        state.api.clone(),
+        stop_rx.clone(),
+    ));
     tokio::spawn(watcher::watch_apps(state.clone(), stop_rx.clone()));
     tokio::spawn(watcher::heartbeats(
         state.clone(),
@@ -391,6 +406,7 @@ pub async fn start(cfg: &AgentConfig, creds: Credentials) -> Result<Agent, Error
         tokio::spawn(tunnel::dial_forever(
             proxy.clone(),
             token.clone(),
+            tunnel_tls.clone(),
             handler,
             stop_rx.clone(),
         ));

@@ -16,6 +16,7 @@ pub async fn relay(url: &str, mut body: Incoming, out: mpsc::Sender<Bytes>, max:
     let upstream = url.to_string();
     let bridge = Bridge::new(
         BridgeConfig {
+            connector: portico_tls::Connector::plain(),
             url: url.to_string(),
             token: None,
             max,

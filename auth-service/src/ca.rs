@@ -4,7 +4,10 @@
 //! so that several auth-service instances share it). The key never leaves
 //! the auth-service: only the certificate is served (`pctl ca export`).
 
+use std::time::{Duration, SystemTime};
+
 use portico_core::Error;
+use portico_tls::CertRole;
 use portico_core::time::now_ms;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose,
@@ -18,21 +21,56 @@ const CA_YEARS: i32 = 10;
 
 pub struct ClusterCa {
     pub cert_pem: String,
-    /// Kept for signing service certificates; never sent anywhere.
-    #[allow(dead_code)]
-    key_pem: String,
+    /// Signs service certificates; its key never leaves the auth-service.
+    signer: portico_tls::Ca,
 }
 
 impl ClusterCa {
     /// The stored CA, or a new one stored now. Instances starting together
     /// on one database agree on whichever was stored first.
     pub async fn load_or_create(backend: &dyn Backend) -> Result<ClusterCa, Error> {
-        if let Some((cert_pem, key_pem)) = backend.cluster_ca().await? {
-            return Ok(ClusterCa { cert_pem, key_pem });
-        }
-        let (cert, key) = generate()?;
-        let (cert_pem, key_pem) = backend.init_cluster_ca(&cert, &key).await?;
-        Ok(ClusterCa { cert_pem, key_pem })
+        let (cert_pem, key_pem) = match backend.cluster_ca().await? {
+            Some(pair) => pair,
+            None => {
+                let (cert, key) = generate()?;
+                backend.init_cluster_ca(&cert, &key).await?
+            }
+        };
+        let signer = portico_tls::Ca::from_pem(&cert_pem, &key_pem).map_err(|e| {
+            tracing::error!(error = %e, "the stored cluster CA cannot be used");
+            Error::internal("the stored cluster certificate authority cannot be used")
+        })?;
+        Ok(ClusterCa { cert_pem, signer })
+    }
+
+    /// Signs a service's key (in its signing request) for `life`.
+    pub fn sign(
+        &self,
+        csr_pem: &str,
+        role: CertRole,
+        host_id: &str,
+        life: Duration,
+    ) -> Result<String, Error> {
+        self.signer
+            .sign_request(csr_pem, role, host_id, life)
+            .map_err(Error::bad_request)
+    }
+
+    /// A key and certificate made here (for this auth-service and for
+    /// services in this process): (certificate chain PEM with the CA last,
+    /// key PEM).
+    pub fn issue(
+        &self,
+        role: CertRole,
+        host_id: &str,
+        life: Duration,
+    ) -> Result<(String, String), Error> {
+        let now = SystemTime::now();
+        let (cert, key) = self
+            .signer
+            .issue(role, host_id, now - Duration::from_secs(60), now + life)
+            .map_err(Error::internal)?;
+        Ok((format!("{cert}{}", self.cert_pem), key))
     }
 }
 

@@ -23,6 +23,8 @@ use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use portico_tls::{PeerId, PeerInfo};
+
 use crate::AuthServer;
 use crate::identity::{
     Principal, PrincipalType, authenticate, bearer, generate_password, hash_password, random_token,
@@ -68,8 +70,8 @@ pub fn routes(server: Arc<AuthServer>) -> tonic::service::Routes {
                 async move {
                     let peer = req
                         .extensions()
-                        .get::<tonic::transport::server::TcpConnectInfo>()
-                        .and_then(|c| c.remote_addr());
+                        .get::<PeerInfo>()
+                        .and_then(|c| c.remote);
                     if !m.public_metrics && !peer.is_some_and(|p| p.ip().is_loopback()) {
                         return (
                             axum::http::StatusCode::FORBIDDEN,
@@ -101,9 +103,52 @@ fn kind_arg(k: &str) -> Result<Kind, Status> {
 /// by a proxy comes from the proxy's address; `x-forwarded-for` and the
 /// like are not read, since any client can send them.
 fn source_of<T>(req: &Request<T>) -> String {
-    req.remote_addr()
+    req.extensions()
+        .get::<PeerInfo>()
+        .and_then(|i| i.remote)
         .map(|a| a.ip().to_canonical().to_string())
         .unwrap_or_else(|| "unknown".to_string())
+}
+
+/// The service identity in the caller's client certificate, if it sent one.
+fn peer_of<T>(req: &Request<T>) -> Option<PeerId> {
+    req.extensions().get::<PeerInfo>().and_then(|i| i.id.clone())
+}
+
+/// A service's token counts only over mutual TLS with that service's own
+/// certificate: a token copied elsewhere, or sent through a proxy, is
+/// refused. Users and the local admin have no certificate. One exception:
+/// a proxy asks `WhoAmI` with the token an agent gave it in the tunnel
+/// handshake, to learn whether that identity is live (nothing else).
+fn certificate_matches(
+    p: &Principal,
+    peer: Option<&PeerId>,
+    method: &str,
+) -> Result<(), Error> {
+    if p.ptype != PrincipalType::Service {
+        return Ok(());
+    }
+    let want = p.service_role.map(crate::cert_role);
+    match peer {
+        Some(id) if Some(id.role) == want && id.host_id == p.name => Ok(()),
+        Some(id)
+            if id.role == portico_tls::CertRole::Proxy
+                && method == "who_am_i"
+                && want == Some(portico_tls::CertRole::App) =>
+        {
+            Ok(())
+        }
+        Some(id) => Err(Error::unauthenticated(format!(
+            "this identity belongs to {} {:?}, but the connection's certificate names {} {:?}",
+            want.map(|r| r.as_str()).unwrap_or("?"),
+            p.name,
+            id.role,
+            id.host_id
+        ))),
+        None => Err(Error::unauthenticated(
+            "a service identity is accepted only over mutual TLS with its own certificate",
+        )),
+    }
 }
 
 /// The network a guesser controls as a whole: an IPv4 address, or the /64
@@ -173,7 +218,11 @@ impl Api {
     async fn caller<T>(&self, req: &Request<T>, method: &'static str) -> Result<Caller, Status> {
         self.s.metrics.requests.fetch_add(1, Ordering::Relaxed);
         let source = source_of(req);
-        match authenticate(self.s.backend.as_ref(), bearer(req.metadata())).await {
+        let peer = peer_of(req);
+        let who = authenticate(self.s.backend.as_ref(), bearer(req.metadata()))
+            .await
+            .and_then(|p| certificate_matches(&p, peer.as_ref(), method).map(|()| p));
+        match who {
             Ok(p) => {
                 if p.ptype == PrincipalType::Service {
                     self.s
@@ -851,6 +900,18 @@ impl AuthService for Api {
         };
         validate_name(&host_id)
             .map_err(|e| Status::invalid_argument(e.within("host_id").to_string()))?;
+        if req.csr_pem.is_empty() {
+            return Err(Status::invalid_argument(
+                "csr_pem: a certificate signing request is required (this service is older than its auth-service; upgrade it)",
+            ));
+        }
+        let life = Duration::from_millis(self.s.identity_ttl_ms as u64);
+        // Checked before the token is used up: a bad request costs nothing.
+        let cert_pem = self
+            .s
+            .ca
+            .sign(&req.csr_pem, crate::cert_role(role), &host_id, life)
+            .map_err(to_status)?;
         let name = token_name(&req.token);
         let rec = self
             .s
@@ -915,13 +976,14 @@ impl AuthService for Api {
             return Err(Status::unauthenticated(refused));
         }
         self.written().await;
+        let expires = now_ms() + self.s.identity_ttl_ms;
         let identity = self
             .s
             .new_session(
                 &host_id,
                 PrincipalType::Service,
                 &[role.as_str().to_string()],
-                None,
+                Some(expires),
             )
             .await
             .map_err(to_status)?;
@@ -936,6 +998,53 @@ impl AuthService for Api {
         Ok(Response::new(JoinResponse {
             identity_token: identity,
             host_id,
+            cert_pem,
+            ca_pem: self.s.ca.cert_pem.clone(),
+            expires_ms: expires,
+        }))
+    }
+
+    async fn renew_identity(
+        &self,
+        req: Request<RenewIdentityRequest>,
+    ) -> Res<RenewIdentityResponse> {
+        let c = self.caller(&req, "renew_identity").await?;
+        let Some(role) = c.p.service_role.filter(|_| c.p.ptype == PrincipalType::Service) else {
+            let status = Status::permission_denied("only proxies and agents renew identities");
+            return Err(self.denied(&c, None, None, None, status).await);
+        };
+        let Some(token) = bearer(req.metadata()) else {
+            return Err(Status::unauthenticated("no credentials"));
+        };
+        let life = Duration::from_millis(self.s.identity_ttl_ms as u64);
+        let cert_pem = self
+            .s
+            .ca
+            .sign(&req.get_ref().csr_pem, crate::cert_role(role), &c.p.name, life)
+            .map_err(to_status)?;
+        let expires = now_ms() + self.s.identity_ttl_ms;
+        let extended = self
+            .s
+            .backend
+            .extend_session(&crate::identity::hash_token(&token), expires)
+            .await
+            .map_err(to_status)?;
+        if !extended {
+            return Err(Status::unauthenticated(
+                "the identity was revoked or expired while renewing",
+            ));
+        }
+        self.s
+            .audit(
+                "identity.renew",
+                &c.p.name,
+                true,
+                serde_json::json!({"role": role.as_str(), "expires": format_rfc3339(expires), "source": c.source}),
+            )
+            .await;
+        Ok(Response::new(RenewIdentityResponse {
+            cert_pem,
+            expires_ms: expires,
         }))
     }
 

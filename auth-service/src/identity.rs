@@ -21,6 +21,8 @@ pub struct Principal {
     pub roles: Vec<String>,
     pub checker: AccessChecker,
     pub expires: Option<i64>,
+    /// For a service: the system role its identity was issued for.
+    pub service_role: Option<SystemRole>,
 }
 
 /// 32 random bytes, hex-encoded.
@@ -137,10 +139,12 @@ pub async fn authenticate(
     }
     let ptype = PrincipalType::parse(&session.ptype)
         .ok_or_else(|| Error::internal("an internal error occurred"))?;
+    let mut service_role = None;
     let roles: Vec<Role> = match ptype {
         PrincipalType::Admin => preset_roles().into_iter().take(1).collect(),
         PrincipalType::Service => {
             let names: Vec<String> = serde_json::from_str(&session.roles).unwrap_or_default();
+            service_role = names.iter().find_map(|n| SystemRole::parse(n));
             names
                 .iter()
                 .filter_map(|n| match SystemRole::parse(n)? {
@@ -168,6 +172,7 @@ pub async fn authenticate(
         roles: roles.iter().map(|r| r.metadata.name.clone()).collect(),
         checker: AccessChecker::new(&roles),
         expires: session.expires,
+        service_role,
     })
 }
 

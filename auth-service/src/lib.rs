@@ -54,6 +54,11 @@ pub struct AuthConfig {
     /// Answer `/metrics` to any address, not only loopback (default false).
     #[serde(default)]
     pub public_metrics: bool,
+    /// How long service certificates, service identities and the local
+    /// admin identity last, e.g. `24h` (default). Services renew theirs at
+    /// two thirds of this.
+    #[serde(default)]
+    pub identity_ttl: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -80,6 +85,7 @@ impl Default for AuthConfig {
             event_retention: None,
             bootstrap_tokens: vec![],
             public_metrics: false,
+            identity_ttl: None,
         }
     }
 }
@@ -104,6 +110,9 @@ impl Default for StorageConfig {
 }
 
 const DEFAULT_SESSION_TTL_MS: i64 = 12 * 3600 * 1000;
+const DEFAULT_IDENTITY_TTL_MS: i64 = 24 * 3600 * 1000;
+/// The host id in the auth-service's own certificate.
+pub const AUTH_HOST_ID: &str = "auth";
 const DEFAULT_EVENT_RETENTION: i64 = 100_000;
 /// Failed logins per (user, source address) within a minute before a 30 s lockout.
 pub const LOGIN_MAX_FAILURES: u32 = 5;
@@ -133,7 +142,21 @@ pub struct AuthServer {
     pub ca: ca::ClusterCa,
     /// When each service identity last authenticated here (host id → ms).
     pub(crate) last_seen: std::sync::Mutex<std::collections::HashMap<String, i64>>,
+    /// How long service certificates and identities last.
+    pub identity_ttl_ms: i64,
+    /// This auth-service's own certificate, renewed in place.
+    pub cert: Arc<portico_tls::CertStore>,
     stop: watch::Sender<bool>,
+}
+
+/// What a service running in this process needs to talk to the cluster.
+#[derive(Debug, Clone)]
+pub struct IssuedIdentity {
+    pub token: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub ca_pem: String,
+    pub expires_ms: i64,
 }
 
 impl AuthServer {
@@ -180,8 +203,22 @@ impl AuthServer {
             })?,
             None => DEFAULT_SESSION_TTL_MS,
         };
+        let identity_ttl_ms = match &cfg.identity_ttl {
+            Some(s) => parse_duration(s).filter(|ms| *ms >= 3_000).ok_or_else(|| {
+                Error::bad_request(format!(
+                    "auth_service.identity_ttl: {s:?} is not a duration of at least 3s, like 24h"
+                ))
+            })?,
+            None => DEFAULT_IDENTITY_TTL_MS,
+        };
         let fresh = backend.current_revision().await? == 0;
         let ca = ca::ClusterCa::load_or_create(backend.as_ref()).await?;
+        let (cert_pem, key_pem) = ca.issue(
+            portico_tls::CertRole::Auth,
+            AUTH_HOST_ID,
+            Duration::from_millis(identity_ttl_ms as u64),
+        )?;
+        let cert = portico_tls::CertStore::new(&cert_pem, &key_pem).map_err(Error::internal)?;
         let (stop, stop_rx) = watch::channel(false);
         let hub = Hub::start(backend.clone(), stop_rx.clone()).await?;
         let server = Arc::new(AuthServer {
@@ -198,12 +235,15 @@ impl AuthServer {
             metrics: Metrics::default(),
             ca,
             last_seen: Default::default(),
+            identity_ttl_ms,
+            cert,
             stop,
         });
         server.bootstrap_roles().await?;
         if fresh {
             server.bootstrap_tokens(&cfg.bootstrap_tokens).await?;
         }
+        tokio::spawn(renew_own_certificate(server.clone(), stop_rx.clone()));
         tokio::spawn(sweeper(
             server.clone(),
             stop_rx,
@@ -288,45 +328,82 @@ impl AuthServer {
         Ok(())
     }
 
-    /// Writes the local admin identity into `data_dir` unless a valid one is there.
+    /// Writes a fresh local admin identity into `data_dir` (the previous
+    /// one stops working), and writes it again at two thirds of its life
+    /// for as long as this auth-service runs.
     pub async fn ensure_admin_identity(
-        &self,
+        self: &Arc<Self>,
         data_dir: &Path,
         auth_addr: &str,
     ) -> Result<PathBuf, Error> {
         let path = data_dir.join(ADMIN_IDENTITY_FILE);
-        if let Ok(text) = std::fs::read_to_string(&path)
-            && let Ok(id) = yaml_serde::from_str::<IdentityFile>(&text)
-            && self
-                .backend
-                .session(&hash_token(&id.token))
-                .await?
-                .is_some()
-        {
-            if id.auth_server != auth_addr {
-                write_identity(
-                    &path,
-                    &IdentityFile {
-                        auth_server: auth_addr.to_string(),
-                        ..id
-                    },
-                )?;
+        let mut old = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|text| yaml_serde::from_str::<IdentityFile>(&text).ok())
+            .map(|id| id.token);
+        let expires = self.write_admin_identity(&path, auth_addr, old.take()).await?;
+        tracing::info!(path = %path.display(), "wrote the local admin identity");
+        let me = self.clone();
+        let (p, addr) = (path.clone(), auth_addr.to_string());
+        let mut stop = self.stop.subscribe();
+        tokio::spawn(async move {
+            let mut expires = expires;
+            loop {
+                let wait = renewal_wait(expires, me.identity_ttl_ms);
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop.changed() => return,
+                }
+                let current = std::fs::read_to_string(&p)
+                    .ok()
+                    .and_then(|t| yaml_serde::from_str::<IdentityFile>(&t).ok())
+                    .map(|id| id.token);
+                match me.write_admin_identity(&p, &addr, current).await {
+                    Ok(e) => expires = e,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot renew the local admin identity");
+                        expires = now_ms() + 10_000;
+                    }
+                }
             }
-            return Ok(path);
-        }
+        });
+        Ok(path)
+    }
+
+    /// Issues an admin token, writes it with the CA, revokes `old`.
+    async fn write_admin_identity(
+        &self,
+        path: &Path,
+        auth_addr: &str,
+        old: Option<String>,
+    ) -> Result<i64, Error> {
+        let expires = now_ms() + self.identity_ttl_ms;
         let token = self
-            .new_session("admin", PrincipalType::Admin, &[], None)
+            .new_session("admin", PrincipalType::Admin, &[], Some(expires))
             .await?;
         write_identity(
-            &path,
+            path,
             &IdentityFile {
                 auth_server: auth_addr.to_string(),
                 principal: "admin".into(),
                 token,
+                expires: Some(portico_core::time::format_rfc3339(expires)),
+                ca: Some(self.ca.cert_pem.clone()),
+                cert: None,
+                key: None,
             },
         )?;
-        tracing::info!(path = %path.display(), "wrote the local admin identity");
-        Ok(path)
+        if let Some(old) = old
+            && let Ok(Some(s)) = self.backend.session(&hash_token(&old)).await
+            && s.ptype == PrincipalType::Admin.as_str()
+        {
+            // Still valid for a few seconds, for commands already running.
+            let _ = self
+                .backend
+                .extend_session(&hash_token(&old), now_ms() + 5_000)
+                .await;
+        }
+        Ok(expires)
     }
 
     /// An identity for a service running in this process (the all-in-one).
@@ -334,16 +411,43 @@ impl AuthServer {
         &self,
         host_id: &str,
         role: portico_core::SystemRole,
-    ) -> Result<String, Error> {
+    ) -> Result<IssuedIdentity, Error> {
         // A fresh identity for an in-process service replaces the last one.
         self.backend.revoke_service(host_id).await?;
-        self.new_session(
+        let expires = now_ms() + self.identity_ttl_ms;
+        let token = self
+            .new_session(
+                host_id,
+                PrincipalType::Service,
+                &[role.as_str().to_string()],
+                Some(expires),
+            )
+            .await?;
+        let (cert_pem, key_pem) = self.ca.issue(
+            cert_role(role),
             host_id,
-            PrincipalType::Service,
-            &[role.as_str().to_string()],
-            None,
+            Duration::from_millis(self.identity_ttl_ms as u64),
+        )?;
+        Ok(IssuedIdentity {
+            token,
+            cert_pem,
+            key_pem,
+            ca_pem: self.ca.cert_pem.clone(),
+            expires_ms: expires,
+        })
+    }
+
+    /// The TLS configuration of the API listener: this service's
+    /// certificate; client certificates optional (users have none) and
+    /// checked against the cluster CA when sent.
+    pub fn tls_config(&self) -> Result<Arc<rustls::ServerConfig>, Error> {
+        portico_tls::config::cluster_server(
+            self.cert.clone(),
+            &self.ca.cert_pem,
+            portico_tls::ClientAuth::Optional,
+            &[portico_tls::ALPN_H2, b"http/1.1"],
         )
-        .await
+        .map_err(Error::internal)
     }
 
     pub(crate) async fn new_session(
@@ -411,6 +515,41 @@ fn write_identity(path: &Path, id: &IdentityFile) -> Result<(), Error> {
         .map_err(|e| Error::unavailable(format!("cannot write {}: {e}", path.display())))
 }
 
+/// The certificate role of a system role.
+pub fn cert_role(role: portico_core::SystemRole) -> portico_tls::CertRole {
+    match role {
+        portico_core::SystemRole::App => portico_tls::CertRole::App,
+        portico_core::SystemRole::Proxy => portico_tls::CertRole::Proxy,
+    }
+}
+
+/// How long to wait before renewing something that expires at `expires`
+/// (ms) and lasts `life` (ms): until two thirds of its life have passed.
+pub fn renewal_wait(expires: i64, life: i64) -> Duration {
+    let at = expires - life / 3;
+    Duration::from_millis((at - now_ms()).clamp(1_000, i64::MAX) as u64)
+}
+
+/// Re-issues this auth-service's own certificate at two thirds of its life.
+async fn renew_own_certificate(server: Arc<AuthServer>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let expires = server.cert.id().not_after * 1000;
+        tokio::select! {
+            _ = tokio::time::sleep(renewal_wait(expires, server.identity_ttl_ms)) => {}
+            _ = stop.changed() => return,
+        }
+        let life = Duration::from_millis(server.identity_ttl_ms as u64);
+        match server.ca.issue(portico_tls::CertRole::Auth, AUTH_HOST_ID, life) {
+            Ok((cert, key)) => {
+                if let Err(e) = server.cert.replace(&cert, &key) {
+                    tracing::error!(error = %e, "cannot use the renewed auth-service certificate");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot renew the auth-service certificate"),
+        }
+    }
+}
+
 /// Deletes expired records (producing delete events), old sessions and old events.
 async fn sweeper(server: Arc<AuthServer>, mut stop: watch::Receiver<bool>, retention: i64) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -460,15 +599,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let routes = grpc::routes(server.clone());
-    // Tonic applies its own TCP_NODELAY only to listeners it binds itself.
-    let incoming = tokio_stream::StreamExt::map(
-        tokio_stream::wrappers::TcpListenerStream::new(listener),
-        |s| {
-            if let Ok(s) = &s {
-                let _ = s.set_nodelay(true);
-            }
-            s
-        },
+    let incoming = portico_tls::net::incoming(
+        listener,
+        server.tls_config()?,
+        portico_tls::Plaintext::Refuse("the auth-service API"),
     );
     let srv = server.clone();
     let signal = async move {

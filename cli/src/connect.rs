@@ -30,6 +30,7 @@ pub async fn run(profile: Profile, app: String) -> CliResult {
     });
     let bridge = Bridge::new(
         BridgeConfig {
+            connector: profile.connector()?,
             url: format!("{}/mcp/{app}", base_url(&profile.proxy)),
             token: Some(profile.token.clone()),
             max: MAX_MESSAGE,

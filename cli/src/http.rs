@@ -1,4 +1,4 @@
-//! A small HTTP client for the proxy's REST routes (plain HTTP/1.1 with timeouts).
+//! A small HTTP client for the proxy's REST routes (HTTPS, with timeouts).
 
 use std::time::Duration;
 
@@ -6,27 +6,34 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use portico_tls::{Connector, Trust};
 
 use crate::{CliResult, Fail};
 
-pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+pub type HttpClient = Client<Connector, Full<Bytes>>;
 
-pub fn client() -> HttpClient {
-    let mut conn = HttpConnector::new();
-    conn.set_connect_timeout(Some(Duration::from_secs(5)));
-    conn.set_nodelay(true);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .build(conn)
+/// A connector for `proxy` (plain only for an explicit `http://` URL).
+pub fn connector(proxy: &str, trust: &Trust) -> CliResult<Connector> {
+    if proxy.trim().starts_with("http://") {
+        return Ok(Connector::plain());
+    }
+    let cfg = portico_tls::config::client_for(trust, &[b"h2", b"http/1.1"]).map_err(Fail::new)?;
+    Ok(Connector::tls(cfg))
 }
 
+pub fn client(connector: Connector) -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(connector)
+}
+
+/// The proxy's base URL: `https://` unless it was given as `http://`.
 pub fn base_url(proxy: &str) -> String {
     if proxy.starts_with("http://") || proxy.starts_with("https://") {
         proxy.trim_end_matches('/').to_string()
     } else {
-        format!("http://{proxy}")
+        format!("https://{proxy}")
     }
 }
 

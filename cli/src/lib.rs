@@ -9,7 +9,7 @@ pub mod profile;
 use std::path::PathBuf;
 
 use portico_core::identity::{ADMIN_IDENTITY_FILE, IdentityFile};
-use portico_proto::client::{AuthClient, connect};
+use portico_proto::client::{AuthClient, Dial, connect};
 
 /// A failure that ends the command: message for people, and an exit code.
 #[derive(Debug)]
@@ -85,7 +85,11 @@ pub async fn connect_api(t: &Target) -> CliResult<AuthClient> {
     };
     let from_identity = |id: IdentityFile| async move {
         let addr = t.auth_server.clone().unwrap_or(id.auth_server);
-        connect(&addr, Some(&id.token)).await.map_err(Fail::new)
+        let ca = id.ca.as_deref().ok_or_else(|| {
+            Fail::new("the identity holds no cluster CA (it predates TLS); restart portico start to write a new one")
+        })?;
+        let dial = Dial::cluster(&addr, ca, None).map_err(Fail::new)?;
+        connect(&dial, Some(&id.token)).await.map_err(Fail::new)
     };
     if let Some(p) = &t.identity {
         return from_identity(read_identity(p)?).await;
@@ -102,11 +106,11 @@ pub async fn connect_api(t: &Target) -> CliResult<AuthClient> {
     }
     if let Some(profile) = profile::Profile::load()? {
         profile.check_fresh()?;
-        let addr = t
-            .auth_server
-            .clone()
-            .unwrap_or_else(|| profile.proxy.clone());
-        return connect(&addr, Some(&profile.token))
+        let mut dial = profile.dial()?;
+        if let Some(addr) = &t.auth_server {
+            dial = Dial::trusting(addr, &profile.trust()).map_err(Fail::new)?;
+        }
+        return connect(&dial, Some(&profile.token))
             .await
             .map_err(Fail::new);
     }

@@ -17,6 +17,16 @@ pub struct Profile {
     pub expires_ms: i64,
     #[serde(default)]
     pub roles: Vec<String>,
+    /// How the proxy is trusted: these CA certificates (PEM)...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<String>,
+    /// ...or exactly the certificate with this SHA-256 (trusted on first
+    /// use or given with --fingerprint)...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+    /// ...or not at all (--insecure); otherwise the system's roots.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure: bool,
 }
 
 pub fn home() -> PathBuf {
@@ -66,6 +76,29 @@ impl Profile {
                 path().display()
             ))),
         }
+    }
+
+    /// How this profile trusts its proxy.
+    pub fn trust(&self) -> portico_tls::Trust {
+        if let Some(ca) = &self.ca {
+            portico_tls::Trust::Roots(ca.clone())
+        } else if let Some(fp) = &self.fingerprint {
+            portico_tls::Trust::Fingerprint(fp.clone())
+        } else if self.insecure {
+            portico_tls::Trust::Insecure
+        } else {
+            portico_tls::Trust::System
+        }
+    }
+
+    /// How to reach the proxy's API.
+    pub fn dial(&self) -> CliResult<portico_proto::client::Dial> {
+        portico_proto::client::Dial::trusting(&self.proxy, &self.trust()).map_err(Fail::new)
+    }
+
+    /// A connector for the proxy's HTTP routes.
+    pub fn connector(&self) -> CliResult<portico_tls::Connector> {
+        crate::http::connector(&self.proxy, &self.trust())
     }
 
     pub fn check_fresh(&self) -> CliResult {

@@ -10,14 +10,13 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::mpsc;
 
 use crate::jsonrpc::{self, Id, Message, SERVER_ERROR};
 use crate::sse::read_sse;
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
+type HttpClient = Client<portico_tls::Connector, Full<Bytes>>;
 
 /// The id of a replayed initialize, whose answer the client never sees.
 fn reinit_id() -> Id {
@@ -39,6 +38,8 @@ pub struct BridgeConfig {
     pub peer: &'static str,
     /// Where notices for people go.
     pub notice: Arc<dyn Fn(&str) + Send + Sync>,
+    /// How connections are made: plain, or TLS with the trust chosen.
+    pub connector: portico_tls::Connector,
 }
 
 /// Relays newline-delimited JSON-RPC messages to a Streamable HTTP MCP
@@ -368,12 +369,9 @@ impl Bridge {
 
 impl Bridge {
     pub fn new(cfg: BridgeConfig, out: mpsc::Sender<Bytes>) -> Arc<Bridge> {
-        let mut conn = HttpConnector::new();
-        conn.set_connect_timeout(Some(Duration::from_secs(10)));
-        conn.set_nodelay(true);
         let http = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
-            .build(conn);
+            .build(cfg.connector.clone());
         Arc::new(Bridge {
             http,
             cfg,

@@ -121,15 +121,26 @@ async fn local_identity(
     joins: bool,
     host: String,
     role: portico_core::SystemRole,
-) -> Result<Option<(String, String)>> {
+) -> Result<Option<std::sync::Arc<portico_proto::join::Credentials>>> {
     match auth {
         Some(a) if !joins => {
-            let token = a
+            let issued = a
                 .server
                 .issue_service_identity(&host, role)
                 .await
                 .map_err(|e| anyhow::anyhow!(e.message))?;
-            Ok(Some((host, token)))
+            let creds = portico_proto::join::Credentials::issued(
+                &host,
+                role,
+                issued.token,
+                &issued.cert_pem,
+                &issued.key_pem,
+                issued.ca_pem,
+                issued.expires_ms,
+                &a.addr,
+            )
+            .map_err(|e| anyhow::anyhow!(e.message))?;
+            Ok(Some(std::sync::Arc::new(creds)))
         }
         _ => Ok(None),
     }
@@ -151,11 +162,9 @@ async fn start_proxy(
     }
     let joins = p.join_token.is_some() || p.join_token_file.is_some();
     let host = p.host_id.clone().unwrap_or_else(|| "local-proxy".into());
-    let creds = match local_identity(auth, joins, host, portico_core::SystemRole::Proxy).await? {
-        Some((host_id, token)) => portico_proxy::Credentials::Identity { host_id, token },
-        None => portico_proxy::Credentials::Join {
-            data_dir: data_dir.to_path_buf(),
-        },
+    let creds = portico_proxy::Credentials {
+        issued: local_identity(auth, joins, host, portico_core::SystemRole::Proxy).await?,
+        data_dir: data_dir.to_path_buf(),
     };
     let listeners = portico_proxy::Listeners {
         web: bind(&p.web_listen_addr, "proxy web listener").await?,
@@ -193,7 +202,7 @@ async fn start_agent(
     let joins = a.join_token.is_some() || a.join_token_file.is_some();
     let host = a.host_id.clone().unwrap_or_else(|| "local-agent".into());
     let creds = match local_identity(auth, joins, host, portico_core::SystemRole::App).await? {
-        Some((host_id, token)) => portico_agent::Credentials::Identity { host_id, token },
+        Some(c) => portico_agent::Credentials::Issued(c),
         None => portico_agent::Credentials::Join {
             data_dir: data_dir.to_path_buf(),
         },
@@ -203,19 +212,25 @@ async fn start_agent(
         .map_err(|e| anyhow::anyhow!(e.message))
 }
 
-fn print_next_steps(data_dir: &std::path::Path, web: std::net::SocketAddr, tunnel: Option<&str>) {
+fn print_next_steps(data_dir: &std::path::Path, p: &portico_proxy::Proxy, tunnel: Option<&str>) {
+    let web = reachable(p.web_addr);
+    let scheme = if p.web_fingerprint.is_some() { "https" } else { "http" };
+    let trust = match &p.web_cert_file {
+        Some(f) => format!(" --ca-file={}", f.display()),
+        None => String::new(),
+    };
     println!(
         "Portico is running: auth-service, proxy and one agent, with SQLite in {}",
         data_dir.display()
     );
     println!(
-        "  proxy (MCP, psh, web): http://{web}    tunnel: {}",
+        "  proxy (MCP, psh, web): {scheme}://{web}    tunnel: {}",
         tunnel.unwrap_or("-")
     );
     println!();
     println!("Next, in another terminal in this directory:");
     println!("  pctl users add alice --roles=admin          # prints alice's password once");
-    println!("  psh login --proxy={web} --user=alice");
+    println!("  psh login --proxy={web} --user=alice{trust}");
     println!(
         "  pctl create examples/mcp_server.yaml        # register an MCP server (see examples/)"
     );
@@ -259,8 +274,18 @@ pub async fn run(cfg: Config, quick_start: bool) -> Result<()> {
         Some(a) => Some(start_agent(a, auth.as_ref(), tunnel.as_deref(), &cfg.data_dir).await?),
         None => None,
     };
+    if let Some(p) = &proxy {
+        match (&p.web_fingerprint, &p.web_cert_file) {
+            (Some(fp), Some(file)) => println!(
+                "proxy web certificate (self-signed, {}): {fp}",
+                file.display()
+            ),
+            (Some(fp), None) => println!("proxy web certificate: {fp}"),
+            _ => println!("proxy web listener: plain HTTP (proxy_service.plain_http)"),
+        }
+    }
     if quick_start && let Some(p) = &proxy {
-        print_next_steps(&cfg.data_dir, p.web_addr, tunnel.as_deref());
+        print_next_steps(&cfg.data_dir, p, tunnel.as_deref());
     }
 
     shutdown_signal().await;

@@ -1,8 +1,10 @@
-//! Connecting to the auth-service API (directly or through a proxy) with a
-//! bearer token, with timeouts on every network wait.
+//! Connecting to the auth-service API (directly, or through a proxy's web
+//! port) with a bearer token, over TLS, with timeouts on every network wait.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use portico_tls::{CertRole, CertStore, Connector, Trust};
 use tonic::metadata::AsciiMetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
@@ -23,25 +25,95 @@ impl tonic::service::Interceptor for Bearer {
 
 pub type AuthClient = AuthServiceClient<InterceptedService<Channel, Bearer>>;
 
-/// Turns `host:port` (or a URL) into an endpoint URL.
-pub fn endpoint_url(addr: &str) -> String {
-    if addr.starts_with("http://") || addr.starts_with("https://") {
-        addr.trim_end_matches('/').to_string()
+/// Where an API is and how its server is trusted.
+#[derive(Clone)]
+pub struct Dial {
+    addr: String,
+    connector: Connector,
+}
+
+/// `host:port` of an address that may be written as a URL, and whether it
+/// said `http://` (plain).
+fn split_url(addr: &str) -> (String, bool) {
+    let a = addr.trim().trim_end_matches('/');
+    if let Some(rest) = a.strip_prefix("https://") {
+        (rest.to_string(), false)
+    } else if let Some(rest) = a.strip_prefix("http://") {
+        (rest.to_string(), true)
     } else {
-        format!("http://{addr}")
+        (a.to_string(), false)
     }
 }
 
-fn endpoint(addr: &str) -> Result<Endpoint, String> {
-    Endpoint::from_shared(endpoint_url(addr))
-        .map_err(|e| format!("invalid address {addr:?}: {e}"))
-        .map(|e| {
-            e.connect_timeout(Duration::from_secs(5))
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(20))
-                .keep_alive_timeout(Duration::from_secs(10))
-                .keep_alive_while_idle(true)
+impl Dial {
+    /// The cluster's auth-service: verified against the cluster CA as the
+    /// auth role (whatever address is dialled), presenting `cert` if given.
+    pub fn cluster(addr: &str, ca_pem: &str, cert: Option<Arc<CertStore>>) -> Result<Dial, String> {
+        let (addr, _) = split_url(addr);
+        let cfg = portico_tls::config::cluster_client(cert, ca_pem, &[portico_tls::ALPN_H2])?;
+        Ok(Dial {
+            connector: Connector::tls(cfg)
+                .with_server_name(portico_tls::config::role_name(CertRole::Auth))
+                .with_addr(addr.clone()),
+            addr,
         })
+    }
+
+    /// A server trusted as `trust` says, under the name dialled (a proxy's
+    /// web port). An `http://` address is dialled without TLS.
+    pub fn trusting(addr: &str, trust: &Trust) -> Result<Dial, String> {
+        let (addr, plain) = split_url(addr);
+        if plain {
+            return Ok(Dial::plain(&addr));
+        }
+        let cfg = portico_tls::config::client_for(trust, &[portico_tls::ALPN_H2])?;
+        Ok(Dial {
+            connector: Connector::tls(cfg).with_addr(addr.clone()),
+            addr,
+        })
+    }
+
+    /// The auth-service, before joining: trusted by the CA pin when one is
+    /// given, otherwise not at all (the caller says so in its log).
+    pub fn joining(addr: &str, ca_pin: Option<&str>) -> Result<Dial, String> {
+        let trust = match ca_pin {
+            Some(p) => Trust::CaPin(p.trim().to_ascii_lowercase()),
+            None => Trust::Insecure,
+        };
+        let (addr, _) = split_url(addr);
+        let cfg = portico_tls::config::client_for(&trust, &[portico_tls::ALPN_H2])?;
+        Ok(Dial {
+            connector: Connector::tls(cfg)
+                .with_server_name(portico_tls::config::role_name(CertRole::Auth))
+                .with_addr(addr.clone()),
+            addr,
+        })
+    }
+
+    /// Plain TCP (a proxy behind a TLS terminator, on a private network).
+    pub fn plain(addr: &str) -> Dial {
+        let (addr, _) = split_url(addr);
+        Dial {
+            connector: Connector::plain().with_addr(addr.clone()),
+            addr,
+        }
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    fn endpoint(&self) -> Result<Endpoint, String> {
+        Endpoint::from_shared(format!("http://{}", self.addr))
+            .map_err(|e| format!("invalid address {:?}: {e}", self.addr))
+            .map(|e| {
+                e.connect_timeout(Duration::from_secs(5))
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(20))
+                    .keep_alive_timeout(Duration::from_secs(10))
+                    .keep_alive_while_idle(true)
+            })
+    }
 }
 
 /// A client over an existing channel that sends `token` with every call.
@@ -59,23 +131,26 @@ pub fn with_token(channel: Channel, token: Option<&str>) -> Result<AuthClient, S
         .max_encoding_message_size(8 * 1024 * 1024))
 }
 
-/// Connects now; fails fast if nothing answers.
-pub async fn connect(addr: &str, token: Option<&str>) -> Result<AuthClient, String> {
-    let ch = endpoint(addr)?
-        .connect()
+/// Connects now; fails fast if nothing answers or the server is not trusted.
+pub async fn connect(dial: &Dial, token: Option<&str>) -> Result<AuthClient, String> {
+    let ch = dial
+        .endpoint()?
+        .connect_with_connector(dial.connector.clone())
         .await
-        .map_err(|e| format!("cannot reach {addr}: {}", source_text(&e)))?;
+        .map_err(|e| format!("cannot reach {}: {}", dial.addr, source_text(&e)))?;
     with_token(ch, token)
 }
 
 /// A client that connects on first use and reconnects after failures.
-pub fn connect_lazy(addr: &str, token: Option<&str>) -> Result<AuthClient, String> {
-    with_token(endpoint(addr)?.connect_lazy(), token)
+pub fn connect_lazy(dial: &Dial, token: Option<&str>) -> Result<AuthClient, String> {
+    with_token(channel_lazy(dial)?, token)
 }
 
 /// A channel that connects on first use and reconnects after failures.
-pub fn channel_lazy(addr: &str) -> Result<Channel, String> {
-    Ok(endpoint(addr)?.connect_lazy())
+pub fn channel_lazy(dial: &Dial) -> Result<Channel, String> {
+    Ok(dial
+        .endpoint()?
+        .connect_with_connector_lazy(dial.connector.clone()))
 }
 
 /// The innermost cause of an error, which is the one people understand.

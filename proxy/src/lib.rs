@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use portico_core::Error;
 use portico_proto::client::{AuthClient, channel_lazy, with_token};
+use portico_proto::join::Credentials as JoinCredentials;
 use portico_tunnel::{Authenticator as TunnelAuth, TunnelServer};
 use serde::Deserialize;
 use tokio::net::TcpListener;
@@ -49,6 +50,10 @@ pub struct ProxyConfig {
     pub join_token_file: Option<PathBuf>,
     #[serde(default)]
     pub host_id: Option<String>,
+    /// `sha256:<hex>` of the cluster CA (`pctl ca export` prints it): what
+    /// the first join checks the auth-service against.
+    #[serde(default)]
+    pub ca_pin: Option<String>,
     /// The address clients use (host:port), for `psh mcp config`.
     #[serde(default)]
     pub public_addr: Option<String>,
@@ -79,6 +84,22 @@ pub struct ProxyConfig {
     /// Answer `/metrics` to any address, not only loopback (default false).
     #[serde(default)]
     pub public_metrics: bool,
+    /// The web listener's certificates and keys (PEM files), reloaded when
+    /// they change. None: a self-signed certificate made at first start
+    /// (`<data dir>/web-cert.pem`).
+    #[serde(default)]
+    pub https_keypairs: Vec<KeyPairFiles>,
+    /// Serve plain HTTP on the web listener: only behind a TLS-terminating
+    /// load balancer on a private network (default false).
+    #[serde(default)]
+    pub plain_http: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyPairFiles {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 fn default_web() -> String {
@@ -99,6 +120,7 @@ impl Default for ProxyConfig {
             join_token: None,
             join_token_file: None,
             host_id: None,
+            ca_pin: None,
             public_addr: None,
             allowed_origins: vec![],
             max_body_bytes: None,
@@ -109,6 +131,8 @@ impl Default for ProxyConfig {
             max_connections: None,
             max_connections_per_address: None,
             public_metrics: false,
+            https_keypairs: vec![],
+            plain_http: false,
         }
     }
 }
@@ -141,10 +165,22 @@ pub struct ProxyState {
     pub metrics: Metrics,
 }
 
-/// How the proxy proves who it is to the auth-service.
-pub enum Credentials {
-    Identity { host_id: String, token: String },
-    Join { data_dir: PathBuf },
+/// How the proxy proves who it is to the auth-service, and where it keeps
+/// its state (the saved identity, the self-signed web certificate).
+pub struct Credentials {
+    /// Issued by an auth-service in this process; otherwise the proxy
+    /// loads its saved identity or joins.
+    pub issued: Option<Arc<JoinCredentials>>,
+    pub data_dir: PathBuf,
+}
+
+impl Credentials {
+    pub fn join(data_dir: impl Into<PathBuf>) -> Self {
+        Credentials {
+            issued: None,
+            data_dir: data_dir.into(),
+        }
+    }
 }
 
 pub struct Listeners {
@@ -157,6 +193,13 @@ pub struct Proxy {
     pub state: Arc<ProxyState>,
     pub web_addr: std::net::SocketAddr,
     pub tunnel_addr: std::net::SocketAddr,
+    /// The web certificate served first, as `SHA256:...` (none with
+    /// `plain_http`).
+    pub web_fingerprint: Option<String>,
+    /// Where the self-signed web certificate was written, if one is used.
+    pub web_cert_file: Option<PathBuf>,
+    /// This proxy's identity in the cluster.
+    pub identity: Arc<JoinCredentials>,
     stop: watch::Sender<bool>,
     web_task: tokio::task::JoinHandle<()>,
 }
@@ -195,24 +238,45 @@ pub async fn start(
             )
         })?
         .clone();
-    let (_host_id, token) = match creds {
-        Credentials::Identity { host_id, token } => (host_id, token),
-        Credentials::Join { data_dir } => {
+    let identity = match creds.issued {
+        Some(c) => c,
+        None => Arc::new(
             portico_proto::join::load_or_join(portico_proto::join::JoinParams {
                 auth_server: &auth,
                 join_token: cfg.join_token.as_deref(),
                 join_token_file: cfg.join_token_file.as_deref(),
                 host_id: cfg.host_id.as_deref(),
                 role: portico_core::SystemRole::Proxy,
-                identity_path: data_dir.join("proxy-identity.yaml"),
+                identity_path: creds.data_dir.join("proxy-identity.yaml"),
+                ca_pin: cfg.ca_pin.as_deref(),
             })
-            .await?
-        }
+            .await?,
+        ),
     };
-    let channel = channel_lazy(&auth).map_err(Error::bad_request)?;
+    let token = identity.token.clone();
+    let dial = identity.dial(&auth)?;
+    let channel = channel_lazy(&dial).map_err(Error::bad_request)?;
     let api = with_token(channel.clone(), Some(&token)).map_err(Error::bad_request)?;
+    let web_tls = if cfg.plain_http {
+        tracing::warn!("proxy_service.plain_http: the web listener serves plain HTTP; only run it behind a TLS terminator");
+        None
+    } else {
+        Some(web_certs(cfg, &creds.data_dir)?)
+    };
+    let tunnel_tls = portico_tls::config::cluster_server(
+        identity.cert.clone(),
+        &identity.ca_pem,
+        portico_tls::ClientAuth::Required,
+        &[portico_tls::ALPN_TUNNEL],
+    )
+    .map_err(Error::internal)?;
     let state = Arc::new(ProxyState::new(cfg, channel.clone(), api.clone())?);
     let (stop, stop_rx) = watch::channel(false);
+    tokio::spawn(portico_proto::join::renew_forever(
+        identity.clone(),
+        api.clone(),
+        stop_rx.clone(),
+    ));
     tokio::spawn(state.cache.clone().follow(api, stop_rx.clone()));
     let tunnel_auth = agents_only(channel.clone());
     // Revoked agents lose their tunnels within a second.
@@ -233,7 +297,7 @@ pub async fn start(
         state
             .tunnels
             .clone()
-            .accept_loop(listeners.tunnel, tunnel_auth, stop_rx.clone()),
+            .accept_loop(listeners.tunnel, tunnel_tls, tunnel_auth, stop_rx.clone()),
     );
     tokio::spawn(idle_sweeper(state.clone(), stop_rx.clone()));
     tokio::spawn(access_sweeper(state.clone(), stop_rx.clone()));
@@ -247,18 +311,31 @@ pub async fn start(
             Duration::from_secs(30),
         )?,
     };
+    let (server_config, web_fingerprint, web_cert_file) = match web_tls {
+        Some((certs, file)) => {
+            let fp = portico_tls::pki::fingerprint(&certs.first().cert[0]);
+            tokio::spawn(reload_web_certs(certs.clone(), stop_rx.clone()));
+            let cfg = portico_tls::config::web_server(certs).map_err(Error::internal)?;
+            (Some(cfg), Some(fp), file)
+        }
+        None => (None, None, None),
+    };
     let web_task = tokio::spawn(serve::serve(
         listeners.web,
+        server_config,
         router,
         limits,
         stop_rx.clone(),
         Duration::from_secs(10),
     ));
-    tracing::info!(web = %web_addr, tunnel = %tunnel_addr, auth = %auth, "proxy started");
+    tracing::info!(web = %web_addr, tunnel = %tunnel_addr, auth = %auth, fingerprint = web_fingerprint.as_deref().unwrap_or("(plain HTTP)"), "proxy started");
     Ok(Proxy {
         state,
         web_addr,
         tunnel_addr,
+        web_fingerprint,
+        web_cert_file,
+        identity,
         stop,
         web_task,
     })
@@ -287,6 +364,74 @@ impl ProxyState {
             public_metrics: cfg.public_metrics,
             metrics: Metrics::default(),
         })
+    }
+}
+
+/// The web listener's certificates: the operator's, or the self-signed one
+/// in `data_dir` (made now if missing), with the file it is in.
+fn web_certs(
+    cfg: &ProxyConfig,
+    data_dir: &std::path::Path,
+) -> Result<(Arc<portico_tls::WebCerts>, Option<PathBuf>), Error> {
+    if !cfg.https_keypairs.is_empty() {
+        let pairs = cfg
+            .https_keypairs
+            .iter()
+            .map(|p| {
+                (
+                    p.cert_file.display().to_string(),
+                    p.key_file.display().to_string(),
+                )
+            })
+            .collect();
+        let certs = portico_tls::WebCerts::from_files(pairs)
+            .map_err(|e| Error::bad_request(format!("proxy_service.https_keypairs: {e}")))?;
+        return Ok((certs, None));
+    }
+    let cert = data_dir.join("web-cert.pem");
+    let key = data_dir.join("web-key.pem");
+    if !(cert.exists() && key.exists()) {
+        let mut hosts = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
+        for addr in cfg.public_addr.iter().chain([&cfg.web_listen_addr]) {
+            let host = addr
+                .rsplit_once(':')
+                .map(|(h, _)| h)
+                .unwrap_or(addr)
+                .trim_start_matches('[')
+                .trim_end_matches(']');
+            if !host.is_empty() && host != "0.0.0.0" && host != "::" {
+                hosts.push(host.to_string());
+            }
+        }
+        let (c, k) = portico_tls::pki::self_signed_web(
+            &hosts,
+            Duration::from_secs(5 * 365 * 24 * 3600),
+        )
+        .map_err(Error::internal)?;
+        portico_proto::files::write_private(&key, k.as_bytes())
+            .map_err(|e| Error::unavailable(format!("cannot write {}: {e}", key.display())))?;
+        portico_proto::files::write_private(&cert, c.as_bytes())
+            .map_err(|e| Error::unavailable(format!("cannot write {}: {e}", cert.display())))?;
+        tracing::info!(path = %cert.display(), "made a self-signed web certificate");
+    }
+    let certs = portico_tls::WebCerts::from_files(vec![(
+        cert.display().to_string(),
+        key.display().to_string(),
+    )])
+    .map_err(Error::unavailable)?;
+    Ok((certs, Some(cert)))
+}
+
+/// Reads the web certificate files again when they change (every 2 s).
+async fn reload_web_certs(certs: Arc<portico_tls::WebCerts>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = stop.changed() => return,
+        }
+        for e in certs.reload() {
+            tracing::error!(error = %e, "cannot reload a web certificate; serving the previous one");
+        }
     }
 }
 

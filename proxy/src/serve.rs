@@ -41,10 +41,12 @@ impl Default for WebLimits {
     }
 }
 
-/// Serves `router` on `listener` until `stop` turns true, then waits up to
-/// `drain` for open connections to finish.
+/// Serves `router` on `listener` (over TLS when `tls` is given) until
+/// `stop` turns true, then waits up to `drain` for open connections to
+/// finish.
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     router: Router,
     limits: WebLimits,
     mut stop: watch::Receiver<bool>,
@@ -92,15 +94,31 @@ pub async fn serve(
             req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
             app.clone().oneshot(req.map(axum::body::Body::new))
         });
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let watcher = graceful.watcher();
+        let builder = builder.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let _held = (slot, mine);
+            let result = match tls {
+                None => {
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
+                    watcher.watch(conn.into_owned()).await
+                }
+                Some(cfg) => {
+                    let stream = match portico_tls::net::accept(tcp, cfg, portico_tls::Plaintext::Redirect).await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tracing::debug!(peer = %peer, error = %e, "web TLS handshake failed");
+                            return;
+                        }
+                    };
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                    watcher.watch(conn.into_owned()).await
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(peer = %peer, error = %e, "web connection ended with an error");
             }
-            drop((slot, mine));
         });
     }
     if tokio::time::timeout(drain, graceful.shutdown())

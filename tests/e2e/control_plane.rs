@@ -285,7 +285,7 @@ async fn rbac_on_every_call() {
         .await
         .expect_err("forged");
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
-    let mut anon = portico_proto::client::connect(&c.auth_addr.to_string(), None)
+    let mut anon = portico_proto::client::connect(&c.auth_dial(), None)
         .await
         .expect("connect");
     let e = anon
@@ -353,7 +353,7 @@ async fn users_login_expiry_and_rate_limit() {
     .await;
 
     // Failed logins are audited and rate limited.
-    let mut anon = portico_proto::client::connect(&c.auth_addr.to_string(), None)
+    let mut anon = portico_proto::client::connect(&c.auth_dial(), None)
         .await
         .expect("connect");
     for _ in 0..5 {
@@ -418,13 +418,16 @@ async fn join_tokens_are_single_use_and_expire() {
     let o = c.pctl(&["tokens", "ls"]).await;
     assert!(text(&o).0.contains("app"), "{:?}", text(&o));
     assert!(!text(&o).0.contains(&token), "secrets are never listed");
-    let mut anon = portico_proto::client::connect(&c.auth_addr.to_string(), None)
+    let mut anon = portico_proto::client::connect(&c.auth_dial(), None)
         .await
         .expect("connect");
+    let key = portico_tls::pki::new_key().expect("key");
+    let csr = portico_tls::pki::signing_request(&key).expect("csr");
     let join = |t: &str, role: &str| v1::JoinRequest {
         token: t.into(),
         host_id: "agent-x".into(),
         role: role.into(),
+        csr_pem: csr.clone(),
     };
     let e = anon
         .join(join(&token, "proxy"))
@@ -439,8 +442,12 @@ async fn join_tokens_are_single_use_and_expire() {
     assert_eq!(ok.host_id, "agent-x");
     let e = anon.join(join(&token, "app")).await.expect_err("used");
     assert!(e.message().contains("already used"), "{}", e.message());
+    let joined = portico_tests::cluster::JoinedService {
+        resp: ok.clone(),
+        key_pem: key.serialize_pem(),
+    };
     let svc = c
-        .client(&ok.identity_token)
+        .service_client(&joined)
         .await
         .who_am_i(v1::WhoAmIRequest {})
         .await

@@ -97,18 +97,9 @@ async fn compose_topology_as_processes() {
         format!("127.0.0.1:{auth_port}"),
     ));
     let _auth = start("auth.yaml", &auth_env, &dir.path().join("auth.log"));
-    let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Empty<bytes::Bytes>>();
-    let health = |port: u16| {
-        let http = http.clone();
-        async move {
-            let uri: http::Uri = format!("http://127.0.0.1:{port}/healthz").parse().ok()?;
-            http.get(uri)
-                .await
-                .ok()
-                .filter(|r| r.status().is_success())
-                .map(|_| ())
-        }
+    let health = |port: u16| async move {
+        (portico_tests::web::probe(&format!("127.0.0.1:{port}"), "/healthz").await? == 200)
+            .then_some(())
     };
     // A script that waits for the port and runs pctl at once must succeed:
     // the port only accepts once the admin identity is written.
@@ -134,16 +125,9 @@ async fn compose_topology_as_processes() {
         health(auth_port)
     })
     .await;
-    let ready = |port: u16| {
-        let http = http.clone();
-        async move {
-            let uri: http::Uri = format!("http://127.0.0.1:{port}/readyz").parse().ok()?;
-            http.get(uri)
-                .await
-                .ok()
-                .filter(|r| r.status().is_success())
-                .map(|_| ())
-        }
+    let ready = |port: u16| async move {
+        (portico_tests::web::probe(&format!("127.0.0.1:{port}"), "/readyz").await? == 200)
+            .then_some(())
     };
     eventually(Duration::from_secs(30), "auth ready", || ready(auth_port)).await;
 
@@ -200,8 +184,12 @@ async fn compose_topology_as_processes() {
         run(cmd, stdin)
     };
     let proxy = format!("--proxy=127.0.0.1:{web_port}");
+    let ca_file = format!(
+        "--ca-file={}",
+        dir.path().join("proxy/web-cert.pem").display()
+    );
     let o = psh(
-        &["login", &proxy, "--user=ops", "--password-stdin"],
+        &["login", &proxy, "--user=ops", "--password-stdin", &ca_file],
         Some("ops-password-1\n"),
     )
     .await;

@@ -1087,13 +1087,11 @@ async fn own_proxy(
     let dir = c
         .data_dir()
         .join(format!("own-proxy-{}", rand::random::<u32>()));
-    portico_proxy::start(
-        &cfg,
-        portico_proxy::Credentials::Join { data_dir: dir },
-        listeners,
-    )
-    .await
-    .expect("proxy")
+    let p = portico_proxy::start(&cfg, portico_proxy::Credentials::join(dir), listeners)
+        .await
+        .expect("proxy");
+    portico_tests::web::register(&p);
+    p
 }
 
 /// A stdio app running a Python script, registered and served by `a1`.

@@ -82,7 +82,7 @@ async fn parallel_guesses_get_no_more_checks_than_the_limit() {
     c.add_user("vic", &["mcp-user"], PW).await;
     let limit = portico_auth::LOGIN_MAX_FAILURES as usize;
     let failed_before = c.auth.metrics.logins_failed.load(Ordering::Relaxed);
-    let anon = connect(&c.auth_addr.to_string(), None)
+    let anon = connect(&c.auth_dial(), None)
         .await
         .expect("connect");
     let mut guesses = tokio::task::JoinSet::new();
@@ -184,7 +184,7 @@ async fn only_services_write_audit_events_and_under_their_own_name() {
 
     // A proxy joins and writes: its own name is the actor, whatever it claims.
     let id = c.join_as("proxy", "px-test").await;
-    let mut proxy = c.client(&id.identity_token).await;
+    let mut proxy = c.service_client(&id).await;
     proxy.emit_events(forged()).await.expect("a service writes");
     let e = proxy
         .emit_events(v1::EmitEventsRequest {

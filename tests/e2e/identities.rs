@@ -16,6 +16,8 @@ fn join(token: &str, host_id: &str) -> v1::JoinRequest {
         token: token.into(),
         host_id: host_id.into(),
         role: "app".into(),
+        csr_pem: portico_tls::pki::signing_request(&portico_tls::pki::new_key().expect("key"))
+            .expect("csr"),
     }
 }
 
@@ -46,7 +48,7 @@ async fn identities_are_listed_bound_to_their_host_and_revocable() {
 
     // A join token cannot take over a live host id, and is not used up trying.
     let token = c.join_token("app").await;
-    let mut anon = connect(&c.auth_addr.to_string(), None)
+    let mut anon = connect(&c.auth_dial(), None)
         .await
         .expect("connect");
     let e = anon

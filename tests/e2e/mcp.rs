@@ -61,6 +61,8 @@ async fn psh_login(c: &Cluster, user: &str) -> PathBuf {
         &format!("--user={user}"),
         "--password-stdin",
     ])
+    .arg("--ca-file")
+    .arg(portico_tests::web::cert_file(c.proxy_addr()).expect("web certificate"))
     .env("PORTICO_HOME", &home);
     let o = run(cmd, Some(&format!("{PW}\n"))).await;
     assert!(o.status.success(), "{:?}", text(&o));
@@ -275,8 +277,9 @@ async fn python_sdk_client_in_auto_mode() {
     let token = c.login("py", PW).await;
     let mut cmd = tokio::process::Command::new(&py);
     cmd.arg(clients_dir().join("py_client.py"))
-        .arg(format!("http://{}/mcp/tm", c.proxy_addr()))
+        .arg(format!("{}/mcp/tm", portico_tests::web::base(c.proxy_addr())))
         .env("PORTICO_TOKEN", &token);
+    portico_tests::web::trust_env(&mut cmd, c.proxy_addr());
     let o = run(cmd, None).await;
     let (out, err) = text(&o);
     assert!(o.status.success(), "python client failed: {out} {err}");
@@ -851,13 +854,10 @@ async fn psh_connect_survives_a_proxy_restart() {
         ..Default::default()
     };
     let identity = c.data_dir().join("proxy");
-    let p = portico_proxy::start(
-        &cfg,
-        portico_proxy::Credentials::Join { data_dir: identity },
-        listeners,
-    )
-    .await
-    .expect("proxy again");
+    let p = portico_proxy::start(&cfg, portico_proxy::Credentials::join(identity), listeners)
+        .await
+        .expect("proxy again");
+    portico_tests::web::register(&p);
     c.proxy = Some(p);
     c.wait_servers("tm", &["a1"]).await;
     let state = c.proxy.as_ref().expect("proxy").state.clone();
@@ -883,9 +883,10 @@ async fn mcp_inspector_cli() {
     let c = cluster_with_app("dev").await;
     c.add_user("ins", &["mcp-user"], PW).await;
     let token = c.login("ins", PW).await;
-    let url = format!("http://{}/mcp/tm", c.proxy_addr());
+    let url = format!("{}/mcp/tm", portico_tests::web::base(c.proxy_addr()));
     let inspector = |extra: &[&str]| {
         let mut cmd = tokio::process::Command::new("node");
+        portico_tests::web::trust_env(&mut cmd, c.proxy_addr());
         cmd.arg(&launcher)
             .args([
                 "--cli",

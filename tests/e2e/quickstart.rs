@@ -30,17 +30,8 @@ async fn quick_start_as_a_newcomer() {
         .kill_on_drop(true)
         .spawn()
         .expect("portico start");
-    let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Empty<bytes::Bytes>>();
-    eventually(Duration::from_secs(30), "proxy healthy", || {
-        let http = http.clone();
-        async move {
-            let r = http
-                .get("http://127.0.0.1:3080/readyz".parse().ok()?)
-                .await
-                .ok()?;
-            r.status().is_success().then_some(())
-        }
+    eventually(Duration::from_secs(30), "proxy healthy", || async {
+        (portico_tests::web::probe("127.0.0.1:3080", "/readyz").await? == 200).then_some(())
     })
     .await;
     assert!(dir.path().join("portico-data/admin-identity.yaml").exists());
@@ -70,20 +61,37 @@ async fn quick_start_as_a_newcomer() {
         .find_map(|l| l.strip_prefix("password: "))
         .expect("password line")
         .to_string();
-    let mut login = tokio::process::Command::new(bin("psh"));
-    login
-        .args([
-            "login",
-            "--proxy=127.0.0.1:3080",
-            "--user=alice",
-            "--password-stdin",
-        ])
-        .env("PORTICO_HOME", &home);
-    let o = run(
-        login,
-        Some(Box::leak(format!("{password}\n").into_boxed_str())),
-    )
-    .await;
+    // The proxy's certificate is self-signed: without a terminal to ask
+    // on, psh refuses and shows the fingerprint to check.
+    let web_cert = dir.path().join("portico-data/web-cert.pem");
+    let der = portico_tls::pki::first_cert(&std::fs::read_to_string(&web_cert).expect("web cert"))
+        .expect("pem");
+    let fingerprint = portico_tls::pki::fingerprint(&der);
+    let psh_login = |extra: Vec<String>| {
+        let mut login = tokio::process::Command::new(bin("psh"));
+        login
+            .args([
+                "login",
+                "--proxy=127.0.0.1:3080",
+                "--user=alice",
+                "--password-stdin",
+            ])
+            .args(extra)
+            .env("PORTICO_HOME", &home);
+        run(
+            login,
+            Some(Box::leak(format!("{password}\n").into_boxed_str())),
+        )
+    };
+    let o = psh_login(vec![]).await;
+    assert_eq!(o.status.code(), Some(1), "{:?}", text(&o));
+    assert!(text(&o).1.contains(&fingerprint), "{:?}", text(&o));
+    // A wrong fingerprint is refused; the right one, or the file, works.
+    let o = psh_login(vec![format!("--fingerprint=SHA256:{}", "00".repeat(32))]).await;
+    assert_eq!(o.status.code(), Some(1), "{:?}", text(&o));
+    let o = psh_login(vec![format!("--fingerprint={fingerprint}")]).await;
+    assert!(o.status.success(), "{:?}", text(&o));
+    let o = psh_login(vec![format!("--ca-file={}", web_cert.display())]).await;
     assert!(o.status.success(), "{:?}", text(&o));
     let seed = example("mcp_server.yaml");
     let o = pctl(vec!["create".into(), seed.display().to_string()], None).await;

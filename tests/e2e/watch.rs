@@ -73,7 +73,9 @@ async fn ordered_exactly_once_across_two_instances() {
     let b = eventually(Duration::from_secs(10), "second instance answers", || {
         let addr = addr_b.clone();
         let t = admin_token.clone();
-        async move { connect(&addr, Some(&t)).await.ok() }
+        let dial = portico_proto::client::Dial::cluster(&addr, &c.auth.ca.cert_pem, None)
+            .expect("dial");
+        async move { connect(&dial, Some(&t)).await.ok() }
     })
     .await;
     let seen_a = collect(a.clone(), 0);
@@ -174,7 +176,7 @@ async fn resume_compaction_and_expiry() {
 
     // A heartbeat with a short TTL expires into a delete event.
     let id = c.join_as("app", "h1").await;
-    let mut agent = c.client(&id.identity_token).await;
+    let mut agent = c.service_client(&id).await;
     let events: Arc<Mutex<HashMap<String, Vec<i32>>>> = Arc::default();
     let ev2 = events.clone();
     let mut w = admin.clone();
@@ -320,7 +322,9 @@ async fn postgres_down_at_start_and_mid_request() {
     };
     let s = server.clone();
     tokio::spawn(async move { portico_auth::serve(s, l, std::future::pending()).await });
-    let mut api = connect(&auth_addr, Some(&token)).await.expect("connect");
+    let dial = portico_proto::client::Dial::cluster(&auth_addr, &server.ca.cert_pem, None)
+        .expect("dial");
+    let mut api = connect(&dial, Some(&token)).await.expect("connect");
     api.create(app_req("before"))
         .await
         .expect("works with postgres up");

@@ -10,7 +10,7 @@ use std::time::Duration;
 use portico_agent::{Agent, AgentConfig, AgentMcpConfig, ResourceSelector};
 use portico_auth::{AuthConfig, AuthServer, StorageConfig};
 use portico_core::identity::ADMIN_IDENTITY_FILE;
-use portico_proto::client::{AuthClient, connect};
+use portico_proto::client::{AuthClient, Dial, connect};
 use portico_proto::v1;
 use portico_proxy::{Proxy, ProxyConfig};
 use tokio::net::TcpListener;
@@ -199,6 +199,19 @@ async fn start_auth(
     (server, stop)
 }
 
+/// What a join returned, with the key its certificate is for.
+pub struct JoinedService {
+    pub resp: v1::JoinResponse,
+    pub key_pem: String,
+}
+
+impl JoinedService {
+    /// The certificate followed by the CA, as services present it.
+    pub fn chain(&self) -> String {
+        format!("{}{}", self.resp.cert_pem, self.resp.ca_pem)
+    }
+}
+
 pub struct Cluster {
     pub pg: Option<PgDb>,
     pub auth: Arc<AuthServer>,
@@ -226,16 +239,33 @@ impl Cluster {
         id.token
     }
 
+    /// The auth-service, verified against the cluster CA, without a
+    /// client certificate (as `pctl` with the admin identity).
+    pub fn auth_dial(&self) -> Dial {
+        Dial::cluster(&self.auth_addr.to_string(), &self.auth.ca.cert_pem, None)
+            .expect("auth dial")
+    }
+
     pub async fn admin(&self) -> AuthClient {
-        connect(&self.auth_addr.to_string(), Some(&self.admin_token()))
+        connect(&self.auth_dial(), Some(&self.admin_token()))
             .await
             .expect("admin connects")
     }
 
     pub async fn client(&self, token: &str) -> AuthClient {
-        connect(&self.auth_addr.to_string(), Some(token))
+        connect(&self.auth_dial(), Some(token))
             .await
             .expect("client connects")
+    }
+
+    /// A client presenting a joined service's certificate and token.
+    pub async fn service_client(&self, id: &JoinedService) -> AuthClient {
+        let store = portico_tls::CertStore::new(&id.chain(), &id.key_pem).expect("cert store");
+        let dial = Dial::cluster(&self.auth_addr.to_string(), &self.auth.ca.cert_pem, Some(store))
+            .expect("dial");
+        connect(&dial, Some(&id.resp.identity_token))
+            .await
+            .expect("service connects")
     }
 
     pub fn proxy_addr(&self) -> SocketAddr {
@@ -250,19 +280,26 @@ impl Cluster {
     }
 
     /// Joins a service identity (`app` or `proxy`) under `host_id` with a fresh token.
-    pub async fn join_as(&self, role: &str, host_id: &str) -> v1::JoinResponse {
+    pub async fn join_as(&self, role: &str, host_id: &str) -> JoinedService {
         let token = self.join_token(role).await;
-        connect(&self.auth_addr.to_string(), None)
+        let key = portico_tls::pki::new_key().expect("key");
+        let csr = portico_tls::pki::signing_request(&key).expect("csr");
+        let resp = connect(&self.auth_dial(), None)
             .await
             .expect("connect")
             .join(v1::JoinRequest {
                 token,
                 host_id: host_id.into(),
                 role: role.into(),
+                csr_pem: csr,
             })
             .await
             .expect("join")
-            .into_inner()
+            .into_inner();
+        JoinedService {
+            resp,
+            key_pem: key.serialize_pem(),
+        }
     }
 
     pub async fn join_token(&self, role: &str) -> String {
@@ -285,13 +322,10 @@ impl Cluster {
             tunnel: TcpListener::bind("127.0.0.1:0").await.expect("bind tunnel"),
         };
         let dir = self.dir.path().join("proxy");
-        let p = portico_proxy::start(
-            &cfg,
-            portico_proxy::Credentials::Join { data_dir: dir },
-            listeners,
-        )
-        .await
-        .expect("proxy starts");
+        let p = portico_proxy::start(&cfg, portico_proxy::Credentials::join(dir), listeners)
+            .await
+            .expect("proxy starts");
+        crate::web::register(&p);
         let state = p.state.clone();
         eventually(Duration::from_secs(10), "proxy cache synced", || {
             let s = state.clone();
@@ -369,9 +403,7 @@ impl Cluster {
     }
 
     pub async fn login(&self, user: &str, password: &str) -> String {
-        let mut c = connect(&self.auth_addr.to_string(), None)
-            .await
-            .expect("connect");
+        let mut c = connect(&self.auth_dial(), None).await.expect("connect");
         c.login(v1::LoginRequest {
             user: user.into(),
             password: password.into(),

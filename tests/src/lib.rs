@@ -8,6 +8,7 @@ pub mod direct;
 pub mod mcp_http;
 pub mod pg;
 pub mod util;
+pub mod web;
 
 pub use cluster::{Cluster, ClusterBuilder, Storage};
 pub use util::{TempDir, bin, eventually};

@@ -7,12 +7,11 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 
 pub struct McpHttp {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<portico_tls::Connector, Full<Bytes>>,
     pub url: String,
     pub token: String,
     pub session: Option<String>,
@@ -71,12 +70,8 @@ impl Reply {
 impl McpHttp {
     pub fn new(proxy: std::net::SocketAddr, app: &str, token: &str) -> McpHttp {
         McpHttp {
-            client: {
-                let mut conn = HttpConnector::new();
-                conn.set_nodelay(true);
-                Client::builder(TokioExecutor::new()).build(conn)
-            },
-            url: format!("http://{proxy}/mcp/{app}"),
+            client: Client::builder(TokioExecutor::new()).build(crate::web::connector(proxy)),
+            url: format!("{}/mcp/{app}", crate::web::base(proxy)),
             token: token.to_string(),
             session: None,
             next_id: 0,

@@ -1,7 +1,10 @@
-//! The reverse tunnel. Agents dial each proxy's tunnel listener and
-//! authenticate with a one-line handshake; the connection then carries
-//! HTTP/2 with the proxy as client and the agent as server, one stream per
-//! MCP session. Both sides live here; the proxy mounts `TunnelServer`.
+//! The reverse tunnel. Agents dial each proxy's tunnel listener over mutual
+//! TLS (each side's certificate from the cluster CA, checked for its role
+//! and host id), and authenticate with a one-line handshake carrying their
+//! identity token, which must name the same host as their certificate; the
+//! connection then carries HTTP/2 with the proxy as client and the agent as
+//! server, one stream per MCP session. Both sides live here; the proxy
+//! mounts `TunnelServer`.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -16,6 +19,8 @@ use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rand::Rng;
+use portico_tls::{CertRole, PeerId};
+use rustls::{ClientConfig, ServerConfig};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -96,6 +101,7 @@ pub type Handler = Arc<
 pub async fn dial_forever(
     addr: String,
     token: String,
+    tls: Arc<ClientConfig>,
     handler: Handler,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -106,7 +112,7 @@ pub async fn dial_forever(
         }
         let started = tokio::time::Instant::now();
         let result = tokio::select! {
-            r = dial_once(&addr, &token, handler.clone()) => r,
+            r = dial_once(&addr, &token, &tls, handler.clone()) => r,
             _ = stop.changed() => return,
         };
         match result {
@@ -125,12 +131,43 @@ pub async fn dial_forever(
     }
 }
 
-async fn dial_once(addr: &str, token: &str, handler: Handler) -> Result<(), String> {
+/// The agent's TLS client configuration for tunnels: its own certificate,
+/// proxies verified against the cluster CA.
+pub fn agent_tls(
+    cert: Arc<portico_tls::CertStore>,
+    ca_pem: &str,
+) -> Result<Arc<ClientConfig>, String> {
+    portico_tls::config::cluster_client(Some(cert), ca_pem, &[portico_tls::ALPN_TUNNEL])
+}
+
+async fn dial_once(
+    addr: &str,
+    token: &str,
+    tls: &Arc<ClientConfig>,
+    handler: Handler,
+) -> Result<(), String> {
     let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
         .await
         .map_err(|_| "connect timed out".to_string())?
         .map_err(|e| format!("connect: {e}"))?;
     let _ = stream.set_nodelay(true);
+    // Nothing is sent before the proxy has proved, with a certificate from
+    // the cluster CA, that it is a proxy.
+    let stream = tokio::time::timeout(
+        portico_tls::net::HANDSHAKE_TIMEOUT,
+        tokio_rustls::TlsConnector::from(tls.clone())
+            .connect(portico_tls::config::role_name(CertRole::Proxy), stream),
+    )
+    .await
+    .map_err(|_| "TLS handshake timed out".to_string())?
+    .map_err(|e| format!("TLS: {e}"))?;
+    match portico_tls::config::peer_of(stream.get_ref().1.peer_certificates()) {
+        Some(PeerId {
+            role: CertRole::Proxy,
+            ..
+        }) => {}
+        _ => return Err("the server at the tunnel address is not a proxy of this cluster".into()),
+    }
     let mut stream = BufReader::new(stream);
     stream
         .get_mut()
@@ -275,6 +312,9 @@ impl TunnelServer {
                     .flat_map(|(h, cs)| cs.iter().map(|c| (h.clone(), c.clone())))
                     .collect()
             };
+            // The identity's token lives as long as its newest certificate:
+            // a tunnel opened with an older one stays up across renewals
+            // and closes when the identity expires or is revoked.
             for (host, conn) in conns {
                 let verdict =
                     tokio::time::timeout(Duration::from_secs(2), auth(conn.token.clone())).await;
@@ -294,6 +334,7 @@ impl TunnelServer {
     pub async fn accept_loop(
         self: Arc<Self>,
         listener: TcpListener,
+        tls: Arc<ServerConfig>,
         auth: Authenticator,
         mut stop: watch::Receiver<bool>,
     ) {
@@ -321,8 +362,9 @@ impl TunnelServer {
             let me = self.clone();
             let auth = auth.clone();
             let stop = stop.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
-                if let Err(e) = me.handle(stream, auth, stop, slot).await {
+                if let Err(e) = me.handle(stream, tls, auth, stop, slot).await {
                     tracing::warn!(peer = %peer, error = %e, "tunnel from agent ended");
                 }
             });
@@ -332,11 +374,28 @@ impl TunnelServer {
     async fn handle(
         self: Arc<Self>,
         stream: TcpStream,
+        tls: Arc<ServerConfig>,
         auth: Authenticator,
         mut stop: watch::Receiver<bool>,
         slot: HandshakeSlot,
     ) -> Result<(), String> {
-        let _ = stream.set_nodelay(true);
+        let stream = portico_tls::net::accept(
+            stream,
+            tls,
+            portico_tls::Plaintext::Refuse("the agent tunnel"),
+        )
+        .await
+        .map_err(|e| format!("TLS: {e}"))?;
+        let cert = match stream.info.id.clone() {
+            Some(id) if id.role == CertRole::App => id,
+            Some(id) => {
+                return Err(format!(
+                    "a {} certificate is not an agent's; tunnel refused",
+                    id.role
+                ));
+            }
+            None => return Err("no agent certificate; tunnel refused".into()),
+        };
         let mut stream = BufReader::new(stream);
         let line = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_line_bounded(&mut stream))
             .await
@@ -351,7 +410,18 @@ impl TunnelServer {
         };
         let host_id = match tokio::time::timeout(Duration::from_secs(10), auth(token.clone())).await
         {
-            Ok(Ok(h)) => h,
+            Ok(Ok(h)) if h == cert.host_id => h,
+            Ok(Ok(h)) => {
+                let msg = format!(
+                    "the identity names host {h:?} but the certificate names {:?}",
+                    cert.host_id
+                );
+                let _ = stream
+                    .get_mut()
+                    .write_all(format!("ERR {msg}\n").as_bytes())
+                    .await;
+                return Err(format!("agent refused: {msg}"));
+            }
             Ok(Err(refusal)) => {
                 let msg = refusal.message().replace('\n', " ");
                 let _ = stream

@@ -443,6 +443,18 @@ macro_rules! impl_backend {
                 Ok(r.rows_affected())
             }
 
+            async fn extend_session(&self, token_hash: &str, expires: i64) -> portico_core::Result<bool> {
+                use $crate::storage::db_error;
+                let r = sqlx::query("UPDATE sessions SET expires = $1 WHERE token_hash = $2 AND (expires IS NULL OR expires >= $3)")
+                    .bind(expires)
+                    .bind(token_hash)
+                    .bind(portico_core::time::now_ms())
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db_error)?;
+                Ok(r.rows_affected() == 1)
+            }
+
             async fn purge_sessions(&self, now_ms: i64) -> portico_core::Result<u64> {
                 use $crate::storage::db_error;
                 let r = sqlx::query("DELETE FROM sessions WHERE expires IS NOT NULL AND expires < $1")

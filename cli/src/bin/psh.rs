@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use portico_cli::http::{base_url, client, get_json};
+use portico_tls::Trust;
 use portico_cli::output::{Format, labels_text, structured, table};
 use portico_cli::profile::{self, Profile};
 use portico_cli::{CliResult, Fail, finish};
@@ -29,8 +30,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Log in to a proxy; asks for your password.
+    ///
+    /// The proxy is verified against the system's root certificates, or
+    /// --ca-file. A proxy with a certificate nothing vouches for (the
+    /// self-signed one `portico start` makes) shows its fingerprint and, on a
+    /// terminal, asks once whether to trust it; the answer is kept in the
+    /// profile. Without a terminal, pass --fingerprint or --ca-file.
     Login {
-        /// The proxy's address, host:port.
+        /// The proxy's address, host:port (or an https:// URL).
         #[arg(long)]
         proxy: String,
         #[arg(long)]
@@ -38,6 +45,17 @@ enum Cmd {
         /// Read the password from standard input (for scripts).
         #[arg(long)]
         password_stdin: bool,
+        /// Trust the proxy's certificate if these CA certificates (PEM) vouch for it.
+        #[arg(long, value_name = "FILE")]
+        ca_file: Option<std::path::PathBuf>,
+        /// Trust exactly the proxy certificate with this SHA-256 fingerprint
+        /// (SHA256:AB:CD:..., as portico start prints it).
+        #[arg(long, value_name = "SHA256:...")]
+        fingerprint: Option<String>,
+        /// Do not verify the proxy at all: anyone between you and it can read
+        /// your password and every tool call.
+        #[arg(long, conflicts_with_all = ["ca_file", "fingerprint"])]
+        insecure: bool,
     },
     /// Forget the saved login.
     Logout,
@@ -108,7 +126,13 @@ async fn run(cli: Cli) -> CliResult {
             proxy,
             user,
             password_stdin,
-        } => login(proxy, user, password_stdin).await,
+            ca_file,
+            fingerprint,
+            insecure,
+        } => {
+            let trust = choose_trust(&proxy, ca_file, fingerprint, insecure).await?;
+            login(proxy, user, password_stdin, trust).await
+        }
         Cmd::Logout => {
             if Profile::remove()? {
                 println!("logged out");
@@ -135,7 +159,78 @@ async fn run(cli: Cli) -> CliResult {
     }
 }
 
-async fn login(proxy: String, user: String, password_stdin: bool) -> CliResult {
+/// The trust named on the command line, or the system's roots, or, for a
+/// certificate nothing vouches for, its fingerprint once a person at a
+/// terminal accepts it.
+async fn choose_trust(
+    proxy: &str,
+    ca_file: Option<std::path::PathBuf>,
+    fingerprint: Option<String>,
+    insecure: bool,
+) -> CliResult<Trust> {
+    if let Some(f) = ca_file {
+        let pem = std::fs::read_to_string(&f)
+            .map_err(|e| Fail::new(format!("cannot read {}: {e}", f.display())))?;
+        return Ok(Trust::Roots(pem));
+    }
+    if let Some(fp) = fingerprint {
+        let fp = portico_tls::pki::normalize_fingerprint(&fp).ok_or_else(|| {
+            Fail::usage("--fingerprint: expected SHA256: and 64 hex digits (colons optional)")
+        })?;
+        return Ok(Trust::Fingerprint(fp));
+    }
+    if insecure {
+        eprintln!(
+            "warning: --insecure: the proxy is not verified; anyone on the path can read your password, your token and every tool call"
+        );
+        return Ok(Trust::Insecure);
+    }
+    if proxy.trim().starts_with("http://") {
+        eprintln!("warning: http:// sends your password and every tool call unencrypted");
+        return Ok(Trust::System);
+    }
+    // Does the system vouch for it? If not, what does it present?
+    let addr = proxy
+        .trim()
+        .trim_start_matches("https://")
+        .trim_end_matches('/')
+        .to_string();
+    let system = portico_tls::config::client_for(&Trust::System, &[b"h2"]);
+    if let Ok(cfg) = system
+        && portico_tls::Connector::tls(cfg).connect(&addr).await.is_ok()
+    {
+        return Ok(Trust::System);
+    }
+    let probe = portico_tls::config::client_for(&Trust::Insecure, &[b"h2"]).map_err(Fail::new)?;
+    let io = portico_tls::Connector::tls(probe)
+        .connect(&addr)
+        .await
+        .map_err(|e| Fail::new(format!("cannot reach {addr}: {e}")))?;
+    let chain = io.peer_certificates().unwrap_or_default();
+    let leaf = chain
+        .first()
+        .ok_or_else(|| Fail::new(format!("{addr} presented no certificate")))?;
+    let fp = portico_tls::pki::fingerprint(leaf);
+    use std::io::IsTerminal;
+    if std::io::stdin().is_terminal() && std::io::stderr().is_terminal() {
+        eprintln!("The proxy at {addr} presented a certificate that no authority you trust vouches for.");
+        eprintln!("Its fingerprint is {fp}");
+        eprintln!("Compare it with the one portico start printed on the proxy's host.");
+        let answer = rpassword::prompt_password("Trust this proxy from now on? [y/N] ")
+            .map_err(|e| Fail::new(format!("cannot read the answer: {e}")))?;
+        if matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes") {
+            let hex = portico_tls::pki::normalize_fingerprint(&fp)
+                .ok_or_else(|| Fail::new("internal error: a fingerprint did not parse"))?;
+            return Ok(Trust::Fingerprint(hex));
+        }
+        return Err(Fail::new("not logged in: the proxy was not trusted"));
+    }
+    Err(Fail::new(format!(
+        "the proxy at {addr} presented a certificate that no authority you trust vouches for (fingerprint {fp}); check it with the proxy's operator (portico start prints it) and pass --fingerprint {fp}, or --ca-file FILE with the certificate (web-cert.pem in the proxy's data directory); --insecure gives up verification"
+    )))
+}
+
+async fn login(proxy: String, user: String, password_stdin: bool, trust: Trust) -> CliResult {
     let password = if password_stdin {
         let mut s = String::new();
         std::io::stdin()
@@ -147,7 +242,8 @@ async fn login(proxy: String, user: String, password_stdin: bool) -> CliResult {
         rpassword::prompt_password(format!("password for {user}: "))
             .map_err(|e| Fail::new(format!("cannot read the password: {e}")))?
     };
-    let mut api = connect(&proxy, None).await.map_err(Fail::new)?;
+    let dial = portico_proto::client::Dial::trusting(&proxy, &trust).map_err(Fail::new)?;
+    let mut api = connect(&dial, None).await.map_err(Fail::new)?;
     let resp = api
         .login(v1::LoginRequest {
             user: user.clone(),
@@ -161,6 +257,15 @@ async fn login(proxy: String, user: String, password_stdin: bool) -> CliResult {
         token: resp.token,
         expires_ms: resp.expires_ms,
         roles: resp.roles.clone(),
+        ca: match &trust {
+            Trust::Roots(pem) => Some(pem.clone()),
+            _ => None,
+        },
+        fingerprint: match &trust {
+            Trust::Fingerprint(fp) => Some(fp.clone()),
+            _ => None,
+        },
+        insecure: trust == Trust::Insecure,
     };
     p.save()?;
     println!("logged in as {} at {proxy}", resp.user);
@@ -178,7 +283,9 @@ async fn login(proxy: String, user: String, password_stdin: bool) -> CliResult {
 
 async fn status(show_token: bool) -> CliResult {
     let p = need_profile()?;
-    let mut api = connect(&p.proxy, Some(&p.token)).await.map_err(Fail::new)?;
+    let mut api = connect(&p.dial()?, Some(&p.token))
+        .await
+        .map_err(Fail::new)?;
     let who = api.who_am_i(v1::WhoAmIRequest {}).await?.into_inner();
     println!("proxy:   {}", p.proxy);
     println!("user:    {}", who.name);
@@ -207,7 +314,7 @@ struct AppRow {
 
 async fn fetch_apps(p: &Profile) -> CliResult<Vec<AppRow>> {
     let v = get_json(
-        &client(),
+        &client(p.connector()?),
         &format!("{}/v1/apps", base_url(&p.proxy)),
         &p.token,
     )
