@@ -222,8 +222,10 @@ async fn compose_topology_as_processes() {
         let v: serde_json::Value = yaml_serde::from_str(&p).expect("profile parses");
         v["token"].as_str().expect("token").to_string()
     };
+    let web_addr: std::net::SocketAddr = format!("127.0.0.1:{web_port}").parse().expect("addr");
+    portico_tests::web::register_file(web_addr, dir.path().join("proxy/web-cert.pem"));
     let mut s = McpHttp::new(
-        format!("127.0.0.1:{web_port}").parse().expect("addr"),
+        web_addr,
         "tm",
         &token,
     );

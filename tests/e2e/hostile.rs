@@ -919,7 +919,10 @@ async fn denials_are_audited() {
 }
 
 /// Reads from a raw connection until the peer answers or closes, for at most `limit`.
-async fn read_reply(tcp: &mut tokio::net::TcpStream, limit: Duration) -> Option<String> {
+async fn read_reply(
+    tcp: &mut (impl tokio::io::AsyncRead + Unpin),
+    limit: Duration,
+) -> Option<String> {
     use tokio::io::AsyncReadExt;
     let mut buf = vec![0u8; 4096];
     match tokio::time::timeout(limit, tcp.read(&mut buf)).await {
@@ -938,9 +941,7 @@ async fn slow_headers_and_bodies_are_cut_off() {
     let sid = t.session.clone().expect("session id");
 
     // Headers that never finish: the connection is closed, with nothing served.
-    let mut slow = tokio::net::TcpStream::connect(c.proxy_addr())
-        .await
-        .expect("connect");
+    let mut slow = portico_tests::web::stream(c.proxy_addr()).await;
     slow.write_all(b"POST /mcp/tm HTTP/1.1\r\nHost: x\r\n")
         .await
         .expect("partial headers");
@@ -959,9 +960,7 @@ async fn slow_headers_and_bodies_are_cut_off() {
         t.token,
         body.len()
     );
-    let mut slow = tokio::net::TcpStream::connect(c.proxy_addr())
-        .await
-        .expect("connect");
+    let mut slow = portico_tests::web::stream(c.proxy_addr()).await;
     slow.write_all(head.as_bytes()).await.expect("headers");
     slow.write_all(&body.as_bytes()[..body.len() / 2])
         .await
@@ -1118,16 +1117,12 @@ async fn metrics_answer_only_loopback() {
     let c = ClusterBuilder::new().start().await;
     let p = own_proxy(&c, "0.0.0.0:0", portico_proxy::ProxyConfig::default()).await;
     let port = p.web_addr.port();
-    let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Empty<bytes::Bytes>>();
-    let status = |ip: std::net::IpAddr| {
-        let http = http.clone();
-        async move {
-            let uri: http::Uri = format!("http://{}/metrics", std::net::SocketAddr::new(ip, port))
-                .parse()
-                .expect("uri");
-            http.get(uri).await.expect("metrics answer").status()
-        }
+    let status = |ip: std::net::IpAddr| async move {
+        let addr = std::net::SocketAddr::new(ip, port).to_string();
+        let code = portico_tests::web::probe(&addr, "/metrics")
+            .await
+            .expect("metrics answer");
+        StatusCode::from_u16(code).expect("status")
     };
     assert_eq!(
         status("127.0.0.1".parse().expect("ip")).await,
@@ -1244,9 +1239,7 @@ async fn a_client_that_stops_reading_is_ended_and_others_go_on() {
         m.token,
         body.len()
     );
-    let mut stalled = tokio::net::TcpStream::connect(c.proxy_addr())
-        .await
-        .expect("connect");
+    let mut stalled = portico_tests::web::stream(c.proxy_addr()).await;
     stalled
         .write_all(request.as_bytes())
         .await
@@ -1370,7 +1363,7 @@ async fn connections_and_handshakes_are_capped_per_address() {
         "a connection is served again",
         || async {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let mut tcp = tokio::net::TcpStream::connect(p.web_addr).await.ok()?;
+            let mut tcp = portico_tests::web::stream(p.web_addr).await;
             tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
                 .await
                 .ok()?;

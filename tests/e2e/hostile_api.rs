@@ -21,10 +21,15 @@ const PW: &str = "user-password-1";
 /// A client whose TCP connection comes from `local` (any 127.0.0.0/8
 /// address is this host's loopback), so that tests can play a second source.
 async fn client_from(c: &Cluster, local: [u8; 4], token: Option<&str>) -> AuthClient {
+    let cfg = portico_tls::config::cluster_client(None, &c.auth.ca.cert_pem, &[b"h2"])
+        .expect("tls");
+    let connector = portico_tls::Connector::tls(cfg)
+        .with_server_name(portico_tls::config::role_name(portico_tls::CertRole::Auth))
+        .with_addr(c.auth_addr.to_string())
+        .with_local_ip(IpAddr::from(local));
     let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", c.auth_addr))
         .expect("endpoint")
-        .local_address(Some(IpAddr::from(local)))
-        .connect()
+        .connect_with_connector(connector)
         .await
         .expect("connect from a second loopback address");
     with_token(ch, token).expect("client")

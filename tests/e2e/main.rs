@@ -11,4 +11,5 @@ mod hostile_api;
 mod identities;
 mod mcp;
 mod quickstart;
+mod tls;
 mod watch;

@@ -642,7 +642,7 @@ async fn streamable_http_edges() {
             &[
                 json_hdrs[0],
                 json_hdrs[1],
-                ("origin", &format!("http://{}", c.proxy_addr())),
+                ("origin", &format!("https://{}", c.proxy_addr())),
             ],
             Some(&ping),
         )
@@ -803,6 +803,8 @@ async fn psh_commands() {
         "--user=pat",
         "--password-stdin",
     ])
+    .arg("--ca-file")
+    .arg(portico_tests::web::cert_file(c.proxy_addr()).expect("web certificate"))
     .env("PORTICO_HOME", &home);
     let o = run(cmd, Some("wrong-password\n")).await;
     assert_eq!(o.status.code(), Some(1));

@@ -115,6 +115,7 @@ async fn quick_start_as_a_newcomer() {
     let profile: serde_json::Value =
         yaml_serde::from_str(&std::fs::read_to_string(home.join("profile.yaml")).expect("profile"))
             .expect("yaml");
+    portico_tests::web::register_file("127.0.0.1:3080".parse().expect("addr"), web_cert.clone());
     let mut s = McpHttp::new(
         "127.0.0.1:3080".parse().expect("addr"),
         "everything",

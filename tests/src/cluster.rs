@@ -30,6 +30,7 @@ pub struct ClusterBuilder {
     proxy: bool,
     agents: Vec<(String, AgentConfig)>,
     session_ttl: Option<String>,
+    identity_ttl: Option<String>,
     idle_timeout: Option<String>,
     max_sessions_per_user: Option<usize>,
     /// The proxy's header and body read timeouts.
@@ -49,6 +50,7 @@ impl ClusterBuilder {
             proxy: false,
             agents: vec![],
             session_ttl: None,
+            identity_ttl: None,
             idle_timeout: None,
             max_sessions_per_user: None,
             timeouts: None,
@@ -65,6 +67,12 @@ impl ClusterBuilder {
     /// The proxy's header and body read timeouts.
     pub fn request_timeouts(mut self, header: &str, body: &str) -> Self {
         self.timeouts = Some((header.to_string(), body.to_string()));
+        self
+    }
+
+    /// How long service certificates and identities last (renewed at 2/3).
+    pub fn identity_ttl(mut self, ttl: &str) -> Self {
+        self.identity_ttl = Some(ttl.into());
         self
     }
 
@@ -131,6 +139,7 @@ impl ClusterBuilder {
         let auth_cfg = AuthConfig {
             storage,
             session_ttl: self.session_ttl.clone(),
+            identity_ttl: self.identity_ttl.clone(),
             ..AuthConfig::default()
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind auth");

@@ -37,6 +37,21 @@ pub fn register(p: &Proxy) {
     }
 }
 
+/// Remembers the certificate file of a proxy started as a process.
+pub fn register_file(addr: SocketAddr, file: PathBuf) {
+    let cert_pem = std::fs::read_to_string(&file).expect("web certificate readable");
+    table()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(
+            addr,
+            Web {
+                cert_pem,
+                cert_file: file,
+            },
+        );
+}
+
 /// The proxy's self-signed certificate file, when it has one.
 pub fn cert_file(addr: SocketAddr) -> Option<PathBuf> {
     table()
@@ -74,14 +89,17 @@ pub fn connector(addr: SocketAddr) -> Connector {
 }
 
 /// A connection to the proxy's web port speaking HTTP/1.1 (for raw requests).
-pub async fn stream(addr: SocketAddr) -> portico_tls::ClientIo {
+pub async fn stream(addr: SocketAddr) -> Box<dyn portico_tls::net::TokioStream> {
     let c = match trust(addr) {
         Some(t) => Connector::tls(
             portico_tls::config::client_for(&t, &[b"http/1.1"]).expect("client config"),
         ),
         None => Connector::plain(),
     };
-    c.connect(&addr.to_string()).await.expect("web connects")
+    c.connect(&addr.to_string())
+        .await
+        .expect("web connects")
+        .into_tokio()
 }
 
 /// Sets what Node and Python clients need to trust the proxy at `addr`.

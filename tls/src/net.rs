@@ -255,7 +255,19 @@ pub enum ClientIo {
     Tls(Box<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>),
 }
 
+/// A connection as a tokio stream (for raw reads and writes).
+pub trait TokioStream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> TokioStream for T {}
+
 impl ClientIo {
+    /// The connection as a tokio stream.
+    pub fn into_tokio(self) -> Box<dyn TokioStream> {
+        match self {
+            ClientIo::Plain(s) => Box::new(s.into_inner()),
+            ClientIo::Tls(s) => Box::new(s.into_inner()),
+        }
+    }
+
     /// The server's certificate chain (TLS only).
     pub fn peer_certificates(&self) -> Option<Vec<rustls::pki_types::CertificateDer<'static>>> {
         match self {
@@ -331,6 +343,7 @@ pub struct Connector {
     tls: Option<Arc<ClientConfig>>,
     server_name: Option<ServerName<'static>>,
     addr: Option<String>,
+    local: Option<std::net::IpAddr>,
 }
 
 impl Connector {
@@ -340,6 +353,7 @@ impl Connector {
             tls: None,
             server_name: None,
             addr: None,
+            local: None,
         }
     }
 
@@ -348,6 +362,7 @@ impl Connector {
             tls: Some(config),
             server_name: None,
             addr: None,
+            local: None,
         }
     }
 
@@ -363,9 +378,32 @@ impl Connector {
         self
     }
 
+    /// Connects from this local address (tests that play a second source).
+    pub fn with_local_ip(mut self, ip: std::net::IpAddr) -> Self {
+        self.local = Some(ip);
+        self
+    }
+
+    async fn tcp(&self, addr: &str) -> io::Result<TcpStream> {
+        let Some(local) = self.local else {
+            return TcpStream::connect(addr).await;
+        };
+        let target = tokio::net::lookup_host(addr)
+            .await?
+            .next()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{addr} has no address")))?;
+        let socket = if target.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.bind(SocketAddr::new(local, 0))?;
+        socket.connect(target).await
+    }
+
     /// Connects to `addr` (`host:port`).
     pub async fn connect(&self, addr: &str) -> io::Result<ClientIo> {
-        let tcp = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
+        let tcp = tokio::time::timeout(Duration::from_secs(5), self.tcp(addr))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("connecting to {addr} timed out")))??;
         let _ = tcp.set_nodelay(true);

@@ -211,6 +211,10 @@ async fn run(cli: Cli) -> CliResult {
                 .await?
                 .into_inner();
             print!("{}", ca.cert_pem);
+            // The pin goes to standard error, so that standard output is the PEM file.
+            if let Ok(der) = portico_tls::pki::first_cert(&ca.cert_pem) {
+                eprintln!("ca_pin: {}", portico_tls::pki::ca_pin(&der));
+            }
             Ok(())
         }
         Cmd::Identities { cmd } => match cmd {

@@ -34,7 +34,7 @@ pub fn rpc_error(status: StatusCode, code: i64, message: &str) -> Response {
 }
 
 /// A browser's Origin must be the proxy itself, loopback to loopback, or configured.
-pub fn origin_allowed(state: &ProxyState, headers: &HeaderMap) -> bool {
+pub fn origin_allowed(state: &ProxyState, headers: &HeaderMap, uri: &http::Uri) -> bool {
     let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
         return true;
     };
@@ -52,9 +52,11 @@ pub fn origin_allowed(state: &ProxyState, headers: &HeaderMap) -> bool {
         .split('/')
         .next()
         .unwrap_or("");
+    // HTTP/1.1 names the host in a header, HTTP/2 in the request's authority.
     let host = headers
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
+        .or_else(|| uri.authority().map(|a| a.as_str()))
         .unwrap_or("");
     let bare = |h: &str| {
         h.rsplit_once(':')

@@ -171,7 +171,7 @@ pub async fn handle(
             .insert(header::ALLOW, HeaderValue::from_static("GET, POST, DELETE"));
         return r;
     }
-    if !origin_allowed(&state, req.headers()) {
+    if !origin_allowed(&state, req.headers(), req.uri()) {
         return rpc_error(StatusCode::FORBIDDEN, SERVER_ERROR, "origin not allowed");
     }
     let who = match who(&state, req.headers(), peer, req.uri().path()).await {

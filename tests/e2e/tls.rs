@@ -1,0 +1,425 @@
+//! Transport security as an attacker meets it: plaintext on every listener,
+//! certificates from another CA, expired ones, each role's certificate on
+//! the other roles' APIs, a fake proxy at an agent's tunnel address, and
+//! renewal with sessions open.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use portico_proto::client::{Dial, connect};
+use portico_proto::v1;
+use portico_tests::cluster::JoinedService;
+use portico_tests::mcp_http::McpHttp;
+use portico_tests::util::test_app_yaml;
+use portico_tests::{Cluster, ClusterBuilder, eventually};
+use portico_tls::{Ca, CertRole, CertStore};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const PW: &str = "user-password-1";
+
+/// Sends a plaintext HTTP request and returns what comes back (at most 2 s).
+async fn plaintext(addr: std::net::SocketAddr, request: &str) -> String {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(request.as_bytes()).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).to_string()
+}
+
+#[tokio::test]
+async fn plaintext_is_refused_on_every_listener() {
+    let c = ClusterBuilder::new().proxy().start().await;
+    let r = plaintext(c.auth_addr, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(r.starts_with("HTTP/1.1 400"), "auth: {r}");
+    assert!(r.contains("TLS only"), "auth: {r}");
+    let r = plaintext(c.tunnel_addr(), "PORTICO-TUNNEL/1 token\n").await;
+    assert!(r.contains("TLS only"), "tunnel: {r}");
+    assert!(!r.contains("OK"), "tunnel: {r}");
+    // An API client (POST) is refused; a browser asking for a page is sent to https.
+    let r = plaintext(
+        c.proxy_addr(),
+        "POST /mcp/tm HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n\r\n{}",
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 400"), "web POST: {r}");
+    assert!(r.contains("HTTPS only"), "web POST: {r}");
+    let host = c.proxy_addr().to_string();
+    let r = plaintext(
+        c.proxy_addr(),
+        &format!("GET /v1/apps HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 308"), "web GET: {r}");
+    assert!(
+        r.to_ascii_lowercase()
+            .contains(&format!("location: https://{host}/v1/apps")),
+        "web GET: {r}"
+    );
+    c.shutdown().await;
+}
+
+/// The cluster CA, able to sign (read from the backend, as only the
+/// auth-service could).
+async fn cluster_ca(c: &Cluster) -> Ca {
+    let (cert, key) = c
+        .auth
+        .backend
+        .cluster_ca()
+        .await
+        .expect("read")
+        .expect("stored");
+    Ca::from_pem(&cert, &key).expect("ca")
+}
+
+fn foreign_ca() -> Ca {
+    let now = SystemTime::now();
+    let (cert, key) =
+        Ca::generate("impostor CA", now, now + Duration::from_secs(3600)).expect("ca");
+    Ca::from_pem(&cert, &key).expect("ca")
+}
+
+/// Tries a TLS connection to `addr` as a service presenting `cert`.
+async fn tunnel_with(
+    c: &Cluster,
+    addr: std::net::SocketAddr,
+    cert: (String, String),
+) -> Result<String, String> {
+    let store = CertStore::new(&cert.0, &cert.1).map_err(|e| e.to_string())?;
+    let cfg = portico_tls::config::cluster_client(
+        Some(store),
+        &c.auth.ca.cert_pem,
+        &[portico_tls::ALPN_TUNNEL],
+    )
+    .map_err(|e| e.to_string())?;
+    let io = portico_tls::Connector::tls(cfg)
+        .with_server_name(portico_tls::config::role_name(CertRole::Proxy))
+        .connect(&addr.to_string())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut s = io.into_tokio();
+    s.write_all(b"PORTICO-TUNNEL/1 not-a-token\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    Ok(String::from_utf8_lossy(&out).to_string())
+}
+
+#[tokio::test]
+async fn foreign_expired_and_wrong_role_certificates_are_refused() {
+    let c = ClusterBuilder::new().proxy().start().await;
+    let ca = cluster_ca(&c).await;
+    let now = SystemTime::now();
+    let hour = Duration::from_secs(3600);
+
+    // The right kind of certificate from another CA: the TLS handshake fails.
+    let forged = foreign_ca()
+        .issue(CertRole::App, "a1", now - hour, now + hour)
+        .expect("forged");
+    let r = tunnel_with(&c, c.tunnel_addr(), forged.clone()).await;
+    assert!(
+        r.as_ref().map(|s| s.is_empty()).unwrap_or(true),
+        "a foreign certificate got an answer: {r:?}"
+    );
+
+    // Our CA, but expired.
+    let expired = ca
+        .issue(CertRole::App, "a1", now - 2 * hour, now - hour)
+        .expect("expired");
+    let r = tunnel_with(&c, c.tunnel_addr(), expired).await;
+    assert!(
+        r.as_ref().map(|s| s.is_empty()).unwrap_or(true),
+        "an expired certificate got an answer: {r:?}"
+    );
+
+    // Our CA, valid, but a proxy's: not let into the tunnel.
+    let proxy_cert = ca
+        .issue(CertRole::Proxy, "px", now - hour, now + hour)
+        .expect("proxy cert");
+    let r = tunnel_with(&c, c.tunnel_addr(), proxy_cert).await;
+    assert!(
+        r.as_ref().map(|s| !s.contains("OK")).unwrap_or(true),
+        "a proxy certificate opened a tunnel: {r:?}"
+    );
+
+    // The auth API: a foreign client certificate fails the handshake.
+    let store = CertStore::new(&forged.0, &forged.1).expect("store");
+    let dial = Dial::cluster(&c.auth_addr.to_string(), &c.auth.ca.cert_pem, Some(store))
+        .expect("dial");
+    let r = connect(&dial, None).await;
+    if let Ok(mut api) = r {
+        api.get_cluster_ca(v1::GetClusterCaRequest {})
+            .await
+            .expect_err("a foreign certificate is not served");
+    }
+
+    // A client that does not trust the auth-service's CA does not connect.
+    let other = foreign_ca();
+    let dial = Dial::cluster(&c.auth_addr.to_string(), &other.cert_pem, None).expect("dial");
+    assert!(connect(&dial, None).await.is_err(), "an unknown CA was trusted");
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn each_role_only_with_its_own_certificate_and_apis() {
+    let c = ClusterBuilder::new().start().await;
+    let agent = c.join_as("app", "ag-1").await;
+    let proxy = c.join_as("proxy", "px-1").await;
+
+    // An agent, with its own certificate: no user or admin APIs.
+    let mut a = c.service_client(&agent).await;
+    let e = a
+        .add_user(v1::AddUserRequest {
+            name: "eve".into(),
+            roles: vec!["admin".into()],
+            password: PW.into(),
+        })
+        .await
+        .expect_err("agents do not add users");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let app = portico_core::parse::parse_documents("a.yaml", &test_app_yaml("x", "dev"))
+        .expect("yaml")
+        .remove(0);
+    let e = a
+        .create(v1::CreateRequest {
+            resources: vec![v1::Resource {
+                kind: "app".into(),
+                json: app.to_json(),
+            }],
+            overwrite: false,
+        })
+        .await
+        .expect_err("agents do not create apps");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let e = a
+        .list_identities(v1::ListIdentitiesRequest {})
+        .await
+        .expect_err("agents do not list identities");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    // It announces app servers only under its own host id.
+    a.heartbeat(v1::HeartbeatRequest {
+        app: "tm".into(),
+        ttl_ms: 5_000,
+        remove: false,
+        static_app_json: String::new(),
+    })
+    .await
+    .expect("its own heartbeat");
+    let listed = c
+        .admin()
+        .await
+        .list(v1::ListRequest {
+            kind: "app_server".into(),
+            labels: Default::default(),
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(
+        !listed.items.is_empty() && listed.items.iter().all(|r| r.json.contains("ag-1")),
+        "{:?}",
+        listed.items
+    );
+
+    // A proxy, with its own certificate, cannot register app servers.
+    let mut p = c.service_client(&proxy).await;
+    let e = p
+        .heartbeat(v1::HeartbeatRequest {
+            app: "tm".into(),
+            ttl_ms: 5_000,
+            remove: false,
+            static_app_json: String::new(),
+        })
+        .await
+        .expect_err("proxies do not announce app servers");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+
+    // A token with another service's certificate, or with none: refused.
+    let swapped = JoinedService {
+        resp: v1::JoinResponse {
+            identity_token: agent.resp.identity_token.clone(),
+            ..proxy.resp.clone()
+        },
+        key_pem: proxy.key_pem.clone(),
+    };
+    let mut mixed = c.service_client(&swapped).await;
+    let e = mixed
+        .who_am_i(v1::WhoAmIRequest {})
+        .await
+        .expect_err("an agent's token over a proxy's certificate");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let mut bare = c.client(&agent.resp.identity_token).await;
+    let e = bare
+        .who_am_i(v1::WhoAmIRequest {})
+        .await
+        .expect_err("a service token without its certificate");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("mutual TLS"), "{}", e.message());
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_fake_proxy_receives_no_identity() {
+    let c = ClusterBuilder::new().start().await;
+    // A listener that records whatever an agent sends it.
+    let plain = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    // And one that speaks TLS with a certificate from another CA.
+    let impostor = foreign_ca();
+    let now = SystemTime::now();
+    let (cert, key) = impostor
+        .issue(
+            CertRole::Proxy,
+            "fake",
+            now - Duration::from_secs(60),
+            now + Duration::from_secs(3600),
+        )
+        .expect("cert");
+    let store = CertStore::new(&format!("{cert}{}", impostor.cert_pem), &key).expect("store");
+    let tls_cfg = portico_tls::config::cluster_server(
+        store,
+        &impostor.cert_pem,
+        portico_tls::ClientAuth::Optional,
+        &[portico_tls::ALPN_TUNNEL],
+    )
+    .expect("server config");
+    let tls = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let received = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let seen_plain = received.clone();
+    let plain_addr = plain.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = plain.accept().await {
+            let seen = seen_plain.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(Ok(n)) =
+                    tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await
+                {
+                    if n == 0 {
+                        break;
+                    }
+                    seen.lock().expect("lock").extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+    });
+    let seen_tls = received.clone();
+    let tls_addr = tls.local_addr().expect("addr");
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let handshakes = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = tls.accept().await {
+            let cfg = tls_cfg.clone();
+            let seen = seen_tls.clone();
+            let handshakes = handshakes.clone();
+            tokio::spawn(async move {
+                if let Ok(mut conn) =
+                    portico_tls::net::accept(s, cfg, portico_tls::Plaintext::Refuse("x")).await
+                {
+                    handshakes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let mut buf = [0u8; 4096];
+                    while let Ok(Ok(n)) =
+                        tokio::time::timeout(Duration::from_secs(3), conn.read(&mut buf)).await
+                    {
+                        if n == 0 {
+                            break;
+                        }
+                        seen.lock().expect("lock").extend_from_slice(&buf[..n]);
+                    }
+                }
+            });
+        }
+    });
+    let mut c = c;
+    let cfg = portico_agent::AgentConfig {
+        proxy_servers: vec![plain_addr.to_string(), tls_addr.to_string()],
+        resources: vec![],
+        ..Default::default()
+    };
+    c.start_agent("victim", cfg).await;
+    // Let it dial both a few times.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let token = {
+        let text = std::fs::read_to_string(c.data_dir().join("agent-victim/agent-identity.yaml"))
+            .expect("identity");
+        let id: portico_core::identity::IdentityFile = yaml_serde::from_str(&text).expect("yaml");
+        id.token
+    };
+    let got = received.lock().expect("lock").clone();
+    let text = String::from_utf8_lossy(&got);
+    assert!(!text.contains(&token), "the agent's token reached a fake proxy");
+    assert!(!text.contains("PORTICO-TUNNEL"), "a handshake reached a fake proxy");
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the agent completed TLS with a proxy of another CA"
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn renewal_keeps_sessions_open() {
+    let c = ClusterBuilder::new()
+        .identity_ttl("6s")
+        .proxy()
+        .wildcard_agent("a1")
+        .start()
+        .await;
+    c.create_yaml(&test_app_yaml("tm", "dev"), false)
+        .await
+        .expect("app");
+    c.wait_servers("tm", &["a1"]).await;
+    c.add_user("rita", &["mcp-user"], PW).await;
+    let token = c.login("rita", PW).await;
+    let mut s = McpHttp::new(c.proxy_addr(), "tm", &token);
+    s.initialize().await.expect("session");
+    let first = s.call("echo", json!({"message": "before"})).await;
+    assert_eq!(first["result"]["content"][0]["text"], "before", "{first}");
+    let sid = s.session.clone().expect("session id");
+    // Three lifetimes: every identity is renewed at least twice.
+    let until = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut n = 0;
+    while tokio::time::Instant::now() < until {
+        let r = s.call("echo", json!({"message": format!("call {n}")})).await;
+        assert_eq!(
+            r["result"]["content"][0]["text"],
+            format!("call {n}"),
+            "call {n}: {r}"
+        );
+        assert_eq!(s.session.as_deref(), Some(sid.as_str()));
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let proxy = c.proxy.as_ref().expect("proxy").state.clone();
+    assert!(proxy.tunnels.is_connected("a1"));
+    // Both services renewed, and their identities still live.
+    eventually(Duration::from_secs(5), "renewals audited", || async {
+        let events = c
+            .admin()
+            .await
+            .list_events(v1::ListEventsRequest {
+                r#type: "identity.renew".into(),
+                since_ms: 0,
+                limit: 0,
+            })
+            .await
+            .ok()?
+            .into_inner()
+            .events;
+        let agent = events.iter().filter(|e| e.actor == "a1").count();
+        let prx = events.iter().filter(|e| e.actor != "a1").count();
+        (agent >= 2 && prx >= 2).then_some(())
+    })
+    .await;
+    // The admin identity was rewritten and still works.
+    c.admin()
+        .await
+        .who_am_i(v1::WhoAmIRequest {})
+        .await
+        .expect("admin identity renewed");
+    c.shutdown().await;
+}
