@@ -7,8 +7,8 @@
 use std::time::{Duration, SystemTime};
 
 use portico_core::Error;
-use portico_tls::CertRole;
 use portico_core::time::now_ms;
+use portico_tls::CertRole;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose,
     PKCS_ECDSA_P256_SHA256, date_time_ymd,

@@ -112,7 +112,9 @@ fn source_of<T>(req: &Request<T>) -> String {
 
 /// The service identity in the caller's client certificate, if it sent one.
 fn peer_of<T>(req: &Request<T>) -> Option<PeerId> {
-    req.extensions().get::<PeerInfo>().and_then(|i| i.id.clone())
+    req.extensions()
+        .get::<PeerInfo>()
+        .and_then(|i| i.id.clone())
 }
 
 /// A service's token counts only over mutual TLS with that service's own
@@ -120,11 +122,7 @@ fn peer_of<T>(req: &Request<T>) -> Option<PeerId> {
 /// refused. Users and the local admin have no certificate. One exception:
 /// a proxy asks `WhoAmI` with the token an agent gave it in the tunnel
 /// handshake, to learn whether that identity is live (nothing else).
-fn certificate_matches(
-    p: &Principal,
-    peer: Option<&PeerId>,
-    method: &str,
-) -> Result<(), Error> {
+fn certificate_matches(p: &Principal, peer: Option<&PeerId>, method: &str) -> Result<(), Error> {
     if p.ptype != PrincipalType::Service {
         return Ok(());
     }
@@ -1009,7 +1007,10 @@ impl AuthService for Api {
         req: Request<RenewIdentityRequest>,
     ) -> Res<RenewIdentityResponse> {
         let c = self.caller(&req, "renew_identity").await?;
-        let Some(role) = c.p.service_role.filter(|_| c.p.ptype == PrincipalType::Service) else {
+        let Some(role) =
+            c.p.service_role
+                .filter(|_| c.p.ptype == PrincipalType::Service)
+        else {
             let status = Status::permission_denied("only proxies and agents renew identities");
             return Err(self.denied(&c, None, None, None, status).await);
         };
@@ -1020,7 +1021,12 @@ impl AuthService for Api {
         let cert_pem = self
             .s
             .ca
-            .sign(&req.get_ref().csr_pem, crate::cert_role(role), &c.p.name, life)
+            .sign(
+                &req.get_ref().csr_pem,
+                crate::cert_role(role),
+                &c.p.name,
+                life,
+            )
             .map_err(to_status)?;
         let expires = now_ms() + self.s.identity_ttl_ms;
         let extended = self

@@ -150,14 +150,7 @@ pub struct AuthServer {
 }
 
 /// What a service running in this process needs to talk to the cluster.
-#[derive(Debug, Clone)]
-pub struct IssuedIdentity {
-    pub token: String,
-    pub cert_pem: String,
-    pub key_pem: String,
-    pub ca_pem: String,
-    pub expires_ms: i64,
-}
+pub use portico_proto::join::Issued as IssuedIdentity;
 
 impl AuthServer {
     /// `/readyz`: 200 while the database answers within 2 s, else 503 with why.
@@ -341,7 +334,9 @@ impl AuthServer {
             .ok()
             .and_then(|text| yaml_serde::from_str::<IdentityFile>(&text).ok())
             .map(|id| id.token);
-        let expires = self.write_admin_identity(&path, auth_addr, old.take()).await?;
+        let expires = self
+            .write_admin_identity(&path, auth_addr, old.take())
+            .await?;
         tracing::info!(path = %path.display(), "wrote the local admin identity");
         let me = self.clone();
         let (p, addr) = (path.clone(), auth_addr.to_string());
@@ -539,7 +534,10 @@ async fn renew_own_certificate(server: Arc<AuthServer>, mut stop: watch::Receive
             _ = stop.changed() => return,
         }
         let life = Duration::from_millis(server.identity_ttl_ms as u64);
-        match server.ca.issue(portico_tls::CertRole::Auth, AUTH_HOST_ID, life) {
+        match server
+            .ca
+            .issue(portico_tls::CertRole::Auth, AUTH_HOST_ID, life)
+        {
             Ok((cert, key)) => {
                 if let Err(e) = server.cert.replace(&cert, &key) {
                     tracing::error!(error = %e, "cannot use the renewed auth-service certificate");

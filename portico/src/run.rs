@@ -129,17 +129,8 @@ async fn local_identity(
                 .issue_service_identity(&host, role)
                 .await
                 .map_err(|e| anyhow::anyhow!(e.message))?;
-            let creds = portico_proto::join::Credentials::issued(
-                &host,
-                role,
-                issued.token,
-                &issued.cert_pem,
-                &issued.key_pem,
-                issued.ca_pem,
-                issued.expires_ms,
-                &a.addr,
-            )
-            .map_err(|e| anyhow::anyhow!(e.message))?;
+            let creds = portico_proto::join::Credentials::issued(&host, role, issued, &a.addr)
+                .map_err(|e| anyhow::anyhow!(e.message))?;
             Ok(Some(std::sync::Arc::new(creds)))
         }
         _ => Ok(None),
@@ -214,7 +205,11 @@ async fn start_agent(
 
 fn print_next_steps(data_dir: &std::path::Path, p: &portico_proxy::Proxy, tunnel: Option<&str>) {
     let web = reachable(p.web_addr);
-    let scheme = if p.web_fingerprint.is_some() { "https" } else { "http" };
+    let scheme = if p.web_fingerprint.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let trust = match &p.web_cert_file {
         Some(f) => format!(" --ca-file={}", f.display()),
         None => String::new(),

@@ -45,25 +45,32 @@ pub struct Credentials {
     auth_server: String,
 }
 
+/// An identity an auth-service issued directly (to services in its own
+/// process): token, certificate chain and key, the CA, the expiry.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub token: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub ca_pem: String,
+    pub expires_ms: i64,
+}
+
 impl Credentials {
     /// An identity issued directly (services in the auth-service's process).
     pub fn issued(
         host_id: &str,
         role: SystemRole,
-        token: String,
-        cert_pem: &str,
-        key_pem: &str,
-        ca_pem: String,
-        expires_ms: i64,
+        issued: Issued,
         auth_server: &str,
     ) -> Result<Credentials, Error> {
         Ok(Credentials {
             host_id: host_id.to_string(),
             role,
-            token,
-            ca_pem,
-            cert: CertStore::new(cert_pem, key_pem).map_err(Error::internal)?,
-            expires_ms: AtomicI64::new(expires_ms),
+            token: issued.token,
+            cert: CertStore::new(&issued.cert_pem, &issued.key_pem).map_err(Error::internal)?,
+            ca_pem: issued.ca_pem,
+            expires_ms: AtomicI64::new(issued.expires_ms),
             path: None,
             auth_server: auth_server.to_string(),
         })
@@ -103,7 +110,10 @@ impl Credentials {
         };
         let text = yaml_serde::to_string(&id).map_err(|e| Error::internal(e.to_string()))?;
         crate::files::write_private(path, text.as_bytes()).map_err(|e| {
-            Error::unavailable(format!("cannot save the identity to {}: {e}", path.display()))
+            Error::unavailable(format!(
+                "cannot save the identity to {}: {e}",
+                path.display()
+            ))
         })
     }
 
@@ -131,7 +141,11 @@ impl Credentials {
 
 /// Renews the identity at two thirds of its life until `stop`; a failed
 /// renewal is tried again (every 2 to 30 s) while the identity lasts.
-pub async fn renew_forever(creds: Arc<Credentials>, mut api: AuthClient, mut stop: watch::Receiver<bool>) {
+pub async fn renew_forever(
+    creds: Arc<Credentials>,
+    mut api: AuthClient,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut failures = 0u32;
     loop {
         let wait = if failures == 0 {
@@ -221,28 +235,22 @@ pub async fn load_or_join(p: JoinParams<'_>) -> Result<Credentials, Error> {
 
 fn load(p: &JoinParams<'_>, text: &str) -> Result<Credentials, Error> {
     let shown = p.identity_path.display();
-    let id: IdentityFile = yaml_serde::from_str(text).map_err(|e| {
-        Error::bad_request(format!("{shown} is not an identity file: {e}"))
-    })?;
+    let id: IdentityFile = yaml_serde::from_str(text)
+        .map_err(|e| Error::bad_request(format!("{shown} is not an identity file: {e}")))?;
     let (Some(ca), Some(cert), Some(key)) = (id.ca, id.cert, id.key) else {
         return Err(Error::bad_request(format!(
             "{shown} holds an identity without a certificate (from a version before TLS); remove it and join again with a new join token"
         )));
     };
-    let expires = id
-        .expires
-        .as_deref()
-        .and_then(parse_rfc3339)
-        .unwrap_or(0);
+    let expires = id.expires.as_deref().and_then(parse_rfc3339).unwrap_or(0);
     if expires <= now_ms() {
         return Err(Error::bad_request(format!(
             "the identity in {shown} expired; remove it and join again with a new join token (pctl tokens add --type={})",
             p.role
         )));
     }
-    let store = CertStore::new(&cert, &key).map_err(|e| {
-        Error::bad_request(format!("{shown}: {e}"))
-    })?;
+    let store =
+        CertStore::new(&cert, &key).map_err(|e| Error::bad_request(format!("{shown}: {e}")))?;
     Ok(Credentials {
         host_id: id.principal,
         role: p.role,

@@ -258,7 +258,9 @@ pub async fn start(
     let channel = channel_lazy(&dial).map_err(Error::bad_request)?;
     let api = with_token(channel.clone(), Some(&token)).map_err(Error::bad_request)?;
     let web_tls = if cfg.plain_http {
-        tracing::warn!("proxy_service.plain_http: the web listener serves plain HTTP; only run it behind a TLS terminator");
+        tracing::warn!(
+            "proxy_service.plain_http: the web listener serves plain HTTP; only run it behind a TLS terminator"
+        );
         None
     } else {
         Some(web_certs(cfg, &creds.data_dir)?)
@@ -293,12 +295,12 @@ pub async fn start(
         .tunnel
         .local_addr()
         .map_err(|e| Error::unavailable(e.to_string()))?;
-    tokio::spawn(
-        state
-            .tunnels
-            .clone()
-            .accept_loop(listeners.tunnel, tunnel_tls, tunnel_auth, stop_rx.clone()),
-    );
+    tokio::spawn(state.tunnels.clone().accept_loop(
+        listeners.tunnel,
+        tunnel_tls,
+        tunnel_auth,
+        stop_rx.clone(),
+    ));
     tokio::spawn(idle_sweeper(state.clone(), stop_rx.clone()));
     tokio::spawn(access_sweeper(state.clone(), stop_rx.clone()));
     let router = web::router(state.clone());
@@ -403,11 +405,9 @@ fn web_certs(
                 hosts.push(host.to_string());
             }
         }
-        let (c, k) = portico_tls::pki::self_signed_web(
-            &hosts,
-            Duration::from_secs(5 * 365 * 24 * 3600),
-        )
-        .map_err(Error::internal)?;
+        let (c, k) =
+            portico_tls::pki::self_signed_web(&hosts, Duration::from_secs(5 * 365 * 24 * 3600))
+                .map_err(Error::internal)?;
         portico_proto::files::write_private(&key, k.as_bytes())
             .map_err(|e| Error::unavailable(format!("cannot write {}: {e}", key.display())))?;
         portico_proto::files::write_private(&cert, c.as_bytes())

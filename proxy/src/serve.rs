@@ -105,7 +105,13 @@ pub async fn serve(
                     watcher.watch(conn.into_owned()).await
                 }
                 Some(cfg) => {
-                    let stream = match portico_tls::net::accept(tcp, cfg, portico_tls::Plaintext::Redirect).await {
+                    let stream = match portico_tls::net::accept(
+                        tcp,
+                        cfg,
+                        portico_tls::Plaintext::Redirect,
+                    )
+                    .await
+                    {
                         Ok(s) => s,
                         Err(e) => {
                             tracing::debug!(peer = %peer, error = %e, "web TLS handshake failed");

@@ -224,11 +224,7 @@ async fn compose_topology_as_processes() {
     };
     let web_addr: std::net::SocketAddr = format!("127.0.0.1:{web_port}").parse().expect("addr");
     portico_tests::web::register_file(web_addr, dir.path().join("proxy/web-cert.pem"));
-    let mut s = McpHttp::new(
-        web_addr,
-        "tm",
-        &token,
-    );
+    let mut s = McpHttp::new(web_addr, "tm", &token);
     s.initialize()
         .await
         .expect("session through the deployed proxy");

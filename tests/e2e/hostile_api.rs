@@ -21,8 +21,8 @@ const PW: &str = "user-password-1";
 /// A client whose TCP connection comes from `local` (any 127.0.0.0/8
 /// address is this host's loopback), so that tests can play a second source.
 async fn client_from(c: &Cluster, local: [u8; 4], token: Option<&str>) -> AuthClient {
-    let cfg = portico_tls::config::cluster_client(None, &c.auth.ca.cert_pem, &[b"h2"])
-        .expect("tls");
+    let cfg =
+        portico_tls::config::cluster_client(None, &c.auth.ca.cert_pem, &[b"h2"]).expect("tls");
     let connector = portico_tls::Connector::tls(cfg)
         .with_server_name(portico_tls::config::role_name(portico_tls::CertRole::Auth))
         .with_addr(c.auth_addr.to_string())
@@ -87,9 +87,7 @@ async fn parallel_guesses_get_no_more_checks_than_the_limit() {
     c.add_user("vic", &["mcp-user"], PW).await;
     let limit = portico_auth::LOGIN_MAX_FAILURES as usize;
     let failed_before = c.auth.metrics.logins_failed.load(Ordering::Relaxed);
-    let anon = connect(&c.auth_dial(), None)
-        .await
-        .expect("connect");
+    let anon = connect(&c.auth_dial(), None).await.expect("connect");
     let mut guesses = tokio::task::JoinSet::new();
     for i in 0..20 {
         let mut a = anon.clone();

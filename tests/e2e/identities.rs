@@ -48,9 +48,7 @@ async fn identities_are_listed_bound_to_their_host_and_revocable() {
 
     // A join token cannot take over a live host id, and is not used up trying.
     let token = c.join_token("app").await;
-    let mut anon = connect(&c.auth_dial(), None)
-        .await
-        .expect("connect");
+    let mut anon = connect(&c.auth_dial(), None).await.expect("connect");
     let e = anon
         .join(join(&token, "a1"))
         .await

@@ -277,7 +277,10 @@ async fn python_sdk_client_in_auto_mode() {
     let token = c.login("py", PW).await;
     let mut cmd = tokio::process::Command::new(&py);
     cmd.arg(clients_dir().join("py_client.py"))
-        .arg(format!("{}/mcp/tm", portico_tests::web::base(c.proxy_addr())))
+        .arg(format!(
+            "{}/mcp/tm",
+            portico_tests::web::base(c.proxy_addr())
+        ))
         .env("PORTICO_TOKEN", &token);
     portico_tests::web::trust_env(&mut cmd, c.proxy_addr());
     let o = run(cmd, None).await;

@@ -145,8 +145,8 @@ async fn foreign_expired_and_wrong_role_certificates_are_refused() {
 
     // The auth API: a foreign client certificate fails the handshake.
     let store = CertStore::new(&forged.0, &forged.1).expect("store");
-    let dial = Dial::cluster(&c.auth_addr.to_string(), &c.auth.ca.cert_pem, Some(store))
-        .expect("dial");
+    let dial =
+        Dial::cluster(&c.auth_addr.to_string(), &c.auth.ca.cert_pem, Some(store)).expect("dial");
     let r = connect(&dial, None).await;
     if let Ok(mut api) = r {
         api.get_cluster_ca(v1::GetClusterCaRequest {})
@@ -157,7 +157,10 @@ async fn foreign_expired_and_wrong_role_certificates_are_refused() {
     // A client that does not trust the auth-service's CA does not connect.
     let other = foreign_ca();
     let dial = Dial::cluster(&c.auth_addr.to_string(), &other.cert_pem, None).expect("dial");
-    assert!(connect(&dial, None).await.is_err(), "an unknown CA was trusted");
+    assert!(
+        connect(&dial, None).await.is_err(),
+        "an unknown CA was trusted"
+    );
     c.shutdown().await;
 }
 
@@ -243,9 +246,14 @@ async fn each_role_only_with_its_own_certificate_and_apis() {
         },
         key_pem: proxy.key_pem.clone(),
     };
+    // (WhoAmI is the one call a proxy makes with an agent's token, to check
+    // the identity an agent presented in its tunnel handshake.)
     let mut mixed = c.service_client(&swapped).await;
     let e = mixed
-        .who_am_i(v1::WhoAmIRequest {})
+        .list(v1::ListRequest {
+            kind: "app".into(),
+            labels: Default::default(),
+        })
         .await
         .expect_err("an agent's token over a proxy's certificate");
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
@@ -351,8 +359,14 @@ async fn a_fake_proxy_receives_no_identity() {
     };
     let got = received.lock().expect("lock").clone();
     let text = String::from_utf8_lossy(&got);
-    assert!(!text.contains(&token), "the agent's token reached a fake proxy");
-    assert!(!text.contains("PORTICO-TUNNEL"), "a handshake reached a fake proxy");
+    assert!(
+        !text.contains(&token),
+        "the agent's token reached a fake proxy"
+    );
+    assert!(
+        !text.contains("PORTICO-TUNNEL"),
+        "a handshake reached a fake proxy"
+    );
     assert_eq!(
         accepted.load(std::sync::atomic::Ordering::SeqCst),
         0,
@@ -384,7 +398,9 @@ async fn renewal_keeps_sessions_open() {
     let until = tokio::time::Instant::now() + Duration::from_secs(15);
     let mut n = 0;
     while tokio::time::Instant::now() < until {
-        let r = s.call("echo", json!({"message": format!("call {n}")})).await;
+        let r = s
+            .call("echo", json!({"message": format!("call {n}")}))
+            .await;
         assert_eq!(
             r["result"]["content"][0]["text"],
             format!("call {n}"),

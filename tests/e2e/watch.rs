@@ -73,8 +73,8 @@ async fn ordered_exactly_once_across_two_instances() {
     let b = eventually(Duration::from_secs(10), "second instance answers", || {
         let addr = addr_b.clone();
         let t = admin_token.clone();
-        let dial = portico_proto::client::Dial::cluster(&addr, &c.auth.ca.cert_pem, None)
-            .expect("dial");
+        let dial =
+            portico_proto::client::Dial::cluster(&addr, &c.auth.ca.cert_pem, None).expect("dial");
         async move { connect(&dial, Some(&t)).await.ok() }
     })
     .await;
@@ -322,8 +322,8 @@ async fn postgres_down_at_start_and_mid_request() {
     };
     let s = server.clone();
     tokio::spawn(async move { portico_auth::serve(s, l, std::future::pending()).await });
-    let dial = portico_proto::client::Dial::cluster(&auth_addr, &server.ca.cert_pem, None)
-        .expect("dial");
+    let dial =
+        portico_proto::client::Dial::cluster(&auth_addr, &server.ca.cert_pem, None).expect("dial");
     let mut api = connect(&dial, Some(&token)).await.expect("connect");
     api.create(app_req("before"))
         .await

@@ -251,8 +251,7 @@ impl Cluster {
     /// The auth-service, verified against the cluster CA, without a
     /// client certificate (as `pctl` with the admin identity).
     pub fn auth_dial(&self) -> Dial {
-        Dial::cluster(&self.auth_addr.to_string(), &self.auth.ca.cert_pem, None)
-            .expect("auth dial")
+        Dial::cluster(&self.auth_addr.to_string(), &self.auth.ca.cert_pem, None).expect("auth dial")
     }
 
     pub async fn admin(&self) -> AuthClient {
@@ -270,8 +269,12 @@ impl Cluster {
     /// A client presenting a joined service's certificate and token.
     pub async fn service_client(&self, id: &JoinedService) -> AuthClient {
         let store = portico_tls::CertStore::new(&id.chain(), &id.key_pem).expect("cert store");
-        let dial = Dial::cluster(&self.auth_addr.to_string(), &self.auth.ca.cert_pem, Some(store))
-            .expect("dial");
+        let dial = Dial::cluster(
+            &self.auth_addr.to_string(),
+            &self.auth.ca.cert_pem,
+            Some(store),
+        )
+        .expect("dial");
         connect(&dial, Some(&id.resp.identity_token))
             .await
             .expect("service connects")

@@ -24,32 +24,26 @@ fn table() -> &'static Mutex<HashMap<SocketAddr, Web>> {
 pub fn register(p: &Proxy) {
     if let Some(file) = &p.web_cert_file {
         let cert_pem = std::fs::read_to_string(file).expect("web certificate readable");
-        table()
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                p.web_addr,
-                Web {
-                    cert_pem,
-                    cert_file: file.clone(),
-                },
-            );
+        table().lock().unwrap_or_else(|e| e.into_inner()).insert(
+            p.web_addr,
+            Web {
+                cert_pem,
+                cert_file: file.clone(),
+            },
+        );
     }
 }
 
 /// Remembers the certificate file of a proxy started as a process.
 pub fn register_file(addr: SocketAddr, file: PathBuf) {
     let cert_pem = std::fs::read_to_string(&file).expect("web certificate readable");
-    table()
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(
-            addr,
-            Web {
-                cert_pem,
-                cert_file: file,
-            },
-        );
+    table().lock().unwrap_or_else(|e| e.into_inner()).insert(
+        addr,
+        Web {
+            cert_pem,
+            cert_file: file,
+        },
+    );
 }
 
 /// The proxy's self-signed certificate file, when it has one.

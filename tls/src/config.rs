@@ -10,9 +10,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::{
-    ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme,
-};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 
 use crate::pki::{self, CertRole, PeerId};
 
@@ -352,8 +350,7 @@ fn stamp(cert: &str, key: &str) -> Option<std::time::SystemTime> {
 
 fn load_pair(cert: &str, key: &str) -> Result<Loaded, String> {
     let stamp = stamp(cert, key);
-    let cert_pem =
-        std::fs::read_to_string(cert).map_err(|e| format!("cannot read {cert}: {e}"))?;
+    let cert_pem = std::fs::read_to_string(cert).map_err(|e| format!("cannot read {cert}: {e}"))?;
     let key_pem = std::fs::read_to_string(key).map_err(|e| format!("cannot read {key}: {e}"))?;
     let ck = certified_key(&cert_pem, &key_pem).map_err(|e| format!("{cert}: {e}"))?;
     Ok(Loaded {

@@ -120,7 +120,8 @@ async fn answer_plaintext(mut stream: TcpStream, how: Plaintext) {
     let text = String::from_utf8_lossy(&head);
     let reply = match how {
         Plaintext::Refuse(what) => {
-            let body = format!("this port speaks TLS only ({what}); plain connections are refused\n");
+            let body =
+                format!("this port speaks TLS only ({what}); plain connections are refused\n");
             format!(
                 "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                 body.len()
@@ -141,8 +142,7 @@ async fn answer_plaintext(mut stream: TcpStream, how: Plaintext) {
                         && h.bytes()
                             .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
                 });
-            let safe_path = path.starts_with('/')
-                && path.bytes().all(|b| b.is_ascii_graphic());
+            let safe_path = path.starts_with('/') && path.bytes().all(|b| b.is_ascii_graphic());
             match host {
                 Some(h) if (method == "GET" || method == "HEAD") && safe_path => {
                     let body = format!("this port speaks HTTPS: https://{h}{path}\n");
@@ -388,10 +388,9 @@ impl Connector {
         let Some(local) = self.local else {
             return TcpStream::connect(addr).await;
         };
-        let target = tokio::net::lookup_host(addr)
-            .await?
-            .next()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{addr} has no address")))?;
+        let target = tokio::net::lookup_host(addr).await?.next().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, format!("{addr} has no address"))
+        })?;
         let socket = if target.is_ipv4() {
             tokio::net::TcpSocket::new_v4()?
         } else {
@@ -405,7 +404,12 @@ impl Connector {
     pub async fn connect(&self, addr: &str) -> io::Result<ClientIo> {
         let tcp = tokio::time::timeout(Duration::from_secs(5), self.tcp(addr))
             .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("connecting to {addr} timed out")))??;
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("connecting to {addr} timed out"),
+                )
+            })??;
         let _ = tcp.set_nodelay(true);
         let Some(cfg) = &self.tls else {
             return Ok(ClientIo::Plain(TokioIo::new(tcp)));
@@ -432,8 +436,12 @@ pub fn server_name_of(addr: &str) -> io::Result<ServerName<'static>> {
         _ => addr,
     };
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    ServerName::try_from(host.to_string())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("{host:?} is not a host name")))
+    ServerName::try_from(host.to_string()).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{host:?} is not a host name"),
+        )
+    })
 }
 
 /// `host:port` of a URI, with the scheme's default port.

@@ -184,8 +184,7 @@ fn time_at(t: SystemTime) -> time::OffsetDateTime {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
-    time::OffsetDateTime::from_unix_timestamp(secs)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+    time::OffsetDateTime::from_unix_timestamp(secs).unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
 }
 
 fn random_serial() -> SerialNumber {
@@ -248,7 +247,9 @@ impl Ca {
         not_after: SystemTime,
     ) -> Result<CertificateParams, String> {
         if host_id.is_empty() || host_id.contains('/') || !host_id.is_ascii() {
-            return Err(format!("host id {host_id:?} cannot be named in a certificate"));
+            return Err(format!(
+                "host id {host_id:?} cannot be named in a certificate"
+            ));
         }
         let mut params = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
         params

@@ -7,13 +7,13 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use portico_cli::http::{base_url, client, get_json};
-use portico_tls::Trust;
 use portico_cli::output::{Format, labels_text, structured, table};
 use portico_cli::profile::{self, Profile};
 use portico_cli::{CliResult, Fail, finish};
 use portico_core::time::format_rfc3339;
 use portico_proto::client::connect;
 use portico_proto::v1;
+use portico_tls::Trust;
 
 #[derive(Parser)]
 #[command(
@@ -197,7 +197,10 @@ async fn choose_trust(
         .to_string();
     let system = portico_tls::config::client_for(&Trust::System, &[b"h2"]);
     if let Ok(cfg) = system
-        && portico_tls::Connector::tls(cfg).connect(&addr).await.is_ok()
+        && portico_tls::Connector::tls(cfg)
+            .connect(&addr)
+            .await
+            .is_ok()
     {
         return Ok(Trust::System);
     }
@@ -213,7 +216,9 @@ async fn choose_trust(
     let fp = portico_tls::pki::fingerprint(leaf);
     use std::io::IsTerminal;
     if std::io::stdin().is_terminal() && std::io::stderr().is_terminal() {
-        eprintln!("The proxy at {addr} presented a certificate that no authority you trust vouches for.");
+        eprintln!(
+            "The proxy at {addr} presented a certificate that no authority you trust vouches for."
+        );
         eprintln!("Its fingerprint is {fp}");
         eprintln!("Compare it with the one portico start printed on the proxy's host.");
         let answer = rpassword::prompt_password("Trust this proxy from now on? [y/N] ")
