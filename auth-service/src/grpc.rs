@@ -950,19 +950,62 @@ impl AuthService for Api {
                 .await;
             return Err(Status::already_exists(msg));
         }
-        // Single use: whoever deletes the token first joins.
-        let consumed = valid
-            && self
+        if !valid {
+            self.s
+                .audit(
+                    "token.join",
+                    &host_id,
+                    false,
+                    serde_json::json!({"role": role.as_str(), "error": refused, "source": source}),
+                )
+                .await;
+            return Err(Status::unauthenticated(refused));
+        }
+        // The identity first: a host id holds at most one (a unique index),
+        // so of two joins racing for one host id only one gets here.
+        self.s
+            .backend
+            .purge_expired_service(&host_id, now_ms())
+            .await
+            .map_err(to_status)?;
+        let expires = now_ms() + self.s.identity_ttl_ms;
+        let identity = match self
+            .s
+            .new_session(
+                &host_id,
+                PrincipalType::Service,
+                &[role.as_str().to_string()],
+                Some(expires),
+            )
+            .await
+        {
+            Ok(t) => t,
+            Err(e) if e.code == Code::AlreadyExists => {
+                let msg = format!(
+                    "host id {host_id:?} belongs to a live identity; revoke it first (pctl identities rm {host_id}) or join under another host id"
+                );
+                return Err(Status::already_exists(msg));
+            }
+            Err(e) => return Err(to_status(e)),
+        };
+        // Then the token, single use: whoever deletes it first joins; the
+        // loser's identity is taken back.
+        let consumed = self
+            .s
+            .backend
+            .apply(&[WriteOp::Delete {
+                kind: Kind::Token,
+                name: name.clone(),
+                expired_before: None,
+            }])
+            .await
+            .is_ok();
+        if !consumed {
+            let _ = self
                 .s
                 .backend
-                .apply(&[WriteOp::Delete {
-                    kind: Kind::Token,
-                    name: name.clone(),
-                    expired_before: None,
-                }])
-                .await
-                .is_ok();
-        if !consumed {
+                .delete_session(&crate::identity::hash_token(&identity))
+                .await;
             self.s
                 .audit(
                     "token.join",
@@ -974,17 +1017,6 @@ impl AuthService for Api {
             return Err(Status::unauthenticated(refused));
         }
         self.written().await;
-        let expires = now_ms() + self.s.identity_ttl_ms;
-        let identity = self
-            .s
-            .new_session(
-                &host_id,
-                PrincipalType::Service,
-                &[role.as_str().to_string()],
-                Some(expires),
-            )
-            .await
-            .map_err(to_status)?;
         self.s
             .audit(
                 "token.join",

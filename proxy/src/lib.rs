@@ -142,6 +142,9 @@ pub struct Metrics {
     pub sessions: AtomicU64,
     pub denied: AtomicU64,
     pub requests: AtomicU64,
+    /// Client connections accepted on the web listener (each one TLS
+    /// handshake when it serves HTTPS).
+    pub web_connections: Arc<AtomicU64>,
 }
 
 /// Everything the proxy's handlers share.
@@ -325,6 +328,7 @@ pub async fn start(
     let web_task = tokio::spawn(serve::serve(
         listeners.web,
         server_config,
+        state.metrics.web_connections.clone(),
         router,
         limits,
         stop_rx.clone(),

@@ -47,6 +47,7 @@ impl Default for WebLimits {
 pub async fn serve(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
+    accepted: Arc<std::sync::atomic::AtomicU64>,
     router: Router,
     limits: WebLimits,
     mut stop: watch::Receiver<bool>,
@@ -87,6 +88,7 @@ pub async fn serve(
             tracing::warn!(peer = %peer, max = limits.max_per_address, "too many open connections from one address; closed a new one");
             continue;
         };
+        accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Small JSON-RPC messages must not wait for Nagle's algorithm.
         let _ = tcp.set_nodelay(true);
         let app = router.clone();

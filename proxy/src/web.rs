@@ -125,12 +125,14 @@ async fn metrics(
          # TYPE portico_proxy_sessions_live gauge\nportico_proxy_sessions_live {}\n\
          # TYPE portico_proxy_denied_total counter\nportico_proxy_denied_total {}\n\
          # TYPE portico_proxy_agents_connected gauge\nportico_proxy_agents_connected {}\n\
-         # TYPE portico_proxy_audit_dropped_total counter\nportico_proxy_audit_dropped_total {}\n",
+         # TYPE portico_proxy_audit_dropped_total counter\nportico_proxy_audit_dropped_total {}\n\
+         # TYPE portico_proxy_web_connections_total counter\nportico_proxy_web_connections_total {}\n",
         m.sessions.load(Ordering::Relaxed),
         state.sessions.len(),
         m.denied.load(Ordering::Relaxed),
         state.tunnels.connected().len(),
         state.audit.dropped.load(Ordering::Relaxed),
+        m.web_connections.load(Ordering::Relaxed),
     )
     .into_response()
 }

@@ -439,3 +439,45 @@ async fn renewal_keeps_sessions_open() {
         .expect("admin identity renewed");
     c.shutdown().await;
 }
+
+#[tokio::test]
+async fn joins_racing_for_one_host_id_have_one_winner() {
+    let c = ClusterBuilder::new().start().await;
+    let join = |token: String, host: String| {
+        let dial = c.auth_dial();
+        async move {
+            let key = portico_tls::pki::new_key().expect("key");
+            connect(&dial, None)
+                .await
+                .expect("connect")
+                .join(v1::JoinRequest {
+                    token,
+                    host_id: host,
+                    role: "app".into(),
+                    csr_pem: portico_tls::pki::signing_request(&key).expect("csr"),
+                })
+                .await
+        }
+    };
+    for round in 0..5 {
+        let host = format!("race-{round}");
+        let (t1, t2) = (c.join_token("app").await, c.join_token("app").await);
+        let (a, b) = tokio::join!(
+            join(t1.clone(), host.clone()),
+            join(t2.clone(), host.clone())
+        );
+        assert_eq!(
+            [a.is_ok(), b.is_ok()].iter().filter(|w| **w).count(),
+            1,
+            "round {round}: {a:?} {b:?}"
+        );
+        let (lost, spare) = if a.is_err() { (a, t1) } else { (b, t2) };
+        let e = lost.expect_err("one loses");
+        assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
+        // The loser's token was not used up: it joins under another host id.
+        join(spare, format!("{host}-b"))
+            .await
+            .expect("the losing token is still good");
+    }
+    c.shutdown().await;
+}

@@ -31,6 +31,7 @@ pub struct ClusterBuilder {
     agents: Vec<(String, AgentConfig)>,
     session_ttl: Option<String>,
     identity_ttl: Option<String>,
+    plain_http: bool,
     idle_timeout: Option<String>,
     max_sessions_per_user: Option<usize>,
     /// The proxy's header and body read timeouts.
@@ -51,6 +52,7 @@ impl ClusterBuilder {
             agents: vec![],
             session_ttl: None,
             identity_ttl: None,
+            plain_http: false,
             idle_timeout: None,
             max_sessions_per_user: None,
             timeouts: None,
@@ -67,6 +69,12 @@ impl ClusterBuilder {
     /// The proxy's header and body read timeouts.
     pub fn request_timeouts(mut self, header: &str, body: &str) -> Self {
         self.timeouts = Some((header.to_string(), body.to_string()));
+        self
+    }
+
+    /// The proxy serves plain HTTP (as behind a TLS terminator).
+    pub fn plain_http(mut self) -> Self {
+        self.plain_http = true;
         self
     }
 
@@ -163,6 +171,7 @@ impl ClusterBuilder {
                 max_sessions_per_user: self.max_sessions_per_user,
                 header_timeout: self.timeouts.as_ref().map(|t| t.0.clone()),
                 body_timeout: self.timeouts.as_ref().map(|t| t.1.clone()),
+                plain_http: self.plain_http,
                 ..ProxyConfig::default()
             };
             c.start_proxy(cfg).await;

@@ -443,6 +443,27 @@ macro_rules! impl_backend {
                 Ok(r.rows_affected())
             }
 
+            async fn purge_expired_service(&self, principal: &str, now_ms: i64) -> portico_core::Result<()> {
+                use $crate::storage::db_error;
+                sqlx::query("DELETE FROM sessions WHERE principal = $1 AND ptype = 'service' AND expires IS NOT NULL AND expires < $2")
+                    .bind(principal)
+                    .bind(now_ms)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db_error)?;
+                Ok(())
+            }
+
+            async fn delete_session(&self, token_hash: &str) -> portico_core::Result<()> {
+                use $crate::storage::db_error;
+                sqlx::query("DELETE FROM sessions WHERE token_hash = $1")
+                    .bind(token_hash)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db_error)?;
+                Ok(())
+            }
+
             async fn extend_session(&self, token_hash: &str, expires: i64) -> portico_core::Result<bool> {
                 use $crate::storage::db_error;
                 let r = sqlx::query("UPDATE sessions SET expires = $1 WHERE token_hash = $2 AND (expires IS NULL OR expires >= $3)")

@@ -110,6 +110,9 @@ pub trait Backend: Send + Sync + 'static {
     async fn put_session(&self, s: &SessionRow) -> Result<()>;
     async fn session(&self, token_hash: &str) -> Result<Option<SessionRow>>;
     async fn purge_sessions(&self, now_ms: i64) -> Result<u64>;
+    /// Deletes the expired identities of one service principal.
+    async fn purge_expired_service(&self, principal: &str, now_ms: i64) -> Result<()>;
+    async fn delete_session(&self, token_hash: &str) -> Result<()>;
     /// Moves the expiry of a live session (a renewed service identity);
     /// false when it is gone or already expired.
     async fn extend_session(&self, token_hash: &str, expires: i64) -> Result<bool>;

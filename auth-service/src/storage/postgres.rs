@@ -33,6 +33,14 @@ pub fn migrator() -> Migrator {
                 include_str!("../../migrations/postgres/0002_cluster_ca.sql").into_sql_str(),
                 false,
             ),
+            Migration::new(
+                3,
+                Cow::Borrowed("one_service_identity"),
+                MigrationType::Simple,
+                include_str!("../../migrations/postgres/0003_one_service_identity.sql")
+                    .into_sql_str(),
+                false,
+            ),
         ]),
         ..Migrator::DEFAULT
     }

@@ -183,12 +183,16 @@ async fn registration(storage: Storage) {
     c.shutdown().await;
 }
 
-async fn proxy_overhead() {
-    let c = ClusterBuilder::new()
-        .proxy()
-        .wildcard_agent("a1")
-        .start()
-        .await;
+async fn proxy_overhead(tls: bool) {
+    let mode = if tls {
+        "web TLS on"
+    } else {
+        "web TLS off (plain_http)"
+    };
+    println!("-- proxy, {mode}");
+    let b = ClusterBuilder::new();
+    let b = if tls { b } else { b.plain_http() };
+    let c = b.proxy().wildcard_agent("a1").start().await;
     c.add_user("bench", &["admin"], "bench-password-1").await;
     let token = c.login("bench", "bench-password-1").await;
     c.create_yaml(&test_app_yaml("tm", "dev"), false)
@@ -276,6 +280,14 @@ async fn proxy_overhead() {
             100.0 * proxied_rate / direct_rate
         );
     }
+    let state = c.proxy.as_ref().expect("proxy").state.clone();
+    println!(
+        "web connections accepted during the run ({mode}): {} (keep-alive reuse: one per client, not one per call)",
+        state
+            .metrics
+            .web_connections
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
     c.shutdown().await;
 }
 
@@ -442,7 +454,11 @@ async fn main() {
         registration(Storage::Postgres).await;
     }
     if all || what == "proxy" {
-        proxy_overhead().await;
+        // Side by side, alternating, so that both see the same machine.
+        for _ in 0..2 {
+            proxy_overhead(true).await;
+            proxy_overhead(false).await;
+        }
     }
     if all || what == "ls" {
         ls_scale().await;
