@@ -678,6 +678,24 @@ impl AuthService for Api {
             return Err(Status::unauthenticated("invalid user name or password"));
         }
         attempt.succeed();
+        // Said only to whoever knows the password.
+        let locked = matches!(
+            user_rec.as_ref().map(|r| Resource::from_json(Kind::User, &r.value)),
+            Some(Ok(Resource::User(ref u))) if u.spec.locked
+        );
+        if locked {
+            let msg =
+                format!("user {user:?} is locked; an admin can unlock it (pctl users unlock)");
+            self.s
+                .audit(
+                    "user.login",
+                    &user,
+                    false,
+                    serde_json::json!({"error": msg, "source": source}),
+                )
+                .await;
+            return Err(Status::permission_denied(msg));
+        }
         let expires = now_ms() + self.s.session_ttl_ms;
         let token = self
             .s
@@ -779,6 +797,7 @@ impl AuthService for Api {
             Metadata::named(&req.name),
             UserSpec {
                 roles: req.roles.clone(),
+                locked: false,
             },
         ));
         let result = self

@@ -163,6 +163,12 @@ pub async fn authenticate(
             let Ok(Resource::User(user)) = Resource::from_json(Kind::User, &rec.value) else {
                 return Err(Error::internal("an internal error occurred"));
             };
+            if user.spec.locked {
+                return Err(Error::unauthenticated(format!(
+                    "user {:?} is locked",
+                    session.principal
+                )));
+            }
             load_roles(backend, &user.spec.roles).await?
         }
     };

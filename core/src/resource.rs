@@ -115,6 +115,10 @@ pub struct McpConditions {
 pub struct UserSpec {
     #[serde(default)]
     pub roles: Vec<String>,
+    /// A locked user cannot log in, and their tokens and sessions stop
+    /// working (`pctl users lock`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub locked: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

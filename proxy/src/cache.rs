@@ -74,12 +74,19 @@ impl Cache {
     }
 
     /// The user's current permissions, or None if the user does not exist.
+    /// Whether the user exists and is locked.
+    pub fn locked(&self, user: &str) -> bool {
+        self.read().users.get(user).is_some_and(|u| u.spec.locked)
+    }
+
+    /// The user's access as their roles are now; none for a user who is
+    /// gone or locked.
     pub fn checker(&self, user: &str) -> Option<Arc<AccessChecker>> {
         if let Some(c) = self.read().checkers.get(user) {
             return Some(c.clone());
         }
         let mut st = self.write();
-        let u = st.users.get(user)?;
+        let u = st.users.get(user).filter(|u| !u.spec.locked)?;
         let roles: Vec<&Role> = u
             .spec
             .roles

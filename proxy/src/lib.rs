@@ -515,6 +515,7 @@ async fn access_sweeper(state: Arc<ProxyState>, mut stop: watch::Receiver<bool>)
                 continue;
             }
             let reason = match state.cache.checker(&s.user) {
+                None if state.cache.locked(&s.user) => "your user was locked",
                 None => "your user was deleted",
                 Some(c) => match state.cache.app(&s.app) {
                     Some(app) if !c.app_allowed(&app.metadata.labels) => {

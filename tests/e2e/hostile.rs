@@ -1551,3 +1551,60 @@ async fn sessions_end_when_their_user_or_access_goes() {
     assert_eq!(r.status, StatusCode::FORBIDDEN, "{r:?}");
     c.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_locked_user_is_out_within_a_second() {
+    let c = cluster_with_app(ClusterBuilder::new()).await;
+    c.add_user("lou", &["toucher"], PW).await;
+    let mut s = open(&c, "lou").await;
+    let token = s.token.clone();
+    let pending = tokio::spawn(async move { s.call("slow", json!({"ms": 30000})).await });
+    c.wait_pending(1).await;
+    let o = c.pctl(&["users", "lock", "lou"]).await;
+    assert!(o.status.success(), "{:?}", text(&o));
+    let locked_at = std::time::Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(5), pending)
+        .await
+        .expect("the call ends with the session")
+        .expect("task");
+    eprintln!(
+        "a locked user's session ended {:?} after the lock",
+        locked_at.elapsed()
+    );
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("your user was locked")),
+        "{r}"
+    );
+    // The token no longer opens anything, and the password no longer logs in.
+    let mut again = McpHttp::new(c.proxy_addr(), "tm", &token);
+    assert!(
+        again.initialize().await.is_err(),
+        "a locked user's token still works"
+    );
+    let e = portico_proto::client::connect(&c.auth_dial(), None)
+        .await
+        .expect("connect")
+        .login(portico_proto::v1::LoginRequest {
+            user: "lou".into(),
+            password: PW.into(),
+        })
+        .await
+        .expect_err("a locked user cannot log in");
+    assert!(e.message().contains("locked"), "{}", e.message());
+    let e = c
+        .client(&token)
+        .await
+        .who_am_i(portico_proto::v1::WhoAmIRequest {})
+        .await
+        .expect_err("a locked user's token is refused by the API");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    // Unlocked, lou logs in again.
+    let o = c.pctl(&["users", "unlock", "lou"]).await;
+    assert!(o.status.success(), "{:?}", text(&o));
+    let fresh = c.login("lou", PW).await;
+    let mut s = McpHttp::new(c.proxy_addr(), "tm", &fresh);
+    s.initialize().await.expect("unlocked");
+    c.shutdown().await;
+}

@@ -32,6 +32,8 @@ pub const HANDSHAKE: &str = "PORTICO-TUNNEL/1";
 /// A real agent sends its handshake at once; silence is not kept waiting.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 const MAX_HANDSHAKE_LINE: usize = 1024;
+/// The agent's TLS handshake must finish within this.
+const TLS_TIMEOUT: Duration = Duration::from_secs(5);
 /// HTTP/2 flow control: each session's stream may hold 1 MiB unread, and the
 /// connection as a whole as much as HTTP/2 allows, so that sessions whose
 /// reader stalls cannot use up a window the others need.
@@ -379,12 +381,17 @@ impl TunnelServer {
         mut stop: watch::Receiver<bool>,
         slot: HandshakeSlot,
     ) -> Result<(), String> {
-        let stream = portico_tls::net::accept(
-            stream,
-            tls,
-            portico_tls::Plaintext::Refuse("the agent tunnel"),
+        // An agent completes TLS at once; a silent peer is not waited on long.
+        let stream = tokio::time::timeout(
+            TLS_TIMEOUT,
+            portico_tls::net::accept(
+                stream,
+                tls,
+                portico_tls::Plaintext::Refuse("the agent tunnel"),
+            ),
         )
         .await
+        .map_err(|_| "TLS handshake timed out".to_string())?
         .map_err(|e| format!("TLS: {e}"))?;
         let cert = match stream.info.id.clone() {
             Some(id) if id.role == CertRole::App => id,

@@ -98,6 +98,11 @@ enum UsersCmd {
     },
     /// Remove a user; their logins end at once.
     Rm { name: String },
+    /// Lock a user: they cannot log in, their tokens stop working and their
+    /// MCP sessions end within a second.
+    Lock { name: String },
+    /// Unlock a locked user.
+    Unlock { name: String },
 }
 
 #[derive(Subcommand)]
@@ -198,6 +203,8 @@ async fn run(cli: Cli) -> CliResult {
             } => add_user(&target, name, roles, password_stdin).await,
             UsersCmd::Ls { format } => get(&target, "users", None, format).await,
             UsersCmd::Rm { name } => remove(&target, Kind::User, &name).await,
+            UsersCmd::Lock { name } => set_locked(&target, &name, true).await,
+            UsersCmd::Unlock { name } => set_locked(&target, &name, false).await,
         },
         Cmd::Tokens { cmd } => match cmd {
             TokensCmd::Add { kind, ttl, format } => add_token(&target, kind, &ttl, format).await,
@@ -397,6 +404,34 @@ fn rows_of(kind: Kind, resources: &[Resource]) -> (Vec<&'static str>, Vec<Vec<St
                 .collect(),
         ),
     }
+}
+
+async fn set_locked(t: &Target, name: &str, locked: bool) -> CliResult {
+    let mut api = connect_api(t).await?;
+    let r = api
+        .get(v1::GetRequest {
+            kind: "user".into(),
+            name: name.into(),
+        })
+        .await?
+        .into_inner();
+    let mut v: serde_json::Value = serde_json::from_str(&r.json)
+        .map_err(|e| Fail::new(format!("the server sent an unreadable user: {e}")))?;
+    v["spec"]["locked"] = serde_json::Value::Bool(locked);
+    api.create(v1::CreateRequest {
+        resources: vec![v1::Resource {
+            kind: "user".into(),
+            json: v.to_string(),
+        }],
+        overwrite: true,
+    })
+    .await?;
+    if locked {
+        println!("user {name} locked: they cannot log in, and their sessions end");
+    } else {
+        println!("user {name} unlocked");
+    }
+    Ok(())
 }
 
 async fn remove(t: &Target, kind: Kind, name: &str) -> CliResult {
