@@ -481,3 +481,134 @@ async fn joins_racing_for_one_host_id_have_one_winner() {
     }
     c.shutdown().await;
 }
+
+/// The SHA-256 fingerprint of the certificate the server at `addr` presents.
+async fn presented(addr: std::net::SocketAddr) -> String {
+    let cfg = portico_tls::config::client_for(&portico_tls::Trust::Insecure, &[b"http/1.1"])
+        .expect("config");
+    let io = portico_tls::Connector::tls(cfg)
+        .connect(&addr.to_string())
+        .await
+        .expect("connect");
+    let chain = io.peer_certificates().expect("certificates");
+    portico_tls::pki::fingerprint(&chain[0])
+}
+
+#[tokio::test]
+async fn operator_certificates_are_served_and_reloaded() {
+    let c = ClusterBuilder::new().start().await;
+    let dir = c.data_dir().join("operator-certs");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let (cert_file, key_file) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let write = |names: &[&str]| {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let (cert, key) =
+            portico_tls::pki::self_signed_web(&names, Duration::from_secs(3600)).expect("cert");
+        // Key first, then certificate: a reload never pairs a new
+        // certificate with an old key for long.
+        std::fs::write(&key_file, &key).expect("key");
+        std::fs::write(&cert_file, &cert).expect("cert");
+        portico_tls::pki::fingerprint(&portico_tls::pki::first_cert(&cert).expect("der"))
+    };
+    let first = write(&["localhost", "127.0.0.1"]);
+    let cfg = portico_proxy::ProxyConfig {
+        auth_servers: vec![c.auth_addr.to_string()],
+        join_token: Some(c.join_token("proxy").await),
+        https_keypairs: vec![portico_proxy::KeyPairFiles {
+            cert_file: cert_file.clone(),
+            key_file: key_file.clone(),
+        }],
+        ..Default::default()
+    };
+    let listeners = portico_proxy::Listeners {
+        web: tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind"),
+        tunnel: tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind"),
+    };
+    let p = portico_proxy::start(
+        &cfg,
+        portico_proxy::Credentials::join(c.data_dir().join("op-proxy")),
+        listeners,
+    )
+    .await
+    .expect("proxy");
+    assert_eq!(p.web_fingerprint.as_deref(), Some(first.as_str()));
+    assert!(
+        p.web_cert_file.is_none(),
+        "no self-signed certificate was made"
+    );
+    assert_eq!(presented(p.web_addr).await, first);
+    // The operator replaces the files: new connections get the new one.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let second = write(&["localhost", "127.0.0.1"]);
+    assert_ne!(first, second);
+    let addr = p.web_addr;
+    eventually(
+        Duration::from_secs(10),
+        "the new certificate served",
+        || {
+            let want = second.clone();
+            async move { (presented(addr).await == want).then_some(()) }
+        },
+    )
+    .await;
+    // A broken replacement keeps the one in use.
+    std::fs::write(&cert_file, "not a certificate").expect("break");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(presented(p.web_addr).await, second);
+    p.shutdown().await;
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn psh_asks_once_on_a_terminal_and_remembers() {
+    let c = ClusterBuilder::new().proxy().start().await;
+    c.add_user("tina", &["mcp-user"], PW).await;
+    let home = c.data_dir().join("home-tina");
+    let addr = c.proxy_addr();
+    let fingerprint = presented(addr).await;
+    // `script` gives psh a terminal, as a person at a shell has.
+    let line = format!(
+        "{} login --proxy={addr} --user=tina",
+        portico_tests::bin("psh").display()
+    );
+    let mut child = tokio::process::Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .env("PORTICO_HOME", &home)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("script runs");
+    let mut stdin = child.stdin.take().expect("stdin");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stdin.write_all(b"y\n").await.expect("answer");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stdin
+        .write_all(format!("{PW}\n").as_bytes())
+        .await
+        .expect("password");
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("psh finished")
+        .expect("output");
+    let shown = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{shown}");
+    assert!(
+        shown.contains(&fingerprint),
+        "the fingerprint was shown: {shown}"
+    );
+    assert!(shown.contains("logged in as tina"), "{shown}");
+    // Remembered: later commands trust the same certificate, and only it.
+    let profile = std::fs::read_to_string(home.join("profile.yaml")).expect("profile");
+    assert!(profile.contains("fingerprint:"), "{profile}");
+    let mut cmd = tokio::process::Command::new(portico_tests::bin("psh"));
+    cmd.args(["status"]).env("PORTICO_HOME", &home);
+    let o = portico_tests::cluster::run(cmd, None).await;
+    assert!(o.status.success(), "{:?}", portico_tests::cluster::text(&o));
+    c.shutdown().await;
+}

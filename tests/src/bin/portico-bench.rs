@@ -460,6 +460,12 @@ async fn main() {
             proxy_overhead(false).await;
         }
     }
+    if what == "proxy-tls" {
+        proxy_overhead(true).await;
+    }
+    if what == "proxy-plain" {
+        proxy_overhead(false).await;
+    }
     if all || what == "ls" {
         ls_scale().await;
     }
