@@ -7,17 +7,12 @@
 use std::time::{Duration, SystemTime};
 
 use portico_core::Error;
-use portico_core::time::now_ms;
 use portico_tls::CertRole;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose,
-    PKCS_ECDSA_P256_SHA256, date_time_ymd,
-};
 
 use crate::storage::Backend;
 
 /// How long the CA certificate is valid, in years.
-const CA_YEARS: i32 = 10;
+const CA_YEARS: u32 = 10;
 
 pub struct ClusterCa {
     pub cert_pem: String,
@@ -74,33 +69,17 @@ impl ClusterCa {
     }
 }
 
-fn internal(e: rcgen::Error) -> Error {
-    tracing::error!(error = %e, "cannot make the cluster CA");
-    Error::internal("cannot make the cluster certificate authority")
-}
-
-/// A fresh CA: key and self-signed certificate, both PEM.
+/// A fresh CA: key and self-signed certificate, both PEM, valid from a
+/// year ago (clocks that lag) for ten years.
 fn generate() -> Result<(String, String), Error> {
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(internal)?;
-    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(internal)?;
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "Portico cluster CA");
-    params
-        .distinguished_name
-        .push(DnType::OrganizationName, "Portico");
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    // Years since 1970, near enough for a validity window.
-    let year = 1970 + (now_ms() / (3_652_425 * 8_640)) as i32;
-    params.not_before = date_time_ymd(year - 1, 1, 1);
-    params.not_after = date_time_ymd(year + CA_YEARS, 1, 1);
-    let cert = params.self_signed(&key).map_err(internal)?;
-    Ok((cert.pem(), key.serialize_pem()))
+    const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+    let now = SystemTime::now();
+    portico_tls::Ca::generate("Portico cluster CA", now - YEAR, now + CA_YEARS * YEAR).map_err(
+        |e| {
+            tracing::error!(error = %e, "cannot make the cluster CA");
+            Error::internal("cannot make the cluster certificate authority")
+        },
+    )
 }
 
 #[cfg(test)]

@@ -969,15 +969,13 @@ impl AuthService for Api {
                 .await;
             return Err(Status::already_exists(msg));
         }
+        let refuse = |msg: &str| {
+            let fields = serde_json::json!({"role": role.as_str(), "error": msg, "source": source});
+            let host = host_id.clone();
+            async move { self.s.audit("token.join", &host, false, fields).await }
+        };
         if !valid {
-            self.s
-                .audit(
-                    "token.join",
-                    &host_id,
-                    false,
-                    serde_json::json!({"role": role.as_str(), "error": refused, "source": source}),
-                )
-                .await;
+            refuse(refused).await;
             return Err(Status::unauthenticated(refused));
         }
         // The identity first: a host id holds at most one (a unique index),
@@ -1025,14 +1023,7 @@ impl AuthService for Api {
                 .backend
                 .delete_session(&crate::identity::hash_token(&identity))
                 .await;
-            self.s
-                .audit(
-                    "token.join",
-                    &host_id,
-                    false,
-                    serde_json::json!({"role": role.as_str(), "error": refused, "source": source}),
-                )
-                .await;
+            refuse(refused).await;
             return Err(Status::unauthenticated(refused));
         }
         self.written().await;
