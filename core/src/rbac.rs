@@ -224,6 +224,13 @@ impl AccessChecker {
 
     /// A one-line summary for listings, e.g. `[*], except: [delete_*]`.
     pub fn tools_summary(&self, labels: &BTreeMap<String, String>) -> String {
+        let (allow, deny) = self.tool_patterns(labels);
+        summary(&allow, &deny)
+    }
+
+    /// The tool patterns the roles reaching an app allow, and those any
+    /// role denies (which win), each once, in role order.
+    pub fn tool_patterns(&self, labels: &BTreeMap<String, String>) -> (Vec<String>, Vec<String>) {
         let mut allow: Vec<&str> = Vec::new();
         for r in self.roles.iter().filter(|r| r.allow.apps.matches(labels)) {
             for t in &r.allow.tool_text {
@@ -240,15 +247,23 @@ impl AccessChecker {
                 }
             }
         }
-        if allow.is_empty() {
-            return "(none)".into();
-        }
-        let mut s = format!("[{}]", allow.join(", "));
-        if !deny.is_empty() {
-            s.push_str(&format!(", except: [{}]", deny.join(", ")));
-        }
-        s
+        (
+            allow.into_iter().map(String::from).collect(),
+            deny.into_iter().map(String::from).collect(),
+        )
     }
+}
+
+/// `[a, b], except: [c]`, or `(none)`, as `psh mcp ls` shows allowed tools.
+pub fn summary(allow: &[String], deny: &[String]) -> String {
+    if allow.is_empty() {
+        return "(none)".into();
+    }
+    let mut s = format!("[{}]", allow.join(", "));
+    if !deny.is_empty() {
+        s.push_str(&format!(", except: [{}]", deny.join(", ")));
+    }
+    s
 }
 
 #[cfg(test)]

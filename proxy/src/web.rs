@@ -62,8 +62,12 @@ pub struct AppInfo {
     #[serde(rename = "type")]
     pub kind: String,
     pub labels: std::collections::BTreeMap<String, String>,
-    pub allowed_tools: String,
-    pub servers: usize,
+    /// Tool patterns the caller's roles allow on this app...
+    pub allowed_tools: Vec<String>,
+    /// ...and those they deny, which win.
+    pub denied_tools: Vec<String>,
+    /// The host ids of the live agents serving it.
+    pub agents: Vec<String>,
 }
 
 /// The apps the caller may reach that at least one live agent serves.
@@ -82,14 +86,17 @@ async fn apps(
         .into_iter()
         .filter(|a| who.checker.app_allowed(&a.metadata.labels))
         .filter_map(|a| {
-            let servers = state.cache.servers(&a.metadata.name).len();
-            (servers > 0).then(|| AppInfo {
+            let mut agents = state.cache.servers(&a.metadata.name);
+            agents.sort();
+            let (allowed_tools, denied_tools) = who.checker.tool_patterns(&a.metadata.labels);
+            (!agents.is_empty()).then(|| AppInfo {
                 name: a.metadata.name.clone(),
                 description: a.metadata.description.clone(),
                 kind: a.spec.type_label().to_string(),
                 labels: a.metadata.labels.clone(),
-                allowed_tools: who.checker.tools_summary(&a.metadata.labels),
-                servers,
+                allowed_tools,
+                denied_tools,
+                agents,
             })
         })
         .collect();

@@ -481,7 +481,19 @@ async fn tool_and_app_rbac() {
         .filter_map(|a| a["name"].as_str())
         .collect();
     assert_eq!(listed, vec!["tm"]);
-    assert_eq!(v[0]["allowed_tools"], "[echo]");
+    assert_eq!(v[0]["allowed_tools"], json!(["echo"]));
+    assert!(v[0].get("agents").is_none(), "agents only with -v: {v}");
+    let o = psh(&home, &["mcp", "ls", "--format", "yaml", "-v"]).await;
+    let y: Value = yaml_serde::from_str(&text(&o).0).expect("yaml");
+    // One app: a sequence of one, or the document itself.
+    let y = if y.is_array() { y[0].clone() } else { y };
+    assert_eq!(y["agents"], json!(["a1"]), "{y}");
+    assert_eq!(
+        y["endpoint"],
+        json!(format!("https://{}/mcp/tm", c.proxy_addr())),
+        "{y}"
+    );
+    assert_eq!(y["allowed_tools"], json!(["echo"]), "{y}");
 
     // A role change reaches the live session within a second.
     c.create_yaml("kind: role\nversion: v8\nmetadata: {name: echo-only}\nspec:\n  allow:\n    app_labels: {env: dev}\n    mcp: {tools: ['*']}\n  deny:\n    mcp: {tools: [echo, 'delete_*']}\n", true).await.expect("role update");

@@ -312,9 +312,12 @@ struct AppRow {
     kind: String,
     #[serde(default)]
     labels: BTreeMap<String, String>,
-    allowed_tools: String,
     #[serde(default)]
-    servers: usize,
+    allowed_tools: Vec<String>,
+    #[serde(default)]
+    denied_tools: Vec<String>,
+    #[serde(default)]
+    agents: Vec<String>,
 }
 
 async fn fetch_apps(p: &Profile) -> CliResult<Vec<AppRow>> {
@@ -358,10 +361,25 @@ async fn ls(
             None => true,
         })
         .collect();
+    let base = base_url(&p.proxy);
     if format != Format::Text {
         let values: Vec<serde_json::Value> = apps
             .iter()
-            .filter_map(|a| serde_json::to_value(a).ok())
+            .map(|a| {
+                let mut v = serde_json::json!({
+                    "name": a.name,
+                    "description": a.description,
+                    "type": a.kind,
+                    "labels": a.labels,
+                    "allowed_tools": a.allowed_tools,
+                    "denied_tools": a.denied_tools,
+                });
+                if verbose {
+                    v["agents"] = serde_json::json!(a.agents);
+                    v["endpoint"] = serde_json::json!(format!("{base}/mcp/{}", a.name));
+                }
+                v
+            })
             .collect();
         if format == Format::Json {
             println!(
@@ -373,7 +391,6 @@ async fn ls(
         }
         return Ok(());
     }
-    let base = base_url(&p.proxy);
     let mut header = vec!["Name", "Description", "Type", "Allowed Tools", "Labels"];
     if verbose {
         header.extend(["Agents", "Endpoint"]);
@@ -385,11 +402,11 @@ async fn ls(
                 a.name.clone(),
                 a.description.clone(),
                 a.kind.clone(),
-                a.allowed_tools.clone(),
+                portico_core::rbac::summary(&a.allowed_tools, &a.denied_tools),
                 labels_text(&a.labels),
             ];
             if verbose {
-                r.push(a.servers.to_string());
+                r.push(a.agents.join(", "));
                 r.push(format!("{base}/mcp/{}", a.name));
             }
             r
