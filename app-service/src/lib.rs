@@ -96,6 +96,10 @@ pub struct AgentMcpConfig {
     /// RLIMIT_AS (address space, bytes) of every MCP process (default: not set).
     #[serde(default)]
     pub max_memory_bytes: Option<u64>,
+    /// CA certificates (PEM) that vouch for `mcp+https://` upstream servers
+    /// (default: the system's root certificates).
+    #[serde(default)]
+    pub upstream_ca_file: Option<PathBuf>,
 }
 
 /// Grants the secret `name` (`{{secret NAME}}`, from the agent's
@@ -161,9 +165,42 @@ pub struct AgentState {
     pub(crate) api: AuthClient,
     /// Registrations and withdrawals for the heartbeat task, in order.
     pub(crate) announce: tokio::sync::mpsc::UnboundedSender<(String, bool)>,
+    /// How `mcp+https://` upstreams are reached, or why they cannot be.
+    pub(crate) upstream_tls: Result<portico_tls::Connector, String>,
 }
 
 impl AgentConfig {
+    /// The connector for `mcp+https://` upstreams: the configured CA file
+    /// (which must load now) or the system's roots (whose absence only
+    /// fails https sessions, with the reason).
+    fn upstream_tls(&self) -> Result<Result<portico_tls::Connector, String>, Error> {
+        let trust = match self.mcp.as_ref().and_then(|m| m.upstream_ca_file.as_ref()) {
+            Some(f) => {
+                let pem = std::fs::read_to_string(f).map_err(|e| {
+                    Error::bad_request(format!(
+                        "app_service.mcp.upstream_ca_file {}: {e}",
+                        f.display()
+                    ))
+                })?;
+                portico_tls::pki::certs(&pem).map_err(|e| {
+                    Error::bad_request(format!(
+                        "app_service.mcp.upstream_ca_file {}: {e}",
+                        f.display()
+                    ))
+                })?;
+                portico_tls::Trust::Roots(pem)
+            }
+            None => portico_tls::Trust::System,
+        };
+        Ok(
+            portico_tls::config::client_for(&trust, &[b"h2", b"http/1.1"])
+                .map(portico_tls::Connector::tls)
+                .map_err(|e| {
+                    format!("{e} (set app_service.mcp.upstream_ca_file for https upstreams)")
+                }),
+        )
+    }
+
     fn selectors(&self) -> Result<Vec<LabelSelector>, Error> {
         self.resources
             .iter()
@@ -372,6 +409,7 @@ pub async fn start(cfg: &AgentConfig, creds: Credentials) -> Result<Agent, Error
     let api = connect_lazy(&identity.dial(auth)?, Some(&token)).map_err(Error::bad_request)?;
     let tunnel_tls =
         tunnel::agent_tls(identity.cert.clone(), &identity.ca_pem).map_err(Error::internal)?;
+    let upstream_tls = cfg.upstream_tls()?;
     let (announce, announcements) = tokio::sync::mpsc::unbounded_channel();
     let state = Arc::new(AgentState {
         host_id: host_id.clone(),
@@ -384,6 +422,7 @@ pub async fn start(cfg: &AgentConfig, creds: Credentials) -> Result<Agent, Error
         slots: Arc::new(Semaphore::new(max_sessions)),
         api,
         announce,
+        upstream_tls,
     });
     let (stop, stop_rx) = watch::channel(false);
     tokio::spawn(portico_proto::join::renew_forever(

@@ -61,17 +61,33 @@ pub async fn handle(
             Some(m) => m.clone(),
             None => return text_response(502, "the app has no mcp.command"),
         },
-        Ok(Transport::Http(url)) if url.starts_with("http://") => {
+        Ok(Transport::Http(url)) => {
+            let connector = if url.starts_with("https://") {
+                match &state.upstream_tls {
+                    Ok(c) => c.clone(),
+                    Err(e) => {
+                        return text_response(
+                            502,
+                            &format!(
+                                "the MCP server {app_name:?} is an https upstream, and this agent cannot verify one: {e}"
+                            ),
+                        );
+                    }
+                }
+            } else {
+                portico_tls::Connector::plain()
+            };
             let Some(permit) = take_slot(&state, &app_name, &session) else {
                 return full(&state);
             };
-            return upstream_session(state, req, url, end, app_name, session, permit);
+            let upstream = Upstream { url, connector };
+            return upstream_session(state, req, upstream, end, app_name, session, permit);
         }
-        Ok(_) => {
+        Ok(Transport::Sse(_)) => {
             return text_response(
                 502,
                 &format!(
-                    "the MCP server {app_name:?} needs an https or SSE upstream, which this agent does not relay yet"
+                    "the MCP server {app_name:?} uses the HTTP+SSE transport, which this agent does not relay yet"
                 ),
             );
         }
@@ -344,15 +360,22 @@ fn describe(status: std::process::ExitStatus) -> String {
 }
 
 /// A session relayed to an upstream Streamable HTTP server.
+/// An upstream server and how to reach it.
+struct Upstream {
+    url: String,
+    connector: portico_tls::Connector,
+}
+
 fn upstream_session(
     state: Arc<AgentState>,
     req: hyper::Request<Incoming>,
-    url: String,
+    upstream: Upstream,
     mut end: tokio::sync::watch::Receiver<Option<String>>,
     app: String,
     session: String,
     permit: OwnedSemaphorePermit,
 ) -> hyper::Response<TunnelBody> {
+    let Upstream { url, connector } = upstream;
     tracing::info!(app = %app, session = %session, upstream = %url, "mcp session started");
     state.metrics.sessions.fetch_add(1, Ordering::Relaxed);
     state.metrics.live.fetch_add(1, Ordering::Relaxed);
@@ -372,7 +395,7 @@ fn upstream_session(
     let max = state.max_message;
     tokio::spawn(async move {
         let reason = tokio::select! {
-            r = crate::upstream::relay(&url, req.into_body(), out, max) => r,
+            r = crate::upstream::relay(&url, connector, req.into_body(), out, max) => r,
             r = async { end.wait_for(|v| v.is_some()).await.ok().and_then(|v| v.clone()) } => {
                 r.unwrap_or_else(|| "the MCP server was unregistered".into())
             }

@@ -1,4 +1,4 @@
-//! Sessions for apps whose `spec.uri` is `mcp+http://`: the agent speaks
+//! Sessions for apps whose `spec.uri` is `mcp+http(s)://`: the agent speaks
 //! Streamable HTTP to the upstream server (through the same bridge `psh`
 //! uses) and relays newline-delimited JSON-RPC to the proxy.
 
@@ -12,11 +12,17 @@ use portico_mcp::bridge::{Bridge, BridgeConfig};
 use tokio::sync::mpsc;
 
 /// Relays a session until the client closes it or the upstream ends it; returns the reason.
-pub async fn relay(url: &str, mut body: Incoming, out: mpsc::Sender<Bytes>, max: usize) -> String {
+pub async fn relay(
+    url: &str,
+    connector: portico_tls::Connector,
+    mut body: Incoming,
+    out: mpsc::Sender<Bytes>,
+    max: usize,
+) -> String {
     let upstream = url.to_string();
     let bridge = Bridge::new(
         BridgeConfig {
-            connector: portico_tls::Connector::plain(),
+            connector,
             url: url.to_string(),
             token: None,
             max,

@@ -968,17 +968,72 @@ async fn upstream_streamable_http_app() {
         },
     )
     .await;
+    // The same server behind a TLS terminator with a certificate of its own,
+    // which only the CA file given to agent a1 vouches for.
+    let tls_dir = portico_tests::TempDir::new("portico-upstream-tls");
+    let (cert, key) =
+        portico_tls::pki::self_signed_web(&["127.0.0.1".into()], Duration::from_secs(3600))
+            .expect("certificate");
+    let (cert_file, key_file) = (
+        tls_dir.path().join("cert.pem"),
+        tls_dir.path().join("key.pem"),
+    );
+    std::fs::write(&cert_file, &cert).expect("cert");
+    std::fs::write(&key_file, &key).expect("key");
+    let certs = portico_tls::WebCerts::from_files(vec![(
+        cert_file.display().to_string(),
+        key_file.display().to_string(),
+    )])
+    .expect("certs");
+    let mut term_cfg = (*portico_tls::config::web_server(certs).expect("config")).clone();
+    // Bytes are passed through to an HTTP/1.1 server.
+    term_cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let term_cfg = std::sync::Arc::new(term_cfg);
+    let term = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let tls_port = term.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = term.accept().await {
+            let cfg = term_cfg.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) =
+                    portico_tls::net::accept(s, cfg, portico_tls::Plaintext::Refuse("test")).await
+                else {
+                    return;
+                };
+                if let Ok(mut up) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
+                }
+            });
+        }
+    });
+    let me = portico_tests::util::me();
     let c = ClusterBuilder::new()
         .proxy()
-        .wildcard_agent("a1")
+        .agent_yaml(
+            "a1",
+            &format!(
+                "app_service:\n  resources:\n  - labels: {{env: dev}}\n  mcp:\n    allowed_host_users: [{me}]\n    upstream_ca_file: {}\n",
+                cert_file.display()
+            ),
+        )
+        .agent_yaml(
+            "no-ca",
+            &format!("app_service:\n  resources:\n  - labels: {{env: unverified}}\n  mcp:\n    allowed_host_users: [{me}]\n"),
+        )
         .start()
         .await;
     c.create_yaml(&format!("kind: app\nversion: v3\nmetadata: {{name: remote-everything, labels: {{env: dev}}}}\nspec: {{uri: 'mcp+http://127.0.0.1:{port}/mcp'}}\n"), false)
         .await
         .expect("app");
-    c.create_yaml("kind: app\nversion: v3\nmetadata: {name: tls-only}\nspec: {uri: 'mcp+https://127.0.0.1:1/mcp'}\n", false).await.expect("app");
+    c.create_yaml(&format!("kind: app\nversion: v3\nmetadata: {{name: tls-everything, labels: {{env: dev}}}}\nspec: {{uri: 'mcp+https://127.0.0.1:{tls_port}/mcp'}}\n"), false).await.expect("app");
+    c.create_yaml(&format!("kind: app\nversion: v3\nmetadata: {{name: tls-unverified, labels: {{env: unverified}}}}\nspec: {{uri: 'mcp+https://127.0.0.1:{tls_port}/mcp'}}\n"), false).await.expect("app");
+    c.create_yaml("kind: app\nversion: v3\nmetadata: {name: sse-only, labels: {env: dev}}\nspec: {uri: 'mcp+sse+http://127.0.0.1:1/sse'}\n", false).await.expect("app");
     c.wait_servers("remote-everything", &["a1"]).await;
-    c.wait_servers("tls-only", &["a1"]).await;
+    c.wait_servers("tls-everything", &["a1"]).await;
+    c.wait_servers("tls-unverified", &["no-ca"]).await;
+    c.wait_servers("sse-only", &["a1"]).await;
     c.add_user("ru", &["mcp-user"], PW).await;
     let token = c.login("ru", PW).await;
     let mut s = McpHttp::new(c.proxy_addr(), "remote-everything", &token);
@@ -1016,11 +1071,47 @@ async fn upstream_streamable_http_app() {
     );
     assert_eq!(s.delete().await.status, StatusCode::OK);
 
-    let mut t = McpHttp::new(c.proxy_addr(), "tls-only", &token);
-    let e = t
+    // Over HTTPS, verified with the agent's CA file: the same tools.
+    let mut t = McpHttp::new(c.proxy_addr(), "tls-everything", &token);
+    t.initialize()
+        .await
+        .expect("initialize through the agent's HTTPS relay");
+    let tools = t.request("tools/list", json!({})).await;
+    assert_eq!(tools["result"], want["result"], "same tools over HTTPS");
+    let r = t.call("echo", json!({"message": "over https"})).await;
+    assert!(
+        r["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("over https"),
+        "{r}"
+    );
+    assert_eq!(t.delete().await.status, StatusCode::OK);
+    // An agent that nothing tells to trust that certificate does not talk to it.
+    let u = McpHttp::new(c.proxy_addr(), "tls-unverified", &token);
+    let r = u
+        .post(&json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "e2e", "version": "1"}}}))
+        .await;
+    let said = if r.status == StatusCode::OK {
+        r.response(0)["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    } else {
+        String::from_utf8_lossy(&r.body).to_string()
+    };
+    assert!(
+        r.status != StatusCode::OK || r.response(0).get("result").is_none(),
+        "an unverified upstream answered"
+    );
+    eprintln!("an unverified https upstream: {said}");
+    assert!(said.to_lowercase().contains("certificate"), "{said}");
+    let mut x = McpHttp::new(c.proxy_addr(), "sse-only", &token);
+    let e = x
         .initialize()
         .await
-        .expect_err("https upstreams are not relayed yet");
+        .expect_err("the HTTP+SSE transport is not relayed yet");
     assert!(
         String::from_utf8_lossy(&e.body).contains("does not relay"),
         "{e:?}"
