@@ -3,6 +3,7 @@
 
 pub mod connect;
 pub mod http;
+pub mod local;
 pub mod output;
 pub mod profile;
 

@@ -1118,3 +1118,127 @@ async fn upstream_streamable_http_app() {
     );
     c.shutdown().await;
 }
+
+#[tokio::test]
+async fn psh_proxy_mcp_serves_clients_without_headers() {
+    use tokio::io::AsyncBufReadExt;
+    let launcher = node_file("@modelcontextprotocol/inspector/clients/launcher/build/index.js");
+    let c = cluster_with_app("dev").await;
+    c.add_user("lo", &["mcp-user"], PW).await;
+    let home = psh_login(&c, "lo").await;
+    let mut local = tokio::process::Command::new(bin("psh"))
+        .args(["proxy", "mcp", "tm"])
+        .env("PORTICO_HOME", &home)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("psh proxy mcp");
+    let mut lines = tokio::io::BufReader::new(local.stdout.take().expect("stdout")).lines();
+    let url = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .expect("the URL is printed")
+        .expect("read")
+        .expect("a line");
+    assert!(
+        url.starts_with("http://127.0.0.1:") && url.ends_with("/mcp"),
+        "{url}"
+    );
+    // A client with no header of its own.
+    let inspector = |extra: &[&str]| {
+        let mut cmd = tokio::process::Command::new("node");
+        cmd.arg(&launcher)
+            .args(["--cli", &url, "--transport", "http"])
+            .args(extra)
+            .env("HOME", c.data_dir());
+        run(cmd, None)
+    };
+    let o = inspector(&["--method", "tools/list"]).await;
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out} {err}");
+    assert!(out.contains("\"echo\""), "{out}");
+    let o = inspector(&[
+        "--method",
+        "tools/call",
+        "--tool-name",
+        "echo",
+        "--tool-arg",
+        "message=through-local",
+    ])
+    .await;
+    let (out, err) = text(&o);
+    assert!(
+        o.status.success() && out.contains("through-local"),
+        "{out} {err}"
+    );
+    // A web page elsewhere, or a name that is not this endpoint's, is refused.
+    let port = url
+        .trim_start_matches("http://127.0.0.1:")
+        .trim_end_matches("/mcp")
+        .to_string();
+    let raw = |headers: Vec<(&'static str, String)>| {
+        let url = url.clone();
+        async move {
+            let client =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .build_http::<http_body_util::Full<bytes::Bytes>>();
+            let mut b = http::Request::post(&url)
+                .header("content-type", "application/json")
+                .header("accept", "application/json, text/event-stream");
+            for (k, v) in headers {
+                b = b.header(k, v);
+            }
+            let req = b
+                .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                    br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#,
+                )))
+                .expect("request");
+            client.request(req).await.expect("answer").status()
+        }
+    };
+    assert_eq!(
+        raw(vec![("origin", "http://evil.example".into())]).await,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        raw(vec![("host", format!("evil.example:{port}"))]).await,
+        StatusCode::FORBIDDEN
+    );
+    // Its own origin is fine (the proxy then wants a session).
+    assert_ne!(
+        raw(vec![("origin", format!("http://127.0.0.1:{port}"))]).await,
+        StatusCode::FORBIDDEN
+    );
+    let _ = local.start_kill();
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn psh_proxy_mcp_stops_when_the_login_expires() {
+    let c = ClusterBuilder::new()
+        .session_ttl("3s")
+        .proxy()
+        .start()
+        .await;
+    c.add_user("brief", &["mcp-user"], PW).await;
+    let home = psh_login(&c, "brief").await;
+    let local = tokio::process::Command::new(bin("psh"))
+        .args(["proxy", "mcp", "tm"])
+        .env("PORTICO_HOME", &home)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("psh proxy mcp");
+    let o = tokio::time::timeout(Duration::from_secs(15), local.wait_with_output())
+        .await
+        .expect("it stops by itself")
+        .expect("output");
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("your login expired") && err.contains("psh login"),
+        "{err}"
+    );
+    c.shutdown().await;
+}

@@ -70,6 +70,25 @@ enum Cmd {
         #[command(subcommand)]
         cmd: McpCmd,
     },
+    /// Local endpoints that carry your login, for clients that cannot.
+    Proxy {
+        #[command(subcommand)]
+        cmd: ProxyCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProxyCmd {
+    /// Serve an MCP server as Streamable HTTP on loopback, without a token:
+    /// for clients that can neither send an Authorization header nor run
+    /// psh mcp connect. Prints the URL; answers only this machine's
+    /// requests for it, and stops when your login expires.
+    Mcp {
+        name: String,
+        /// The local port (default: any free one; the URL is printed).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+    },
 }
 
 #[derive(Subcommand)]
@@ -156,6 +175,9 @@ async fn run(cli: Cli) -> CliResult {
             } => config(name, all, client_config).await,
             McpCmd::Connect { name } => portico_cli::connect::run(need_profile()?, name).await,
         },
+        Cmd::Proxy {
+            cmd: ProxyCmd::Mcp { name, port },
+        } => portico_cli::local::run(need_profile()?, name, port).await,
     }
 }
 
