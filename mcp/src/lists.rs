@@ -5,7 +5,7 @@ use serde_json::Value;
 use crate::jsonrpc::Message;
 
 /// A list method whose answer is filtered item by item.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ListKind {
     Tools,
     Prompts,
@@ -22,6 +22,17 @@ impl ListKind {
             "resources/templates/list" => ListKind::ResourceTemplates,
             _ => return None,
         })
+    }
+
+    /// The notification a server sends when this list changes.
+    pub fn changed_notification(self) -> &'static str {
+        match self {
+            ListKind::Tools => "notifications/tools/list_changed",
+            ListKind::Prompts => "notifications/prompts/list_changed",
+            ListKind::Resources | ListKind::ResourceTemplates => {
+                "notifications/resources/list_changed"
+            }
+        }
     }
 
     /// The result's array, and the string field of each item that is checked.

@@ -504,27 +504,36 @@ pub async fn serve(
 /// reach the app, as soon as the cache learns of it (and at least every
 /// 500 ms).
 async fn access_sweeper(state: Arc<ProxyState>, mut stop: watch::Receiver<bool>) {
+    let mut tick: u64 = 0;
     loop {
-        tokio::select! {
-            _ = state.cache.changed() => {}
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        let changed = tokio::select! {
+            _ = state.cache.changed() => true,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => false,
             _ = stop.changed() => return,
-        }
+        };
+        tick += 1;
+        // What sessions may see is checked again on every change the cache
+        // learns of, and every 5 s in case a wake-up was missed.
+        let relist = changed || tick.is_multiple_of(10);
         for s in state.sessions.all() {
             if s.admin {
                 continue;
             }
             let reason = match state.cache.checker(&s.user) {
-                None if state.cache.locked(&s.user) => "your user was locked",
-                None => "your user was deleted",
+                None if state.cache.locked(&s.user) => Some("your user was locked"),
+                None => Some("your user was deleted"),
                 Some(c) => match state.cache.app(&s.app) {
                     Some(app) if !c.app_allowed(&app.metadata.labels) => {
-                        "your roles no longer allow this MCP server"
+                        Some("your roles no longer allow this MCP server")
                     }
-                    _ => continue,
+                    _ => None,
                 },
             };
-            s.end(&state, reason).await;
+            match reason {
+                Some(r) => s.end(&state, r).await,
+                None if relist => mcp::rbac::notify_list_changes(&state, &s).await,
+                None => {}
+            }
         }
     }
 }

@@ -1242,3 +1242,70 @@ async fn psh_proxy_mcp_stops_when_the_login_expires() {
     );
     c.shutdown().await;
 }
+
+#[tokio::test]
+async fn role_changes_tell_live_sessions_their_lists_changed() {
+    let c = cluster_with_app("dev").await;
+    let role = |deny: &str| {
+        format!(
+            "kind: role\nversion: v8\nmetadata: {{name: lister, description: {deny}}}\nspec:\n  allow:\n    app_labels: {{env: dev}}\n    mcp: {{tools: ['*']}}\n  deny:\n    mcp: {{tools: [{deny}]}}\n"
+        )
+    };
+    c.create_yaml(&role("nothing"), false).await.expect("role");
+    c.add_user("li", &["lister"], PW).await;
+    let token = c.login("li", PW).await;
+    let mut s = McpHttp::new(c.proxy_addr(), "tm", &token);
+    s.initialize().await.expect("session");
+    let names = |v: &Value| -> Vec<String> {
+        v["result"]["tools"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|t| t["name"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let before = names(&s.request("tools/list", json!({})).await);
+    assert!(before.iter().any(|n| n == "echo"), "{before:?}");
+
+    // While a slow call holds a stream open, a change that hides nothing...
+    let slow = |s: McpHttp, id: i64| {
+        tokio::spawn(async move {
+            let r = s
+                .post(&json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+                    "params": {"name": "slow", "arguments": {"ms": 1500}}}))
+                .await;
+            (r, s)
+        })
+    };
+    let pending = slow(s, 100);
+    c.wait_pending(1).await;
+    c.create_yaml(&role("nothing-at-all"), true)
+        .await
+        .expect("role touched");
+    let (r, s) = pending.await.expect("task");
+    let changed = |r: &portico_tests::mcp_http::Reply| {
+        r.messages()
+            .iter()
+            .any(|m| m["method"] == "notifications/tools/list_changed")
+    };
+    assert!(
+        !changed(&r),
+        "nothing changed, nothing said: {:?}",
+        r.messages()
+    );
+
+    // ...and one that hides echo, which the client is told of.
+    let pending = slow(s, 101);
+    c.wait_pending(1).await;
+    c.create_yaml(&role("echo"), true)
+        .await
+        .expect("echo denied");
+    let (r, mut s) = pending.await.expect("task");
+    assert!(changed(&r), "{:?}", r.messages());
+    let after = names(&s.request("tools/list", json!({})).await);
+    assert!(!after.iter().any(|n| n == "echo"), "{after:?}");
+    assert_eq!(after.len() + 1, before.len(), "{before:?} {after:?}");
+    c.shutdown().await;
+}

@@ -154,12 +154,16 @@ pub async fn on_response(
                 ListKind::Prompts => Feature::Prompt,
                 ListKind::Resources | ListKind::ResourceTemplates => Feature::Resource,
             };
+            let seen = std::cell::RefCell::new(Vec::new());
             lists::filter(msg, *kind, |name| {
-                checker
+                let ok = checker
                     .as_ref()
-                    .is_some_and(|c| c.mcp_allowed(&labels, f, name).is_ok())
+                    .is_some_and(|c| c.mcp_allowed(&labels, f, name).is_ok());
+                seen.borrow_mut().push((name.to_string(), ok));
+                ok
             })
             .map_err(|e| format!("{e}; the answer was withheld because it cannot be filtered"))?;
+            s.saw_list(*kind, seen.into_inner());
         }
         Asked::Gated(target) => {
             let tool_error = msg
@@ -200,6 +204,43 @@ pub async fn on_response(
         _ => {}
     }
     Ok(msg.to_bytes())
+}
+
+/// The feature a list's items are checked as.
+fn feature_of(kind: ListKind) -> Feature {
+    match kind {
+        ListKind::Tools => Feature::Tool,
+        ListKind::Prompts => Feature::Prompt,
+        ListKind::Resources | ListKind::ResourceTemplates => Feature::Resource,
+    }
+}
+
+/// Tells a session's client that a list it has seen now shows other items
+/// under the roles as they are (`notifications/*/list_changed`), so that it
+/// asks again without reconnecting.
+pub async fn notify_list_changes(state: &ProxyState, s: &Session) {
+    let Some(labels) = app_labels(state, &s.app) else {
+        return;
+    };
+    let checker = live_checker(state, s);
+    let changed = s.relist(|kind, name| {
+        checker
+            .as_ref()
+            .is_some_and(|c| c.mcp_allowed(&labels, feature_of(kind), name).is_ok())
+    });
+    let mut sent = Vec::new();
+    for kind in changed {
+        let method = kind.changed_notification();
+        if sent.contains(&method) {
+            continue;
+        }
+        sent.push(method);
+        let note = Bytes::from(format!(r#"{{"jsonrpc":"2.0","method":"{method}"}}"#));
+        tracing::info!(session = %s.id, user = %s.user, method, "roles changed what the session may see");
+        if s.deliver_from_proxy(note).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Audits a gated request that was still waiting when its session ended.

@@ -56,8 +56,21 @@ pub struct Pending {
     pub started: Instant,
 }
 
+/// What a client was shown of one list: every name the server listed (up
+/// to `MAX_SEEN`), and those its roles let it see then.
+#[derive(Default)]
+struct SeenList {
+    all: std::collections::BTreeSet<String>,
+    visible: std::collections::BTreeSet<String>,
+}
+
+/// Names remembered per list and session, for telling clients when a role
+/// change alters what they may see.
+const MAX_SEEN: usize = 10_000;
+
 #[derive(Default)]
 struct Inner {
+    seen: HashMap<portico_mcp::lists::ListKind, SeenList>,
     pending: HashMap<Id, Pending>,
     streams: HashMap<u64, StreamTx>,
     /// Open POST streams, oldest first.
@@ -246,6 +259,54 @@ impl Session {
             Some(tx) if !tx.is_closed() => Target::Stream(tx.clone()),
             _ => Target::Backlog,
         }
+    }
+
+    /// Remembers the names of a list answer and which of them the client
+    /// was shown.
+    pub fn saw_list(&self, kind: portico_mcp::lists::ListKind, items: Vec<(String, bool)>) {
+        let mut g = self.lock();
+        let e = g.seen.entry(kind).or_default();
+        for (name, shown) in items {
+            if e.all.len() >= MAX_SEEN && !e.all.contains(&name) {
+                continue;
+            }
+            if shown {
+                e.visible.insert(name.clone());
+            } else {
+                e.visible.remove(&name);
+            }
+            e.all.insert(name);
+        }
+    }
+
+    /// Checks the lists the client has seen again with `allowed`; returns
+    /// those whose visible items changed (and remembers the new view).
+    pub fn relist(
+        &self,
+        allowed: impl Fn(portico_mcp::lists::ListKind, &str) -> bool,
+    ) -> Vec<portico_mcp::lists::ListKind> {
+        let mut g = self.lock();
+        let mut changed = Vec::new();
+        for (kind, e) in g.seen.iter_mut() {
+            let now: std::collections::BTreeSet<String> = e
+                .all
+                .iter()
+                .filter(|n| allowed(*kind, n))
+                .cloned()
+                .collect();
+            if now != e.visible {
+                e.visible = now;
+                changed.push(*kind);
+            }
+        }
+        changed.sort();
+        changed
+    }
+
+    /// Sends a message of the proxy's own to the client, as server
+    /// messages go (the newest POST stream, the GET stream, the backlog).
+    pub async fn deliver_from_proxy(&self, msg: Bytes) -> Result<(), &'static str> {
+        self.deliver_server(msg).await
     }
 
     fn push_backlog(&self, msg: Bytes) {
