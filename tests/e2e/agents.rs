@@ -548,3 +548,165 @@ async fn static_apps_from_the_agent_config() {
     assert_eq!(a.metadata.description, "static test server");
     c.shutdown().await;
 }
+
+/// A TCP relay that can freeze: stop forwarding both ways while keeping
+/// both connections open (a link that dies without a FIN or RST).
+struct FreezableRelay {
+    addr: std::net::SocketAddr,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FreezableRelay {
+    async fn start(target: std::net::SocketAddr) -> Self {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let frozen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let f = frozen.clone();
+        tokio::spawn(async move {
+            while let Ok((down, _)) = l.accept().await {
+                let Ok(up) = tokio::net::TcpStream::connect(target).await else {
+                    continue;
+                };
+                let (dr, dw) = down.into_split();
+                let (ur, uw) = up.into_split();
+                for (mut r, mut w, f) in [
+                    (
+                        Box::new(dr) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+                        Box::new(uw) as Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
+                        f.clone(),
+                    ),
+                    (Box::new(ur) as _, Box::new(dw) as _, f.clone()),
+                ] {
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let read = r.read(&mut buf).await;
+                            if f.load(Ordering::SeqCst) {
+                                // Hold both ends open, forward nothing (not
+                                // even an end of stream), forever.
+                                std::future::pending::<()>().await;
+                            }
+                            let n = match read {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if w.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        FreezableRelay { addr, frozen }
+    }
+
+    fn freeze(&self) {
+        self.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn a_killed_agent_behind_a_half_open_link_is_noticed_within_seconds() {
+    let c = ClusterBuilder::new()
+        .proxy()
+        .wildcard_agent("a2")
+        .start()
+        .await;
+    let relay = FreezableRelay::start(c.tunnel_addr()).await;
+    // The victim: a real agent process that reaches the proxy through the relay.
+    let dir = c.data_dir().join("process-victim");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("portico.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: v1\ndata_dir: {}\napp_service:\n  auth_servers: [\"{}\"]\n  proxy_servers: [\"{}\"]\n  join_token: \"{}\"\n  host_id: victim\n  resources:\n  - labels: {{\"*\": \"*\"}}\n  mcp:\n    allowed_host_users: [{}]\n",
+            dir.join("data").display(),
+            c.auth_addr,
+            relay.addr,
+            c.join_token("app").await,
+            portico_tests::util::me(),
+        ),
+    )
+    .expect("config");
+    let mut victim = tokio::process::Command::new(portico_tests::bin("portico"))
+        .args(["start", "--config"])
+        .arg(&config)
+        .env_remove("PORTICO_DATA_DIR")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("agent process");
+    c.create_yaml(&test_app_yaml("tm", "dev"), false)
+        .await
+        .expect("app");
+    c.wait_servers("tm", &["a2", "victim"]).await;
+    let state = c.proxy.as_ref().expect("proxy").state.clone();
+    eventually(Duration::from_secs(30), "victim's tunnel up", || {
+        let s = state.clone();
+        async move { s.tunnels.is_connected("victim").then_some(()) }
+    })
+    .await;
+    c.add_user("kim", &["mcp-user"], ADMIN_PW).await;
+    let token = c.login("kim", ADMIN_PW).await;
+    // A session on the victim, with a call in flight.
+    let mut on_victim = None;
+    for _ in 0..40 {
+        let mut s = McpHttp::new(c.proxy_addr(), "tm", &token);
+        s.initialize().await.expect("session");
+        let sid = s.session.clone().expect("sid");
+        if state
+            .sessions
+            .get(&sid)
+            .is_some_and(|x| x.agent == "victim")
+        {
+            on_victim = Some(s);
+            break;
+        }
+        s.delete().await;
+    }
+    let mut s = on_victim.expect("a session on the victim in 40 tries");
+    let pending = tokio::spawn(async move { s.call("slow", json!({"ms": 60000})).await });
+    c.wait_pending(1).await;
+
+    // The link goes silent and the agent dies without a word.
+    relay.freeze();
+    victim.start_kill().expect("SIGKILL");
+    let _ = victim.wait().await;
+    let killed = std::time::Instant::now();
+    eventually(Duration::from_secs(10), "the proxy notices", || {
+        let s = state.clone();
+        async move { (!s.tunnels.is_connected("victim")).then_some(()) }
+    })
+    .await;
+    eprintln!(
+        "a killed agent behind a frozen link was noticed after {:?}",
+        killed.elapsed()
+    );
+    let r = tokio::time::timeout(Duration::from_secs(10), pending)
+        .await
+        .expect("the call in flight ends")
+        .expect("task");
+    assert!(
+        r["error"]["message"].is_string(),
+        "an error, not a hang: {r}"
+    );
+    // New sessions go to the live agent at once.
+    let mut fresh = McpHttp::new(c.proxy_addr(), "tm", &token);
+    fresh.initialize().await.expect("a new session");
+    let sid = fresh.session.clone().expect("sid");
+    assert_eq!(
+        state.sessions.get(&sid).map(|x| x.agent.clone()).as_deref(),
+        Some("a2")
+    );
+    let r = fresh.call("echo", json!({"message": "still here"})).await;
+    assert_eq!(r["result"]["content"][0]["text"], "still here", "{r}");
+    c.shutdown().await;
+}

@@ -32,6 +32,11 @@ pub const HANDSHAKE: &str = "PORTICO-TUNNEL/1";
 /// A real agent sends its handshake at once; silence is not kept waiting.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 const MAX_HANDSHAKE_LINE: usize = 1024;
+/// Both ends ping the tunnel this often (HTTP/2 PING)...
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_millis(500);
+/// ...and give it up when a ping is not answered in this: a killed agent or
+/// proxy behind a connection left half-open is noticed within 3 s.
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_millis(2500);
 /// The agent's TLS handshake must finish within this.
 const TLS_TIMEOUT: Duration = Duration::from_secs(5);
 /// HTTP/2 flow control: each session's stream may hold 1 MiB unread, and the
@@ -195,8 +200,8 @@ async fn dial_once(
     });
     hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
-        .keep_alive_interval(Some(Duration::from_secs(15)))
-        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_interval(Some(KEEP_ALIVE_INTERVAL))
+        .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
         .initial_stream_window_size(1 << 20)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_concurrent_streams(10_000)
@@ -453,8 +458,8 @@ impl TunnelServer {
         let io = TokioIo::new(stream);
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .keep_alive_interval(Some(Duration::from_secs(15)))
-            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_interval(Some(KEEP_ALIVE_INTERVAL))
+            .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
             .keep_alive_while_idle(true)
             .initial_stream_window_size(1 << 20)
             .initial_connection_window_size(CONNECTION_WINDOW)
