@@ -318,12 +318,14 @@ impl InChild {
             open_files,
             memory,
         } = self;
+        // The agent, whose death must take the process with it.
+        let agent_pid = std::process::id() as libc::pid_t;
         // SAFETY: the closure runs between fork and exec and calls only
         // async-signal-safe functions (setgroups, setgid, setuid, chdir,
-        // setrlimit) on memory allocated before the fork. Users are switched
-        // first, then the directory is entered with the user's rights; the
-        // limits come last and only ever lower the agent's own (checked at
-        // start), which needs no privilege.
+        // setrlimit, prctl, getppid) on memory allocated before the fork.
+        // Users are switched first, then the directory is entered with the
+        // user's rights; the limits come last and only ever lower the
+        // agent's own (checked at start), which needs no privilege.
         unsafe {
             cmd.pre_exec(move || {
                 if let Some((groups, uid, gid)) = &switch_to
@@ -351,6 +353,22 @@ impl InChild {
                     if libc::setrlimit(libc::RLIMIT_AS, &mem) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }
+                }
+                // Killed with the agent, even by SIGKILL. Set after the user
+                // switch, which clears it; an agent that died before this
+                // line is caught by the parent check.
+                if libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                ) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() != agent_pid {
+                    return Err(std::io::Error::other("the agent is gone"));
                 }
                 Ok(())
             });

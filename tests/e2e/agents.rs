@@ -710,3 +710,111 @@ async fn a_killed_agent_behind_a_half_open_link_is_noticed_within_seconds() {
     assert_eq!(r["result"]["content"][0]["text"], "still here", "{r}");
     c.shutdown().await;
 }
+
+/// The processes whose parent is `pid`, from /proc.
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|n| {
+            std::fs::read_to_string(format!("/proc/{n}/stat"))
+                .ok()
+                .and_then(|s| {
+                    let rest = s.rsplit_once(')')?.1;
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
+}
+
+/// Whether a process is gone (or only a zombie waiting to be reaped).
+fn dead(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(s) => s
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X"),
+    }
+}
+
+#[tokio::test]
+async fn the_processes_of_a_killed_agent_die_with_it() {
+    let c = ClusterBuilder::new().proxy().start().await;
+    let dir = c.data_dir().join("process-doomed");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("portico.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: v1\ndata_dir: {}\napp_service:\n  auth_servers: [\"{}\"]\n  proxy_servers: [\"{}\"]\n  join_token: \"{}\"\n  host_id: doomed\n  resources:\n  - labels: {{\"*\": \"*\"}}\n  mcp:\n    allowed_host_users: [{}]\n",
+            dir.join("data").display(),
+            c.auth_addr,
+            c.tunnel_addr(),
+            c.join_token("app").await,
+            portico_tests::util::me(),
+        ),
+    )
+    .expect("config");
+    let mut agent = tokio::process::Command::new(portico_tests::bin("portico"))
+        .args(["start", "--config"])
+        .arg(&config)
+        .env_remove("PORTICO_DATA_DIR")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("agent process");
+    let agent_pid = agent.id().expect("pid");
+    // A server that outlives its input: it answers initialize, then sleeps
+    // on even after its standard input closes (as many real ones do).
+    let script = "import json,sys,time\nfor l in sys.stdin:\n    m = json.loads(l)\n    if m.get('method') == 'initialize':\n        print(json.dumps({'jsonrpc':'2.0','id':m['id'],'result':{'protocolVersion':m['params']['protocolVersion'],'capabilities':{},'serverInfo':{'name':'lingering','version':'1'}}}), flush=True)\nwhile True:\n    time.sleep(3600)\n";
+    c.create_yaml(
+        &format!(
+            "kind: app\nversion: v3\nmetadata: {{name: tm}}\nspec:\n  mcp:\n    command: python3\n    args: [\"-c\", {}]\n    run_as_host_user: {}\n",
+            serde_json::to_string(script).expect("json"),
+            portico_tests::util::me()
+        ),
+        false,
+    )
+    .await
+    .expect("app");
+    c.wait_servers("tm", &["doomed"]).await;
+    let state = c.proxy.as_ref().expect("proxy").state.clone();
+    eventually(Duration::from_secs(30), "tunnel up", || {
+        let s = state.clone();
+        async move { s.tunnels.is_connected("doomed").then_some(()) }
+    })
+    .await;
+    let token = user_token(&c).await;
+    let mut sessions = Vec::new();
+    for i in 0..3 {
+        let mut s = McpHttp::new(c.proxy_addr(), "tm", &token);
+        let init = s.initialize().await.expect("session");
+        assert_eq!(
+            init["serverInfo"]["name"], "lingering",
+            "session {i}: {init}"
+        );
+        sessions.push(s);
+    }
+    let servers = eventually(Duration::from_secs(10), "three MCP processes", || async {
+        let kids = children_of(agent_pid);
+        (kids.len() >= 3).then_some(kids)
+    })
+    .await;
+    agent.start_kill().expect("SIGKILL");
+    let _ = agent.wait().await;
+    eventually(
+        Duration::from_secs(10),
+        "no MCP process outlives its agent",
+        || {
+            let servers = servers.clone();
+            async move { servers.iter().all(|p| dead(*p)).then_some(()) }
+        },
+    )
+    .await;
+    c.shutdown().await;
+}
