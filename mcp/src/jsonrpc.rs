@@ -31,7 +31,7 @@ pub enum Id {
 }
 
 impl Id {
-    fn from_value(v: &Value) -> Result<Id, &'static str> {
+    pub fn from_value(v: &Value) -> Result<Id, &'static str> {
         match v {
             Value::String(s) => Ok(Id::Str(s.clone())),
             Value::Number(n) => n

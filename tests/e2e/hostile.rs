@@ -1608,3 +1608,89 @@ async fn a_locked_user_is_out_within_a_second() {
     s.initialize().await.expect("unlocked");
     c.shutdown().await;
 }
+
+#[tokio::test]
+async fn vanished_clients_and_cancelled_calls() {
+    let c = cluster_with_app(ClusterBuilder::new().idle_timeout("1s")).await;
+    let state = c.proxy.as_ref().expect("proxy").state.clone();
+    let agent = c.agent("a1").state.clone();
+    let live = || {
+        agent
+            .metrics
+            .live
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+
+    // A client that goes away without DELETE: its session ends after the
+    // idle timeout and its process is reaped.
+    let before = live();
+    let s = open(&c, "trent").await;
+    let sid = s.session.clone().expect("sid");
+    assert_eq!(live(), before + 1);
+    drop(s);
+    eventually(Duration::from_secs(10), "the idle session ended", || {
+        let st = state.clone();
+        let sid = sid.clone();
+        async move { st.sessions.get(&sid).is_none().then_some(()) }
+    })
+    .await;
+    eventually(Duration::from_secs(10), "its process reaped", || async {
+        (live() == before).then_some(())
+    })
+    .await;
+
+    // A call the client cancels: the server hears of it, and the proxy
+    // stops waiting for an answer that will not come.
+    let marks = Marks::new();
+    let t = open(&c, "trent").await;
+    let body = marks.fill(
+        r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"await_cancel","arguments":{"path":$PATH}}}"#,
+    );
+    let call = tokio::spawn(async move {
+        let r = raw(&t, &body).await;
+        (r, t)
+    });
+    c.wait_pending(1).await;
+    let t2 = McpHttp::new(c.proxy_addr(), "tm", &token(&c, "trent").await);
+    let mut t2 = t2;
+    t2.session = Some(sid_of(&state, "trent"));
+    let r = raw(
+        &t2,
+        r#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":7,"reason":"gave up"}}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{r:?}");
+    eventually(
+        Duration::from_secs(10),
+        "the server heard the cancellation",
+        || async { (std::fs::read_to_string(&marks.target).ok()? == "cancelled").then_some(()) },
+    )
+    .await;
+    let (r, _t) = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("the cancelled call's stream closes")
+        .expect("task");
+    assert!(
+        r.messages().iter().all(|m| m.get("id") != Some(&json!(7))),
+        "no answer for a cancelled call: {:?}",
+        r.messages()
+    );
+    assert_eq!(
+        state
+            .sessions
+            .all()
+            .iter()
+            .map(|s| s.pending_count())
+            .sum::<usize>(),
+        0
+    );
+    c.shutdown().await;
+}
+
+/// The id of `user`'s only live session.
+fn sid_of(state: &portico_proxy::ProxyState, user: &str) -> String {
+    let all = state.sessions.all();
+    let mine: Vec<_> = all.iter().filter(|s| s.user == user).collect();
+    assert_eq!(mine.len(), 1, "one session of {user}");
+    mine[0].id.clone()
+}

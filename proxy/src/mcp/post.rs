@@ -144,6 +144,24 @@ async fn read_body(state: &ProxyState, req: axum::extract::Request) -> Result<By
     }
 }
 
+/// The client gave up on a request it sent (`notifications/cancelled`, now
+/// forwarded to the server): the proxy stops waiting for its answer, which
+/// the server should not send, audits the call as unanswered, and closes
+/// the POST stream it held if nothing else is awaited there.
+async fn cancelled(state: &Arc<ProxyState>, session: &Arc<Session>, m: &Message) {
+    let Some(id) = m
+        .params()
+        .and_then(|p| p.get("requestId"))
+        .and_then(|v| Id::from_value(v).ok())
+    else {
+        return;
+    };
+    for (id, pend) in session.forget(std::slice::from_ref(&id)) {
+        rbac::unanswered(state, session, &id, &pend, "cancelled by the client").await;
+        session.release_stream_if_done(pend.stream);
+    }
+}
+
 /// Decides each message, forwards the allowed ones in order, and answers.
 async fn relay(state: &Arc<ProxyState>, session: &Arc<Session>, msgs: Vec<Message>) -> Response {
     let has_requests = msgs.iter().any(Message::is_request);
@@ -226,6 +244,9 @@ async fn relay(state: &Arc<ProxyState>, session: &Arc<Session>, msgs: Vec<Messag
         }
         if let Some(id) = m.id().filter(|_| m.is_request()) {
             unsent.ids.retain(|w| w != id);
+        }
+        if m.method() == Some("notifications/cancelled") {
+            cancelled(state, session, m).await;
         }
     }
     let Some((sid, rx)) = stream else {

@@ -122,6 +122,23 @@ impl TestServer {
         "done".to_string()
     }
 
+    #[tool(
+        description = "Wait up to 30 s for this call to be cancelled; on cancellation write the text cancelled to the file at path"
+    )]
+    async fn await_cancel(
+        &self,
+        Parameters(a): Parameters<TouchArgs>,
+        ct: tokio_util::sync::CancellationToken,
+    ) -> String {
+        tokio::select! {
+            _ = ct.cancelled() => {
+                let _ = std::fs::write(&a.path, "cancelled");
+                "cancelled".to_string()
+            }
+            _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => "not cancelled".to_string(),
+        }
+    }
+
     #[tool(description = "Exit the process at once with status 3")]
     fn crash(&self) -> String {
         eprintln!("crashing on request");
