@@ -1309,3 +1309,122 @@ async fn role_changes_tell_live_sessions_their_lists_changed() {
     assert_eq!(after.len() + 1, before.len(), "{before:?} {after:?}");
     c.shutdown().await;
 }
+
+/// Reads SSE events (`id`, `data` as JSON) from a body until `done` says
+/// so, the body ends, or `limit` passes.
+async fn read_events(
+    body: &mut hyper::body::Incoming,
+    limit: Duration,
+    mut done: impl FnMut(&[(String, Value)]) -> bool,
+) -> Vec<(String, Value)> {
+    use http_body_util::BodyExt;
+    let mut text = String::new();
+    let mut events = Vec::new();
+    let deadline = tokio::time::Instant::now() + limit;
+    while !done(&events) {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(f))) => f,
+            _ => break,
+        };
+        let Ok(chunk) = frame.into_data() else {
+            continue;
+        };
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = text.find("\n\n") {
+            let block: String = text.drain(..end + 2).collect();
+            let mut id = String::new();
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("id:") {
+                    id = v.trim().to_string();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.strip_prefix(' ').unwrap_or(v));
+                }
+            }
+            if let Ok(v) = serde_json::from_str::<Value>(&data) {
+                events.push((id, v));
+            }
+        }
+    }
+    events
+}
+
+#[tokio::test]
+async fn a_client_resumes_a_cut_stream_and_misses_nothing() {
+    let c = cluster_with_app("dev").await;
+    c.add_user("rs", &["mcp-user"], PW).await;
+    let token = c.login("rs", PW).await;
+    let mut s = McpHttp::new(c.proxy_addr(), "tm", &token);
+    s.initialize().await.expect("session");
+    let sid = s.session.clone().expect("sid");
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build::<_, http_body_util::Full<bytes::Bytes>>(portico_tests::web::connector(
+        c.proxy_addr(),
+    ));
+    let url = s.url.clone();
+    const COUNT: i64 = 300;
+    let call = json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": {
+        "name": "flood", "arguments": {"count": COUNT, "bytes": 64}, "_meta": {"progressToken": "p"}}});
+    let req = http::Request::post(&url)
+        .header("authorization", format!("Bearer {token}"))
+        .header("mcp-session-id", &sid)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            call.to_string(),
+        )))
+        .expect("request");
+    let resp = client.request(req).await.expect("answer");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    // Cut the stream in the middle of the burst.
+    let first = read_events(&mut body, Duration::from_secs(20), |e| e.len() >= 40).await;
+    assert!(first.len() >= 40, "{} events before the cut", first.len());
+    // The client stops reading while the burst goes on (the events pile up
+    // on the way), then its connection is cut.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(body);
+    drop(client);
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build::<_, http_body_util::Full<bytes::Bytes>>(portico_tests::web::connector(
+        c.proxy_addr(),
+    ));
+    let last_id = first.last().expect("an event").0.clone();
+    assert!(last_id.contains(':'), "ids name their stream: {last_id}");
+
+    // Resume from the last event seen.
+    let req = http::Request::get(&url)
+        .header("authorization", format!("Bearer {token}"))
+        .header("mcp-session-id", &sid)
+        .header("accept", "text/event-stream")
+        .header("last-event-id", &last_id)
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .expect("request");
+    let resp = client.request(req).await.expect("answer");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let rest = read_events(&mut body, Duration::from_secs(30), |e| {
+        e.iter().any(|(_, m)| m["id"] == 5)
+    })
+    .await;
+    drop(body);
+
+    let all: Vec<&Value> = first.iter().chain(rest.iter()).map(|(_, m)| m).collect();
+    let mut progress: Vec<i64> = all
+        .iter()
+        .filter(|m| m["method"] == "notifications/progress")
+        .filter_map(|m| m["params"]["progress"].as_f64().map(|p| p as i64))
+        .collect();
+    let answers = all.iter().filter(|m| m["id"] == 5).count();
+    assert_eq!(answers, 1, "the answer arrives exactly once");
+    progress.sort();
+    let want: Vec<i64> = (0..COUNT).collect();
+    assert_eq!(progress, want, "every notification exactly once");
+    // Event ids are unique in the session.
+    let mut ids: Vec<&String> = first.iter().chain(rest.iter()).map(|(i, _)| i).collect();
+    let n = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "unique event ids");
+    c.shutdown().await;
+}

@@ -12,6 +12,7 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use portico_mcp::jsonrpc;
 use tokio::sync::mpsc;
 
+use super::session::ReplayRef;
 use crate::ProxyState;
 
 pub const SESSION_HEADER: &str = "mcp-session-id";
@@ -90,18 +91,48 @@ pub fn with_session(mut r: Response, id: &str) -> Response {
     r
 }
 
+/// What feeds one SSE response. Each message is kept in the stream's
+/// replay as it is written; when the client goes away, what was still
+/// queued is kept there too, for a client that resumes.
+struct Feed {
+    rx: mpsc::Receiver<Bytes>,
+    replay: ReplayRef,
+}
+
+impl Drop for Feed {
+    fn drop(&mut self) {
+        self.rx.close();
+        let mut r = self.replay.lock().unwrap_or_else(|p| p.into_inner());
+        while let Ok(m) = self.rx.try_recv() {
+            r.record(m);
+        }
+    }
+}
+
 /// An SSE response streaming one `message` event per JSON-RPC message, with
-/// increasing event ids and keep-alive comments.
-pub fn sse_response(rx: mpsc::Receiver<Bytes>, session: &str) -> Response {
-    let events = futures_util::stream::unfold((rx, 0u64), |(mut rx, n)| async move {
-        let m = rx.recv().await?;
+/// ids unique in the session (`<stream>:<event>`, which `Last-Event-ID`
+/// resumes from) and keep-alive comments.
+pub fn sse_response(
+    rx: mpsc::Receiver<Bytes>,
+    session: &str,
+    stream: u64,
+    replay: ReplayRef,
+) -> Response {
+    let feed = Feed { rx, replay };
+    let events = futures_util::stream::unfold(feed, move |mut feed| async move {
+        let m = feed.rx.recv().await?;
+        let seq = feed
+            .replay
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(m.clone());
         // Messages are canonical JSON: UTF-8, on one line.
         let data = String::from_utf8_lossy(&m);
         let ev = Event::default()
-            .id(n.to_string())
+            .id(format!("{stream}:{seq}"))
             .event("message")
             .data(data);
-        Some((Ok::<_, Infallible>(ev), (rx, n + 1)))
+        Some((Ok::<_, Infallible>(ev), feed))
     });
     let sse = Sse::new(events).keep_alive(
         KeepAlive::new()

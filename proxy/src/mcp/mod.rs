@@ -217,7 +217,12 @@ fn get(state: Arc<ProxyState>, who: Who, app: String, headers: &HeaderMap) -> Re
         Err(r) => return r,
     };
     s.touch();
-    sse_response(s.open_get(), &s.id)
+    let resume = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(session::parse_event_id);
+    let (stream, rx, replay) = s.open_get(resume);
+    sse_response(rx, &s.id, stream, replay)
 }
 
 async fn delete(state: Arc<ProxyState>, who: Who, app: String, headers: &HeaderMap) -> Response {

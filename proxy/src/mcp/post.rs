@@ -170,14 +170,14 @@ async fn relay(state: &Arc<ProxyState>, session: &Arc<Session>, msgs: Vec<Messag
     // requests are answered, and the proxy's own answers must still reach it.
     let stream_tx = stream
         .as_ref()
-        .and_then(|(sid, _)| session.stream_sender(*sid));
+        .and_then(|(sid, _, _)| session.stream_sender(*sid));
     let mut answers: Vec<Bytes> = Vec::new();
     let mut forward = Vec::with_capacity(msgs.len());
     let mut waiting: Vec<Id> = Vec::new();
     for msg in msgs {
         match msg.shape() {
             Shape::Request => {
-                let (Some((sid, _)), Some(id)) = (stream.as_ref(), msg.id().cloned()) else {
+                let (Some((sid, _, _)), Some(id)) = (stream.as_ref(), msg.id().cloned()) else {
                     continue;
                 };
                 if session.is_pending(&id) {
@@ -249,7 +249,7 @@ async fn relay(state: &Arc<ProxyState>, session: &Arc<Session>, msgs: Vec<Messag
             cancelled(state, session, m).await;
         }
     }
-    let Some((sid, rx)) = stream else {
+    let Some((sid, rx, replay)) = stream else {
         let mut r = Response::new(Body::empty());
         *r.status_mut() = StatusCode::ACCEPTED;
         return with_session(r, &session.id);
@@ -257,7 +257,7 @@ async fn relay(state: &Arc<ProxyState>, session: &Arc<Session>, msgs: Vec<Messag
     drop(stream_tx);
     session.release_stream_if_done(sid);
     session.offer(sid);
-    sse_response(rx, &session.id)
+    sse_response(rx, &session.id, sid, replay)
 }
 
 /// Requests registered as pending but not yet sent to the agent.

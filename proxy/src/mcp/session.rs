@@ -29,6 +29,55 @@ pub type StreamTx = mpsc::Sender<Bytes>;
 
 const BACKLOG: usize = 1000;
 pub const STREAM_BUFFER: usize = 256;
+/// What each stream keeps of the messages it carried, for a client that
+/// reconnects with `Last-Event-ID`: at most this many, of at most this
+/// many bytes in all, for the session's newest `REPLAY_STREAMS` streams.
+const REPLAY_MESSAGES: usize = 4096;
+const REPLAY_BYTES: usize = 512 * 1024;
+const REPLAY_STREAMS: usize = 4;
+
+/// The messages one SSE stream carried (or held when its client went
+/// away), numbered as its events are.
+#[derive(Default)]
+pub struct Replay {
+    next: u64,
+    kept: VecDeque<(u64, Bytes)>,
+    bytes: usize,
+}
+
+pub type ReplayRef = Arc<std::sync::Mutex<Replay>>;
+
+impl Replay {
+    /// Keeps `msg` as the stream's next event; returns its number.
+    pub fn record(&mut self, msg: Bytes) -> u64 {
+        let seq = self.next;
+        self.next += 1;
+        self.bytes += msg.len();
+        self.kept.push_back((seq, msg));
+        while self.kept.len() > REPLAY_MESSAGES || self.bytes > REPLAY_BYTES {
+            match self.kept.pop_front() {
+                Some((_, old)) => self.bytes -= old.len(),
+                None => break,
+            }
+        }
+        seq
+    }
+
+    /// The messages after event `seq`, oldest first.
+    fn after(&self, seq: u64) -> Vec<Bytes> {
+        self.kept
+            .iter()
+            .filter(|(s, _)| *s > seq)
+            .map(|(_, m)| m.clone())
+            .collect()
+    }
+}
+
+/// A `Last-Event-ID` as this proxy writes it: `<stream>:<event>`.
+pub fn parse_event_id(s: &str) -> Option<(u64, u64)> {
+    let (a, b) = s.trim().split_once(':')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
 /// How long a client stream may stay full before the session is ended: a
 /// client that stops reading must not hold the agent's tunnel.
 const STALL: std::time::Duration = std::time::Duration::from_secs(5);
@@ -70,6 +119,8 @@ const MAX_SEEN: usize = 10_000;
 
 #[derive(Default)]
 struct Inner {
+    /// The newest streams' replays, by stream id.
+    replays: std::collections::BTreeMap<u64, ReplayRef>,
     seen: HashMap<portico_mcp::lists::ListKind, SeenList>,
     pending: HashMap<Id, Pending>,
     streams: HashMap<u64, StreamTx>,
@@ -92,6 +143,16 @@ pub struct Session {
     pub started: Instant,
     pub last_active: AtomicI64,
     inner: Mutex<Inner>,
+}
+
+/// A fresh replay for stream `id`; only the newest streams keep theirs.
+fn new_replay(g: &mut Inner, id: u64) -> ReplayRef {
+    let r = ReplayRef::default();
+    g.replays.insert(id, r.clone());
+    while g.replays.len() > REPLAY_STREAMS {
+        g.replays.pop_first();
+    }
+    r
 }
 
 enum Target {
@@ -141,15 +202,17 @@ impl Session {
         g.streams.values().any(|s| !s.is_closed()) || g.get.as_ref().is_some_and(|s| !s.is_closed())
     }
 
-    /// Opens a POST stream for the answers to its requests; returns its id
-    /// and receiver. It takes server-initiated messages only once `offer`ed.
-    pub fn open_stream(&self) -> (u64, mpsc::Receiver<Bytes>) {
+    /// Opens a POST stream for the answers to its requests; returns its id,
+    /// receiver and replay. It takes server-initiated messages only once
+    /// `offer`ed.
+    pub fn open_stream(&self) -> (u64, mpsc::Receiver<Bytes>, ReplayRef) {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let mut g = self.lock();
         g.next_stream += 1;
         let id = g.next_stream;
         g.streams.insert(id, tx);
-        (id, rx)
+        let replay = new_replay(&mut g, id);
+        (id, rx, replay)
     }
 
     /// Lets a POST stream, now handed to its client, carry server-initiated
@@ -209,15 +272,31 @@ impl Session {
         self.lock().streams.get(&stream).cloned()
     }
 
-    /// Opens (or replaces) the GET stream and hands it the backlog.
-    pub fn open_get(&self) -> mpsc::Receiver<Bytes> {
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER.max(BACKLOG + 1));
+    /// Opens (or replaces) the GET stream. A client resuming after event
+    /// `resume` (`Last-Event-ID`) first gets what that stream carried or
+    /// held after it; then the backlog. Returns the stream's id, receiver
+    /// and replay.
+    pub fn open_get(&self, resume: Option<(u64, u64)>) -> (u64, mpsc::Receiver<Bytes>, ReplayRef) {
         let mut g = self.lock();
+        let replayed = resume
+            .and_then(|(stream, seq)| {
+                let r = g.replays.get(&stream)?;
+                let r = r.lock().unwrap_or_else(|p| p.into_inner());
+                Some(r.after(seq))
+            })
+            .unwrap_or_default();
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER + replayed.len() + g.backlog.len());
+        for m in replayed {
+            let _ = tx.try_send(m);
+        }
         while let Some(m) = g.backlog.pop_front() {
             let _ = tx.try_send(m);
         }
         g.get = Some(tx);
-        rx
+        g.next_stream += 1;
+        let id = g.next_stream;
+        let replay = new_replay(&mut g, id);
+        (id, rx, replay)
     }
 
     fn agent_tx(&self) -> Option<AgentTx> {
