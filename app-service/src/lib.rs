@@ -131,6 +131,9 @@ pub struct StaticApp {
     #[serde(default)]
     pub uri: String,
     pub mcp: Option<portico_core::McpSpec>,
+    /// As an app's `spec.headers` (for an `mcp+http(s)://` uri).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
 }
 
 pub use portico_mcp::DEFAULT_MAX_MESSAGE;
@@ -314,6 +317,7 @@ impl AgentConfig {
                     AppSpec {
                         uri: s.uri.clone(),
                         mcp: s.mcp.clone(),
+                        headers: s.headers.clone(),
                     },
                 );
                 portico_core::Resource::App(app.clone())

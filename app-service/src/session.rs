@@ -77,10 +77,30 @@ pub async fn handle(
             } else {
                 portico_tls::Connector::plain()
             };
+            let headers = match spawn::resolve_headers(
+                &app.spec.headers,
+                &state.policy,
+                &app.metadata.labels,
+                &user,
+            ) {
+                Ok(h) => h,
+                Err(e) => {
+                    let status = if e.is_refusal() { 403 } else { 502 };
+                    tracing::warn!(app = %app_name, session = %session, user = %user, status, error = %e, "cannot open the upstream session");
+                    return text_response(
+                        status,
+                        &format!("cannot open the MCP server {app_name:?}: {e}"),
+                    );
+                }
+            };
             let Some(permit) = take_slot(&state, &app_name, &session) else {
                 return full(&state);
             };
-            let upstream = Upstream { url, connector };
+            let upstream = Upstream {
+                url,
+                connector,
+                headers,
+            };
             return upstream_session(state, req, upstream, end, app_name, session, permit);
         }
         Ok(Transport::Sse(_)) => {
@@ -364,6 +384,7 @@ fn describe(status: std::process::ExitStatus) -> String {
 struct Upstream {
     url: String,
     connector: portico_tls::Connector,
+    headers: Vec<(hyper::header::HeaderName, hyper::header::HeaderValue)>,
 }
 
 fn upstream_session(
@@ -375,7 +396,11 @@ fn upstream_session(
     session: String,
     permit: OwnedSemaphorePermit,
 ) -> hyper::Response<TunnelBody> {
-    let Upstream { url, connector } = upstream;
+    let Upstream {
+        url,
+        connector,
+        headers,
+    } = upstream;
     tracing::info!(app = %app, session = %session, upstream = %url, "mcp session started");
     state.metrics.sessions.fetch_add(1, Ordering::Relaxed);
     state.metrics.live.fetch_add(1, Ordering::Relaxed);
@@ -395,7 +420,7 @@ fn upstream_session(
     let max = state.max_message;
     tokio::spawn(async move {
         let reason = tokio::select! {
-            r = crate::upstream::relay(&url, connector, req.into_body(), out, max) => r,
+            r = crate::upstream::relay(&url, connector, headers, req.into_body(), out, max) => r,
             r = async { end.wait_for(|v| v.is_some()).await.ok().and_then(|v| v.clone()) } => {
                 r.unwrap_or_else(|| "the MCP server was unregistered".into())
             }

@@ -254,6 +254,51 @@ fn resolve_env(
     Ok(out)
 }
 
+/// Resolves an app's `spec.headers` for one session: `{{secret NAME}}` as
+/// for `spec.mcp.env` (only where a grant covers the app), `{{user.name}}`
+/// as the calling user.
+pub fn resolve_headers(
+    headers: &BTreeMap<String, String>,
+    policy: &Policy,
+    labels: &BTreeMap<String, String>,
+    user: &str,
+) -> Result<Vec<(hyper::header::HeaderName, hyper::header::HeaderValue)>, SpawnError> {
+    let mut out = Vec::with_capacity(headers.len());
+    for (name, template) in headers {
+        let parts =
+            portico_core::resource::header_parts(template).map_err(|e| SpawnError::Other {
+                cmd: format!("spec.headers.{name}"),
+                err: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+            })?;
+        let mut value = String::new();
+        for part in parts {
+            match part {
+                portico_core::resource::HeaderPart::Text(t) => value.push_str(&t),
+                portico_core::resource::HeaderPart::UserName => value.push_str(user),
+                portico_core::resource::HeaderPart::Secret(s) => {
+                    if !policy.granted(&s, labels) {
+                        return Err(SpawnError::SecretNotGranted(s));
+                    }
+                    let v = std::env::var(format!("PORTICO_SECRET_{s}"))
+                        .map_err(|_| SpawnError::MissingSecret(s.clone()))?;
+                    value.push_str(&v);
+                }
+            }
+        }
+        let bad = |what: &str| SpawnError::Other {
+            cmd: format!("spec.headers.{name}"),
+            err: std::io::Error::new(std::io::ErrorKind::InvalidInput, what.to_string()),
+        };
+        let n = hyper::header::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| bad("not a valid header name"))?;
+        // The value may hold a secret: the error does not show it.
+        let v = hyper::header::HeaderValue::from_str(&value)
+            .map_err(|_| bad("the resolved value cannot be sent as a header"))?;
+        out.push((n, v));
+    }
+    Ok(out)
+}
+
 /// What happens between fork and exec, prepared before the fork.
 struct InChild {
     /// Groups, uid and gid to switch to.

@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 pub async fn relay(
     url: &str,
     connector: portico_tls::Connector,
+    headers: Vec<(hyper::header::HeaderName, hyper::header::HeaderValue)>,
     mut body: Incoming,
     out: mpsc::Sender<Bytes>,
     max: usize,
@@ -23,6 +24,7 @@ pub async fn relay(
     let bridge = Bridge::new(
         BridgeConfig {
             connector,
+            headers,
             url: url.to_string(),
             token: None,
             max,

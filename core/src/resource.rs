@@ -50,6 +50,71 @@ pub struct AppSpec {
     pub uri: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mcp: Option<McpSpec>,
+    /// Headers an agent adds to every request to an `mcp+http(s)://`
+    /// upstream: literal text, with `{{secret NAME}}` and `{{user.name}}`
+    /// (the calling user) anywhere in a value.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+}
+
+/// Headers an app may not set: the relay's own, and hop-by-hop ones.
+const RESERVED_HEADERS: [&str; 12] = [
+    "host",
+    "content-length",
+    "content-type",
+    "accept",
+    "mcp-session-id",
+    "mcp-protocol-version",
+    "last-event-id",
+    "connection",
+    "transfer-encoding",
+    "te",
+    "upgrade",
+    "keep-alive",
+];
+
+/// One piece of a header value: text as written, or a template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderPart {
+    Text(String),
+    Secret(String),
+    UserName,
+}
+
+/// Splits a header value into text and `{{secret NAME}}` / `{{user.name}}`.
+pub fn header_parts(value: &str) -> Result<Vec<HeaderPart>, String> {
+    let mut parts = Vec::new();
+    let mut rest = value;
+    while let Some(i) = rest.find("{{") {
+        if i > 0 {
+            parts.push(HeaderPart::Text(rest[..i].to_string()));
+        }
+        let end = rest[i..]
+            .find("}}")
+            .ok_or_else(|| format!("{value:?} opens {{{{ without closing it"))?
+            + i;
+        let inner = rest[i + 2..end].trim();
+        if inner == "user.name" {
+            parts.push(HeaderPart::UserName);
+        } else if let Some(name) = inner.strip_prefix("secret ") {
+            let name = name.trim();
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                return Err(format!(
+                    "{name:?} is not a secret name (letters, digits and _)"
+                ));
+            }
+            parts.push(HeaderPart::Secret(name.to_string()));
+        } else {
+            return Err(format!(
+                "{{{{{inner}}}}} is not a template; use {{{{secret NAME}}}} or {{{{user.name}}}}"
+            ));
+        }
+        rest = &rest[end + 2..];
+    }
+    if !rest.is_empty() {
+        parts.push(HeaderPart::Text(rest.to_string()));
+    }
+    Ok(parts)
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -376,8 +441,37 @@ fn validate_app(spec: &AppSpec) -> Result<(), Invalid> {
             }
             Ok(())
         }
-        Transport::Http(_) | Transport::Sse(_) => Ok(()),
+        Transport::Http(_) | Transport::Sse(_) => {
+            for (name, value) in &spec.headers {
+                let at = format!("spec.headers.{name}");
+                let token = !name.is_empty()
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+                if !token {
+                    return Err(Invalid::field(&at, "not a valid header name"));
+                }
+                if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+                    return Err(Invalid::field(
+                        &at,
+                        "set by the relay itself; an app cannot set it",
+                    ));
+                }
+                if value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+                    return Err(Invalid::field(&at, "a header value holds no line breaks"));
+                }
+                header_parts(value).map_err(|e| Invalid::field(&at, e))?;
+            }
+            Ok(())
+        }
+    }?;
+    if !spec.headers.is_empty() && matches!(spec.transport(), Ok(Transport::Stdio)) {
+        return Err(Invalid::field(
+            "spec.headers",
+            "headers are for mcp+http(s):// upstreams; a stdio server takes spec.mcp.env",
+        ));
     }
+    Ok(())
 }
 
 fn validate_role(spec: &RoleSpec) -> Result<(), Invalid> {
@@ -499,11 +593,56 @@ mod tests {
     }
 
     #[test]
+    fn app_headers() {
+        assert_eq!(
+            header_parts("Bearer {{secret GH_TOKEN}} for {{ user.name }}").expect("parts"),
+            vec![
+                HeaderPart::Text("Bearer ".into()),
+                HeaderPart::Secret("GH_TOKEN".into()),
+                HeaderPart::Text(" for ".into()),
+                HeaderPart::UserName,
+            ]
+        );
+        assert!(header_parts("{{env HOME}}").is_err());
+        assert!(header_parts("{{secret a-b}}").is_err());
+        assert!(header_parts("{{secret X").is_err());
+        let app = |headers: &[(&str, &str)]| AppSpec {
+            uri: "mcp+https://x/mcp".into(),
+            mcp: None,
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        assert!(validate_app(&app(&[("X-Caller", "{{user.name}}")])).is_ok());
+        for bad in [
+            ("Mcp-Session-Id", "x"),
+            ("Host", "x"),
+            ("X Bad", "x"),
+            ("X-Ok", "a\r\nInjected: yes"),
+            ("X-Ok", "{{nope}}"),
+        ] {
+            assert!(validate_app(&app(&[bad])).is_err(), "{bad:?}");
+        }
+        let stdio = AppSpec {
+            uri: String::new(),
+            mcp: Some(McpSpec {
+                command: "x".into(),
+                run_as_host_user: "u".into(),
+                ..McpSpec::default()
+            }),
+            headers: BTreeMap::from([("X-A".to_string(), "b".to_string())]),
+        };
+        assert!(validate_app(&stdio).is_err());
+    }
+
+    #[test]
     fn transports() {
         let t = |u: &str| {
             AppSpec {
                 uri: u.into(),
                 mcp: None,
+                headers: BTreeMap::new(),
             }
             .transport()
         };

@@ -40,6 +40,8 @@ pub struct BridgeConfig {
     pub notice: Arc<dyn Fn(&str) + Send + Sync>,
     /// How connections are made: plain, or TLS with the trust chosen.
     pub connector: portico_tls::Connector,
+    /// Sent with every request (an app's `spec.headers`, resolved).
+    pub headers: Vec<(hyper::header::HeaderName, hyper::header::HeaderValue)>,
 }
 
 /// Relays newline-delimited JSON-RPC messages to a Streamable HTTP MCP
@@ -96,6 +98,9 @@ impl Bridge {
             .method(method)
             .uri(&self.cfg.url)
             .header("accept", "application/json, text/event-stream");
+        for (k, v) in &self.cfg.headers {
+            b = b.header(k, v);
+        }
         if let Some(t) = &self.cfg.token {
             b = b.header("authorization", format!("Bearer {t}"));
         }

@@ -9,7 +9,7 @@ use portico_tests::cluster::run;
 use portico_tests::mcp_http::{McpHttp, Reply};
 use portico_tests::util::{me, test_app_yaml};
 use portico_tests::{Cluster, ClusterBuilder, bin, eventually};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const PW: &str = "limits-password-1";
 
@@ -410,5 +410,145 @@ async fn processes_run_under_the_configured_rlimits() {
         version.starts_with(&format!("{files}:{files} ")),
         "default RLIMIT_NOFILE: {info}"
     );
+    c.shutdown().await;
+}
+
+/// A minimal Streamable HTTP MCP server that answers `whoami` with the
+/// `x-caller` and `authorization` headers each request arrived with.
+async fn header_echo_upstream() -> std::net::SocketAddr {
+    use http_body_util::BodyExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let h = |n: &str| {
+                            req.headers()
+                                .get(n)
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("")
+                                .to_string()
+                        };
+                        let (caller, auth) = (h("x-caller"), h("authorization"));
+                        let method = req.method().clone();
+                        let body = req
+                            .into_body()
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        let msg: serde_json::Value =
+                            serde_json::from_slice(&body).unwrap_or_default();
+                        let reply = match (method.as_str(), msg["method"].as_str()) {
+                            ("POST", Some("initialize")) => {
+                                Some(json!({"jsonrpc": "2.0", "id": msg["id"], "result": {
+                            "protocolVersion": msg["params"]["protocolVersion"], "capabilities": {"tools": {}},
+                            "serverInfo": {"name": "header-echo", "version": "1"}}}))
+                            }
+                            ("POST", Some("tools/call")) => {
+                                Some(json!({"jsonrpc": "2.0", "id": msg["id"], "result": {
+                            "content": [{"type": "text", "text": format!("{caller}|{auth}")}]}}))
+                            }
+                            ("POST", Some(_)) if msg.get("id").is_some() => {
+                                Some(json!({"jsonrpc": "2.0", "id": msg["id"], "result": {}}))
+                            }
+                            _ => None,
+                        };
+                        let mut resp = match reply {
+                            Some(v) => {
+                                let mut r = hyper::Response::new(http_body_util::Full::new(
+                                    bytes::Bytes::from(v.to_string()),
+                                ));
+                                r.headers_mut().insert(
+                                    "content-type",
+                                    "application/json".parse().expect("value"),
+                                );
+                                r
+                            }
+                            None => {
+                                let mut r = hyper::Response::new(http_body_util::Full::new(
+                                    bytes::Bytes::new(),
+                                ));
+                                *r.status_mut() = if method == hyper::Method::GET {
+                                    hyper::StatusCode::METHOD_NOT_ALLOWED
+                                } else {
+                                    hyper::StatusCode::ACCEPTED
+                                };
+                                r
+                            }
+                        };
+                        resp.headers_mut()
+                            .insert("mcp-session-id", "up-1".parse().expect("value"));
+                        Ok::<_, std::convert::Infallible>(resp)
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn upstream_headers_carry_the_user_and_granted_secrets() {
+    let c = ClusterBuilder::new().proxy().start().await;
+    let upstream = header_echo_upstream().await;
+    let _agent = AgentProcess::start(
+        &c,
+        "relay",
+        &format!(
+            "  mcp:\n    allowed_host_users: [{}]\n    secrets:\n    - name: UP_TOKEN\n      labels: {{env: prod}}\n",
+            me()
+        ),
+        &[("PORTICO_SECRET_UP_TOKEN", "s3cret-up")],
+    )
+    .await;
+    let app = |name: &str, env: &str| {
+        format!(
+            "kind: app\nversion: v3\nmetadata: {{name: {name}, labels: {{team: relay, env: {env}}}}}\nspec:\n  uri: 'mcp+http://{upstream}/mcp'\n  headers:\n    X-Caller: '{{{{user.name}}}}'\n    Authorization: 'Bearer {{{{secret UP_TOKEN}}}}'\n"
+        )
+    };
+    c.create_yaml(&app("up-prod", "prod"), false)
+        .await
+        .expect("app");
+    c.create_yaml(&app("up-dev", "dev"), false)
+        .await
+        .expect("app");
+    c.wait_servers("up-prod", &["relay"]).await;
+    c.wait_servers("up-dev", &["relay"]).await;
+    let token = token(&c).await;
+    let mut s = McpHttp::new(c.proxy_addr(), "up-prod", &token);
+    s.initialize().await.expect("session through the relay");
+    let r = s.call("whoami", json!({})).await;
+    assert_eq!(
+        r["result"]["content"][0]["text"], "limits-admin|Bearer s3cret-up",
+        "the upstream saw the user and the granted secret: {r}"
+    );
+    // The same headers on an app no grant covers: refused, naming the
+    // secret but not its value.
+    let mut d = McpHttp::new(c.proxy_addr(), "up-dev", &token);
+    let e = d.initialize().await.expect_err("the secret is not granted");
+    let body = String::from_utf8_lossy(&e.body).to_string();
+    assert!(
+        body.contains("UP_TOKEN") && body.contains("not granted"),
+        "{body}"
+    );
+    assert!(!body.contains("s3cret-up"), "{body}");
+    // Headers that would smuggle a line or a relay header are refused when stored.
+    let bad = format!(
+        "kind: app\nversion: v3\nmetadata: {{name: up-bad}}\nspec:\n  uri: 'mcp+http://{upstream}/mcp'\n  headers:\n    Mcp-Session-Id: x\n"
+    );
+    let file = c.data_dir().join("up-bad.yaml");
+    std::fs::write(&file, bad).expect("file");
+    let o = c.pctl(&["create", &file.display().to_string()]).await;
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success(), "refused");
+    assert!(err.contains("spec.headers.Mcp-Session-Id"), "{err}");
     c.shutdown().await;
 }
