@@ -619,31 +619,7 @@ async fn a_killed_agent_behind_a_half_open_link_is_noticed_within_seconds() {
         .await;
     let relay = FreezableRelay::start(c.tunnel_addr()).await;
     // The victim: a real agent process that reaches the proxy through the relay.
-    let dir = c.data_dir().join("process-victim");
-    std::fs::create_dir_all(&dir).expect("dir");
-    let config = dir.join("portico.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "version: v1\ndata_dir: {}\napp_service:\n  auth_servers: [\"{}\"]\n  proxy_servers: [\"{}\"]\n  join_token: \"{}\"\n  host_id: victim\n  resources:\n  - labels: {{\"*\": \"*\"}}\n  mcp:\n    allowed_host_users: [{}]\n",
-            dir.join("data").display(),
-            c.auth_addr,
-            relay.addr,
-            c.join_token("app").await,
-            portico_tests::util::me(),
-        ),
-    )
-    .expect("config");
-    let mut victim = tokio::process::Command::new(portico_tests::bin("portico"))
-        .args(["start", "--config"])
-        .arg(&config)
-        .env_remove("PORTICO_DATA_DIR")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("agent process");
+    let mut victim = wildcard_agent_process(&c, "victim", &relay.addr.to_string()).await;
     c.create_yaml(&test_app_yaml("tm", "dev"), false)
         .await
         .expect("app");
@@ -711,6 +687,39 @@ async fn a_killed_agent_behind_a_half_open_link_is_noticed_within_seconds() {
     c.shutdown().await;
 }
 
+/// A real agent process (`portico start`) serving every app, dialling the
+/// proxy at `tunnel`.
+async fn wildcard_agent_process(
+    c: &portico_tests::Cluster,
+    host_id: &str,
+    tunnel: &str,
+) -> tokio::process::Child {
+    let dir = c.data_dir().join(format!("process-{host_id}"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("portico.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: v1\ndata_dir: {}\napp_service:\n  auth_servers: [\"{}\"]\n  proxy_servers: [\"{tunnel}\"]\n  join_token: \"{}\"\n  host_id: {host_id}\n  resources:\n  - labels: {{\"*\": \"*\"}}\n  mcp:\n    allowed_host_users: [{}]\n",
+            dir.join("data").display(),
+            c.auth_addr,
+            c.join_token("app").await,
+            portico_tests::util::me(),
+        ),
+    )
+    .expect("config");
+    tokio::process::Command::new(portico_tests::bin("portico"))
+        .args(["start", "--config"])
+        .arg(&config)
+        .env_remove("PORTICO_DATA_DIR")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("agent process")
+}
+
 /// The processes whose parent is `pid`, from /proc.
 fn children_of(pid: u32) -> Vec<u32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
@@ -743,31 +752,7 @@ fn dead(pid: u32) -> bool {
 #[tokio::test]
 async fn the_processes_of_a_killed_agent_die_with_it() {
     let c = ClusterBuilder::new().proxy().start().await;
-    let dir = c.data_dir().join("process-doomed");
-    std::fs::create_dir_all(&dir).expect("dir");
-    let config = dir.join("portico.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "version: v1\ndata_dir: {}\napp_service:\n  auth_servers: [\"{}\"]\n  proxy_servers: [\"{}\"]\n  join_token: \"{}\"\n  host_id: doomed\n  resources:\n  - labels: {{\"*\": \"*\"}}\n  mcp:\n    allowed_host_users: [{}]\n",
-            dir.join("data").display(),
-            c.auth_addr,
-            c.tunnel_addr(),
-            c.join_token("app").await,
-            portico_tests::util::me(),
-        ),
-    )
-    .expect("config");
-    let mut agent = tokio::process::Command::new(portico_tests::bin("portico"))
-        .args(["start", "--config"])
-        .arg(&config)
-        .env_remove("PORTICO_DATA_DIR")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("agent process");
+    let mut agent = wildcard_agent_process(&c, "doomed", &c.tunnel_addr().to_string()).await;
     let agent_pid = agent.id().expect("pid");
     // A server that outlives its input: it answers initialize, then sleeps
     // on even after its standard input closes (as many real ones do).
