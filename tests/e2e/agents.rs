@@ -803,3 +803,54 @@ async fn the_processes_of_a_killed_agent_die_with_it() {
     .await;
     c.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_agent_that_loses_its_proxy_ends_the_orphaned_processes() {
+    let c = ClusterBuilder::new().proxy().start().await;
+    let relay = FreezableRelay::start(c.tunnel_addr()).await;
+    let agent = wildcard_agent_process(&c, "stranded", &relay.addr.to_string()).await;
+    let agent_pid = agent.id().expect("pid");
+    c.create_yaml(&test_app_yaml("tm", "dev"), false)
+        .await
+        .expect("app");
+    c.wait_servers("tm", &["stranded"]).await;
+    let state = c.proxy.as_ref().expect("proxy").state.clone();
+    eventually(Duration::from_secs(30), "tunnel up", || {
+        let s = state.clone();
+        async move { s.tunnels.is_connected("stranded").then_some(()) }
+    })
+    .await;
+    let token = user_token(&c).await;
+    let mut sessions = Vec::new();
+    for i in 0..2 {
+        let mut s = McpHttp::new(c.proxy_addr(), "tm", &token);
+        s.initialize().await.expect("session");
+        let r = s.call("echo", json!({"message": format!("s{i}")})).await;
+        assert_eq!(r["result"]["content"][0]["text"], format!("s{i}"), "{r}");
+        sessions.push(s);
+    }
+    let servers = eventually(Duration::from_secs(10), "two MCP processes", || async {
+        let kids = children_of(agent_pid);
+        (kids.len() >= 2).then_some(kids)
+    })
+    .await;
+    // The proxy goes silent, as a SIGKILLed one behind a half-open link:
+    // the agent gives the tunnel up and ends the sessions it carried.
+    relay.freeze();
+    let frozen = std::time::Instant::now();
+    eventually(
+        Duration::from_secs(15),
+        "the orphaned processes end",
+        || {
+            let servers = servers.clone();
+            async move { servers.iter().all(|p| dead(*p)).then_some(()) }
+        },
+    )
+    .await;
+    eprintln!(
+        "an agent ended the processes of a silent proxy's sessions after {:?}",
+        frozen.elapsed()
+    );
+    drop(agent);
+    c.shutdown().await;
+}
