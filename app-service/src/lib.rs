@@ -4,6 +4,7 @@
 //! within its own bounds: which host accounts, which secrets for which apps,
 //! how many sessions, and the resource limits of each process.
 
+mod legacy_sse;
 pub mod registry;
 pub mod session;
 pub mod spawn;

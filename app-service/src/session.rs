@@ -61,7 +61,13 @@ pub async fn handle(
             Some(m) => m.clone(),
             None => return text_response(502, "the app has no mcp.command"),
         },
-        Ok(Transport::Http(url)) => {
+        Ok(t @ (Transport::Http(_) | Transport::Sse(_))) => {
+            // The newer Streamable HTTP, or the older HTTP+SSE transport.
+            let (url, legacy) = match t {
+                Transport::Sse(u) => (u, true),
+                Transport::Http(u) => (u, false),
+                Transport::Stdio => return text_response(502, "the app is not an upstream"),
+            };
             let connector = if url.starts_with("https://") {
                 match &state.upstream_tls {
                     Ok(c) => c.clone(),
@@ -98,18 +104,11 @@ pub async fn handle(
             };
             let upstream = Upstream {
                 url,
+                legacy,
                 connector,
                 headers,
             };
             return upstream_session(state, req, upstream, end, app_name, session, permit);
-        }
-        Ok(Transport::Sse(_)) => {
-            return text_response(
-                502,
-                &format!(
-                    "the MCP server {app_name:?} uses the HTTP+SSE transport, which this agent does not relay yet"
-                ),
-            );
         }
         Err(e) => return text_response(502, &e.to_string()),
     };
@@ -383,6 +382,8 @@ fn describe(status: std::process::ExitStatus) -> String {
 /// An upstream server and how to reach it.
 struct Upstream {
     url: String,
+    /// The older HTTP+SSE transport (`mcp+sse+...`).
+    legacy: bool,
     connector: portico_tls::Connector,
     headers: Vec<(hyper::header::HeaderName, hyper::header::HeaderValue)>,
 }
@@ -398,6 +399,7 @@ fn upstream_session(
 ) -> hyper::Response<TunnelBody> {
     let Upstream {
         url,
+        legacy,
         connector,
         headers,
     } = upstream;
@@ -420,7 +422,13 @@ fn upstream_session(
     let max = state.max_message;
     tokio::spawn(async move {
         let reason = tokio::select! {
-            r = crate::upstream::relay(&url, connector, headers, req.into_body(), out, max) => r,
+            r = async {
+                if legacy {
+                    crate::legacy_sse::relay(&url, connector, headers, req.into_body(), out, max).await
+                } else {
+                    crate::upstream::relay(&url, connector, headers, req.into_body(), out, max).await
+                }
+            } => r,
             r = async { end.wait_for(|v| v.is_some()).await.ok().and_then(|v| v.clone()) } => {
                 r.unwrap_or_else(|| "the MCP server was unregistered".into())
             }

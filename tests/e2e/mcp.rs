@@ -1107,14 +1107,16 @@ async fn upstream_streamable_http_app() {
     );
     eprintln!("an unverified https upstream: {said}");
     assert!(said.to_lowercase().contains("certificate"), "{said}");
-    let mut x = McpHttp::new(c.proxy_addr(), "sse-only", &token);
-    let e = x
-        .initialize()
-        .await
-        .expect_err("the HTTP+SSE transport is not relayed yet");
+    // An HTTP+SSE upstream that is not there: a clear error, no hang.
+    let x = McpHttp::new(c.proxy_addr(), "sse-only", &token);
+    let r = x
+        .post(&json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "e2e", "version": "1"}}}))
+        .await;
+    let said = format!("{} {}", String::from_utf8_lossy(&r.body), r.status);
     assert!(
-        String::from_utf8_lossy(&e.body).contains("does not relay"),
-        "{e:?}"
+        said.contains("cannot reach the upstream MCP server"),
+        "{said}"
     );
     c.shutdown().await;
 }
@@ -1426,5 +1428,80 @@ async fn a_client_resumes_a_cut_stream_and_misses_nothing() {
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), n, "unique event ids");
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn upstream_http_sse_app() {
+    let entry = node_file("@modelcontextprotocol/server-everything/dist/index.js");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let _upstream = tokio::process::Command::new("node")
+        .arg(&entry)
+        .arg("sse")
+        .env("PORT", port.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("server-everything over HTTP+SSE");
+    eventually(
+        Duration::from_secs(30),
+        "upstream listening",
+        || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()
+        },
+    )
+    .await;
+    let c = ClusterBuilder::new()
+        .proxy()
+        .wildcard_agent("a1")
+        .start()
+        .await;
+    c.create_yaml(&format!("kind: app\nversion: v3\nmetadata: {{name: sse-everything, labels: {{env: dev}}}}\nspec: {{uri: 'mcp+sse+http://127.0.0.1:{port}/sse'}}\n"), false)
+        .await
+        .expect("app");
+    c.wait_servers("sse-everything", &["a1"]).await;
+    c.add_user("se", &["mcp-user"], PW).await;
+    let token = c.login("se", PW).await;
+    let mut s = McpHttp::new(c.proxy_addr(), "sse-everything", &token);
+    let init = s
+        .initialize()
+        .await
+        .expect("initialize through the agent's HTTP+SSE relay");
+    assert!(init["serverInfo"]["name"].is_string(), "{init}");
+    let tools = s.request("tools/list", json!({})).await;
+    let mut direct = Direct::start(
+        std::path::Path::new("node"),
+        &[entry.display().to_string(), "stdio".into()],
+    )
+    .await;
+    let want = direct.rpc("tools/list", json!({})).await;
+    assert_eq!(
+        tools["result"], want["result"],
+        "same tools over HTTP+SSE as over stdio"
+    );
+    let r = s.call("echo", json!({"message": "over sse"})).await;
+    assert!(
+        r["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("over sse"),
+        "{r}"
+    );
+    let r = s.call("get-sum", json!({"a": 20, "b": 22})).await;
+    assert!(
+        r["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("42"),
+        "{r}"
+    );
+    assert_eq!(s.delete().await.status, StatusCode::OK);
     c.shutdown().await;
 }
