@@ -126,7 +126,7 @@ pub async fn relay(
     url: &str,
     connector: portico_tls::Connector,
     headers: Vec<(HeaderName, HeaderValue)>,
-    mut body: Incoming,
+    body: Incoming,
     out: mpsc::Sender<Bytes>,
     max: usize,
 ) -> String {
@@ -213,61 +213,34 @@ pub async fn relay(
         }
     });
     // Client to server: each line, POSTed.
-    let mut lines = LineBuffer::new(max);
+    let mut lines = crate::upstream::ClientLines::new(body, max);
     let writer = async {
         loop {
-            let Some(frame) = body.frame().await else {
-                return "the session was closed by the client".to_string();
-            };
-            let Ok(frame) = frame else {
-                return "the tunnel stream failed".to_string();
-            };
-            let Ok(data) = frame.into_data() else {
-                continue;
-            };
-            lines.push(&data);
-            loop {
-                match lines.next_line() {
-                    Ok(Some(line)) if line.is_empty() => {}
-                    Ok(Some(line)) => {
-                        let Ok(req) = request(
-                            hyper::Method::POST,
-                            &post_url,
-                            &headers,
-                            Bytes::copy_from_slice(&line),
-                        ) else {
-                            return "cannot build a request to the upstream MCP server".into();
-                        };
-                        match tokio::time::timeout(Duration::from_secs(60), http.request(req)).await
-                        {
-                            Ok(Ok(r)) if r.status().is_success() => {}
-                            Ok(Ok(r)) => {
-                                return format!(
-                                    "the upstream MCP server refused a message with HTTP {}",
-                                    r.status().as_u16()
-                                );
-                            }
-                            Ok(Err(e)) => {
-                                return format!(
-                                    "cannot reach the upstream MCP server: {}",
-                                    portico_proto::client::source_text(&e)
-                                );
-                            }
-                            Err(_) => {
-                                return "the upstream MCP server did not take a message in 60 s"
-                                    .into();
-                            }
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(_) => return format!("a client message exceeded {max} bytes"),
+            let line = lines.next().await?;
+            let req = request(hyper::Method::POST, &post_url, &headers, line)?;
+            match tokio::time::timeout(Duration::from_secs(60), http.request(req)).await {
+                Ok(Ok(r)) if r.status().is_success() => {}
+                Ok(Ok(r)) => {
+                    return Err(format!(
+                        "the upstream MCP server refused a message with HTTP {}",
+                        r.status().as_u16()
+                    ));
+                }
+                Ok(Err(e)) => {
+                    return Err(format!(
+                        "cannot reach the upstream MCP server: {}",
+                        portico_proto::client::source_text(&e)
+                    ));
+                }
+                Err(_) => {
+                    return Err("the upstream MCP server did not take a message in 60 s".into());
                 }
             }
         }
     };
     let abort = reader.abort_handle();
     let reason = tokio::select! {
-        r = writer => r,
+        r = writer => r.unwrap_or_else(|e: String| e),
         r = reader => r.unwrap_or_else(|_| "the upstream relay failed".into()),
     };
     abort.abort();

@@ -11,12 +11,51 @@ use portico_mcp::LineBuffer;
 use portico_mcp::bridge::{Bridge, BridgeConfig};
 use tokio::sync::mpsc;
 
+/// The client's messages from the tunnel stream, one line at a time.
+pub(crate) struct ClientLines {
+    body: Incoming,
+    lines: LineBuffer,
+    max: usize,
+}
+
+impl ClientLines {
+    pub(crate) fn new(body: Incoming, max: usize) -> Self {
+        ClientLines {
+            body,
+            lines: LineBuffer::new(max),
+            max,
+        }
+    }
+
+    /// The next non-empty line, or why there is none (the reason the
+    /// session ends).
+    pub(crate) async fn next(&mut self) -> Result<Bytes, String> {
+        loop {
+            match self.lines.next_line() {
+                Ok(Some(line)) if line.is_empty() => continue,
+                Ok(Some(line)) => return Ok(Bytes::copy_from_slice(&line)),
+                Ok(None) => {}
+                Err(_) => return Err(format!("a client message exceeded {} bytes", self.max)),
+            }
+            let Some(frame) = self.body.frame().await else {
+                return Err("the session was closed by the client".to_string());
+            };
+            let Ok(frame) = frame else {
+                return Err("the tunnel stream failed".to_string());
+            };
+            if let Ok(data) = frame.into_data() {
+                self.lines.push(&data);
+            }
+        }
+    }
+}
+
 /// Relays a session until the client closes it or the upstream ends it; returns the reason.
 pub async fn relay(
     url: &str,
     connector: portico_tls::Connector,
     headers: Vec<(hyper::header::HeaderName, hyper::header::HeaderValue)>,
-    mut body: Incoming,
+    body: Incoming,
     out: mpsc::Sender<Bytes>,
     max: usize,
 ) -> String {
@@ -34,29 +73,14 @@ pub async fn relay(
         },
         out,
     );
-    let mut lines = LineBuffer::new(max);
-    let reason = 'outer: loop {
-        let Some(frame) = body.frame().await else {
-            break "the session was closed by the client".to_string();
+    let mut lines = ClientLines::new(body, max);
+    let reason = loop {
+        let line = match lines.next().await {
+            Ok(l) => l,
+            Err(reason) => break reason,
         };
-        let Ok(frame) = frame else {
-            break "the tunnel stream failed".to_string();
-        };
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        lines.push(&data);
-        loop {
-            match lines.next_line() {
-                Ok(Some(line)) if line.is_empty() => {}
-                Ok(Some(line)) => {
-                    if let Err(e) = bridge.handle(line.to_vec()).await {
-                        break 'outer e;
-                    }
-                }
-                Ok(None) => break,
-                Err(_) => break 'outer format!("a client message exceeded {max} bytes"),
-            }
+        if let Err(e) = bridge.handle(line.to_vec()).await {
+            break e;
         }
     };
     bridge.finish().await;

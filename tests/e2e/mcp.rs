@@ -941,23 +941,24 @@ async fn mcp_inspector_cli() {
     c.shutdown().await;
 }
 
-#[tokio::test]
-async fn upstream_streamable_http_app() {
+/// server-everything serving `mode` (`streamableHttp` or `sse`) on a free
+/// loopback port, once it listens.
+async fn everything_over(mode: &str) -> (tokio::process::Child, u16) {
     let entry = node_file("@modelcontextprotocol/server-everything/dist/index.js");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
         .local_addr()
         .expect("addr")
         .port();
-    let _upstream = tokio::process::Command::new("node")
+    let child = tokio::process::Command::new("node")
         .arg(&entry)
-        .arg("streamableHttp")
+        .arg(mode)
         .env("PORT", port.to_string())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
-        .expect("server-everything over HTTP");
+        .expect("server-everything");
     eventually(
         Duration::from_secs(30),
         "upstream listening",
@@ -968,6 +969,13 @@ async fn upstream_streamable_http_app() {
         },
     )
     .await;
+    (child, port)
+}
+
+#[tokio::test]
+async fn upstream_streamable_http_app() {
+    let entry = node_file("@modelcontextprotocol/server-everything/dist/index.js");
+    let (_upstream, port) = everything_over("streamableHttp").await;
     // The same server behind a TLS terminator with a certificate of its own,
     // which only the CA file given to agent a1 vouches for.
     let tls_dir = portico_tests::TempDir::new("portico-upstream-tls");
@@ -1434,30 +1442,7 @@ async fn a_client_resumes_a_cut_stream_and_misses_nothing() {
 #[tokio::test]
 async fn upstream_http_sse_app() {
     let entry = node_file("@modelcontextprotocol/server-everything/dist/index.js");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
-    let _upstream = tokio::process::Command::new("node")
-        .arg(&entry)
-        .arg("sse")
-        .env("PORT", port.to_string())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("server-everything over HTTP+SSE");
-    eventually(
-        Duration::from_secs(30),
-        "upstream listening",
-        || async move {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .ok()
-        },
-    )
-    .await;
+    let (_upstream, port) = everything_over("sse").await;
     let c = ClusterBuilder::new()
         .proxy()
         .wildcard_agent("a1")

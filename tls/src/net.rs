@@ -44,12 +44,6 @@ pub struct TlsConn {
     pub info: PeerInfo,
 }
 
-impl TlsConn {
-    pub fn alpn(&self) -> Option<&[u8]> {
-        self.stream.get_ref().1.alpn_protocol()
-    }
-}
-
 impl AsyncRead for TlsConn {
     fn poll_read(
         self: Pin<&mut Self>,

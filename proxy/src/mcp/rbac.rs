@@ -149,11 +149,7 @@ pub async fn on_response(
                 "the MCP server was removed; its list cannot be filtered".to_string()
             })?;
             let checker = live_checker(state, s);
-            let f = match kind {
-                ListKind::Tools => Feature::Tool,
-                ListKind::Prompts => Feature::Prompt,
-                ListKind::Resources | ListKind::ResourceTemplates => Feature::Resource,
-            };
+            let f = feature_of(*kind);
             let seen = std::cell::RefCell::new(Vec::new());
             lists::filter(msg, *kind, |name| {
                 let ok = checker
