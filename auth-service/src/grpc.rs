@@ -31,7 +31,8 @@ use crate::identity::{
     token_name, verify_password_limited,
 };
 use crate::limiter::Refused;
-use crate::storage::{PutMode, WriteOp};
+use crate::identity::hash_token;
+use crate::storage::{AuditRecord, PutMode, WriteOp};
 
 /// Largest request the API accepts (a resource file is at most 1 MiB).
 const MAX_MESSAGE: usize = 4 * 1024 * 1024;
@@ -99,13 +100,26 @@ fn kind_arg(k: &str) -> Result<Kind, Status> {
     })
 }
 
-/// The address a call came from: the IP of its TCP peer. A call forwarded
-/// by a proxy comes from the proxy's address; `x-forwarded-for` and the
-/// like are not read, since any client can send them.
+/// The address a call came from: the IP of its TCP peer, or, for a call a
+/// proxy forwards (proven by the proxy's client certificate), the client
+/// address the proxy names in `x-portico-client-addr`. Anyone else's
+/// `x-forwarded-for` and the like are not read, since any client can send
+/// them.
 fn source_of<T>(req: &Request<T>) -> String {
-    req.extensions()
-        .get::<PeerInfo>()
-        .and_then(|i| i.remote)
+    let info = req.extensions().get::<PeerInfo>();
+    let via_proxy = info
+        .and_then(|i| i.id.as_ref())
+        .is_some_and(|id| id.role == portico_tls::pki::CertRole::Proxy);
+    if via_proxy
+        && let Some(addr) = req
+            .metadata()
+            .get(portico_proto::client::CLIENT_ADDR_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<std::net::IpAddr>().ok())
+    {
+        return addr.to_canonical().to_string();
+    }
+    info.and_then(|i| i.remote)
         .map(|a| a.ip().to_canonical().to_string())
         .unwrap_or_else(|| "unknown".to_string())
 }
@@ -735,6 +749,30 @@ impl AuthService for Api {
         }))
     }
 
+    async fn logout(&self, req: Request<LogoutRequest>) -> Res<LogoutResponse> {
+        let c = self.caller(&req, "logout").await?;
+        if c.p.ptype != PrincipalType::User {
+            return Err(Status::failed_precondition(
+                "only a user's login session can be ended this way; services and the admin identity are revoked with pctl",
+            ));
+        }
+        let token = bearer(req.metadata()).unwrap_or_default();
+        self.s
+            .backend
+            .delete_session(&hash_token(&token))
+            .await
+            .map_err(to_status)?;
+        self.s
+            .audit(
+                "user.logout",
+                &c.p.name,
+                true,
+                serde_json::json!({"source": c.source}),
+            )
+            .await;
+        Ok(Response::new(LogoutResponse {}))
+    }
+
     async fn add_user(&self, req: Request<AddUserRequest>) -> Res<AddUserResponse> {
         let c = self.caller(&req, "add_user").await?;
         let req = req.into_inner();
@@ -1021,7 +1059,7 @@ impl AuthService for Api {
             let _ = self
                 .s
                 .backend
-                .delete_session(&crate::identity::hash_token(&identity))
+                .delete_session(&hash_token(&identity))
                 .await;
             refuse(refused).await;
             return Err(Status::unauthenticated(refused));
@@ -1074,7 +1112,7 @@ impl AuthService for Api {
         let extended = self
             .s
             .backend
-            .extend_session(&crate::identity::hash_token(&token), expires)
+            .extend_session(&hash_token(&token), expires)
             .await
             .map_err(to_status)?;
         if !extended {
@@ -1251,7 +1289,7 @@ impl AuthService for Api {
                 ));
             }
             let fields = event_fields(&e.fields_json, &p.name)?;
-            recs.push(crate::storage::AuditRecord {
+            recs.push(AuditRecord {
                 id: 0,
                 time_ms: now,
                 kind: e.r#type,
@@ -1278,24 +1316,111 @@ impl AuthService for Api {
             req.limit.min(10_000)
         };
         let kind = (!req.r#type.is_empty()).then_some(req.r#type.as_str());
-        let recs = self
-            .s
-            .backend
-            .list_audit(kind, req.since_ms, limit)
-            .await
-            .map_err(to_status)?;
-        let events = recs
-            .into_iter()
-            .map(|r| AuditEvent {
-                id: r.id,
-                time_ms: r.time_ms,
-                r#type: r.kind,
-                actor: r.actor,
-                success: r.success,
-                fields_json: r.fields,
-            })
-            .collect();
-        Ok(Response::new(ListEventsResponse { events }))
+        let filter = EventFilter {
+            user: req.user.trim(),
+            app: req.app.trim(),
+            until_ms: req.until_ms,
+        };
+        let to_event = |r: AuditRecord| AuditEvent {
+            id: r.id,
+            time_ms: r.time_ms,
+            r#type: r.kind,
+            actor: r.actor,
+            success: r.success,
+            fields_json: r.fields,
+        };
+        if !req.newest_first {
+            let recs = self
+                .s
+                .backend
+                .list_audit(kind, req.since_ms, limit)
+                .await
+                .map_err(to_status)?;
+            let events = recs
+                .into_iter()
+                .filter(|r| filter.keeps(r))
+                .map(to_event)
+                .collect();
+            return Ok(Response::new(ListEventsResponse {
+                events,
+                next_before_id: 0,
+            }));
+        }
+        // A page, newest first: read back in batches and keep what the
+        // filters keep, reading at most EVENT_SCAN records per call (a
+        // short page then says where to go on).
+        let mut before = if req.before_id > 0 {
+            req.before_id
+        } else {
+            i64::MAX
+        };
+        let mut events = Vec::new();
+        let mut scanned = 0usize;
+        let mut next = 0;
+        while scanned < EVENT_SCAN {
+            let batch = self
+                .s
+                .backend
+                .audit_page(kind, req.since_ms, filter.until_ms, before, 500)
+                .await
+                .map_err(to_status)?;
+            let done = batch.len() < 500;
+            scanned += batch.len();
+            for r in batch {
+                before = r.id;
+                if filter.keeps(&r) {
+                    events.push(to_event(r));
+                    if events.len() as i64 >= limit {
+                        break;
+                    }
+                }
+            }
+            if events.len() as i64 >= limit {
+                next = before;
+                break;
+            }
+            if done {
+                break;
+            }
+            next = before;
+        }
+        Ok(Response::new(ListEventsResponse {
+            events,
+            next_before_id: next,
+        }))
+    }
+}
+
+/// Audit records one `ListEvents` call reads at most.
+const EVENT_SCAN: usize = 20_000;
+
+/// The filters of `ListEvents` that the database does not apply.
+struct EventFilter<'a> {
+    user: &'a str,
+    app: &'a str,
+    until_ms: i64,
+}
+
+impl EventFilter<'_> {
+    fn keeps(&self, r: &AuditRecord) -> bool {
+        if self.until_ms > 0 && r.time_ms >= self.until_ms {
+            return false;
+        }
+        if self.user.is_empty() && self.app.is_empty() {
+            return true;
+        }
+        let fields: serde_json::Value = serde_json::from_str(&r.fields).unwrap_or_default();
+        let field = |k: &str| fields.get(k).and_then(|v| v.as_str());
+        if !self.user.is_empty() && r.actor != self.user && field("user") != Some(self.user) {
+            return false;
+        }
+        if !self.app.is_empty()
+            && field("app") != Some(self.app)
+            && !(r.kind.starts_with("app.") && field("name") == Some(self.app))
+        {
+            return false;
+        }
+        true
     }
 }
 

@@ -1,6 +1,7 @@
 //! Portico's resource model: resources and their validation, label matching,
 //! RBAC evaluation and the error code shared by every service. No I/O here.
 
+pub mod client_config;
 pub mod error;
 pub mod identity;
 pub mod invalid;

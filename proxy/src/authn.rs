@@ -74,6 +74,16 @@ impl Authenticator {
     }
 }
 
+impl Authenticator {
+    /// Forgets a token at once (its login ended here).
+    pub fn forget(&self, token: &str) {
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(token);
+    }
+}
+
 /// `Authorization: Bearer <token>` from HTTP headers.
 pub fn bearer(headers: &http::HeaderMap) -> Option<&str> {
     let v = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;

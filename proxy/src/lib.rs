@@ -8,6 +8,7 @@ pub mod authn;
 pub mod cache;
 mod forward;
 pub mod mcp;
+mod routes;
 pub mod serve;
 mod web;
 
@@ -165,6 +166,8 @@ pub struct ProxyState {
     pub public_addr: Option<String>,
     /// `/metrics` answers only loopback callers unless this is set.
     pub public_metrics: bool,
+    /// The web listener serves plain HTTP (behind a TLS terminator).
+    pub plain_http: bool,
     pub metrics: Metrics,
 }
 
@@ -306,7 +309,7 @@ pub async fn start(
     ));
     tokio::spawn(idle_sweeper(state.clone(), stop_rx.clone()));
     tokio::spawn(access_sweeper(state.clone(), stop_rx.clone()));
-    let router = web::router(state.clone());
+    let router = routes::router(state.clone());
     let limits = serve::WebLimits {
         max_connections: cfg.max_connections.unwrap_or(4096),
         max_per_address: cfg.max_connections_per_address.unwrap_or(512),
@@ -368,6 +371,7 @@ impl ProxyState {
             allowed_origins: cfg.allowed_origins.clone(),
             public_addr: cfg.public_addr.clone(),
             public_metrics: cfg.public_metrics,
+            plain_http: cfg.plain_http,
             metrics: Metrics::default(),
         })
     }

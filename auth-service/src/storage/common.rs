@@ -540,6 +540,45 @@ macro_rules! impl_backend {
                     .collect()
             }
 
+            async fn audit_page(
+                &self,
+                kind: Option<&str>,
+                since_ms: i64,
+                until_ms: i64,
+                before_id: i64,
+                limit: i64,
+            ) -> portico_core::Result<Vec<$crate::storage::AuditRecord>> {
+                use $crate::storage::{db_error, AuditRecord};
+                use sqlx::Row;
+                let rows = sqlx::query(
+                    "SELECT id, time_ms, type, actor, success, fields FROM audit
+                     WHERE id < $1 AND time_ms >= $2 AND ($3 <= 0 OR time_ms < $3)
+                       AND ($4 = '' OR type = $4 OR type LIKE $5)
+                     ORDER BY id DESC LIMIT $6",
+                )
+                .bind(before_id)
+                .bind(since_ms)
+                .bind(until_ms)
+                .bind(kind.unwrap_or(""))
+                .bind(format!("{}.%", kind.unwrap_or("")))
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_error)?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(AuditRecord {
+                            id: r.try_get(0).map_err(db_error)?,
+                            time_ms: r.try_get(1).map_err(db_error)?,
+                            kind: r.try_get(2).map_err(db_error)?,
+                            actor: r.try_get(3).map_err(db_error)?,
+                            success: r.try_get::<i64, _>(4).map_err(db_error)? != 0,
+                            fields: r.try_get(5).map_err(db_error)?,
+                        })
+                    })
+                    .collect()
+            }
+
             async fn subscribe_remote_changes(&self) -> Option<tokio::sync::mpsc::Receiver<()>> {
                 self.remote_changes().await
             }

@@ -135,6 +135,17 @@ pub trait Backend: Send + Sync + 'static {
         limit: i64,
     ) -> Result<Vec<AuditRecord>>;
 
+    /// Audit records with ids below `before_id`, newest first: one page of
+    /// the history (`until_ms` 0: no upper time bound).
+    async fn audit_page(
+        &self,
+        kind: Option<&str>,
+        since_ms: i64,
+        until_ms: i64,
+        before_id: i64,
+        limit: i64,
+    ) -> Result<Vec<AuditRecord>>;
+
     /// Wakes the change feed when another instance commits (Postgres LISTEN).
     async fn subscribe_remote_changes(&self) -> Option<tokio::sync::mpsc::Receiver<()>>;
 }

@@ -159,6 +159,12 @@ struct EventsLs {
     /// Only events newer than this, e.g. 15m, 1h, 7d.
     #[arg(long)]
     since: Option<String>,
+    /// Only events by or about this user.
+    #[arg(long)]
+    user: Option<String>,
+    /// Only events about this app.
+    #[arg(long)]
+    app: Option<String>,
     #[arg(long, default_value_t = 1000)]
     limit: i64,
     #[arg(long, value_enum, default_value_t)]
@@ -587,6 +593,9 @@ async fn events(t: &Target, a: EventsLs) -> CliResult {
             r#type: a.kind.unwrap_or_default(),
             since_ms,
             limit: a.limit,
+            user: a.user.unwrap_or_default(),
+            app: a.app.unwrap_or_default(),
+            ..Default::default()
         })
         .await?
         .into_inner();

@@ -10,6 +10,7 @@ use portico_cli::http::{base_url, client, get_json};
 use portico_cli::output::{Format, labels_text, structured, table};
 use portico_cli::profile::{self, Profile};
 use portico_cli::{CliResult, Fail, finish};
+use portico_core::client_config::{self, McpClient};
 use portico_core::time::format_rfc3339;
 use portico_proto::client::connect;
 use portico_proto::v1;
@@ -57,7 +58,7 @@ enum Cmd {
         #[arg(long, conflicts_with_all = ["ca_file", "fingerprint"])]
         insecure: bool,
     },
-    /// Forget the saved login.
+    /// End your login session at the proxy and forget the saved login.
     Logout,
     /// Show who you are logged in as.
     Status {
@@ -153,6 +154,27 @@ async fn run(cli: Cli) -> CliResult {
             login(proxy, user, password_stdin, trust).await
         }
         Cmd::Logout => {
+            // The token stops working at the proxy too; if the proxy cannot
+            // be reached, the login is still forgotten here.
+            if let Ok(Some(p)) = Profile::load()
+                && let Ok(dial) = p.dial()
+            {
+                match connect(&dial, Some(&p.token)).await {
+                    Ok(mut api) => {
+                        if let Err(e) = api.logout(v1::LogoutRequest {}).await
+                            && e.code() != tonic::Code::Unauthenticated
+                        {
+                            eprintln!(
+                                "warning: the proxy did not end the session ({}); it ends when it expires",
+                                e.message()
+                            );
+                        }
+                    }
+                    Err(e) => eprintln!(
+                        "warning: cannot reach the proxy ({e}); the session ends when it expires"
+                    ),
+                }
+            }
             if Profile::remove()? {
                 println!("logged out");
             } else {
@@ -367,20 +389,17 @@ async fn ls(
         want.push((k.to_string(), v.to_string()));
     }
     let p = need_profile()?;
-    let search = search.map(|s| s.to_lowercase());
     let apps: Vec<AppRow> = fetch_apps(&p)
         .await?
         .into_iter()
-        .filter(|a| want.iter().all(|(k, v)| a.labels.get(k) == Some(v)))
-        .filter(|a| match &search {
-            Some(s) => {
-                a.name.to_lowercase().contains(s)
-                    || a.description.to_lowercase().contains(s)
-                    || a.labels
-                        .iter()
-                        .any(|(k, v)| k.to_lowercase().contains(s) || v.to_lowercase().contains(s))
-            }
-            None => true,
+        .filter(|a| {
+            portico_core::labels::listing_matches(
+                &a.name,
+                &a.description,
+                &a.labels,
+                &want,
+                search.as_deref(),
+            )
         })
         .collect();
     let base = base_url(&p.proxy);
@@ -438,14 +457,6 @@ async fn ls(
     Ok(())
 }
 
-fn server_entry(psh: &str, name: &str, vscode: bool) -> serde_json::Value {
-    let mut v = serde_json::json!({"command": psh, "args": ["mcp", "connect", name]});
-    if vscode {
-        v["type"] = "stdio".into();
-    }
-    v
-}
-
 async fn config(name: Option<String>, all: bool, client_config: Option<String>) -> CliResult {
     let p = need_profile()?;
     let apps = fetch_apps(&p).await?;
@@ -469,17 +480,17 @@ async fn config(name: Option<String>, all: bool, client_config: Option<String>) 
     let psh = std::env::current_exe()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "psh".into());
-    let (key, vscode, file) = match client_config.as_deref() {
-        None | Some("claude") | Some("cursor") => ("mcpServers", false, None),
-        Some("vscode") => ("servers", true, None),
-        Some(path) => ("mcpServers", false, Some(PathBuf::from(path))),
+    let (client, file) = match client_config.as_deref() {
+        None => (McpClient::Claude, None),
+        Some(c) => match McpClient::parse(c) {
+            Some(known) => (known, None),
+            None => (McpClient::Claude, Some(PathBuf::from(c))),
+        },
     };
-    let mut servers = serde_json::Map::new();
-    for n in &names {
-        servers.insert(format!("portico-{n}"), server_entry(&psh, n, vscode));
-    }
+    let key = client.servers_key();
+    let servers = client_config::servers(&psh, &names, client);
     let Some(path) = file else {
-        let doc = serde_json::json!({ key: servers });
+        let doc = client_config::document(&psh, &names, client);
         println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
         return Ok(());
     };

@@ -81,14 +81,21 @@ pub async fn who(
 }
 
 async fn authenticate(state: &ProxyState, headers: &HeaderMap) -> Result<Who, (Response, String)> {
-    let refuse =
-        |status: StatusCode, why: &str| (rpc_error(status, SERVER_ERROR, why), why.to_string());
     let Some(token) = bearer(headers) else {
-        return Err(refuse(
-            StatusCode::UNAUTHORIZED,
-            "authentication required: send Authorization: Bearer <token> (psh login gives you one)",
+        let why = "authentication required: send Authorization: Bearer <token> (psh login gives you one)";
+        return Err((
+            rpc_error(StatusCode::UNAUTHORIZED, SERVER_ERROR, why),
+            why.to_string(),
         ));
     };
+    resolve(state, token)
+        .await
+        .map_err(|(status, why)| (rpc_error(status, SERVER_ERROR, &why), why))
+}
+
+/// The user (or local admin) a token belongs to, with their live
+/// permissions; a refusal says with which HTTP status and why.
+pub async fn resolve(state: &ProxyState, token: &str) -> Result<Who, (StatusCode, String)> {
     let caller = state.authn.resolve(token).await.map_err(|e| {
         let status = StatusCode::from_u16(e.code.http_status()).unwrap_or(StatusCode::UNAUTHORIZED);
         let status = if status == StatusCode::FORBIDDEN {
@@ -96,23 +103,23 @@ async fn authenticate(state: &ProxyState, headers: &HeaderMap) -> Result<Who, (R
         } else {
             status
         };
-        refuse(status, &e.message)
+        (status, e.message)
     })?;
     let (admin, checker) = match caller.ptype {
         PrincipalType::Admin => (true, admin_checker()),
         PrincipalType::User => (
             false,
             state.cache.checker(&caller.name).ok_or_else(|| {
-                refuse(
+                (
                     StatusCode::UNAUTHORIZED,
-                    &format!("user {:?} no longer exists", caller.name),
+                    format!("user {:?} no longer exists", caller.name),
                 )
             })?,
         ),
         PrincipalType::Service => {
-            return Err(refuse(
+            return Err((
                 StatusCode::FORBIDDEN,
-                "services cannot open MCP sessions",
+                "services cannot open MCP sessions".to_string(),
             ));
         }
     };

@@ -1,5 +1,5 @@
 //! The proxy's HTTP routes: MCP, the app listing, the forwarded auth API,
-//! health, metrics and a small web page.
+//! health, metrics, and the web UI under `/web`.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 
 use axum::extract::{ConnectInfo, State};
 use axum::http::HeaderMap;
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use http::StatusCode;
 use serde::Serialize;
@@ -27,7 +27,8 @@ pub fn router(state: Arc<ProxyState>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
-        .route("/", get(index))
+        .route("/", get(|| async { axum::response::Redirect::to("/web") }))
+        .merge(crate::web::router())
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             until_synced,
@@ -44,6 +45,14 @@ async fn until_synced(
 ) -> Response {
     let path = req.uri().path();
     let needs_cache = path.starts_with("/mcp/") || path == "/v1/apps";
+    if path.starts_with("/web") && !path.starts_with("/web/assets/") && !state.cache.synced() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(http::header::RETRY_AFTER, "2")],
+            "Portico is starting: the proxy has not synced with the auth service yet. Reload in a moment.\n",
+        )
+            .into_response();
+    }
     if !needs_cache || state.cache.synced() {
         return next.run(req).await;
     }
@@ -80,15 +89,21 @@ async fn apps(
         Ok(w) => w,
         Err(r) => return r,
     };
-    let list: Vec<AppInfo> = state
+    axum::Json(visible_apps(&state, &who.checker)).into_response()
+}
+
+/// The apps these permissions reach that at least one live agent serves,
+/// by name: what `psh mcp ls` and the web UI list.
+pub fn visible_apps(state: &ProxyState, checker: &portico_core::AccessChecker) -> Vec<AppInfo> {
+    let mut list: Vec<AppInfo> = state
         .cache
         .apps()
         .into_iter()
-        .filter(|a| who.checker.app_allowed(&a.metadata.labels))
+        .filter(|a| checker.app_allowed(&a.metadata.labels))
         .filter_map(|a| {
             let mut agents = state.cache.servers(&a.metadata.name);
             agents.sort();
-            let (allowed_tools, denied_tools) = who.checker.tool_patterns(&a.metadata.labels);
+            let (allowed_tools, denied_tools) = checker.tool_patterns(&a.metadata.labels);
             (!agents.is_empty()).then(|| AppInfo {
                 name: a.metadata.name.clone(),
                 description: a.metadata.description.clone(),
@@ -100,7 +115,8 @@ async fn apps(
             })
         })
         .collect();
-    axum::Json(list).into_response()
+    list.sort_by(|a, b| a.name.cmp(&b.name));
+    list
 }
 
 async fn ready(State(state): State<Arc<ProxyState>>) -> Response {
@@ -142,8 +158,4 @@ async fn metrics(
         m.web_connections.load(Ordering::Relaxed),
     )
     .into_response()
-}
-
-async fn index() -> Html<&'static str> {
-    Html(include_str!("index.html"))
 }
