@@ -79,6 +79,18 @@ else
   echo "warning: python3 is missing; the Python MCP SDK test will fail" >&2
 fi
 
+# The web UI's browser test drives Debian's chromium (with playwright-core
+# from the npm clients above).
+if ! command -v chromium >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    say "installing chromium with apt-get (for the web UI's browser test)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "warning: chromium is missing; the web UI's browser test will fail" >&2
+  fi
+fi
+
 say "building"
 cargo build --workspace --bins
 say "testing"

@@ -43,6 +43,7 @@ async fn events(c: &Cluster, kind: &str) -> Vec<(v1::AuditEvent, Value)> {
             r#type: kind.into(),
             since_ms: 0,
             limit: 0,
+            ..Default::default()
         })
         .await
         .expect("list events")

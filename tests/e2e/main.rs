@@ -13,3 +13,4 @@ mod mcp;
 mod quickstart;
 mod tls;
 mod watch;
+mod web_ui;

@@ -421,6 +421,7 @@ async fn renewal_keeps_sessions_open() {
                 r#type: "identity.renew".into(),
                 since_ms: 0,
                 limit: 0,
+                ..Default::default()
             })
             .await
             .ok()?

@@ -94,7 +94,7 @@ fn harden(r: &mut Response, cache: bool) {
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
     h.insert(
         header::CACHE_CONTROL,
         HeaderValue::from_static(if cache { "max-age=300" } else { "no-store" }),
