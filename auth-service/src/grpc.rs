@@ -26,12 +26,12 @@ use tonic::{Request, Response, Status};
 use portico_tls::{PeerId, PeerInfo};
 
 use crate::AuthServer;
+use crate::identity::hash_token;
 use crate::identity::{
     Principal, PrincipalType, authenticate, bearer, generate_password, hash_password, random_token,
     token_name, verify_password_limited,
 };
 use crate::limiter::Refused;
-use crate::identity::hash_token;
 use crate::storage::{AuditRecord, PutMode, WriteOp};
 
 /// Largest request the API accepts (a resource file is at most 1 MiB).
@@ -1056,11 +1056,7 @@ impl AuthService for Api {
             .await
             .is_ok();
         if !consumed {
-            let _ = self
-                .s
-                .backend
-                .delete_session(&hash_token(&identity))
-                .await;
+            let _ = self.s.backend.delete_session(&hash_token(&identity)).await;
             refuse(refused).await;
             return Err(Status::unauthenticated(refused));
         }

@@ -140,6 +140,28 @@ pub fn any_matches(selectors: &[LabelSelector], labels: &BTreeMap<String, String
     selectors.iter().any(|s| s.matches(labels))
 }
 
+/// Whether a listed app passes `psh mcp ls`'s filters (the web UI's too):
+/// every wanted label has exactly that value, and the search text, if any,
+/// is in its name, description, or a label's key or value (ignoring case).
+pub fn listing_matches(
+    name: &str,
+    description: &str,
+    labels: &std::collections::BTreeMap<String, String>,
+    want: &[(String, String)],
+    search: Option<&str>,
+) -> bool {
+    if !want.iter().all(|(k, v)| labels.get(k) == Some(v)) {
+        return false;
+    }
+    let Some(s) = search else { return true };
+    let s = s.to_lowercase();
+    name.to_lowercase().contains(&s)
+        || description.to_lowercase().contains(&s)
+        || labels
+            .iter()
+            .any(|(k, v)| k.to_lowercase().contains(&s) || v.to_lowercase().contains(&s))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,26 +223,4 @@ mod tests {
     fn bad_regex_is_reported() {
         assert!(Pattern::parse("^(unclosed$").is_err());
     }
-}
-
-/// Whether a listed app passes `psh mcp ls`'s filters (the web UI's too):
-/// every wanted label has exactly that value, and the search text, if any,
-/// is in its name, description, or a label's key or value (ignoring case).
-pub fn listing_matches(
-    name: &str,
-    description: &str,
-    labels: &std::collections::BTreeMap<String, String>,
-    want: &[(String, String)],
-    search: Option<&str>,
-) -> bool {
-    if !want.iter().all(|(k, v)| labels.get(k) == Some(v)) {
-        return false;
-    }
-    let Some(s) = search else { return true };
-    let s = s.to_lowercase();
-    name.to_lowercase().contains(&s)
-        || description.to_lowercase().contains(&s)
-        || labels
-            .iter()
-            .any(|(k, v)| k.to_lowercase().contains(&s) || v.to_lowercase().contains(&s))
 }

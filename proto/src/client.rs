@@ -1,7 +1,6 @@
 //! Connecting to the auth-service API (directly, or through a proxy's web
 //! port) with a bearer token, over TLS, with timeouts on every network wait.
 
-
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +10,6 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::AuthServiceClient;
-
 
 /// The metadata a proxy sets on the calls it forwards: the IP address of the
 /// client it forwards for. The auth-service reads it only from callers that

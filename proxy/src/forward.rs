@@ -7,9 +7,9 @@ use axum::body::Body;
 use std::net::SocketAddr;
 
 use axum::extract::{ConnectInfo, Request, State};
-use portico_proto::client::CLIENT_ADDR_HEADER;
 use axum::response::Response;
 use http::StatusCode;
+use portico_proto::client::CLIENT_ADDR_HEADER;
 use tower::ServiceExt;
 
 use crate::ProxyState;

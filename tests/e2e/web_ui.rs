@@ -9,9 +9,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use portico_core::client_config::{McpClient, document};
+use portico_proto::v1;
 use portico_tests::util::test_app_yaml;
 use portico_tests::{Cluster, ClusterBuilder, TempDir, web};
-use portico_proto::v1;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 const ALICE_PW: &str = "alice-password-1";
@@ -37,7 +37,8 @@ async fn cluster() -> Cluster {
     for y in [dev_role.as_str(), AUDITOR, QA_ONLY] {
         c.create_yaml(y, false).await.expect("role");
     }
-    c.add_user("alice", &["mcp-developer", "auditor"], ALICE_PW).await;
+    c.add_user("alice", &["mcp-developer", "auditor"], ALICE_PW)
+        .await;
     c.add_user("bob", &["qa-only"], BOB_PW).await;
     for (name, env) in [("tools-dev", "dev"), ("prod-secret", "prod")] {
         c.create_yaml(&test_app_yaml(name, env), false)
@@ -82,7 +83,10 @@ async fn web_ui_in_a_browser() {
         .env("NODE_PATH", node_clients())
         .env("CHROMIUM", &chromium)
         .env("PORTICO_URL", web::base(addr))
-        .env("PORTICO_CERT", web::cert_file(addr).expect("the proxy's certificate"))
+        .env(
+            "PORTICO_CERT",
+            web::cert_file(addr).expect("the proxy's certificate"),
+        )
         .env("PORTICO_SHOTS", &shots)
         .env("ALICE_PW", ALICE_PW)
         .env("BOB_PW", BOB_PW)
@@ -115,11 +119,15 @@ async fn web_ui_in_a_browser() {
                     assert!(c.pctl(&["create", "-f", &f]).await.status.success());
                 }
                 "web-made exists" => {
-                    let got = get_app(&c, "web-made").await.expect("created in the browser");
+                    let got = get_app(&c, "web-made")
+                        .await
+                        .expect("created in the browser");
                     assert!(got.json.contains("\"env\":\"dev\""), "{}", got.json);
                 }
                 "web-made deleted" => {
-                    let e = get_app(&c, "web-made").await.expect_err("deleted in the browser");
+                    let e = get_app(&c, "web-made")
+                        .await
+                        .expect_err("deleted in the browser");
                     assert_eq!(e.code(), tonic::Code::NotFound);
                 }
                 other => panic!("the script asked for an unknown step {other:?}"),
@@ -190,12 +198,22 @@ impl Answer {
     }
 
     fn csrf(&self) -> String {
-        let at = self.body.find("name=\"csrf\" value=\"").expect("a form with a CSRF token") + 19;
+        let at = self
+            .body
+            .find("name=\"csrf\" value=\"")
+            .expect("a form with a CSRF token")
+            + 19;
         self.body[at..at + self.body[at..].find('"').expect("end")].to_string()
     }
 }
 
-async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Answer {
+async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Answer {
     let mut s = web::stream(addr).await;
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (k, v) in headers {
@@ -254,8 +272,16 @@ async fn web_ui_refuses_forgeries() {
 
     // Anonymous: the root and every page lead to the login form.
     let r = http(addr, "GET", "/", &[], "").await;
-    assert_eq!((r.status, r.header("location")), (303, vec!["/web".to_string()]));
-    for p in ["/web", "/web/audit", "/web/servers/tools-dev", "/web/apps/new"] {
+    assert_eq!(
+        (r.status, r.header("location")),
+        (303, vec!["/web".to_string()])
+    );
+    for p in [
+        "/web",
+        "/web/audit",
+        "/web/servers/tools-dev",
+        "/web/apps/new",
+    ] {
         let r = http(addr, "GET", p, &[], "").await;
         assert_eq!(r.status, 303, "{p}");
         assert_eq!(r.header("location"), vec!["/web/login".to_string()], "{p}");
@@ -266,13 +292,23 @@ async fn web_ui_refuses_forgeries() {
     // The login form's token must come back with the form's own cookie.
     let form = http(addr, "GET", "/web/login", &[], "").await;
     let csrf = form.csrf();
-    let r = http(addr, "POST", "/web/login", &[], &format!("user=alice&password={ALICE_PW}&csrf={csrf}")).await;
+    let r = http(
+        addr,
+        "POST",
+        "/web/login",
+        &[],
+        &format!("user=alice&password={ALICE_PW}&csrf={csrf}"),
+    )
+    .await;
     assert_eq!(r.status, 403, "a login without the form cookie");
     let r = http(
         addr,
         "POST",
         "/web/login",
-        &[("Cookie", &format!("portico_login={csrf}")), ("Origin", "https://evil.example")],
+        &[
+            ("Cookie", &format!("portico_login={csrf}")),
+            ("Origin", "https://evil.example"),
+        ],
         &format!("user=alice&password={ALICE_PW}&csrf={csrf}"),
     )
     .await;
@@ -282,17 +318,34 @@ async fn web_ui_refuses_forgeries() {
     let alice = web_login(addr, "alice", ALICE_PW).await;
     let bob = web_login(addr, "bob", BOB_PW).await;
     let as_alice = format!("portico_web={alice}");
-    let page = http(addr, "GET", "/web/servers/tools-dev", &[("Cookie", &as_alice)], "").await;
+    let page = http(
+        addr,
+        "GET",
+        "/web/servers/tools-dev",
+        &[("Cookie", &as_alice)],
+        "",
+    )
+    .await;
     assert_eq!(page.status, 200);
     assert!(!page.body.contains(&alice), "the token is not in the page");
-    for h in ["content-security-policy", "x-frame-options", "x-content-type-options"] {
+    for h in [
+        "content-security-policy",
+        "x-frame-options",
+        "x-content-type-options",
+    ] {
         assert!(!page.header(h).is_empty(), "{h}");
     }
     assert_eq!(page.header("cache-control"), vec!["no-store".to_string()]);
     let alice_csrf = page.csrf();
-    let bob_csrf = http(addr, "GET", "/web", &[("Cookie", &format!("portico_web={bob}"))], "")
-        .await
-        .csrf();
+    let bob_csrf = http(
+        addr,
+        "GET",
+        "/web",
+        &[("Cookie", &format!("portico_web={bob}"))],
+        "",
+    )
+    .await
+    .csrf();
     assert_ne!(alice_csrf, bob_csrf);
 
     // Create and delete without, with a wrong, or with another user's token,
@@ -312,14 +365,31 @@ async fn web_ui_refuses_forgeries() {
         let body = format!("yaml={}&mode=create&original=&csrf={csrf}", enc(&yaml));
         let r = http(addr, "POST", "/web/apps", &headers, &body).await;
         assert_eq!(r.status, 403, "csrf {csrf:?} origin {origin:?}: {}", r.body);
-        let r = http(addr, "POST", "/web/apps/tools-dev/delete", &headers, &format!("csrf={csrf}")).await;
+        let r = http(
+            addr,
+            "POST",
+            "/web/apps/tools-dev/delete",
+            &headers,
+            &format!("csrf={csrf}"),
+        )
+        .await;
         assert_eq!(r.status, 403, "delete with csrf {csrf:?} origin {origin:?}");
     }
-    assert_eq!(get_app(&c, "forged").await.expect_err("not created").code(), tonic::Code::NotFound);
+    assert_eq!(
+        get_app(&c, "forged").await.expect_err("not created").code(),
+        tonic::Code::NotFound
+    );
     assert!(get_app(&c, "tools-dev").await.is_ok(), "not deleted");
 
     // A cookie planted beside the real one makes neither count.
-    let r = http(addr, "GET", "/web", &[("Cookie", &format!("{as_alice}; portico_web={bob}"))], "").await;
+    let r = http(
+        addr,
+        "GET",
+        "/web",
+        &[("Cookie", &format!("{as_alice}; portico_web={bob}"))],
+        "",
+    )
+    .await;
     assert_eq!(r.status, 303);
 
     // The roles decide, not the form: bob cannot write apps or read the log.
@@ -330,11 +400,28 @@ async fn web_ui_refuses_forgeries() {
     let r = http(addr, "GET", "/web/audit", &[("Cookie", &as_bob)], "").await;
     assert_eq!(r.status, 403);
     // Nor can he see a server his roles do not reach, even by name.
-    let r = http(addr, "GET", "/web/servers/tools-dev", &[("Cookie", &as_bob)], "").await;
+    let r = http(
+        addr,
+        "GET",
+        "/web/servers/tools-dev",
+        &[("Cookie", &as_bob)],
+        "",
+    )
+    .await;
     assert_eq!(r.status, 404);
-    assert!(!r.body.contains("test server"), "nothing of the app is shown");
+    assert!(
+        !r.body.contains("test server"),
+        "nothing of the app is shown"
+    );
     // Alice does not see prod-secret either.
-    let r = http(addr, "GET", "/web/servers/prod-secret", &[("Cookie", &as_alice)], "").await;
+    let r = http(
+        addr,
+        "GET",
+        "/web/servers/prod-secret",
+        &[("Cookie", &as_alice)],
+        "",
+    )
+    .await;
     assert_eq!(r.status, 404);
 
     // A good form works (the same validation as pctl: a bad name is refused
@@ -344,15 +431,32 @@ async fn web_ui_refuses_forgeries() {
     let r = http(addr, "POST", "/web/apps", &[("Cookie", &as_alice)], &body).await;
     assert_eq!(r.status, 422, "{}", r.body);
     assert!(r.body.contains("app.yaml:1: metadata.name"), "{}", r.body);
-    let body = format!("yaml={}&mode=create&original=&csrf={alice_csrf}", enc(&yaml));
+    let body = format!(
+        "yaml={}&mode=create&original=&csrf={alice_csrf}",
+        enc(&yaml)
+    );
     let r = http(addr, "POST", "/web/apps", &[("Cookie", &as_alice)], &body).await;
     assert_eq!(r.status, 303, "{}", r.body);
-    assert!(get_app(&c, "forged").await.is_ok(), "created with the right token");
+    assert!(
+        get_app(&c, "forged").await.is_ok(),
+        "created with the right token"
+    );
     let r = http(addr, "POST", "/web/apps", &[("Cookie", &as_alice)], &body).await;
-    assert_eq!(r.status, 409, "creating it again is refused as pctl create is: {}", r.body);
+    assert_eq!(
+        r.status, 409,
+        "creating it again is refused as pctl create is: {}",
+        r.body
+    );
 
     // Logging out ends the login everywhere: its token stops working.
-    let r = http(addr, "POST", "/web/logout", &[("Cookie", &as_alice)], &format!("csrf={alice_csrf}")).await;
+    let r = http(
+        addr,
+        "POST",
+        "/web/logout",
+        &[("Cookie", &as_alice)],
+        &format!("csrf={alice_csrf}"),
+    )
+    .await;
     assert_eq!(r.status, 303);
     assert_eq!(r.cookie("portico_web").as_deref(), Some(""));
     let r = http(addr, "GET", "/web", &[("Cookie", &as_alice)], "").await;
@@ -383,7 +487,9 @@ async fn web_ui_refuses_forgeries() {
     assert_eq!(types.first(), Some(&"user.logout"), "{types:?}");
     assert!(types.contains(&"user.login"), "{types:?}");
     assert!(
-        events.iter().all(|e| e.fields_json.contains("\"source\":\"127.0.0.1\"")),
+        events
+            .iter()
+            .all(|e| e.fields_json.contains("\"source\":\"127.0.0.1\"")),
         "web logins are audited with the browser's address: {events:?}"
     );
     c.shutdown().await;

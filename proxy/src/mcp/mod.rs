@@ -82,7 +82,8 @@ pub async fn who(
 
 async fn authenticate(state: &ProxyState, headers: &HeaderMap) -> Result<Who, (Response, String)> {
     let Some(token) = bearer(headers) else {
-        let why = "authentication required: send Authorization: Bearer <token> (psh login gives you one)";
+        let why =
+            "authentication required: send Authorization: Bearer <token> (psh login gives you one)";
         return Err((
             rpc_error(StatusCode::UNAUTHORIZED, SERVER_ERROR, why),
             why.to_string(),

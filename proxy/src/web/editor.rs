@@ -37,7 +37,14 @@ spec:
 /// The name the editor's YAML is known by in messages.
 const FILE: &str = "app.yaml";
 
-fn editor(v: &Viewer, status: StatusCode, mode: &str, original: &str, yaml: &str, error: Option<String>) -> Response {
+fn editor(
+    v: &Viewer,
+    status: StatusCode,
+    mode: &str,
+    original: &str,
+    yaml: &str,
+    error: Option<String>,
+) -> Response {
     v.page(
         status,
         "editor.html",
@@ -173,13 +180,18 @@ pub async fn save(
         [_] => {
             return again(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                format!("{FILE}: this editor writes apps (kind: app); use pctl create for other kinds"),
+                format!(
+                    "{FILE}: this editor writes apps (kind: app); use pctl create for other kinds"
+                ),
             );
         }
         _ => {
             return again(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                format!("{FILE}: give exactly one app ({} documents given)", resources.len()),
+                format!(
+                    "{FILE}: give exactly one app ({} documents given)",
+                    resources.len()
+                ),
             );
         }
     };

@@ -13,6 +13,9 @@
 //! state-changing request carries a CSRF token derived from the login, and
 //! a browser's Origin, when sent, must be the proxy's own.
 
+// Handlers return ready-made pages as their errors.
+#![allow(clippy::result_large_err)]
+
 mod account;
 mod editor;
 mod pages;
@@ -63,7 +66,10 @@ fn templates() -> &'static Environment<'static> {
             ("base.html", include_str!("templates/base.html")),
             ("login.html", include_str!("templates/login.html")),
             ("servers.html", include_str!("templates/servers.html")),
-            ("server_rows.html", include_str!("templates/server_rows.html")),
+            (
+                "server_rows.html",
+                include_str!("templates/server_rows.html"),
+            ),
             ("server.html", include_str!("templates/server.html")),
             ("audit.html", include_str!("templates/audit.html")),
             ("editor.html", include_str!("templates/editor.html")),
@@ -94,7 +100,10 @@ fn harden(r: &mut Response, cache: bool) {
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
     h.insert(
         header::CACHE_CONTROL,
         HeaderValue::from_static(if cache { "max-age=300" } else { "no-store" }),
@@ -122,7 +131,10 @@ fn render(status: StatusCode, name: &str, ctx: minijinja::Value) -> Response {
 }
 
 async fn script() -> Response {
-    asset(include_str!("assets/app.js"), "text/javascript; charset=utf-8")
+    asset(
+        include_str!("assets/app.js"),
+        "text/javascript; charset=utf-8",
+    )
 }
 
 async fn style() -> Response {
@@ -169,7 +181,11 @@ impl Viewer {
 
     /// A page for this user: its own values over the frame's.
     fn page(&self, status: StatusCode, name: &str, nav: &str, ctx: minijinja::Value) -> Response {
-        render(status, name, minijinja::context! { ..ctx, ..self.frame(nav) })
+        render(
+            status,
+            name,
+            minijinja::context! { ..ctx, ..self.frame(nav) },
+        )
     }
 
     fn error(&self, status: StatusCode, title: &str, message: &str) -> Response {
@@ -230,7 +246,14 @@ fn same_secret(a: &str, b: &str) -> bool {
 
 /// A `Set-Cookie` value for this listener: Secure unless the proxy serves
 /// plain HTTP to a client that did not come through HTTPS.
-fn set_cookie(state: &ProxyState, headers: &HeaderMap, name: &str, value: &str, path: &str, max_age: i64) -> HeaderValue {
+fn set_cookie(
+    state: &ProxyState,
+    headers: &HeaderMap,
+    name: &str,
+    value: &str,
+    path: &str,
+    max_age: i64,
+) -> HeaderValue {
     let forwarded_https = headers
         .get("x-forwarded-proto")
         .and_then(|v| v.to_str().ok())
@@ -258,7 +281,11 @@ fn redirect(to: &str) -> Response {
 
 /// The logged-in user, or the way to the login page (the cookie cleared
 /// when the login it holds no longer works).
-async fn viewer(state: &ProxyState, headers: &HeaderMap, peer: SocketAddr) -> Result<Viewer, Response> {
+async fn viewer(
+    state: &ProxyState,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+) -> Result<Viewer, Response> {
     let Some(token) = cookie(headers, LOGIN_COOKIE) else {
         return Err(redirect("/web/login"));
     };
@@ -268,7 +295,11 @@ async fn viewer(state: &ProxyState, headers: &HeaderMap, peer: SocketAddr) -> Re
             token: token.to_string(),
             who,
         }),
-        Ok(_) => Err(expired(state, headers, "the web UI is for users; log in with a user name")),
+        Ok(_) => Err(expired(
+            state,
+            headers,
+            "the web UI is for users; log in with a user name",
+        )),
         Err((status, why)) if status == StatusCode::UNAUTHORIZED => {
             // As for a refused bearer token: counted and audited.
             state
@@ -312,7 +343,13 @@ fn expired(state: &ProxyState, headers: &HeaderMap, why: &str) -> Response {
 /// A state-changing request must come from the proxy's own pages: the
 /// browser's Origin (when it sends one) is the proxy's, and the form
 /// carries the login's CSRF token.
-fn check_form(state: &ProxyState, headers: &HeaderMap, uri: &http::Uri, expected: &str, sent: &str) -> Result<(), Response> {
+fn check_form(
+    state: &ProxyState,
+    headers: &HeaderMap,
+    uri: &http::Uri,
+    expected: &str,
+    sent: &str,
+) -> Result<(), Response> {
     if !crate::mcp::http::origin_allowed(state, headers, uri) {
         return Err(forbidden("the request came from another site"));
     }
@@ -352,7 +389,10 @@ fn auth_request<T>(msg: T, peer: SocketAddr) -> tonic::Request<T> {
 }
 
 /// The auth API as the user of a login.
-fn auth_api(state: &ProxyState, token: Option<&str>) -> Result<portico_proto::client::AuthClient, Response> {
+fn auth_api(
+    state: &ProxyState,
+    token: Option<&str>,
+) -> Result<portico_proto::client::AuthClient, Response> {
     portico_proto::client::with_token(state.auth_channel.clone(), token).map_err(|e| {
         render(
             StatusCode::UNAUTHORIZED,
@@ -376,11 +416,17 @@ mod tests {
     #[test]
     fn cookies() {
         let mut h = HeaderMap::new();
-        h.append(header::COOKIE, HeaderValue::from_static("a=1; portico_web=abc"));
+        h.append(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; portico_web=abc"),
+        );
         assert_eq!(cookie(&h, "portico_web"), Some("abc"));
         h.append(header::COOKIE, HeaderValue::from_static("portico_web=abc"));
         assert_eq!(cookie(&h, "portico_web"), Some("abc"));
-        h.append(header::COOKIE, HeaderValue::from_static("portico_web=planted"));
+        h.append(
+            header::COOKIE,
+            HeaderValue::from_static("portico_web=planted"),
+        );
         assert_eq!(cookie(&h, "portico_web"), None);
         assert_eq!(cookie(&h, "missing"), None);
     }
@@ -396,7 +442,16 @@ mod tests {
 
     #[test]
     fn templates_parse() {
-        for name in ["base.html", "login.html", "servers.html", "server_rows.html", "server.html", "audit.html", "editor.html", "error.html"] {
+        for name in [
+            "base.html",
+            "login.html",
+            "servers.html",
+            "server_rows.html",
+            "server.html",
+            "audit.html",
+            "editor.html",
+            "error.html",
+        ] {
             assert!(templates().get_template(name).is_ok(), "{name}");
         }
     }

@@ -46,7 +46,9 @@ fn parse_labels(text: &str) -> Result<Vec<(String, String)>, String> {
         .map(str::trim)
         .filter(|p| !p.is_empty())
         .map(|p| match p.split_once('=') {
-            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+            Some((k, v)) if !k.trim().is_empty() => {
+                Ok((k.trim().to_string(), v.trim().to_string()))
+            }
             _ => Err(format!("{p:?} is not LABEL=VALUE")),
         })
         .collect()
@@ -387,4 +389,3 @@ fn event_row(e: v1::AuditEvent) -> EventRow {
         details,
     }
 }
-

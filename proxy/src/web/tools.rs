@@ -127,7 +127,11 @@ impl Client {
         Ok(tools)
     }
 
-    async fn send(&self, method: Method, body: Option<Value>) -> Result<http::Response<Body>, String> {
+    async fn send(
+        &self,
+        method: Method,
+        body: Option<Value>,
+    ) -> Result<http::Response<Body>, String> {
         let mut req = Request::builder()
             .method(method)
             .uri(&self.path)
@@ -142,7 +146,9 @@ impl Client {
         if let Some(v) = &self.version {
             req = req.header("mcp-protocol-version", v);
         }
-        let body = body.map(|b| Body::from(b.to_string())).unwrap_or_else(Body::empty);
+        let body = body
+            .map(|b| Body::from(b.to_string()))
+            .unwrap_or_else(Body::empty);
         let mut req = req.body(body).map_err(|e| e.to_string())?;
         req.extensions_mut().insert(ConnectInfo(self.peer));
         self.router
