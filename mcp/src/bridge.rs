@@ -14,7 +14,14 @@ use hyper_util::rt::TokioExecutor;
 use tokio::sync::mpsc;
 
 use crate::jsonrpc::{self, Id, Message, SERVER_ERROR};
-use crate::sse::read_sse;
+use crate::sse::SseReader;
+
+/// How long to wait before resuming a stream when the server did not say
+/// (`retry:`), and the longest wait a server may ask for.
+const DEFAULT_RETRY: Duration = Duration::from_secs(1);
+const MAX_RETRY: Duration = Duration::from_secs(30);
+/// Times one request's stream is resumed before the request fails.
+const MAX_RESUMES: u32 = 8;
 
 type HttpClient = Client<portico_tls::Connector, Full<Bytes>>;
 
@@ -94,6 +101,17 @@ impl Bridge {
         body: Option<&[u8]>,
         session: Option<&str>,
     ) -> Sent {
+        self.send_from(method, body, session, None).await
+    }
+
+    /// `send`, resuming a stream after the event `last_event_id`.
+    async fn send_from(
+        &self,
+        method: hyper::Method,
+        body: Option<&[u8]>,
+        session: Option<&str>,
+        last_event_id: Option<&str>,
+    ) -> Sent {
         let mut b = hyper::Request::builder()
             .method(method)
             .uri(&self.cfg.url)
@@ -109,6 +127,9 @@ impl Bridge {
         }
         if let Some(s) = session {
             b = b.header("mcp-session-id", s);
+        }
+        if let Some(l) = last_event_id {
+            b = b.header("last-event-id", l);
         }
         let Ok(req) = b.body(Full::new(Bytes::copy_from_slice(body.unwrap_or_default()))) else {
             return Sent::Unreachable("cannot build the request".into());
@@ -141,13 +162,7 @@ impl Bridge {
             return;
         }
         if status.is_success() && ctype.starts_with("text/event-stream") {
-            let r = read_sse(resp.into_body(), self.cfg.max, &self.out, |data| {
-                self.messages(&data, skip)
-            })
-            .await;
-            if let Err(e) = r {
-                (self.cfg.notice)(&format!("the stream from {} broke: {e}", self.cfg.peer));
-            }
+            self.stream(resp.into_body(), id, skip).await;
             return;
         }
         let body = http_body_util::Limited::new(resp.into_body(), self.cfg.max)
@@ -168,6 +183,116 @@ impl Bridge {
             .and_then(|m| m.error_message())
             .unwrap_or_else(|| format!("{} answered HTTP {}", self.cfg.peer, status.as_u16()));
         self.fail(&id, &msg).await;
+    }
+
+    /// Relays a POST's SSE stream. A stream that ends before the answer to
+    /// `id` is resumed as the Streamable HTTP specification describes: after
+    /// the server's `retry:` time, a GET with `Last-Event-ID` continues it
+    /// (the 2025-11-25 "polling" pattern). Without an event id to resume
+    /// from, or when resuming fails, the request is answered with an error
+    /// at once: no request waits for an answer that cannot come.
+    async fn stream(self: &Arc<Self>, body: Incoming, id: Option<Id>, skip: Option<&Id>) {
+        let mut reader = SseReader::new(body, self.cfg.max);
+        let mut resumed = 0u32;
+        let mut last: Option<String> = None;
+        let mut retry = DEFAULT_RETRY;
+        loop {
+            let mut answered = false;
+            let broke = loop {
+                match reader.next().await {
+                    Ok(Some(data)) => {
+                        for m in self.messages(&data, skip) {
+                            if let Some(want) = &id
+                                && Message::parse(&m)
+                                    .is_ok_and(|p| p.is_response() && p.id() == Some(want))
+                            {
+                                answered = true;
+                            }
+                            if self.out.send(m).await.is_err() {
+                                return;
+                            }
+                        }
+                        // A resumed stream is a GET stream, which may stay
+                        // open: it served its purpose.
+                        if answered && resumed > 0 {
+                            break None;
+                        }
+                    }
+                    Ok(None) => break None,
+                    Err(e) => break Some(e),
+                }
+            };
+            if let Some(l) = reader.last_id() {
+                last = Some(l.to_string());
+            }
+            if let Some(ms) = reader.retry() {
+                retry = Duration::from_millis(ms).min(MAX_RETRY);
+            }
+            if answered || id.is_none() {
+                if let Some(e) = broke {
+                    (self.cfg.notice)(&format!("the stream from {} broke: {e}", self.cfg.peer));
+                }
+                return;
+            }
+            let why = match &broke {
+                Some(e) => format!(
+                    "the stream from {} broke before the answer ({e})",
+                    self.cfg.peer
+                ),
+                None => format!("{} ended the stream before the answer", self.cfg.peer),
+            };
+            let Some(from) = last.clone() else {
+                self.fail(&id, &format!("{why}, and gave no event id to resume from"))
+                    .await;
+                return;
+            };
+            if resumed >= MAX_RESUMES {
+                self.fail(&id, &format!("{why}, {MAX_RESUMES} times; giving up"))
+                    .await;
+                return;
+            }
+            resumed += 1;
+            tokio::time::sleep(retry).await;
+            let session = self.session();
+            match self
+                .send_from(hyper::Method::GET, None, session.as_deref(), Some(&from))
+                .await
+            {
+                Sent::Ok(r)
+                    if r.status().is_success()
+                        && r.headers()
+                            .get("content-type")
+                            .and_then(|v| v.to_str().ok())
+                            .is_some_and(|v| v.starts_with("text/event-stream")) =>
+                {
+                    reader = SseReader::new(r.into_body(), self.cfg.max);
+                }
+                Sent::Ok(r) => {
+                    self.fail(
+                        &id,
+                        &format!(
+                            "{why}, and refused to resume it (HTTP {})",
+                            r.status().as_u16()
+                        ),
+                    )
+                    .await;
+                    return;
+                }
+                Sent::Gone => {
+                    self.fail(&id, &format!("{why}, and the session ended"))
+                        .await;
+                    return;
+                }
+                Sent::Unreachable(e) => {
+                    self.fail(
+                        &id,
+                        &format!("{why}, and cannot be reached to resume it: {e}"),
+                    )
+                    .await;
+                    return;
+                }
+            }
+        }
     }
 
     /// The messages of one JSON body or SSE event, each on one line in
@@ -208,17 +333,34 @@ impl Bridge {
         }
     }
 
-    /// Keeps the GET stream for server-initiated messages open while the session lives.
+    /// Keeps the GET stream for server-initiated messages open while the
+    /// session lives; a stream that ends is reopened after the server's
+    /// `retry:` time (or a backoff), from its last event id.
     async fn listen(self: Arc<Self>, sid: String) {
         let mut attempt = 0u32;
+        let mut last: Option<String> = None;
+        let mut retry: Option<Duration> = None;
         loop {
-            match self.send(hyper::Method::GET, None, Some(&sid)).await {
+            match self
+                .send_from(hyper::Method::GET, None, Some(&sid), last.as_deref())
+                .await
+            {
                 Sent::Ok(r) if r.status().is_success() => {
                     attempt = 0;
-                    let _ = read_sse(r.into_body(), self.cfg.max, &self.out, |data| {
-                        self.messages(&data, None)
-                    })
-                    .await;
+                    let mut reader = SseReader::new(r.into_body(), self.cfg.max);
+                    while let Ok(Some(data)) = reader.next().await {
+                        for m in self.messages(&data, None) {
+                            if self.out.send(m).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    if let Some(l) = reader.last_id() {
+                        last = Some(l.to_string());
+                    }
+                    if let Some(ms) = reader.retry() {
+                        retry = Some(Duration::from_millis(ms).min(MAX_RETRY));
+                    }
                 }
                 Sent::Ok(r) if r.status() == hyper::StatusCode::METHOD_NOT_ALLOWED => return,
                 Sent::Gone => return,
@@ -228,7 +370,8 @@ impl Bridge {
                 return;
             }
             attempt = (attempt + 1).min(6);
-            tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+            let wait = retry.unwrap_or(Duration::from_millis(100 << attempt));
+            tokio::time::sleep(wait.max(Duration::from_millis(100))).await;
         }
     }
 

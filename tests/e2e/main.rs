@@ -10,6 +10,7 @@ mod hostile;
 mod hostile_api;
 mod identities;
 mod mcp;
+mod mcp_conformance;
 mod quickstart;
 mod tls;
 mod watch;

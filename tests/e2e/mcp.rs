@@ -18,14 +18,14 @@ use rmcp::service::{NotificationContext, RequestContext};
 use rmcp::{ClientHandler, ErrorData, RoleClient, ServiceExt};
 use serde_json::{Value, json};
 
-const PW: &str = "user-password-1";
+pub(crate) const PW: &str = "user-password-1";
 
 fn clients_dir() -> PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("clients")
 }
 
 /// A file of the pinned npm test clients (installed by scripts/test.sh).
-fn node_file(rel: &str) -> PathBuf {
+pub(crate) fn node_file(rel: &str) -> PathBuf {
     let node_dir = std::env::var("PORTICO_NODE_CLIENTS")
         .map(PathBuf::from)
         .unwrap_or_else(|_| clients_dir().join("node_modules"));
@@ -52,7 +52,7 @@ async fn cluster_with_app(env: &str) -> Cluster {
 }
 
 /// Logs in with psh into a fresh PORTICO_HOME and returns it.
-async fn psh_login(c: &Cluster, user: &str) -> PathBuf {
+pub(crate) async fn psh_login(c: &Cluster, user: &str) -> PathBuf {
     let home = c.data_dir().join(format!("home-{user}"));
     let mut cmd = tokio::process::Command::new(bin("psh"));
     cmd.args([
@@ -943,7 +943,7 @@ async fn mcp_inspector_cli() {
 
 /// server-everything serving `mode` (`streamableHttp` or `sse`) on a free
 /// loopback port, once it listens.
-async fn everything_over(mode: &str) -> (tokio::process::Child, u16) {
+pub(crate) async fn everything_over(mode: &str) -> (tokio::process::Child, u16) {
     let entry = node_file("@modelcontextprotocol/server-everything/dist/index.js");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
