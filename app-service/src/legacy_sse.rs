@@ -9,9 +9,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::header::{HeaderName, HeaderValue};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use portico_mcp::bridge::Headers;
 use portico_mcp::{LineBuffer, Message};
 use tokio::sync::mpsc;
 
@@ -104,13 +104,10 @@ fn endpoint_url(stream: &str, endpoint: &str) -> Result<String, String> {
 fn request(
     method: hyper::Method,
     url: &str,
-    headers: &[(HeaderName, HeaderValue)],
+    headers: &Headers,
     body: Bytes,
 ) -> Result<hyper::Request<Full<Bytes>>, String> {
-    let mut b = hyper::Request::builder().method(method.clone()).uri(url);
-    for (k, v) in headers {
-        b = b.header(k, v);
-    }
+    let mut b = headers.apply(hyper::Request::builder().method(method.clone()).uri(url));
     b = if method == hyper::Method::GET {
         b.header("accept", "text/event-stream")
     } else {
@@ -125,7 +122,7 @@ fn request(
 pub async fn relay(
     url: &str,
     connector: portico_tls::Connector,
-    headers: Vec<(HeaderName, HeaderValue)>,
+    headers: Headers,
     body: Incoming,
     out: mpsc::Sender<Bytes>,
     max: usize,

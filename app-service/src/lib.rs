@@ -135,6 +135,9 @@ pub struct StaticApp {
     /// As an app's `spec.headers` (for an `mcp+http(s)://` uri).
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    /// As an app's `spec.identity`.
+    #[serde(default)]
+    pub identity: Option<portico_core::resource::AppIdentity>,
 }
 
 pub use portico_mcp::DEFAULT_MAX_MESSAGE;
@@ -319,6 +322,7 @@ impl AgentConfig {
                         uri: s.uri.clone(),
                         mcp: s.mcp.clone(),
                         headers: s.headers.clone(),
+                        identity: s.identity,
                     },
                 );
                 portico_core::Resource::App(app.clone())

@@ -99,6 +99,25 @@ pub async fn handle(
                     );
                 }
             };
+            // With identity: jwt, a token naming the user, from the cluster.
+            let jwt = if app.spec.identity == Some(portico_core::AppIdentity::Jwt) {
+                match issue_jwt(&state, &app_name, &user).await {
+                    Ok((token, expires_ms)) => {
+                        Some((Arc::new(std::sync::RwLock::new(token)), expires_ms))
+                    }
+                    Err(e) => {
+                        tracing::warn!(app = %app_name, session = %session, user = %user, error = %e, "cannot get the app's JWT");
+                        return text_response(
+                            502,
+                            &format!(
+                                "cannot open the MCP server {app_name:?}: no identity token for {user:?}: {e}"
+                            ),
+                        );
+                    }
+                }
+            } else {
+                None
+            };
             let Some(permit) = take_slot(&state, &app_name, &session) else {
                 return full(&state);
             };
@@ -106,7 +125,15 @@ pub async fn handle(
                 url,
                 legacy,
                 connector,
-                headers,
+                headers: portico_mcp::bridge::Headers {
+                    fixed: headers,
+                    bearer: jwt.as_ref().map(|(cell, _)| cell.clone()),
+                },
+                jwt: jwt.map(|(cell, expires_ms)| Jwt {
+                    cell,
+                    expires_ms,
+                    user: user.clone(),
+                }),
             };
             return upstream_session(state, req, upstream, end, app_name, session, permit);
         }
@@ -378,14 +405,63 @@ fn describe(status: std::process::ExitStatus) -> String {
     }
 }
 
-/// A session relayed to an upstream Streamable HTTP server.
 /// An upstream server and how to reach it.
 struct Upstream {
     url: String,
     /// The older HTTP+SSE transport (`mcp+sse+...`).
     legacy: bool,
     connector: portico_tls::Connector,
-    headers: Vec<(hyper::header::HeaderName, hyper::header::HeaderValue)>,
+    headers: portico_mcp::bridge::Headers,
+    jwt: Option<Jwt>,
+}
+
+/// The JWT a session sends its upstream, renewed while the session lives.
+struct Jwt {
+    cell: Arc<std::sync::RwLock<String>>,
+    expires_ms: i64,
+    user: String,
+}
+
+async fn issue_jwt(state: &AgentState, app: &str, user: &str) -> Result<(String, i64), String> {
+    let req = portico_proto::v1::IssueAppJwtRequest {
+        app: app.to_string(),
+        user: user.to_string(),
+    };
+    let mut api = state.api.clone();
+    tokio::time::timeout(Duration::from_secs(5), api.issue_app_jwt(req))
+        .await
+        .map_err(|_| "the auth service did not answer within 5 s".to_string())?
+        .map(|r| {
+            let r = r.into_inner();
+            (r.token, r.expires_ms)
+        })
+        .map_err(|s| s.message().to_string())
+}
+
+/// Renews a session's JWT at two thirds of its life, for as long as the
+/// session lives (this future never ends; the session drops it). A failed
+/// renewal is retried every 10 s while the current token lasts.
+async fn renew_jwt(state: Arc<AgentState>, app: String, jwt: Option<Jwt>) {
+    let Some(mut jwt) = jwt else {
+        return std::future::pending().await;
+    };
+    loop {
+        let left = (jwt.expires_ms - portico_core::time::now_ms()).max(0) as u64;
+        tokio::time::sleep(Duration::from_millis((left * 2 / 3).max(1_000))).await;
+        loop {
+            match issue_jwt(&state, &app, &jwt.user).await {
+                Ok((token, expires_ms)) => {
+                    *jwt.cell.write().unwrap_or_else(|p| p.into_inner()) = token;
+                    jwt.expires_ms = expires_ms;
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(app = %app, user = %jwt.user, error = %e, "cannot renew the app's JWT; retrying in 10 s");
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                }
+            }
+        }
+    }
 }
 
 fn upstream_session(
@@ -402,7 +478,9 @@ fn upstream_session(
         legacy,
         connector,
         headers,
+        jwt,
     } = upstream;
+    let renewal = renew_jwt(state.clone(), app.clone(), jwt);
     tracing::info!(app = %app, session = %session, upstream = %url, "mcp session started");
     state.metrics.sessions.fetch_add(1, Ordering::Relaxed);
     state.metrics.live.fetch_add(1, Ordering::Relaxed);
@@ -432,6 +510,7 @@ fn upstream_session(
             r = async { end.wait_for(|v| v.is_some()).await.ok().and_then(|v| v.clone()) } => {
                 r.unwrap_or_else(|| "the MCP server was unregistered".into())
             }
+            () = renewal => "the app's identity token could not be renewed".into(),
         };
         tracing::info!(app = %app, session = %session, reason = %reason, "mcp session ended");
         let mut trailers = http::HeaderMap::new();

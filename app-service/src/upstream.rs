@@ -54,7 +54,7 @@ impl ClientLines {
 pub async fn relay(
     url: &str,
     connector: portico_tls::Connector,
-    headers: Vec<(hyper::header::HeaderName, hyper::header::HeaderValue)>,
+    headers: portico_mcp::bridge::Headers,
     body: Incoming,
     out: mpsc::Sender<Bytes>,
     max: usize,

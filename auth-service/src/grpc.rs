@@ -1210,6 +1210,99 @@ impl AuthService for Api {
         }))
     }
 
+    async fn issue_app_jwt(&self, req: Request<IssueAppJwtRequest>) -> Res<IssueAppJwtResponse> {
+        let c = self.caller(&req, "issue_app_jwt").await?;
+        let req = req.into_inner();
+        if c.p.ptype != PrincipalType::Service || c.p.service_role != Some(SystemRole::App) {
+            let status = Status::permission_denied("only agents ask for app JWTs");
+            return Err(self
+                .denied(
+                    &c,
+                    Some(Kind::App),
+                    Some(Verb::Read),
+                    Some(req.app.as_str()),
+                    status,
+                )
+                .await);
+        }
+        validate_name(&req.app)
+            .map_err(|e| Status::invalid_argument(e.within("app").to_string()))?;
+        validate_name(&req.user)
+            .map_err(|e| Status::invalid_argument(e.within("user").to_string()))?;
+        // Only for an app this agent serves now, and that asks for it.
+        let server = self
+            .s
+            .backend
+            .get(Kind::AppServer, &app_server_name(&req.app, &c.p.name))
+            .await
+            .map_err(to_status)?;
+        let Some(Ok(Resource::AppServer(server))) =
+            server.map(|r| Resource::from_json(Kind::AppServer, &r.value))
+        else {
+            let status = Status::permission_denied(format!(
+                "this agent does not serve the app {:?}",
+                req.app
+            ));
+            return Err(self
+                .denied(
+                    &c,
+                    Some(Kind::App),
+                    Some(Verb::Read),
+                    Some(req.app.as_str()),
+                    status,
+                )
+                .await);
+        };
+        let stored = self
+            .s
+            .backend
+            .get(Kind::App, &req.app)
+            .await
+            .map_err(to_status)?;
+        let spec = match stored.map(|r| Resource::from_json(Kind::App, &r.value)) {
+            Some(Ok(Resource::App(a))) => a.spec,
+            _ => match server.spec.static_app {
+                Some(a) => a.spec,
+                None => return Err(Status::not_found(format!("no app named {:?}", req.app))),
+            },
+        };
+        if spec.identity != Some(portico_core::AppIdentity::Jwt) {
+            return Err(Status::failed_precondition(format!(
+                "the app {:?} does not ask for identity: jwt",
+                req.app
+            )));
+        }
+        let user = self
+            .s
+            .backend
+            .get(Kind::User, &req.user)
+            .await
+            .map_err(to_status)?;
+        let roles = match user.map(|r| Resource::from_json(Kind::User, &r.value)) {
+            Some(Ok(Resource::User(u))) if !u.spec.locked => u.spec.roles,
+            Some(Ok(Resource::User(_))) => {
+                return Err(Status::permission_denied(format!(
+                    "the user {:?} is locked",
+                    req.user
+                )));
+            }
+            _ => return Err(Status::not_found(format!("no user named {:?}", req.user))),
+        };
+        let (token, expires_ms) = self
+            .s
+            .jwt
+            .issue(&req.app, &req.user, &roles)
+            .map_err(to_status)?;
+        Ok(Response::new(IssueAppJwtResponse { token, expires_ms }))
+    }
+
+    async fn get_jwks(&self, _req: Request<GetJwksRequest>) -> Res<GetJwksResponse> {
+        self.s.metrics.requests.fetch_add(1, Ordering::Relaxed);
+        Ok(Response::new(GetJwksResponse {
+            jwks_json: self.s.jwt.jwks().to_string(),
+        }))
+    }
+
     async fn list_identities(
         &self,
         req: Request<ListIdentitiesRequest>,

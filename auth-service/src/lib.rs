@@ -5,6 +5,7 @@ pub mod ca;
 pub mod grpc;
 pub mod hub;
 pub mod identity;
+pub mod jwt;
 pub mod limiter;
 pub mod resources;
 pub mod storage;
@@ -140,6 +141,8 @@ pub struct AuthServer {
     pub metrics: Metrics,
     /// The cluster CA: its certificate is public, its key stays here.
     pub ca: ca::ClusterCa,
+    /// The key app JWTs are signed with (`identity: jwt`).
+    pub(crate) jwt: jwt::JwtKey,
     /// When each service identity last authenticated here (host id → ms).
     pub(crate) last_seen: std::sync::Mutex<std::collections::HashMap<String, i64>>,
     /// How long service certificates and identities last.
@@ -206,6 +209,7 @@ impl AuthServer {
         };
         let fresh = backend.current_revision().await? == 0;
         let ca = ca::ClusterCa::load_or_create(backend.as_ref()).await?;
+        let jwt = jwt::JwtKey::load_or_create(backend.as_ref()).await?;
         let (cert_pem, key_pem) = ca.issue(
             portico_tls::CertRole::Auth,
             AUTH_HOST_ID,
@@ -227,6 +231,7 @@ impl AuthServer {
             password_checks: Arc::new(tokio::sync::Semaphore::new(PASSWORD_CHECKS_AT_ONCE)),
             metrics: Metrics::default(),
             ca,
+            jwt,
             last_seen: Default::default(),
             identity_ttl_ms,
             cert,

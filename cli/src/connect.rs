@@ -31,7 +31,7 @@ pub async fn run(profile: Profile, app: String) -> CliResult {
     let bridge = Bridge::new(
         BridgeConfig {
             connector: profile.connector()?,
-            headers: Vec::new(),
+            headers: Default::default(),
             url: format!("{}/mcp/{app}", base_url(&profile.proxy)),
             token: Some(profile.token.clone()),
             max: MAX_MESSAGE,

@@ -21,8 +21,8 @@ pub use labels::{LabelSelector, Pattern};
 pub use principal::{PrincipalType, SystemRole};
 pub use rbac::AccessChecker;
 pub use resource::{
-    App, AppServer, AppServerSpec, AppSpec, McpSpec, Metadata, Object, Resource, Role, RoleSpec,
-    Token, TokenSpec, User, UserSpec,
+    App, AppIdentity, AppServer, AppServerSpec, AppSpec, McpSpec, Metadata, Object, Resource, Role,
+    RoleSpec, Token, TokenSpec, User, UserSpec,
 };
 
 /// `true`, for serde defaults.

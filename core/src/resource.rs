@@ -55,6 +55,19 @@ pub struct AppSpec {
     /// (the calling user) anywhere in a value.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
+    /// `jwt`: the agent sends the upstream a short-lived JWT naming the
+    /// calling user and their roles (`Authorization: Bearer`), signed by the
+    /// cluster and verifiable with the keys at the proxy's
+    /// `/.well-known/jwks.json`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<AppIdentity>,
+}
+
+/// How an upstream learns who is calling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppIdentity {
+    Jwt,
 }
 
 /// Headers an app may not set: the relay's own, and hop-by-hop ones.
@@ -431,6 +444,12 @@ fn validate_app(spec: &AppSpec) -> Result<(), Invalid> {
                     "required for a stdio MCP server (the host account to run it as)",
                 ));
             }
+            if spec.identity.is_some() {
+                return Err(Invalid::field(
+                    "spec.identity",
+                    "identity: jwt is for upstream servers (spec.uri mcp+http(s):// or mcp+sse+http(s)://)",
+                ));
+            }
             for key in mcp.env.keys() {
                 if key.is_empty() || key.contains(['=', '\0']) {
                     return Err(Invalid::field(
@@ -442,6 +461,17 @@ fn validate_app(spec: &AppSpec) -> Result<(), Invalid> {
             Ok(())
         }
         Transport::Http(_) | Transport::Sse(_) => {
+            if spec.identity == Some(AppIdentity::Jwt)
+                && spec
+                    .headers
+                    .keys()
+                    .any(|k| k.eq_ignore_ascii_case("authorization"))
+            {
+                return Err(Invalid::field(
+                    "spec.headers.Authorization",
+                    "identity: jwt sends its token in Authorization; set one or the other",
+                ));
+            }
             for (name, value) in &spec.headers {
                 let at = format!("spec.headers.{name}");
                 let token = !name.is_empty()
@@ -613,6 +643,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            identity: None,
         };
         assert!(validate_app(&app(&[("X-Caller", "{{user.name}}")])).is_ok());
         for bad in [
@@ -632,8 +663,21 @@ mod tests {
                 ..McpSpec::default()
             }),
             headers: BTreeMap::from([("X-A".to_string(), "b".to_string())]),
+            identity: None,
         };
         assert!(validate_app(&stdio).is_err());
+        let stdio_jwt = AppSpec {
+            headers: BTreeMap::new(),
+            identity: Some(AppIdentity::Jwt),
+            ..stdio
+        };
+        assert!(validate_app(&stdio_jwt).is_err(), "jwt is for upstreams");
+        let mut jwt = app(&[("X-Caller", "{{user.name}}")]);
+        jwt.identity = Some(AppIdentity::Jwt);
+        assert!(validate_app(&jwt).is_ok());
+        let mut both = app(&[("authorization", "Bearer x")]);
+        both.identity = Some(AppIdentity::Jwt);
+        assert!(validate_app(&both).is_err(), "one Authorization");
     }
 
     #[test]
@@ -643,6 +687,7 @@ mod tests {
                 uri: u.into(),
                 mcp: None,
                 headers: BTreeMap::new(),
+                identity: None,
             }
             .transport()
         };

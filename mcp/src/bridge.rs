@@ -30,6 +30,28 @@ fn reinit_id() -> Id {
     Id::Str("portico-bridge-reinit".into())
 }
 
+/// Headers sent with every request: fixed ones (an app's `spec.headers`,
+/// resolved) and a bearer token that may be replaced while the bridge runs
+/// (an app JWT, renewed before it expires).
+#[derive(Clone, Default)]
+pub struct Headers {
+    pub fixed: Vec<(hyper::header::HeaderName, hyper::header::HeaderValue)>,
+    pub bearer: Option<Arc<std::sync::RwLock<String>>>,
+}
+
+impl Headers {
+    pub fn apply(&self, mut b: hyper::http::request::Builder) -> hyper::http::request::Builder {
+        for (k, v) in &self.fixed {
+            b = b.header(k, v);
+        }
+        if let Some(t) = &self.bearer {
+            let t = t.read().unwrap_or_else(|p| p.into_inner()).clone();
+            b = b.header("authorization", format!("Bearer {t}"));
+        }
+        b
+    }
+}
+
 /// Where a bridge goes and how it behaves.
 pub struct BridgeConfig {
     /// The Streamable HTTP endpoint.
@@ -47,8 +69,9 @@ pub struct BridgeConfig {
     pub notice: Arc<dyn Fn(&str) + Send + Sync>,
     /// How connections are made: plain, or TLS with the trust chosen.
     pub connector: portico_tls::Connector,
-    /// Sent with every request (an app's `spec.headers`, resolved).
-    pub headers: Vec<(hyper::header::HeaderName, hyper::header::HeaderValue)>,
+    /// Sent with every request (an app's `spec.headers`, resolved, and its
+    /// JWT).
+    pub headers: Headers,
 }
 
 /// Relays newline-delimited JSON-RPC messages to a Streamable HTTP MCP
@@ -116,9 +139,7 @@ impl Bridge {
             .method(method)
             .uri(&self.cfg.url)
             .header("accept", "application/json, text/event-stream");
-        for (k, v) in &self.cfg.headers {
-            b = b.header(k, v);
-        }
+        b = self.cfg.headers.apply(b);
         if let Some(t) = &self.cfg.token {
             b = b.header("authorization", format!("Bearer {t}"));
         }

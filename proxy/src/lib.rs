@@ -168,6 +168,8 @@ pub struct ProxyState {
     pub public_metrics: bool,
     /// The web listener serves plain HTTP (behind a TLS terminator).
     pub plain_http: bool,
+    /// The JWT keys last fetched from the auth-service, and when.
+    pub jwks: std::sync::Mutex<Option<(std::time::Instant, String)>>,
     pub metrics: Metrics,
 }
 
@@ -372,6 +374,7 @@ impl ProxyState {
             public_addr: cfg.public_addr.clone(),
             public_metrics: cfg.public_metrics,
             plain_http: cfg.plain_http,
+            jwks: std::sync::Mutex::new(None),
             metrics: Metrics::default(),
         })
     }

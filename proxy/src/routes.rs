@@ -24,6 +24,7 @@ pub fn router(state: Arc<ProxyState>) -> Router {
             "/portico.v1.AuthService/{method}",
             post(crate::forward::grpc),
         )
+        .route("/.well-known/jwks.json", get(jwks))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
@@ -117,6 +118,57 @@ pub fn visible_apps(state: &ProxyState, checker: &portico_core::AccessChecker) -
         .collect();
     list.sort_by(|a, b| a.name.cmp(&b.name));
     list
+}
+
+/// The keys that verify the JWTs agents send upstreams of apps with
+/// `identity: jwt`, as the auth-service holds them (asked at most once a
+/// minute).
+async fn jwks(State(state): State<Arc<ProxyState>>) -> Response {
+    const FRESH: std::time::Duration = std::time::Duration::from_secs(60);
+    let cached = state
+        .jwks
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .filter(|(at, _)| at.elapsed() < FRESH);
+    let body = match cached {
+        Some((_, body)) => body,
+        None => {
+            let fetched = async {
+                let mut api = portico_proto::client::with_token(state.auth_channel.clone(), None)
+                    .map_err(|e| e.to_string())?;
+                let mut req = tonic::Request::new(portico_proto::v1::GetJwksRequest {});
+                req.set_timeout(std::time::Duration::from_secs(5));
+                api.get_jwks(req)
+                    .await
+                    .map(|r| r.into_inner().jwks_json)
+                    .map_err(|s| s.message().to_string())
+            };
+            match fetched.await {
+                Ok(body) => {
+                    *state.jwks.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some((std::time::Instant::now(), body.clone()));
+                    body
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot fetch the JWT keys from the auth service");
+                    return (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the auth service cannot be reached for the keys; try again shortly\n",
+                    )
+                        .into_response();
+                }
+            }
+        }
+    };
+    (
+        [
+            (http::header::CONTENT_TYPE, "application/json"),
+            (http::header::CACHE_CONTROL, "max-age=300"),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 async fn ready(State(state): State<Arc<ProxyState>>) -> Response {

@@ -552,3 +552,155 @@ async fn upstream_headers_carry_the_user_and_granted_secrets() {
     assert!(err.contains("spec.headers.Mcp-Session-Id"), "{err}");
     c.shutdown().await;
 }
+
+/// Verifies a JWT with PyJWT (an independent implementation) against a JWK
+/// set; prints the claims, or fails.
+const VERIFY_JWT: &str = r#"
+import json, sys, jwt
+jwks, token, aud = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+keys = jwt.PyJWKSet.from_dict(jwks)
+kid = jwt.get_unverified_header(token)["kid"]
+key = next(k for k in keys.keys if k.key_id == kid)
+print(json.dumps(jwt.decode(token, key.key, algorithms=["ES256"], audience=aud, issuer="portico")))
+"#;
+
+async fn verify_jwt(jwks: &str, token: &str, aud: &str) -> std::process::Output {
+    let py = std::env::var("PORTICO_PY").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/clients/.venv/bin/python").into()
+    });
+    let mut cmd = tokio::process::Command::new(py);
+    cmd.args(["-c", VERIFY_JWT, jwks, token, aud]);
+    run(cmd, None).await
+}
+
+#[tokio::test]
+async fn identity_jwt_names_the_user_and_verifies_with_the_proxy_keys() {
+    let c = ClusterBuilder::new().proxy().start().await;
+    let upstream = header_echo_upstream().await;
+    let _agent = AgentProcess::start(
+        &c,
+        "relay",
+        &format!("  mcp:\n    allowed_host_users: [{}]\n", me()),
+        &[],
+    )
+    .await;
+    let app = |name: &str, identity: bool| {
+        format!(
+            "kind: app\nversion: v3\nmetadata: {{name: {name}, labels: {{team: relay}}}}\nspec:\n  uri: 'mcp+http://{upstream}/mcp'\n  headers:\n    X-Caller: '{{{{user.name}}}}'\n{}",
+            if identity { "  identity: jwt\n" } else { "" }
+        )
+    };
+    c.create_yaml(&app("up-jwt", true), false)
+        .await
+        .expect("app");
+    c.create_yaml(&app("up-plain", false), false)
+        .await
+        .expect("app");
+    c.wait_servers("up-jwt", &["relay"]).await;
+    c.wait_servers("up-plain", &["relay"]).await;
+    c.add_user("jwt-user", &["mcp-user", "admin"], PW).await;
+    let token = c.login("jwt-user", PW).await;
+    let mut s = McpHttp::new(c.proxy_addr(), "up-jwt", &token);
+    s.initialize().await.expect("session through the relay");
+    let r = s.call("whoami", json!({})).await;
+    let text = r["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap_or_default();
+    let (caller, auth) = text.split_once('|').expect("caller|authorization");
+    assert_eq!(caller, "jwt-user");
+    let jwt = auth.strip_prefix("Bearer ").expect("a bearer token");
+
+    // The keys, as the proxy publishes them.
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build::<_, http_body_util::Empty<bytes::Bytes>>(portico_tests::web::connector(
+        c.proxy_addr(),
+    ));
+    let uri: http::Uri = format!(
+        "{}/.well-known/jwks.json",
+        portico_tests::web::base(c.proxy_addr())
+    )
+    .parse()
+    .expect("uri");
+    let resp = client.get(uri).await.expect("jwks answered");
+    assert_eq!(resp.status(), 200);
+    use http_body_util::BodyExt;
+    let jwks = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes()
+            .to_vec(),
+    )
+    .expect("utf-8");
+    assert!(!jwks.contains("\"d\""), "no private key material: {jwks}");
+
+    let o = verify_jwt(&jwks, jwt, "up-jwt").await;
+    let (out, err) = portico_tests::cluster::text(&o);
+    assert!(o.status.success(), "PyJWT verifies the token: {err}");
+    let claims: Value = serde_json::from_str(out.trim()).expect("claims");
+    assert_eq!(claims["sub"], "jwt-user");
+    assert_eq!(claims["aud"], "up-jwt");
+    assert_eq!(claims["roles"], json!(["mcp-user", "admin"]));
+    assert_eq!(
+        claims["exp"].as_i64().expect("exp") - claims["iat"].as_i64().expect("iat"),
+        300
+    );
+    // For another app, or tampered with, it does not verify.
+    assert!(!verify_jwt(&jwks, jwt, "up-plain").await.status.success());
+    let mut forged: Vec<String> = jwt.split('.').map(String::from).collect();
+    forged[1] = forged[1].replacen('e', "f", 1);
+    assert!(
+        !verify_jwt(&jwks, &forged.join("."), "up-jwt")
+            .await
+            .status
+            .success()
+    );
+
+    // An app without identity: jwt gets no token.
+    let mut p = McpHttp::new(c.proxy_addr(), "up-plain", &token);
+    p.initialize().await.expect("session");
+    let r = p.call("whoami", json!({})).await;
+    assert_eq!(r["result"]["content"][0]["text"], "jwt-user|");
+
+    // Only an agent that serves the app gets tokens for it, and only for
+    // apps that ask; users get none.
+    let rogue = c.join_as("app", "rogue").await;
+    let e = c
+        .service_client(&rogue)
+        .await
+        .issue_app_jwt(portico_proto::v1::IssueAppJwtRequest {
+            app: "up-jwt".into(),
+            user: "jwt-user".into(),
+        })
+        .await
+        .expect_err("the rogue agent serves nothing");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    let e = c
+        .client(&token)
+        .await
+        .issue_app_jwt(portico_proto::v1::IssueAppJwtRequest {
+            app: "up-jwt".into(),
+            user: "jwt-user".into(),
+        })
+        .await
+        .expect_err("users ask for none");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    // An app that moves away from jwt: the agent's next session gets none
+    // (and the auth-service refuses the agent one).
+    c.create_yaml(&app("up-jwt", false), true)
+        .await
+        .expect("update");
+    eventually(Duration::from_secs(10), "the agent sees the change", || {
+        let proxy = c.proxy_addr();
+        let token = token.clone();
+        async move {
+            let mut s = McpHttp::new(proxy, "up-jwt", &token);
+            s.initialize().await.ok()?;
+            let r = s.call("whoami", json!({})).await;
+            (r["result"]["content"][0]["text"] == "jwt-user|").then_some(())
+        }
+    })
+    .await;
+    c.shutdown().await;
+}

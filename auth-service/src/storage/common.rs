@@ -409,6 +409,29 @@ macro_rules! impl_backend {
                 ))
             }
 
+            async fn init_cluster_key(
+                &self,
+                name: &str,
+                key_pem: &str,
+            ) -> portico_core::Result<String> {
+                use $crate::storage::db_error;
+                use sqlx::Row;
+                sqlx::query(
+                    "INSERT INTO cluster_keys (name, key_pem) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+                )
+                .bind(name)
+                .bind(key_pem)
+                .execute(&self.pool)
+                .await
+                .map_err(db_error)?;
+                let row = sqlx::query("SELECT key_pem FROM cluster_keys WHERE name = $1")
+                    .bind(name)
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(db_error)?;
+                row.try_get(0).map_err(db_error)
+            }
+
             async fn service_sessions(
                 &self,
             ) -> portico_core::Result<Vec<$crate::storage::SessionRow>> {

@@ -121,6 +121,9 @@ pub trait Backend: Send + Sync + 'static {
     /// Stores the cluster CA (certificate and key, PEM) unless one exists,
     /// and returns the one stored: concurrent first starts agree on one.
     async fn init_cluster_ca(&self, cert_pem: &str, key_pem: &str) -> Result<(String, String)>;
+    /// Stores a named cluster key (PEM) unless one exists, and returns the
+    /// one stored: concurrent first uses agree on one.
+    async fn init_cluster_key(&self, name: &str, key_pem: &str) -> Result<String>;
     /// Every service identity (proxies and agents).
     async fn service_sessions(&self) -> Result<Vec<SessionRow>>;
     /// Revokes every identity of one service principal; returns how many.

@@ -41,6 +41,13 @@ pub fn migrator() -> Migrator {
                     .into_sql_str(),
                 false,
             ),
+            Migration::new(
+                4,
+                Cow::Borrowed("cluster_keys"),
+                MigrationType::Simple,
+                include_str!("../../migrations/postgres/0004_cluster_keys.sql").into_sql_str(),
+                false,
+            ),
         ]),
         ..Migrator::DEFAULT
     }
