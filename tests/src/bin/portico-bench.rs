@@ -220,7 +220,7 @@ async fn proxy_overhead(tls: bool) {
         pct(&mut proxied_start, 0.5)
     );
 
-    for sessions in [1usize, 16] {
+    for sessions in [1usize, 8, 16] {
         let calls = if sessions == 1 { 2000 } else { 300 };
         let mut direct = Vec::new();
         let t = Instant::now();
