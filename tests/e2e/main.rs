@@ -6,6 +6,7 @@ mod conformance;
 mod control_plane;
 mod deploy;
 mod examples;
+mod faults;
 mod hostile;
 mod hostile_api;
 mod identities;
