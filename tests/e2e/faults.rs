@@ -93,10 +93,7 @@ fn app_json(name: &str) -> v1::Resource {
 
 /// Writes pairs of apps (`w{i}-a`, `w{i}-b`, one call each) until a call
 /// fails; returns the pairs whose calls succeeded.
-async fn write_until_failure(
-    mut api: AuthClient,
-    progress: Arc<AtomicUsize>,
-) -> Vec<u32> {
+async fn write_until_failure(mut api: AuthClient, progress: Arc<AtomicUsize>) -> Vec<u32> {
     let mut acked = Vec::new();
     for i in 0.. {
         let req = v1::CreateRequest {
@@ -241,11 +238,7 @@ async fn killed_during_writes(storage_yaml: &str) {
         "every change once and in order"
     );
     let watched: BTreeSet<String> = changes.iter().map(|e| e.2.clone()).collect();
-    assert_eq!(
-        watched.len(),
-        changes.len(),
-        "no change delivered twice"
-    );
+    assert_eq!(watched.len(), changes.len(), "no change delivered twice");
     assert_eq!(watched, stored, "the watch saw exactly what is stored");
     eprintln!(
         "{} pairs acknowledged before the kill, {} apps stored after the restart",
@@ -268,4 +261,227 @@ async fn auth_killed_during_writes_on_postgres_loses_nothing_acknowledged() {
         db.url
     ))
     .await;
+}
+
+/// A proxy alone, as its own `portico start` process on fixed ports, so
+/// that it comes back where its clients and agents look for it.
+struct ProxyProcess {
+    child: tokio::process::Child,
+    config: PathBuf,
+    data: PathBuf,
+    web: std::net::SocketAddr,
+}
+
+impl ProxyProcess {
+    async fn start(config: &Path, data: &Path, web: std::net::SocketAddr) -> ProxyProcess {
+        let child = tokio::process::Command::new(bin("portico"))
+            .arg("start")
+            .arg("--config")
+            .arg(config)
+            .arg("--data-dir")
+            .arg(data)
+            .env_remove("PORTICO_DATA_DIR")
+            .env_remove("PORTICO_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("portico start");
+        let addr = web.to_string();
+        eventually(Duration::from_secs(60), "the proxy is ready", || {
+            let addr = addr.clone();
+            async move { (portico_tests::web::probe(&addr, "/readyz").await == Some(200)).then_some(()) }
+        })
+        .await;
+        ProxyProcess {
+            child,
+            config: config.to_path_buf(),
+            data: data.to_path_buf(),
+            web,
+        }
+    }
+
+    async fn kill(&mut self) {
+        self.child.start_kill().expect("kill");
+        let _ = self.child.wait().await;
+    }
+
+    async fn restart(&mut self) {
+        *self = ProxyProcess::start(&self.config, &self.data, self.web).await;
+    }
+}
+
+/// Two loopback ports nothing listens on now (the proxy process binds
+/// them; a clash makes its start fail, and the caller tries again).
+fn two_ports() -> (u16, u16) {
+    let a = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let b = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    (
+        a.local_addr().expect("addr").port(),
+        b.local_addr().expect("addr").port(),
+    )
+}
+
+async fn line_answer(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    id: i64,
+) -> serde_json::Value {
+    loop {
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await
+            .expect("an answer within 60 s")
+            .expect("read")
+            .expect("psh mcp connect is still running");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("json");
+        if v["id"] == id {
+            return v;
+        }
+    }
+}
+
+#[tokio::test]
+async fn proxy_killed_under_psh_mcp_connect_which_carries_on() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let mut c = portico_tests::ClusterBuilder::new().start().await;
+    let dir = TempDir::new("portico-proxy-kill");
+    let data = dir.path().join("proxy-data");
+    let config = dir.path().join("proxy.yaml");
+    let token = c.join_token("proxy").await;
+    // The ports are the proxy's across restarts; a clash at the first start
+    // (another test took one) is retried with others.
+    let mut proxy = None;
+    let mut tunnel_port = 0;
+    for _ in 0..5 {
+        let (web, tunnel) = two_ports();
+        std::fs::write(
+            &config,
+            format!(
+                "version: v1\nproxy_service:\n  web_listen_addr: 127.0.0.1:{web}\n  tunnel_listen_addr: 127.0.0.1:{tunnel}\n  auth_servers: ['{}']\n  join_token: '{token}'\n  host_id: proxy-k\n",
+                c.auth_addr
+            ),
+        )
+        .expect("config");
+        let attempt = tokio::time::timeout(
+            Duration::from_secs(60),
+            ProxyProcess::start(&config, &data, ([127, 0, 0, 1], web).into()),
+        )
+        .await;
+        if let Ok(p) = attempt {
+            proxy = Some(p);
+            tunnel_port = tunnel;
+            break;
+        }
+    }
+    let mut proxy = proxy.expect("the proxy process starts");
+    let (server, comm) = portico_tests::util::unique_test_server(dir.path());
+    c.start_agent(
+        "a1",
+        portico_agent::AgentConfig {
+            enabled: true,
+            proxy_servers: vec![format!("127.0.0.1:{tunnel_port}")],
+            resources: vec![portico_agent::ResourceSelector {
+                labels: std::collections::BTreeMap::from([("*".into(), "*".into())]),
+            }],
+            mcp: Some(portico_agent::AgentMcpConfig {
+                allowed_host_users: Some(vec![portico_tests::util::me()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    c.create_yaml(
+        &portico_tests::util::app_yaml_with_command("tm", "dev", &server),
+        false,
+    )
+    .await
+    .expect("app");
+    c.add_user("kim", &["mcp-user"], "kim-password-1").await;
+    let home = dir.path().join("home");
+    let mut login = tokio::process::Command::new(bin("psh"));
+    login
+        .args([
+            "login",
+            &format!("--proxy={}", proxy.web),
+            "--user=kim",
+            "--password-stdin",
+        ])
+        .arg("--ca-file")
+        .arg(data.join("web-cert.pem"))
+        .env("PORTICO_HOME", &home);
+    let o = portico_tests::cluster::run(login, Some("kim-password-1\n")).await;
+    assert!(o.status.success(), "{:?}", portico_tests::cluster::text(&o));
+    // Served once the proxy has the agent's tunnel and record.
+    eventually(Duration::from_secs(20), "psh mcp ls lists the app", || {
+        let home = home.clone();
+        async move {
+            let mut ls = tokio::process::Command::new(bin("psh"));
+            ls.args(["mcp", "ls"]).env("PORTICO_HOME", &home);
+            let o = portico_tests::cluster::run(ls, None).await;
+            portico_tests::cluster::text(&o)
+                .0
+                .contains("tm")
+                .then_some(())
+        }
+    })
+    .await;
+    let mut bridge = tokio::process::Command::new(bin("psh"))
+        .args(["mcp", "connect", "tm"])
+        .env("PORTICO_HOME", &home)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("psh mcp connect");
+    let mut input = bridge.stdin.take().expect("stdin");
+    let mut lines = tokio::io::BufReader::new(bridge.stdout.take().expect("stdout")).lines();
+    let mut send = async |v: serde_json::Value| {
+        input
+            .write_all(format!("{v}\n").as_bytes())
+            .await
+            .expect("write");
+    };
+    send(serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}))
+    .await;
+    let init = line_answer(&mut lines, 1).await;
+    assert!(init["result"]["serverInfo"].is_object(), "{init}");
+    send(serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"})).await;
+    send(
+        serde_json::json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+        "params": {"name": "echo", "arguments": {"message": "before"}}}),
+    )
+    .await;
+    let r = line_answer(&mut lines, 2).await;
+    assert_eq!(r["result"]["content"][0]["text"], "before", "{r}");
+    assert_eq!(portico_tests::util::children_named(&comm).len(), 1);
+
+    // kill -9: no goodbye to anyone.
+    proxy.kill().await;
+    proxy.restart().await;
+    // The same bridge carries on: it opens a new session, replaying the
+    // client's initialize, and the call is answered.
+    send(
+        serde_json::json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+        "params": {"name": "echo", "arguments": {"message": "after"}}}),
+    )
+    .await;
+    let r = line_answer(&mut lines, 3).await;
+    assert_eq!(r["result"]["content"][0]["text"], "after", "{r}");
+    // The orphaned session's process is gone; the new one lives.
+    eventually(Duration::from_secs(30), "the orphaned process ends", || {
+        let comm = comm.clone();
+        async move {
+            let live: Vec<_> = portico_tests::util::children_named(&comm)
+                .into_iter()
+                .filter(|(_, state)| *state != 'Z')
+                .collect();
+            (live.len() == 1).then_some(())
+        }
+    })
+    .await;
+    let _ = bridge.start_kill();
+    proxy.kill().await;
+    c.shutdown().await;
 }
