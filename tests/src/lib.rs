@@ -3,6 +3,7 @@
 //! database (SQLite in a temporary directory, or a fresh Postgres database
 //! per cluster), real MCP servers as child processes, and real clients.
 
+pub mod chaos;
 pub mod cluster;
 pub mod direct;
 pub mod mcp_http;

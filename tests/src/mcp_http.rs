@@ -121,6 +121,61 @@ impl McpHttp {
         }
     }
 
+    /// A POST that reports failures (no connection, no answer within
+    /// `within`) instead of panicking: for runners that expect faults.
+    pub async fn try_post(&self, msg: &Value, within: Duration) -> Result<Reply, String> {
+        let mut b = http::Request::post(&self.url)
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream");
+        if !self.token.is_empty() {
+            b = b.header("authorization", format!("Bearer {}", self.token));
+        }
+        if let Some(s) = &self.session {
+            b = b.header("mcp-session-id", s);
+        }
+        let req = b
+            .body(Full::new(Bytes::from(msg.to_string())))
+            .map_err(|e| e.to_string())?;
+        let exchange = async {
+            let resp = self.client.request(req).await.map_err(|e| {
+                let mut cur: &dyn std::error::Error = &e;
+                while let Some(next) = cur.source() {
+                    cur = next;
+                }
+                format!("no answer: {cur}")
+            })?;
+            let status = resp.status();
+            let headers = resp.headers().clone();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .map_err(|e| format!("the answer broke off: {e}"))?;
+            Ok(Reply {
+                status,
+                headers,
+                body,
+            })
+        };
+        tokio::time::timeout(within, exchange)
+            .await
+            .map_err(|_| "HUNG".to_string())?
+    }
+
+    /// Ends the session if it can, within 5 s, reporting nothing.
+    pub async fn send_delete_quietly(&self) {
+        let Some(s) = &self.session else { return };
+        let Ok(req) = http::Request::delete(&self.url)
+            .header("authorization", format!("Bearer {}", self.token))
+            .header("mcp-session-id", s)
+            .body(Full::new(Bytes::new()))
+        else {
+            return;
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.client.request(req)).await;
+    }
+
     pub async fn post(&self, msg: &Value) -> Reply {
         self.send(
             http::Method::POST,

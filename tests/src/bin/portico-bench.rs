@@ -1,7 +1,7 @@
 //! `portico-bench`: the figures the issues ask for, each with a baseline
 //! measured in the same run. Timings are printed, never asserted.
 //!
-//! cargo run --release -p portico-tests --bin portico-bench -- [all|store|registration|proxy|ls|memory]
+//! cargo run --release -p portico-tests --bin portico-bench -- [all|store|registration|proxy|ls|memory|chaos [MINUTES]]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -471,5 +471,13 @@ async fn main() {
     }
     if all || what == "memory" {
         memory().await;
+    }
+    // Not part of "all": it runs for minutes and kills processes.
+    if what == "chaos" {
+        let minutes = std::env::args()
+            .nth(2)
+            .and_then(|m| m.parse::<f64>().ok())
+            .unwrap_or(10.0);
+        portico_tests::chaos::run(minutes).await;
     }
 }
