@@ -16,6 +16,7 @@ use portico_core::identity::{ADMIN_IDENTITY_FILE, IdentityFile};
 use portico_proto::client::{AuthClient, Dial, connect};
 use portico_proto::v1;
 use portico_tests::pg::PgDb;
+use portico_tests::util::portico_start;
 use portico_tests::util::test_app_yaml;
 use portico_tests::{TempDir, bin, eventually};
 
@@ -31,19 +32,7 @@ impl AuthProcess {
         // It writes the admin identity (with its address) before it
         // listens; a fresh file says this start is the one answering.
         let _ = std::fs::remove_file(data.join(ADMIN_IDENTITY_FILE));
-        let child = tokio::process::Command::new(bin("portico"))
-            .arg("start")
-            .arg("--config")
-            .arg(config)
-            .arg("--data-dir")
-            .arg(data)
-            .env_remove("PORTICO_DATA_DIR")
-            .env_remove("PORTICO_CONFIG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("portico start");
+        let child = portico_start(config, data, Stdio::null());
         let p = AuthProcess {
             child,
             config: config.to_path_buf(),
@@ -274,19 +263,7 @@ struct ProxyProcess {
 
 impl ProxyProcess {
     async fn start(config: &Path, data: &Path, web: std::net::SocketAddr) -> ProxyProcess {
-        let child = tokio::process::Command::new(bin("portico"))
-            .arg("start")
-            .arg("--config")
-            .arg(config)
-            .arg("--data-dir")
-            .arg(data)
-            .env_remove("PORTICO_DATA_DIR")
-            .env_remove("PORTICO_CONFIG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("portico start");
+        let child = portico_start(config, data, Stdio::null());
         let addr = web.to_string();
         eventually(Duration::from_secs(60), "the proxy is ready", || {
             let addr = addr.clone();

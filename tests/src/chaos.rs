@@ -22,7 +22,9 @@ use serde_json::json;
 
 use crate::mcp_http::McpHttp;
 use crate::pg::PgDb;
-use crate::util::{TempDir, app_yaml_with_command, bin, children_named, me, unique_test_server};
+use crate::util::{
+    TempDir, app_yaml_with_command, children_named, me, portico_start, unique_test_server,
+};
 
 /// A call with no answer in this long counts as hung.
 const HUNG: Duration = Duration::from_secs(30);
@@ -51,20 +53,7 @@ impl Proc {
             .open(self.data.with_extension("log"))
             .map(Stdio::from)
             .unwrap_or_else(|_| Stdio::null());
-        let child = tokio::process::Command::new(bin("portico"))
-            .arg("start")
-            .arg("--config")
-            .arg(&self.config)
-            .arg("--data-dir")
-            .arg(&self.data)
-            .env_remove("PORTICO_DATA_DIR")
-            .env_remove("PORTICO_CONFIG")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("portico start");
-        self.child = Some(child);
+        self.child = Some(portico_start(&self.config, &self.data, log));
     }
 
     async fn kill(&mut self) {

@@ -45,6 +45,28 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// `portico start --config CONFIG --data-dir DATA` as its own process
+/// (killed when dropped), its standard error going to `log`.
+pub fn portico_start(
+    config: &Path,
+    data: &Path,
+    log: std::process::Stdio,
+) -> tokio::process::Child {
+    tokio::process::Command::new(bin("portico"))
+        .arg("start")
+        .arg("--config")
+        .arg(config)
+        .arg("--data-dir")
+        .arg(data)
+        .env_remove("PORTICO_DATA_DIR")
+        .env_remove("PORTICO_CONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("portico start")
+}
+
 /// Retries `f` until it returns `Some` or `timeout` passes; panics with `what` then.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
 where

@@ -534,33 +534,10 @@ macro_rules! impl_backend {
                 since_ms: i64,
                 limit: i64,
             ) -> portico_core::Result<Vec<$crate::storage::AuditRecord>> {
-                use $crate::storage::{db_error, AuditRecord};
-                use sqlx::Row;
-                let rows = sqlx::query(
-                    "SELECT id, time_ms, type, actor, success, fields FROM (
-                       SELECT id, time_ms, type, actor, success, fields FROM audit
-                       WHERE time_ms >= $1 AND ($2 = '' OR type = $2 OR type LIKE $3)
-                       ORDER BY id DESC LIMIT $4) recent ORDER BY id",
-                )
-                .bind(since_ms)
-                .bind(kind.unwrap_or(""))
-                .bind(format!("{}.%", kind.unwrap_or("")))
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(db_error)?;
-                rows.iter()
-                    .map(|r| {
-                        Ok(AuditRecord {
-                            id: r.try_get(0).map_err(db_error)?,
-                            time_ms: r.try_get(1).map_err(db_error)?,
-                            kind: r.try_get(2).map_err(db_error)?,
-                            actor: r.try_get(3).map_err(db_error)?,
-                            success: r.try_get::<i64, _>(4).map_err(db_error)? != 0,
-                            fields: r.try_get(5).map_err(db_error)?,
-                        })
-                    })
-                    .collect()
+                // The newest `limit`, oldest first.
+                let mut page = self.audit_page(kind, since_ms, 0, i64::MAX, limit).await?;
+                page.reverse();
+                Ok(page)
             }
 
             async fn audit_page(
