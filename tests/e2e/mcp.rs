@@ -1129,16 +1129,12 @@ async fn upstream_streamable_http_app() {
     c.shutdown().await;
 }
 
-#[tokio::test]
-async fn psh_proxy_mcp_serves_clients_without_headers() {
+/// `psh proxy mcp APP` running for the login in `home`, and the URL it printed.
+pub(crate) async fn psh_proxy_mcp(home: &PathBuf, app: &str) -> (tokio::process::Child, String) {
     use tokio::io::AsyncBufReadExt;
-    let launcher = node_file("@modelcontextprotocol/inspector/clients/launcher/build/index.js");
-    let c = cluster_with_app("dev").await;
-    c.add_user("lo", &["mcp-user"], PW).await;
-    let home = psh_login(&c, "lo").await;
     let mut local = tokio::process::Command::new(bin("psh"))
-        .args(["proxy", "mcp", "tm"])
-        .env("PORTICO_HOME", &home)
+        .args(["proxy", "mcp", app])
+        .env("PORTICO_HOME", home)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
@@ -1150,6 +1146,18 @@ async fn psh_proxy_mcp_serves_clients_without_headers() {
         .expect("the URL is printed")
         .expect("read")
         .expect("a line");
+    // Whatever it prints later is read too: a closed pipe would end it.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (local, url)
+}
+
+#[tokio::test]
+async fn psh_proxy_mcp_serves_clients_without_headers() {
+    let launcher = node_file("@modelcontextprotocol/inspector/clients/launcher/build/index.js");
+    let c = cluster_with_app("dev").await;
+    c.add_user("lo", &["mcp-user"], PW).await;
+    let home = psh_login(&c, "lo").await;
+    let (mut local, url) = psh_proxy_mcp(&home, "tm").await;
     assert!(
         url.starts_with("http://127.0.0.1:") && url.ends_with("/mcp"),
         "{url}"

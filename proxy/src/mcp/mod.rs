@@ -63,21 +63,26 @@ pub async fn who(
     match authenticate(state, headers).await {
         Ok(w) => Ok(w),
         Err((r, why)) => {
-            state
-                .metrics
-                .denied
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            state
-                .audit
-                .record(
-                    "proxy.auth.failed",
-                    false,
-                    serde_json::json!({"source": peer.to_string(), "path": path, "error": why}),
-                )
-                .await;
+            refused(state, peer, path, &why).await;
             Err(r)
         }
     }
+}
+
+/// A refused credential: counted, and audited with the caller's address.
+pub async fn refused(state: &ProxyState, peer: SocketAddr, path: &str, why: &str) {
+    state
+        .metrics
+        .denied
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    state
+        .audit
+        .record(
+            "proxy.auth.failed",
+            false,
+            serde_json::json!({"source": peer.to_string(), "path": path, "error": why}),
+        )
+        .await;
 }
 
 async fn authenticate(state: &ProxyState, headers: &HeaderMap) -> Result<Who, (Response, String)> {

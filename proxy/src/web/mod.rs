@@ -302,18 +302,7 @@ async fn viewer(
         )),
         Err((status, why)) if status == StatusCode::UNAUTHORIZED => {
             // As for a refused bearer token: counted and audited.
-            state
-                .metrics
-                .denied
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            state
-                .audit
-                .record(
-                    "proxy.auth.failed",
-                    false,
-                    serde_json::json!({"source": peer.to_string(), "path": "/web", "error": why}),
-                )
-                .await;
+            crate::mcp::refused(state, peer, "/web", &why).await;
             Err(expired(state, headers, &why))
         }
         Err((status, why)) => {
