@@ -267,25 +267,42 @@ async fn relay(
     let stdin_fut = pump_in(body, stdin, state.max_message);
     let stdout_fut = pump_out(stdout, tx.clone(), state.max_message);
     tokio::pin!(stdin_fut, stdout_fut);
+    let mut stderr_task = stderr_task;
+    let exited = async |stderr_task: &mut tokio::task::JoinHandle<()>| {
+        // Give stderr a moment to drain the reason the process died.
+        let _ = tokio::time::timeout(Duration::from_millis(200), stderr_task).await;
+        End::ProcessExited(last_err.lock().map(|s| s.clone()).unwrap_or_default())
+    };
+    let mut input_closed = None;
     let result = tokio::select! {
         r = &mut stdout_fut => match r {
-            Ok(()) => {
-                // Give stderr a moment to drain the reason the process died.
-                let _ = tokio::time::timeout(Duration::from_millis(200), stderr_task).await;
-                End::ProcessExited(last_err.lock().map(|s| s.clone()).unwrap_or_default())
-            }
-            Err(e) => End::Other(e),
+            Ok(()) => None,
+            Err(e) => Some(End::Other(e)),
         },
         r = &mut stdin_fut => match r {
-            Ok(()) => End::Other("the session was closed by the client".into()),
-            Err(e) => End::Other(e),
+            Ok(()) => Some(End::Other("the session was closed by the client".into())),
+            Err(e) => {
+                input_closed = Some(e);
+                None
+            }
         },
         r = async { end.wait_for(|v| v.is_some()).await.ok().and_then(|v| v.clone()) } => {
-            End::Other(r.unwrap_or_else(|| "the MCP server was unregistered".into()))
+            Some(End::Other(r.unwrap_or_else(|| "the MCP server was unregistered".into())))
         }
-        _ = tx.closed() => End::Other("the proxy closed the session".into()),
+        _ = tx.closed() => Some(End::Other("the proxy closed the session".into())),
     };
-    result
+    if let Some(r) = result {
+        return r;
+    }
+    if let Some(e) = input_closed {
+        // A server that closes its input is usually exiting: its output
+        // ends next, and its exit says more than the closed pipe.
+        return match tokio::time::timeout(Duration::from_secs(1), &mut stdout_fut).await {
+            Ok(Ok(())) => exited(&mut stderr_task).await,
+            _ => End::Other(e),
+        };
+    }
+    exited(&mut stderr_task).await
 }
 
 /// Client → server: request body frames to the process's stdin, byte for byte.
