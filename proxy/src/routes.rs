@@ -94,9 +94,9 @@ async fn apps(
 }
 
 /// The apps these permissions reach that at least one live agent serves,
-/// by name: what `psh mcp ls` and the web UI list.
+/// by name (the cache lists them so): what `psh mcp ls` and the web UI list.
 pub fn visible_apps(state: &ProxyState, checker: &portico_core::AccessChecker) -> Vec<AppInfo> {
-    let mut list: Vec<AppInfo> = state
+    state
         .cache
         .apps()
         .into_iter()
@@ -115,9 +115,7 @@ pub fn visible_apps(state: &ProxyState, checker: &portico_core::AccessChecker) -
                 agents,
             })
         })
-        .collect();
-    list.sort_by(|a, b| a.name.cmp(&b.name));
-    list
+        .collect()
 }
 
 /// The keys that verify the JWTs agents send upstreams of apps with

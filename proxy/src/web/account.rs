@@ -15,8 +15,8 @@ use rand::RngCore;
 use serde::Deserialize;
 
 use super::{
-    FORM_COOKIE, LOGIN_COOKIE, auth_api, auth_request, check_form, cookie, csrf_for, redirect,
-    render, set_cookie, status_text,
+    Csrf, FORM_COOKIE, LOGIN_COOKIE, auth_api, auth_request, check_form, cookie, csrf_for,
+    redirect, render, set_cookie, status_text,
 };
 use crate::ProxyState;
 
@@ -126,12 +126,6 @@ pub async fn login(
         set_cookie(&state, &headers, FORM_COOKIE, "", "/web/login", 0),
     );
     r
-}
-
-#[derive(Deserialize)]
-pub struct Csrf {
-    #[serde(default)]
-    csrf: String,
 }
 
 /// Ends the login at the auth-service and forgets it here.

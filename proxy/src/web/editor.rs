@@ -16,7 +16,7 @@ use portico_proto::v1;
 use serde::Deserialize;
 
 use super::pages::encode;
-use super::{Viewer, auth_api, auth_request, check_form, redirect, status_text, viewer};
+use super::{Csrf, Viewer, auth_api, auth_request, check_form, redirect, status_text, viewer};
 use crate::ProxyState;
 
 /// What a new app starts from.
@@ -223,12 +223,6 @@ pub async fn save(
             again(status, message)
         }
     }
-}
-
-#[derive(Deserialize)]
-pub struct Csrf {
-    #[serde(default)]
-    csrf: String,
 }
 
 pub async fn delete(

@@ -149,6 +149,13 @@ fn asset(text: &'static str, kind: &'static str) -> Response {
     r
 }
 
+/// A form that carries only its CSRF token (log out, delete).
+#[derive(serde::Deserialize)]
+pub(crate) struct Csrf {
+    #[serde(default)]
+    csrf: String,
+}
+
 /// The logged-in user behind a page request.
 pub(crate) struct Viewer {
     who: Who,
