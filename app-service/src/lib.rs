@@ -172,6 +172,8 @@ pub struct AgentState {
     pub(crate) api: AuthClient,
     /// Registrations and withdrawals for the heartbeat task, in order.
     pub(crate) announce: tokio::sync::mpsc::UnboundedSender<(String, bool)>,
+    /// True once the first snapshot of apps is applied.
+    pub(crate) synced: watch::Sender<bool>,
     /// How `mcp+https://` upstreams are reached, or why they cannot be.
     pub(crate) upstream_tls: Result<portico_tls::Connector, String>,
 }
@@ -431,6 +433,7 @@ pub async fn start(cfg: &AgentConfig, creds: Credentials) -> Result<Agent, Error
         slots: Arc::new(Semaphore::new(max_sessions)),
         api,
         announce,
+        synced: watch::channel(false).0,
         upstream_tls,
     });
     let (stop, stop_rx) = watch::channel(false);

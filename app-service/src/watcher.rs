@@ -1,12 +1,17 @@
 //! Keeping the served set in step with the cluster: one watch stream on
 //! `app` resources (a snapshot, then changes; re-synced after any break),
-//! and heartbeats that keep this agent's `app_server` records alive.
+//! and the heartbeats that hold this agent's lease and keep its
+//! `app_server` records in step.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use portico_core::{App, Kind, Resource};
-use portico_proto::v1::{HeartbeatRequest, WatchRequest, watch_event};
+use std::collections::BTreeMap;
+
+use portico_proto::v1::{
+    HeartbeatRequest, HeartbeatResponse, ServedApp, WatchRequest, watch_event,
+};
 use tokio::sync::watch;
 
 use crate::registry::Change;
@@ -65,6 +70,7 @@ async fn watch_once(state: &Arc<AgentState>, attempt: &mut u32) -> Result<(), St
             (watch_event::Type::SnapshotEnd, Some(_)) => {
                 let list = snapshot.take().unwrap_or_default();
                 let (reg, unreg) = state.registry.reconcile(list);
+                state.synced.send_replace(true);
                 *attempt = 0;
                 tracing::info!(
                     apps = state.registry.len(),
@@ -113,54 +119,157 @@ fn announce(state: &Arc<AgentState>, app: String, remove: bool) {
     let _ = state.announce.send((app, remove));
 }
 
-async fn heartbeat(state: &AgentState, app: &str, remove: bool) -> Result<(), String> {
+/// Apps announced or withdrawn per heartbeat call.
+const BATCH: usize = 1_000;
+
+async fn call(state: &AgentState, req: HeartbeatRequest) -> Result<HeartbeatResponse, String> {
     let mut api = state.api.clone();
-    let req = HeartbeatRequest {
-        app: app.to_string(),
-        ttl_ms: heartbeat_ttl().as_millis() as i64,
-        remove,
-        static_app_json: if remove {
-            String::new()
-        } else {
-            state.registry.static_json(app).unwrap_or_default()
-        },
-    };
-    tokio::time::timeout(Duration::from_secs(5), api.heartbeat(req))
+    tokio::time::timeout(Duration::from_secs(10), api.heartbeat(req))
         .await
         .map_err(|_| "heartbeat timed out".to_string())?
-        .map(|_| ())
+        .map(|r| r.into_inner())
         .map_err(|s| s.message().to_string())
 }
 
+fn request() -> HeartbeatRequest {
+    HeartbeatRequest {
+        ttl_ms: heartbeat_ttl().as_millis() as i64,
+        ..Default::default()
+    }
+}
+
+fn served(state: &AgentState, app: String) -> ServedApp {
+    ServedApp {
+        static_app_json: state.registry.static_json(&app).unwrap_or_default(),
+        app,
+    }
+}
+
+/// Sends announcements (app → withdraw?) in batches; false when the lease
+/// had lapsed, so records announced before may be gone.
+async fn send(state: &AgentState, changes: Vec<(String, bool)>) -> Result<bool, String> {
+    let mut live = true;
+    for chunk in changes.chunks(BATCH) {
+        let mut req = request();
+        for (app, remove) in chunk {
+            if *remove {
+                req.withdraw.push(app.clone());
+            } else {
+                req.serve.push(served(state, app.clone()));
+            }
+        }
+        live &= call(state, req).await?.lease_was_live;
+    }
+    Ok(live)
+}
+
+/// Makes this agent's records match what it serves: asks which it holds,
+/// then announces the missing ones (and every static app, whose record
+/// carries the app and is written only if it changed) and withdraws the
+/// rest.
+async fn sync(state: &AgentState) -> Result<(), String> {
+    let mut req = request();
+    req.list_served = true;
+    let held: std::collections::HashSet<String> =
+        call(state, req).await?.served.into_iter().collect();
+    let names = state.registry.names();
+    let wanted: std::collections::HashSet<&String> = names.iter().collect();
+    let mut changes: Vec<(String, bool)> = Vec::new();
+    for app in &names {
+        if !held.contains(app) || state.registry.static_json(app).is_some() {
+            changes.push((app.clone(), false));
+        }
+    }
+    let withdrawn = held.iter().filter(|a| !wanted.contains(a)).count();
+    changes.extend(
+        held.into_iter()
+            .filter(|a| !wanted.contains(a))
+            .map(|a| (a, true)),
+    );
+    let announced = changes.len() - withdrawn;
+    send(state, changes).await?;
+    tracing::info!(
+        serving = names.len(),
+        announced,
+        withdrawn,
+        "app servers in step with the cluster"
+    );
+    Ok(())
+}
+
+/// One task holds this agent's lease and keeps its `app_server` records in
+/// step: it renews the lease every period (one small write, no event),
+/// sends registrations and withdrawals in batches as they come, in order,
+/// and re-announces everything when the lease was lost. It starts
+/// announcing once the first snapshot of apps is in, so a restarted agent
+/// does not withdraw what it is about to serve again.
 pub async fn heartbeats(
     state: Arc<AgentState>,
     mut announcements: tokio::sync::mpsc::UnboundedReceiver<(String, bool)>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(heartbeat_every());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut synced = state.synced.subscribe();
+    let mut pending: BTreeMap<String, bool> = BTreeMap::new();
+    let mut need_sync = true;
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                for app in state.registry.names() {
-                    if let Err(e) = heartbeat(&state, &app, false).await {
-                        tracing::debug!(app = %app, error = %e, "heartbeat failed");
+                match call(&state, request()).await {
+                    Ok(r) if !r.lease_was_live => {
+                        tracing::info!("this agent's lease had lapsed; announcing its apps again");
+                        need_sync = true;
                     }
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(error = %e, "lease renewal failed"),
                 }
             }
             Some((app, remove)) = announcements.recv() => {
-                // A registration may have been undone since it was queued.
-                if !remove && state.registry.get(&app).is_none() {
-                    continue;
-                }
-                if let Err(e) = heartbeat(&state, &app, remove).await {
-                    tracing::warn!(app = %app, remove, error = %e, "cannot announce app; the next heartbeat retries");
+                pending.insert(app, remove);
+                while let Ok((app, remove)) = announcements.try_recv() {
+                    pending.insert(app, remove);
                 }
             }
+            Ok(()) = synced.changed() => {}
             _ = stop.changed() => {
-                for app in state.registry.names() {
-                    let _ = heartbeat(&state, &app, true).await;
+                let mut req = request();
+                req.release = true;
+                if let Err(e) = call(&state, req).await {
+                    tracing::warn!(error = %e, "cannot withdraw this agent's apps; its lease ends by itself");
                 }
                 return;
+            }
+        }
+        if !*synced.borrow() {
+            continue;
+        }
+        if need_sync {
+            match sync(&state).await {
+                Ok(()) => {
+                    need_sync = false;
+                    // Queued before the sync read the served set: done.
+                    pending.clear();
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot announce this agent's apps; retrying at the next heartbeat");
+                    continue;
+                }
+            }
+        }
+        if !pending.is_empty() {
+            // A registration may have been undone since it was queued.
+            let changes: Vec<(String, bool)> = std::mem::take(&mut pending)
+                .into_iter()
+                .filter(|(app, remove)| *remove || state.registry.get(app).is_some())
+                .collect();
+            match send(&state, changes).await {
+                Ok(true) => {}
+                Ok(false) => need_sync = true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot announce apps; re-announcing all at the next heartbeat");
+                    need_sync = true;
+                }
             }
         }
     }

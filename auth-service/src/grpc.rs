@@ -36,6 +36,8 @@ use crate::storage::{AuditRecord, PutMode, WriteOp};
 
 /// Largest request the API accepts (a resource file is at most 1 MiB).
 const MAX_MESSAGE: usize = 4 * 1024 * 1024;
+/// Apps served or withdrawn in one heartbeat.
+const MAX_ANNOUNCE_BATCH: usize = 2_000;
 const MAX_TOKEN_TTL_MS: i64 = 30 * 24 * 3600 * 1000;
 const DEFAULT_TOKEN_TTL_MS: i64 = 3600 * 1000;
 /// How long a login waits for a turn to check its password.
@@ -1137,67 +1139,99 @@ impl AuthService for Api {
         if c.p.ptype != PrincipalType::Service {
             let status = Status::permission_denied("only agents announce app servers");
             return Err(self
-                .denied(
-                    &c,
-                    Some(Kind::AppServer),
-                    Some(Verb::Update),
-                    Some(req.app.as_str()),
-                    status,
-                )
+                .denied(&c, Some(Kind::AppServer), Some(Verb::Update), None, status)
                 .await);
         }
-        let p = c.p;
-        validate_name(&req.app)
-            .map_err(|e| Status::invalid_argument(e.within("app").to_string()))?;
-        let name = app_server_name(&req.app, &p.name);
-        let static_app = if req.static_app_json.is_empty() {
-            None
-        } else {
-            match Resource::from_json(Kind::App, &req.static_app_json) {
-                Ok(Resource::App(a)) if a.metadata.name == req.app => Some(Box::new(a)),
-                Ok(_) => {
-                    return Err(Status::invalid_argument(
-                        "static_app_json: not the app being announced",
-                    ));
-                }
-                Err(e) => return Err(Status::invalid_argument(format!("static_app_json: {e}"))),
+        let host = c.p.name;
+        let now = now_ms();
+        let expires = now + req.ttl_ms.clamp(1_000, 600_000);
+        let backend = &self.s.backend;
+        if req.release {
+            let events = backend.end_lease(&host, None).await.map_err(to_status)?;
+            if !events.is_empty() {
+                self.written().await;
             }
-        };
-        let op = if req.remove {
-            WriteOp::Delete {
-                kind: Kind::AppServer,
-                name,
-                expired_before: None,
-            }
-        } else {
-            let ttl = req.ttl_ms.clamp(1_000, 600_000);
-            let expires = now_ms() + ttl;
-            let mut meta = Metadata::named(&name);
-            meta.labels = BTreeMap::new();
-            let srv = Resource::AppServer(Object::new(
-                Kind::AppServer,
-                meta,
-                AppServerSpec {
-                    app: req.app.clone(),
-                    host_id: p.name.clone(),
-                    static_app,
-                },
-            ));
-            WriteOp::Put {
-                kind: Kind::AppServer,
-                name,
-                value: crate::resources::to_stored(&srv),
-                expires: Some(expires),
-                mode: PutMode::Upsert,
-            }
-        };
-        match self.s.backend.apply(&[op]).await {
-            Ok(_) => {}
-            Err(e) if e.code == Code::NotFound && req.remove => {}
-            Err(e) => return Err(to_status(e)),
+            return Ok(Response::new(HeartbeatResponse {
+                lease_was_live: true,
+                served: vec![],
+            }));
         }
-        self.written().await;
-        Ok(Response::new(HeartbeatResponse {}))
+        let lease_was_live = if req.serve.is_empty() && req.withdraw.is_empty() {
+            if req.list_served {
+                // Creates the lease when there is none, so the records
+                // listed stay while the agent checks them.
+                backend
+                    .announce(&host, now, expires, &[], &[])
+                    .await
+                    .map_err(to_status)?
+                    .0
+            } else {
+                backend
+                    .renew_lease(&host, now, expires)
+                    .await
+                    .map_err(to_status)?
+            }
+        } else {
+            if req.serve.len() + req.withdraw.len() > MAX_ANNOUNCE_BATCH {
+                return Err(Status::invalid_argument(format!(
+                    "at most {MAX_ANNOUNCE_BATCH} apps per heartbeat; send the rest in further calls"
+                )));
+            }
+            let mut put: Vec<(String, String)> = Vec::with_capacity(req.serve.len());
+            let mut seen = std::collections::HashSet::new();
+            for served in &req.serve {
+                validate_name(&served.app)
+                    .map_err(|e| Status::invalid_argument(e.within("serve.app").to_string()))?;
+                if !seen.insert(served.app.as_str()) {
+                    return Err(Status::invalid_argument(format!(
+                        "serve: app {:?} is named twice",
+                        served.app
+                    )));
+                }
+                put.push(app_server_record(&host, served)?);
+            }
+            let mut withdraw = Vec::with_capacity(req.withdraw.len());
+            for app in &req.withdraw {
+                validate_name(app)
+                    .map_err(|e| Status::invalid_argument(e.within("withdraw").to_string()))?;
+                if !seen.insert(app.as_str()) {
+                    return Err(Status::invalid_argument(format!(
+                        "app {app:?} is both served and withdrawn, or named twice"
+                    )));
+                }
+                withdraw.push(app_server_name(app, &host));
+            }
+            let (live, events) = backend
+                .announce(&host, now, expires, &put, &withdraw)
+                .await
+                .map_err(to_status)?;
+            if !events.is_empty() {
+                self.written().await;
+            }
+            live
+        };
+        let served = if req.list_served {
+            let mut names: Vec<String> = backend
+                .held(&host)
+                .await
+                .map_err(to_status)?
+                .into_iter()
+                .filter_map(
+                    |(_, value)| match Resource::from_json(Kind::AppServer, &value) {
+                        Ok(Resource::AppServer(s)) => Some(s.spec.app),
+                        _ => None,
+                    },
+                )
+                .collect();
+            names.sort();
+            names
+        } else {
+            vec![]
+        };
+        Ok(Response::new(HeartbeatResponse {
+            lease_was_live,
+            served,
+        }))
     }
 
     async fn get_cluster_ca(
@@ -1344,6 +1378,17 @@ impl AuthService for Api {
             .revoke_service(&host_id)
             .await
             .map_err(to_status)?;
+        if revoked > 0 {
+            // A revoked agent serves nothing: withdraw its apps now rather
+            // than when its lease runs out.
+            match self.s.backend.end_lease(&host_id, None).await {
+                Ok(events) if !events.is_empty() => self.written().await,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(host_id = %host_id, error = %e, "cannot end the revoked agent's lease; it ends by itself")
+                }
+            }
+        }
         self.s
             .audit(
                 "identity.revoke",
@@ -1649,6 +1694,36 @@ async fn dummy_hash() -> String {
         .get_or_init(|| async { hash_password(random_token()).await.unwrap_or_default() })
         .await
         .clone()
+}
+
+/// The stored `app_server` record (name, JSON) of one app an agent serves.
+fn app_server_record(host: &str, served: &ServedApp) -> Result<(String, String), Status> {
+    let name = app_server_name(&served.app, host);
+    let static_app = if served.static_app_json.is_empty() {
+        None
+    } else {
+        match Resource::from_json(Kind::App, &served.static_app_json) {
+            Ok(Resource::App(a)) if a.metadata.name == served.app => Some(Box::new(a)),
+            Ok(_) => {
+                return Err(Status::invalid_argument(
+                    "static_app_json: not the app being announced",
+                ));
+            }
+            Err(e) => return Err(Status::invalid_argument(format!("static_app_json: {e}"))),
+        }
+    };
+    let mut meta = Metadata::named(&name);
+    meta.labels = BTreeMap::new();
+    let srv = Resource::AppServer(Object::new(
+        Kind::AppServer,
+        meta,
+        AppServerSpec {
+            app: served.app.clone(),
+            host_id: host.to_string(),
+            static_app,
+        },
+    ));
+    Ok((name, crate::resources::to_stored(&srv)))
 }
 
 #[cfg(test)]

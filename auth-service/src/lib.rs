@@ -48,6 +48,9 @@ pub struct AuthConfig {
     /// How many events the change feed keeps for resuming watchers.
     #[serde(default)]
     pub event_retention: Option<i64>,
+    /// How long the change feed keeps an event, e.g. `24h` (default).
+    #[serde(default)]
+    pub event_retention_age: Option<String>,
     /// Join tokens created at the first start of a fresh database (for
     /// deployments such as docker-compose that join without an operator).
     #[serde(default)]
@@ -84,6 +87,7 @@ impl Default for AuthConfig {
             storage: StorageConfig::default(),
             session_ttl: None,
             event_retention: None,
+            event_retention_age: None,
             bootstrap_tokens: vec![],
             public_metrics: false,
             identity_ttl: None,
@@ -115,6 +119,10 @@ const DEFAULT_IDENTITY_TTL_MS: i64 = 24 * 3600 * 1000;
 /// The host id in the auth-service's own certificate.
 pub const AUTH_HOST_ID: &str = "auth";
 const DEFAULT_EVENT_RETENTION: i64 = 100_000;
+const DEFAULT_EVENT_RETENTION_AGE_MS: i64 = 24 * 3600 * 1000;
+/// What an auth-service that starts adds to every lease: agents could not
+/// renew while it was away, and should not lose their apps for that.
+const LEASE_GRACE_MS: i64 = 15_000;
 /// Failed logins per (user, source address) within a minute before a 30 s lockout.
 pub const LOGIN_MAX_FAILURES: u32 = 5;
 /// Password checks that may run at once; more wait (at most 5 s) for a turn.
@@ -207,7 +215,27 @@ impl AuthServer {
             })?,
             None => DEFAULT_IDENTITY_TTL_MS,
         };
+        let event_retention_age_ms = match &cfg.event_retention_age {
+            Some(s) => parse_duration(s).filter(|ms| *ms >= 60_000).ok_or_else(|| {
+                Error::bad_request(format!(
+                    "auth_service.event_retention_age: {s:?} is not a duration of at least 1m, like 24h"
+                ))
+            })?,
+            None => DEFAULT_EVENT_RETENTION_AGE_MS,
+        };
+        if cfg.event_retention.is_some_and(|n| n < 1) {
+            return Err(Error::bad_request(
+                "auth_service.event_retention: keep at least 1 event",
+            ));
+        }
         let fresh = backend.current_revision().await? == 0;
+        let extended = backend.extend_leases(now_ms() + LEASE_GRACE_MS).await?;
+        if extended > 0 {
+            tracing::info!(
+                agents = extended,
+                "gave agents' leases one more period to renew"
+            );
+        }
         let ca = ca::ClusterCa::load_or_create(backend.as_ref()).await?;
         let jwt = jwt::JwtKey::load_or_create(backend.as_ref()).await?;
         let (cert_pem, key_pem) = ca.issue(
@@ -245,7 +273,10 @@ impl AuthServer {
         tokio::spawn(sweeper(
             server.clone(),
             stop_rx,
-            cfg.event_retention.unwrap_or(DEFAULT_EVENT_RETENTION),
+            Retention {
+                count: cfg.event_retention.unwrap_or(DEFAULT_EVENT_RETENTION),
+                age_ms: event_retention_age_ms,
+            },
         ));
         Ok(server)
     }
@@ -553,8 +584,15 @@ async fn renew_own_certificate(server: Arc<AuthServer>, mut stop: watch::Receive
     }
 }
 
-/// Deletes expired records (producing delete events), old sessions and old events.
-async fn sweeper(server: Arc<AuthServer>, mut stop: watch::Receiver<bool>, retention: i64) {
+/// How much of the change log compaction keeps.
+struct Retention {
+    count: i64,
+    age_ms: i64,
+}
+
+/// Ends expired leases and records (producing delete events), and drops old
+/// sessions and old events.
+async fn sweeper(server: Arc<AuthServer>, mut stop: watch::Receiver<bool>, retention: Retention) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut n: u64 = 0;
     loop {
@@ -583,11 +621,32 @@ async fn sweeper(server: Arc<AuthServer>, mut stop: watch::Receiver<bool>, reten
             Ok(_) => {}
             Err(e) => tracing::debug!(error = %e, "expiry sweep cannot read"),
         }
+        match server.backend.expired_leases(now).await {
+            Ok(hosts) => {
+                for host in hosts {
+                    match server.backend.end_lease(&host, Some(now)).await {
+                        Ok(evs) if !evs.is_empty() => {
+                            tracing::info!(host_id = %host, apps = evs.len(), "an agent's lease ended; withdrew its apps");
+                            server.hub.poke();
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(host_id = %host, error = %e, "cannot end an expired lease")
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "lease sweep cannot read"),
+        }
         if n.is_multiple_of(120) {
             if let Err(e) = server.backend.purge_sessions(now).await {
                 tracing::debug!(error = %e, "session purge failed");
             }
-            if let Err(e) = server.backend.compact(retention).await {
+            if let Err(e) = server
+                .backend
+                .compact(retention.count, now - retention.age_ms)
+                .await
+            {
                 tracing::debug!(error = %e, "event compaction failed");
             }
         }

@@ -689,35 +689,19 @@ async fn a_killed_agent_behind_a_half_open_link_is_noticed_within_seconds() {
 
 /// A real agent process (`portico start`) serving every app, dialling the
 /// proxy at `tunnel`.
-async fn wildcard_agent_process(
+pub(crate) async fn wildcard_agent_process(
     c: &portico_tests::Cluster,
     host_id: &str,
     tunnel: &str,
 ) -> tokio::process::Child {
-    let dir = c.data_dir().join(format!("process-{host_id}"));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let config = dir.join("portico.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "version: v1\ndata_dir: {}\napp_service:\n  auth_servers: [\"{}\"]\n  proxy_servers: [\"{tunnel}\"]\n  join_token: \"{}\"\n  host_id: {host_id}\n  resources:\n  - labels: {{\"*\": \"*\"}}\n  mcp:\n    allowed_host_users: [{}]\n",
-            dir.join("data").display(),
-            c.auth_addr,
-            c.join_token("app").await,
-            portico_tests::util::me(),
-        ),
+    portico_tests::util::agent_process(
+        &c.data_dir().join(format!("process-{host_id}")),
+        &c.auth_addr.to_string(),
+        tunnel,
+        &c.join_token("app").await,
+        host_id,
+        r#"{"*": "*"}"#,
     )
-    .expect("config");
-    tokio::process::Command::new(portico_tests::bin("portico"))
-        .args(["start", "--config"])
-        .arg(&config)
-        .env_remove("PORTICO_DATA_DIR")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("agent process")
 }
 
 /// The processes whose parent is `pid`, from /proc.

@@ -148,12 +148,14 @@ async fn suite(b: Arc<dyn Backend>) {
     assert!(b.apply(&[renewed]).await.expect("not expired").is_empty());
 
     // Compaction: resuming from behind the horizon is refused clearly.
-    let horizon = b.compact(1).await.expect("compact");
+    let horizon = b.compact(1, 0).await.expect("compact");
     assert!(horizon > r0);
     let e = b.events_after(r0, 10).await.expect_err("too old");
     assert_eq!(e.code, Code::TooOld);
     assert!(e.message.contains("re-sync"), "{}", e.message);
     assert!(b.events_after(horizon, 10).await.is_ok());
+
+    leases(b.as_ref(), now).await;
 
     // Credentials, sessions and audit.
     b.set_password("u", "hash1").await.expect("password");
@@ -209,6 +211,113 @@ async fn suite(b: Arc<dyn Backend>) {
         "user.login",
         "limit keeps the newest"
     );
+}
+
+/// Agents' leases: renewals write no event, records are written only when
+/// they change, a name is never taken from another agent, and an ended
+/// lease withdraws everything its agent held in one transaction.
+async fn leases(b: &dyn Backend, now: i64) {
+    let pair = |n: &str, v: &str| (n.to_string(), v.to_string());
+    // No lease yet: a renewal says so and creates nothing.
+    assert!(!b.renew_lease("h1", now, now + 10_000).await.expect("renew"));
+    let (live, evs) = b
+        .announce(
+            "h1",
+            now,
+            now + 10_000,
+            &[pair("p.h1", "{\"v\":1}"), pair("q.h1", "{\"v\":1}")],
+            &[],
+        )
+        .await
+        .expect("announce");
+    assert!(!live, "the lease is new");
+    assert_eq!(evs.len(), 2);
+    assert_eq!(evs[1].revision, evs[0].revision + 1);
+    let rev = b.current_revision().await.expect("rev");
+    assert!(b.renew_lease("h1", now, now + 10_000).await.expect("renew"));
+    let (live, evs) = b
+        .announce(
+            "h1",
+            now,
+            now + 10_000,
+            &[pair("p.h1", "{\"v\":1}")],
+            &["nothing.h1".into()],
+        )
+        .await
+        .expect("announce again");
+    assert!(
+        live && evs.is_empty(),
+        "unchanged records are not written: {evs:?}"
+    );
+    assert_eq!(
+        b.current_revision().await.expect("rev"),
+        rev,
+        "renewals take no revision"
+    );
+    let (_, evs) = b
+        .announce("h1", now, now + 10_000, &[pair("p.h1", "{\"v\":2}")], &[])
+        .await
+        .expect("changed");
+    assert_eq!((evs.len(), evs[0].op), (1, Op::Put));
+    // Another agent can neither take nor withdraw h1's names.
+    let e = b
+        .announce("h2", now, now + 10_000, &[pair("p.h1", "{}")], &[])
+        .await
+        .expect_err("a name another agent holds");
+    assert_eq!(e.code, Code::AlreadyExists);
+    let (_, evs) = b
+        .announce(
+            "h2",
+            now,
+            now + 10_000,
+            &[pair("r.h2", "{}")],
+            &["p.h1".into()],
+        )
+        .await
+        .expect("h2's own");
+    assert_eq!(
+        evs.len(),
+        1,
+        "withdrawing what another agent holds does nothing: {evs:?}"
+    );
+    assert_eq!(b.held("h1").await.expect("held").len(), 2);
+    // An expired lease ends with all its records in one transaction; a
+    // renewed one does not.
+    assert_eq!(
+        b.expired_leases(now + 20_000).await.expect("expired").len(),
+        2
+    );
+    assert!(
+        b.end_lease("h1", Some(now))
+            .await
+            .expect("not expired yet")
+            .is_empty()
+    );
+    let evs = b.end_lease("h1", Some(now + 20_000)).await.expect("end");
+    assert_eq!(evs.len(), 2);
+    assert!(
+        evs.iter()
+            .all(|e| e.op == Op::Delete && e.kind == Kind::AppServer)
+    );
+    assert_eq!(evs[1].revision, evs[0].revision + 1);
+    assert!(b.held("h1").await.expect("held").is_empty());
+    assert!(b.get(Kind::AppServer, "r.h2").await.expect("get").is_some());
+    assert!(!b.renew_lease("h1", now, now + 10_000).await.expect("gone"));
+    // An expired lease that was not swept yet is renewed, but reported lapsed.
+    assert!(
+        !b.renew_lease("h2", now + 20_000, now + 30_000)
+            .await
+            .expect("lapsed")
+    );
+    assert!(
+        b.renew_lease("h2", now + 20_000, now + 30_000)
+            .await
+            .expect("live")
+    );
+    assert_eq!(b.extend_leases(now + 40_000).await.expect("extend"), 1);
+    let evs = b.end_lease("h2", None).await.expect("release");
+    assert_eq!(evs.len(), 1);
+    assert!(b.expired_leases(i64::MAX).await.expect("none").is_empty());
 }
 
 #[tokio::test]

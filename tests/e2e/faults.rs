@@ -17,7 +17,6 @@ use portico_proto::client::{AuthClient, Dial, connect};
 use portico_proto::v1;
 use portico_tests::pg::PgDb;
 use portico_tests::util::portico_start;
-use portico_tests::util::test_app_yaml;
 use portico_tests::{TempDir, bin, eventually};
 
 /// An auth-service alone, as its own `portico start` process.
@@ -71,13 +70,7 @@ impl AuthProcess {
 }
 
 fn app_json(name: &str) -> v1::Resource {
-    let r = portico_core::parse::parse_documents("t.yaml", &test_app_yaml(name, "dev"))
-        .expect("app")
-        .remove(0);
-    v1::Resource {
-        kind: "app".into(),
-        json: r.to_json(),
-    }
+    portico_tests::util::app_resource(name, "dev")
 }
 
 /// Writes pairs of apps (`w{i}-a`, `w{i}-b`, one call each) until a call

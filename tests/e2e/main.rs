@@ -10,6 +10,7 @@ mod faults;
 mod hostile;
 mod hostile_api;
 mod identities;
+mod leases;
 mod mcp;
 mod mcp_conformance;
 mod quickstart;

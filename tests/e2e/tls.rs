@@ -202,10 +202,12 @@ async fn each_role_only_with_its_own_certificate_and_apis() {
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
     // It announces app servers only under its own host id.
     a.heartbeat(v1::HeartbeatRequest {
-        app: "tm".into(),
         ttl_ms: 5_000,
-        remove: false,
-        static_app_json: String::new(),
+        serve: vec![v1::ServedApp {
+            app: "tm".into(),
+            static_app_json: String::new(),
+        }],
+        ..Default::default()
     })
     .await
     .expect("its own heartbeat");
@@ -229,10 +231,12 @@ async fn each_role_only_with_its_own_certificate_and_apis() {
     let mut p = c.service_client(&proxy).await;
     let e = p
         .heartbeat(v1::HeartbeatRequest {
-            app: "tm".into(),
             ttl_ms: 5_000,
-            remove: false,
-            static_app_json: String::new(),
+            serve: vec![v1::ServedApp {
+                app: "tm".into(),
+                static_app_json: String::new(),
+            }],
+            ..Default::default()
         })
         .await
         .expect_err("proxies do not announce app servers");

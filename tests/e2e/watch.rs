@@ -161,7 +161,7 @@ async fn resume_compaction_and_expiry() {
         vec![r1 + 1, r1 + 2]
     );
 
-    c.auth.backend.compact(1).await.expect("compact");
+    c.auth.backend.compact(1, 0).await.expect("compact");
     let mut stream = admin
         .watch(v1::WatchRequest {
             kinds: vec!["app".into()],
@@ -174,7 +174,7 @@ async fn resume_compaction_and_expiry() {
     assert_eq!(e.code(), tonic::Code::OutOfRange);
     assert!(e.message().contains("re-sync"), "{}", e.message());
 
-    // A heartbeat with a short TTL expires into a delete event.
+    // A lease with a short TTL that is not renewed ends in a delete event.
     let id = c.join_as("app", "h1").await;
     let mut agent = c.service_client(&id).await;
     let events: Arc<Mutex<HashMap<String, Vec<i32>>>> = Arc::default();
@@ -199,10 +199,12 @@ async fn resume_compaction_and_expiry() {
     });
     agent
         .heartbeat(v1::HeartbeatRequest {
-            app: "one".into(),
             ttl_ms: 1000,
-            remove: false,
-            static_app_json: String::new(),
+            serve: vec![v1::ServedApp {
+                app: "one".into(),
+                static_app_json: String::new(),
+            }],
+            ..Default::default()
         })
         .await
         .expect("heartbeat");

@@ -111,6 +111,13 @@ impl ClusterBuilder {
         self.agents.push((host_id.to_string(), f.app_service));
         self
     }
+    /// An agent serving the apps with these labels.
+    pub fn selector_agent(mut self, host_id: &str, labels: &[(&str, &str)]) -> Self {
+        self.agents
+            .push((host_id.to_string(), selector_agent_config(labels)));
+        self
+    }
+
     /// An agent serving every app.
     pub fn wildcard_agent(mut self, host_id: &str) -> Self {
         self.agents.push((
@@ -180,6 +187,23 @@ impl ClusterBuilder {
             c.start_agent(&host, cfg).await;
         }
         c
+    }
+}
+
+/// An agent config serving the apps with these labels (`*: *` for all).
+pub fn selector_agent_config(labels: &[(&str, &str)]) -> AgentConfig {
+    AgentConfig {
+        enabled: true,
+        resources: vec![ResourceSelector {
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }],
+        shutdown_grace: Some("2s".into()),
+        max_sessions: Some(4096),
+        mcp: Some(harness_mcp()),
+        ..AgentConfig::default()
     }
 }
 

@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod direct;
 pub mod mcp_http;
 pub mod pg;
+pub mod scale;
 pub mod util;
 pub mod web;
 

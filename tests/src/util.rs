@@ -111,6 +111,17 @@ pub fn test_app_yaml(name: &str, env: &str) -> String {
     app_yaml_with_command(name, env, &test_mcp_server())
 }
 
+/// The app `test_app_yaml` describes, as the API takes it.
+pub fn app_resource(name: &str, env: &str) -> portico_proto::v1::Resource {
+    let r = portico_core::parse::parse_documents("t.yaml", &test_app_yaml(name, env))
+        .expect("app")
+        .remove(0);
+    portico_proto::v1::Resource {
+        kind: "app".into(),
+        json: r.to_json(),
+    }
+}
+
 pub fn app_yaml_with_command(name: &str, env: &str, command: &Path) -> String {
     format!(
         "kind: app\nversion: v3\nmetadata:\n  name: {name}\n  description: test server {name}\n  labels: {{env: {env}}}\nspec:\n  mcp:\n    command: {}\n    run_as_host_user: {}\n",
@@ -156,4 +167,38 @@ pub fn children_named(comm: &str) -> Vec<(u32, char)> {
         }
     }
     out
+}
+
+/// A real agent process (`portico start`, its config and data in `dir`)
+/// serving the apps whose labels match `labels` (a YAML flow map such as
+/// `{"*": "*"}`), joining with `token` and dialling the proxy at `tunnel`.
+pub fn agent_process(
+    dir: &Path,
+    auth: &str,
+    tunnel: &str,
+    token: &str,
+    host_id: &str,
+    labels: &str,
+) -> tokio::process::Child {
+    std::fs::create_dir_all(dir).expect("agent dir");
+    let config = dir.join("portico.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: v1\ndata_dir: {}\napp_service:\n  auth_servers: [\"{auth}\"]\n  proxy_servers: [\"{tunnel}\"]\n  join_token: \"{token}\"\n  host_id: {host_id}\n  resources:\n  - labels: {labels}\n  mcp:\n    allowed_host_users: [{}]\n",
+            dir.join("data").display(),
+            me(),
+        ),
+    )
+    .expect("agent config");
+    tokio::process::Command::new(bin("portico"))
+        .args(["start", "--config"])
+        .arg(&config)
+        .env_remove("PORTICO_DATA_DIR")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("agent process")
 }

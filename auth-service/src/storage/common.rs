@@ -17,12 +17,7 @@ macro_rules! impl_backend {
                 // Lock the counter first: writers queue here until the holder
                 // commits, so revision order is commit order and existence
                 // checks below cannot race another writer.
-                let start: i64 = sqlx::query("UPDATE revision_counter SET value = value WHERE id = 1 RETURNING value")
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(db_error)?
-                    .try_get(0)
-                    .map_err(db_error)?;
+                let start = lock_revisions(&mut tx).await?;
                 let mut rev = start;
                 let mut events = Vec::with_capacity(ops.len());
                 for op in ops {
@@ -51,8 +46,8 @@ macro_rules! impl_backend {
                             }
                             rev += 1;
                             sqlx::query(
-                                "INSERT INTO resources (kind, name, revision, value, expires) VALUES ($1, $2, $3, $4, $5)
-                                 ON CONFLICT (kind, name) DO UPDATE SET revision = excluded.revision, value = excluded.value, expires = excluded.expires",
+                                "INSERT INTO resources (kind, name, revision, value, expires, owner) VALUES ($1, $2, $3, $4, $5, NULL)
+                                 ON CONFLICT (kind, name) DO UPDATE SET revision = excluded.revision, value = excluded.value, expires = excluded.expires, owner = NULL",
                             )
                             .bind(kind.as_str())
                             .bind(name.as_str())
@@ -104,12 +99,7 @@ macro_rules! impl_backend {
                     }
                 }
                 if !events.is_empty() {
-                    sqlx::query("UPDATE revision_counter SET value = $1 WHERE id = 1")
-                        .bind(rev)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(db_error)?;
-                    sqlx::query($notify).execute(&mut *tx).await.map_err(db_error)?;
+                    advance_revisions(&mut tx, rev).await?;
                 }
                 tx.commit().await.map_err(db_error)?;
                 let _ = op_code;
@@ -256,19 +246,21 @@ macro_rules! impl_backend {
                     .collect()
             }
 
-            async fn compact(&self, keep: i64) -> portico_core::Result<i64> {
+            async fn compact(&self, keep: i64, written_before_ms: i64) -> portico_core::Result<i64> {
                 use $crate::storage::db_error;
                 use sqlx::Row;
                 let _writer = self.write_guard().await;
                 let mut tx = self.pool.begin().await.map_err(db_error)?;
                 // Take the writers' lock so the horizon and the deletion agree.
-                let rev: i64 = sqlx::query("UPDATE revision_counter SET value = value WHERE id = 1 RETURNING value")
+                let rev = lock_revisions(&mut tx).await?;
+                let aged: Option<i64> = sqlx::query("SELECT MAX(revision) FROM events WHERE time_ms > 0 AND time_ms < $1")
+                    .bind(written_before_ms)
                     .fetch_one(&mut *tx)
                     .await
                     .map_err(db_error)?
                     .try_get(0)
                     .map_err(db_error)?;
-                let horizon = (rev - keep).max(0);
+                let horizon = (rev - keep).max(aged.unwrap_or(0)).max(0);
                 let old: i64 = sqlx::query("SELECT value FROM meta WHERE key = 'compacted_through'")
                     .fetch_one(&mut *tx)
                     .await
@@ -579,9 +571,278 @@ macro_rules! impl_backend {
                     .collect()
             }
 
+            async fn renew_lease(&self, host: &str, now_ms: i64, expires: i64) -> portico_core::Result<bool> {
+                use $crate::storage::db_error;
+                let _writer = self.write_guard().await;
+                let live = sqlx::query("UPDATE leases SET expires = $1 WHERE host_id = $2 AND expires >= $3")
+                    .bind(expires)
+                    .bind(host)
+                    .bind(now_ms)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db_error)?
+                    .rows_affected();
+                if live > 0 {
+                    return Ok(true);
+                }
+                // Expired but not yet swept: its records are still there;
+                // keep them, and tell the agent to check them.
+                sqlx::query("UPDATE leases SET expires = $1 WHERE host_id = $2")
+                    .bind(expires)
+                    .bind(host)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db_error)?;
+                Ok(false)
+            }
+
+            async fn announce(
+                &self,
+                host: &str,
+                now_ms: i64,
+                expires: i64,
+                put: &[(String, String)],
+                withdraw: &[String],
+            ) -> portico_core::Result<(bool, Vec<$crate::storage::Event>)> {
+                use $crate::storage::{db_error, Event, Op};
+                use sqlx::Row;
+                use std::collections::HashMap;
+                let _writer = self.write_guard().await;
+                let mut tx = self.pool.begin().await.map_err(db_error)?;
+                let start = lock_revisions(&mut tx).await?;
+                let was: Option<i64> = sqlx::query("SELECT expires FROM leases WHERE host_id = $1")
+                    .bind(host)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db_error)?
+                    .map(|r| r.try_get(0))
+                    .transpose()
+                    .map_err(db_error)?;
+                sqlx::query(
+                    "INSERT INTO leases (host_id, expires) VALUES ($1, $2)
+                     ON CONFLICT (host_id) DO UPDATE SET expires = excluded.expires",
+                )
+                .bind(host)
+                .bind(expires)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
+                let mut events = Vec::new();
+                if !put.is_empty() || !withdraw.is_empty() {
+                    // What this agent holds now, and which of the names
+                    // asked for are taken by anyone else.
+                    let rows = sqlx::query("SELECT name, value FROM resources WHERE owner = $1 AND kind = 'app_server'")
+                        .bind(host)
+                        .fetch_all(&mut *tx)
+                        .await
+                        .map_err(db_error)?;
+                    let mut held: HashMap<String, String> = HashMap::with_capacity(rows.len());
+                    for r in &rows {
+                        held.insert(r.try_get(0).map_err(db_error)?, r.try_get(1).map_err(db_error)?);
+                    }
+                    let mut rev = start;
+                    let mut puts = Vec::new();
+                    for (name, value) in put {
+                        match held.get(name) {
+                            Some(v) if v == value => continue,
+                            Some(_) => {}
+                            None => {
+                                let taken = sqlx::query("SELECT 1 FROM resources WHERE kind = 'app_server' AND name = $1")
+                                    .bind(name.as_str())
+                                    .fetch_optional(&mut *tx)
+                                    .await
+                                    .map_err(db_error)?;
+                                if taken.is_some() {
+                                    return Err(portico_core::Error::already_exists(format!(
+                                        "app_server {name:?} belongs to another agent"
+                                    )));
+                                }
+                            }
+                        }
+                        rev += 1;
+                        puts.push(Event { revision: rev, op: Op::Put, kind: portico_core::Kind::AppServer, name: name.clone(), value: value.clone() });
+                    }
+                    let mut gone = Vec::new();
+                    for name in withdraw {
+                        if let Some(v) = held.remove(name) {
+                            rev += 1;
+                            gone.push(Event { revision: rev, op: Op::Delete, kind: portico_core::Kind::AppServer, name: name.clone(), value: v });
+                        }
+                    }
+                    for chunk in puts.chunks(500) {
+                        let mut q = sqlx::QueryBuilder::<$db>::new(
+                            "INSERT INTO resources (kind, name, revision, value, expires, owner) ",
+                        );
+                        q.push_values(chunk, |mut b, ev| {
+                            b.push_bind(ev.kind.as_str())
+                                .push_bind(ev.name.as_str())
+                                .push_bind(ev.revision)
+                                .push_bind(ev.value.as_str())
+                                .push_bind(None::<i64>)
+                                .push_bind(host);
+                        });
+                        q.push(" ON CONFLICT (kind, name) DO UPDATE SET revision = excluded.revision, value = excluded.value, expires = excluded.expires, owner = excluded.owner");
+                        q.build().execute(&mut *tx).await.map_err(db_error)?;
+                    }
+                    for chunk in gone.chunks(500) {
+                        let mut q = sqlx::QueryBuilder::<$db>::new(
+                            "DELETE FROM resources WHERE kind = 'app_server' AND name IN (",
+                        );
+                        let mut names = q.separated(", ");
+                        for ev in chunk {
+                            names.push_bind(ev.name.as_str());
+                        }
+                        q.push(")");
+                        q.build().execute(&mut *tx).await.map_err(db_error)?;
+                    }
+                    events.extend(puts);
+                    events.extend(gone);
+                    if !events.is_empty() {
+                        insert_events(&mut tx, &events).await?;
+                        advance_revisions(&mut tx, rev).await?;
+                    }
+                }
+                tx.commit().await.map_err(db_error)?;
+                Ok((was.is_some_and(|e| e >= now_ms), events))
+            }
+
+            async fn held(&self, host: &str) -> portico_core::Result<Vec<(String, String)>> {
+                use $crate::storage::db_error;
+                use sqlx::Row;
+                let rows = sqlx::query("SELECT name, value FROM resources WHERE owner = $1 AND kind = 'app_server' ORDER BY name")
+                    .bind(host)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db_error)?;
+                rows.iter()
+                    .map(|r| Ok((r.try_get(0).map_err(db_error)?, r.try_get(1).map_err(db_error)?)))
+                    .collect()
+            }
+
+            async fn expired_leases(&self, now_ms: i64) -> portico_core::Result<Vec<String>> {
+                use $crate::storage::db_error;
+                use sqlx::Row;
+                let rows = sqlx::query("SELECT host_id FROM leases WHERE expires < $1 LIMIT 1000")
+                    .bind(now_ms)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db_error)?;
+                rows.iter().map(|r| r.try_get(0).map_err(db_error)).collect()
+            }
+
+            async fn end_lease(
+                &self,
+                host: &str,
+                expired_before: Option<i64>,
+            ) -> portico_core::Result<Vec<$crate::storage::Event>> {
+                use $crate::storage::{db_error, Event, Op};
+                use sqlx::Row;
+                let _writer = self.write_guard().await;
+                let mut tx = self.pool.begin().await.map_err(db_error)?;
+                let start = lock_revisions(&mut tx).await?;
+                let ended = sqlx::query("DELETE FROM leases WHERE host_id = $1 AND expires < $2")
+                    .bind(host)
+                    .bind(expired_before.unwrap_or(i64::MAX))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_error)?
+                    .rows_affected();
+                if ended == 0 && expired_before.is_some() {
+                    // Renewed since it was found expired.
+                    return Ok(Vec::new());
+                }
+                let rows = sqlx::query("SELECT name, value FROM resources WHERE owner = $1 AND kind = 'app_server' ORDER BY name")
+                    .bind(host)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(db_error)?;
+                let mut events = Vec::with_capacity(rows.len());
+                for (i, r) in rows.iter().enumerate() {
+                    events.push(Event {
+                        revision: start + 1 + i as i64,
+                        op: Op::Delete,
+                        kind: portico_core::Kind::AppServer,
+                        name: r.try_get(0).map_err(db_error)?,
+                        value: r.try_get(1).map_err(db_error)?,
+                    });
+                }
+                if !events.is_empty() {
+                    sqlx::query("DELETE FROM resources WHERE owner = $1 AND kind = 'app_server'")
+                        .bind(host)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db_error)?;
+                    insert_events(&mut tx, &events).await?;
+                    advance_revisions(&mut tx, start + events.len() as i64).await?;
+                }
+                tx.commit().await.map_err(db_error)?;
+                Ok(events)
+            }
+
+            async fn extend_leases(&self, until: i64) -> portico_core::Result<u64> {
+                use $crate::storage::db_error;
+                let _writer = self.write_guard().await;
+                Ok(sqlx::query("UPDATE leases SET expires = $1 WHERE expires < $1")
+                    .bind(until)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db_error)?
+                    .rows_affected())
+            }
+
             async fn subscribe_remote_changes(&self) -> Option<tokio::sync::mpsc::Receiver<()>> {
                 self.remote_changes().await
             }
+        }
+
+        /// Locks the revision counter for this transaction (writers queue
+        /// here until the holder commits) and returns its value.
+        async fn lock_revisions(tx: &mut sqlx::Transaction<'static, $db>) -> portico_core::Result<i64> {
+            use $crate::storage::db_error;
+            use sqlx::Row;
+            sqlx::query("UPDATE revision_counter SET value = value WHERE id = 1 RETURNING value")
+                .fetch_one(&mut **tx)
+                .await
+                .map_err(db_error)?
+                .try_get(0)
+                .map_err(db_error)
+        }
+
+        /// Moves the counter to the last revision written and tells other
+        /// instances (Postgres NOTIFY) once the transaction commits.
+        async fn advance_revisions(tx: &mut sqlx::Transaction<'static, $db>, rev: i64) -> portico_core::Result<()> {
+            use $crate::storage::db_error;
+            sqlx::query("UPDATE revision_counter SET value = $1 WHERE id = 1")
+                .bind(rev)
+                .execute(&mut **tx)
+                .await
+                .map_err(db_error)?;
+            sqlx::query($notify).execute(&mut **tx).await.map_err(db_error)?;
+            Ok(())
+        }
+
+        /// Appends many events with a few multi-row statements.
+        async fn insert_events(
+            tx: &mut sqlx::Transaction<'static, $db>,
+            events: &[$crate::storage::Event],
+        ) -> portico_core::Result<()> {
+            use $crate::storage::{db_error, op_code};
+            let now = portico_core::time::now_ms();
+            for chunk in events.chunks(500) {
+                let mut q = sqlx::QueryBuilder::<$db>::new(
+                    "INSERT INTO events (revision, kind, name, op, value, time_ms) ",
+                );
+                q.push_values(chunk, |mut b, ev| {
+                    b.push_bind(ev.revision)
+                        .push_bind(ev.kind.as_str())
+                        .push_bind(ev.name.as_str())
+                        .push_bind(op_code(ev.op))
+                        .push_bind(ev.value.as_str())
+                        .push_bind(now);
+                });
+                q.build().execute(&mut **tx).await.map_err(db_error)?;
+            }
+            Ok(())
         }
 
         async fn insert_event(
@@ -589,12 +850,13 @@ macro_rules! impl_backend {
             ev: &$crate::storage::Event,
         ) -> portico_core::Result<()> {
             use $crate::storage::{db_error, op_code};
-            sqlx::query("INSERT INTO events (revision, kind, name, op, value) VALUES ($1, $2, $3, $4, $5)")
+            sqlx::query("INSERT INTO events (revision, kind, name, op, value, time_ms) VALUES ($1, $2, $3, $4, $5, $6)")
                 .bind(ev.revision)
                 .bind(ev.kind.as_str())
                 .bind(ev.name.as_str())
                 .bind(op_code(ev.op))
                 .bind(ev.value.as_str())
+                .bind(portico_core::time::now_ms())
                 .execute(&mut **tx)
                 .await
                 .map_err(db_error)?;

@@ -101,8 +101,37 @@ pub trait Backend: Send + Sync + 'static {
     async fn current_revision(&self) -> Result<i64>;
     /// Records whose TTL passed before `now_ms`.
     async fn expired(&self, now_ms: i64) -> Result<Vec<(Kind, String)>>;
-    /// Drops events older than the newest `keep`; returns the new horizon.
-    async fn compact(&self, keep: i64) -> Result<i64>;
+    /// Drops events older than the newest `keep` and those written before
+    /// `written_before_ms`; returns the new horizon.
+    async fn compact(&self, keep: i64, written_before_ms: i64) -> Result<i64>;
+
+    /// Renews an agent's lease in place: no revision, no event. False when
+    /// the lease was missing or had expired (the agent then re-announces
+    /// what it serves; a missing lease is not created here).
+    async fn renew_lease(&self, host: &str, now_ms: i64, expires: i64) -> Result<bool>;
+    /// In one transaction: creates or renews the agent's lease, writes the
+    /// `app_server` records in `put` (name, value) whose value changed, and
+    /// withdraws those in `withdraw` that it holds. Returns whether the
+    /// lease was live before, and the events written. A name held by
+    /// another agent is refused (`AlreadyExists`).
+    async fn announce(
+        &self,
+        host: &str,
+        now_ms: i64,
+        expires: i64,
+        put: &[(String, String)],
+        withdraw: &[String],
+    ) -> Result<(bool, Vec<Event>)>;
+    /// The `app_server` records (name, value) an agent holds.
+    async fn held(&self, host: &str) -> Result<Vec<(String, String)>>;
+    /// Agents whose lease ended before `now_ms`.
+    async fn expired_leases(&self, now_ms: i64) -> Result<Vec<String>>;
+    /// Ends an agent's lease and withdraws all its records in one
+    /// transaction; with `expired_before`, only if the lease is still
+    /// expired then (a renewal since wins).
+    async fn end_lease(&self, host: &str, expired_before: Option<i64>) -> Result<Vec<Event>>;
+    /// Moves every lease that ends before `until` to `until`; returns how many.
+    async fn extend_leases(&self, until: i64) -> Result<u64>;
 
     async fn set_password(&self, user: &str, hash: &str) -> Result<()>;
     async fn password(&self, user: &str) -> Result<Option<String>>;

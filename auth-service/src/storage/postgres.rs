@@ -48,6 +48,13 @@ pub fn migrator() -> Migrator {
                 include_str!("../../migrations/postgres/0004_cluster_keys.sql").into_sql_str(),
                 false,
             ),
+            Migration::new(
+                5,
+                Cow::Borrowed("agent_leases"),
+                MigrationType::Simple,
+                include_str!("../../migrations/postgres/0005_agent_leases.sql").into_sql_str(),
+                false,
+            ),
         ]),
         ..Migrator::DEFAULT
     }

@@ -1,7 +1,7 @@
 //! `portico-bench`: the figures the issues ask for, each with a baseline
 //! measured in the same run. Timings are printed, never asserted.
 //!
-//! cargo run --release -p portico-tests --bin portico-bench -- [all|store|registration|proxy|ls|memory|chaos [MINUTES]]
+//! cargo run --release -p portico-tests --bin portico-bench -- [all|store|registration|proxy|ls|memory|chaos [MINUTES]|scale [REST_SECONDS] [--quick]]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -471,6 +471,11 @@ async fn main() {
     }
     if all || what == "memory" {
         memory().await;
+    }
+    // Not part of "all": it runs for many minutes.
+    if what == "scale" {
+        let rest: Vec<String> = std::env::args().skip(2).collect();
+        portico_tests::scale::run(&rest).await;
     }
     // Not part of "all": it runs for minutes and kills processes.
     if what == "chaos" {

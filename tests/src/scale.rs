@@ -1,0 +1,392 @@
+//! `portico-bench scale`: what a deployment costs at rest and how fast it
+//! reacts as agents and apps grow. For SQLite and Postgres, with 1, 10 and
+//! 100 agents (in-process; each serves its own shard of the apps by a
+//! `shard` label) and 1,000 then 10,000 apps it prints: change events per
+//! second and CPU at rest, database growth per hour, create → visible at the
+//! proxy (p50/p99) and connectable, the whole `psh mcp ls`, and the time a
+//! new agent matching every app takes to serve them all. Then one run with
+//! agents as separate processes, where one is killed with SIGKILL to time
+//! how long until the proxy stops routing to it.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use portico_proto::client::AuthClient;
+use portico_proto::v1;
+
+use crate::cluster::{Cluster, ClusterBuilder, Storage, run as run_cmd, selector_agent_config};
+use crate::mcp_http::McpHttp;
+use crate::util::{bin, me, test_mcp_server};
+
+const PASSWORD: &str = "scale-password-1";
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v[(((v.len() - 1) as f64) * p).round() as usize]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// CPU time (user + system) of a process so far, from /proc.
+fn cpu_of(pid: &str) -> Duration {
+    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1.to_string();
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            // utime and stime are fields 14 and 15; `rest` starts at field 3.
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
+fn app_resource(name: &str, shard: usize) -> v1::Resource {
+    let yaml = format!(
+        "kind: app\nversion: v3\nmetadata:\n  name: {name}\n  labels: {{env: dev, shard: \"{shard}\"}}\nspec:\n  mcp:\n    command: {}\n    run_as_host_user: {}\n",
+        test_mcp_server().display(),
+        me()
+    );
+    let r = portico_core::parse::parse_documents("scale.yaml", &yaml)
+        .expect("app")
+        .remove(0);
+    v1::Resource {
+        kind: "app".into(),
+        json: r.to_json(),
+    }
+}
+
+/// Creates apps `{prefix}{i}` for i in `range`, shard i % shards, 500 per call.
+async fn create_apps(
+    admin: &mut AuthClient,
+    prefix: &str,
+    range: std::ops::Range<usize>,
+    shards: usize,
+) {
+    let all: Vec<v1::Resource> = range
+        .map(|i| app_resource(&format!("{prefix}{i}"), i % shards))
+        .collect();
+    for chunk in all.chunks(500) {
+        admin
+            .create(v1::CreateRequest {
+                resources: chunk.to_vec(),
+                overwrite: false,
+            })
+            .await
+            .expect("create apps");
+    }
+}
+
+/// How many apps the proxy routes to at least one agent (or to `host`).
+fn served_at_proxy(c: &Cluster, host: Option<&str>) -> usize {
+    let cache = &c.proxy.as_ref().expect("proxy").state.cache;
+    cache
+        .apps()
+        .iter()
+        .filter(|a| {
+            let s = cache.servers(&a.metadata.name);
+            match host {
+                None => !s.is_empty(),
+                Some(h) => s.iter().any(|x| x == h),
+            }
+        })
+        .count()
+}
+
+async fn wait_served(c: &Cluster, host: Option<&str>, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while served_at_proxy(c, host) < n {
+        assert!(Instant::now() < deadline, "{n} apps never became visible");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn dir_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+async fn db_size(c: &Cluster) -> u64 {
+    match &c.pg {
+        None => dir_size(&c.data_dir().join("db")),
+        Some(pg) => {
+            use sqlx::Connection;
+            let Ok(mut conn) = sqlx::postgres::PgConnection::connect(&pg.url).await else {
+                return 0;
+            };
+            let size: i64 = sqlx::query_scalar("SELECT pg_database_size(current_database())")
+                .fetch_one(&mut conn)
+                .await
+                .unwrap_or(0);
+            let _ = conn.close().await;
+            size as u64
+        }
+    }
+}
+
+struct Rest {
+    events_per_s: f64,
+    cpu_pct: f64,
+    growth_mib_per_h: f64,
+}
+
+/// Watches the cluster do nothing for `secs`: events, CPU of `pids`, database size.
+async fn at_rest(c: &Cluster, pids: &[String], secs: u64) -> Rest {
+    // Let registration traffic and its checkpoints settle first.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let cpu = |pids: &[String]| pids.iter().map(|p| cpu_of(p)).sum::<Duration>();
+    let (r0, c0, d0, t0) = (
+        c.auth.backend.current_revision().await.expect("revision"),
+        cpu(pids),
+        db_size(c).await,
+        Instant::now(),
+    );
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let (r1, c1, d1) = (
+        c.auth.backend.current_revision().await.expect("revision"),
+        cpu(pids),
+        db_size(c).await,
+    );
+    let el = t0.elapsed().as_secs_f64();
+    Rest {
+        events_per_s: (r1 - r0) as f64 / el,
+        cpu_pct: (c1 - c0).as_secs_f64() / el * 100.0,
+        growth_mib_per_h: (d1 as f64 - d0 as f64) / el * 3600.0 / (1024.0 * 1024.0),
+    }
+}
+
+/// Creates one app at a time and times until the proxy routes it: p50, p99
+/// in ms over `n`; then opens an MCP session on a few of them.
+async fn create_to_visible(
+    c: &Cluster,
+    admin: &mut AuthClient,
+    token: &str,
+    shards: usize,
+    n: usize,
+) -> (f64, f64, f64) {
+    let state = c.proxy.as_ref().expect("proxy").state.clone();
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..n {
+        let name = format!("fresh{i}");
+        admin
+            .create(v1::CreateRequest {
+                resources: vec![app_resource(&name, i % shards)],
+                overwrite: false,
+            })
+            .await
+            .expect("create");
+        let returned = Instant::now();
+        // Poll tightly: a backing-off wait would blur the figure.
+        while state.cache.servers(&name).is_empty() {
+            assert!(
+                returned.elapsed() < Duration::from_secs(30),
+                "{name} never visible"
+            );
+            tokio::time::sleep(Duration::from_micros(100)).await;
+        }
+        lat.push(ms(returned.elapsed()));
+    }
+    let mut connect = Vec::new();
+    for i in 0..5.min(n) {
+        let t = Instant::now();
+        let mut s = McpHttp::new(c.proxy_addr(), &format!("fresh{i}"), token);
+        s.initialize().await.expect("connectable");
+        connect.push(ms(t.elapsed()));
+        s.delete().await;
+    }
+    for i in 0..n {
+        let _ = admin
+            .delete(v1::DeleteRequest {
+                kind: "app".into(),
+                name: format!("fresh{i}"),
+            })
+            .await;
+    }
+    (
+        pct(&mut lat, 0.5),
+        pct(&mut lat, 0.99),
+        pct(&mut connect, 0.5),
+    )
+}
+
+/// The whole `psh mcp ls` (process start to exit), p50 of 5 runs, in ms.
+async fn psh_ls(home: &Path) -> f64 {
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let mut cmd = tokio::process::Command::new(bin("psh"));
+        cmd.args(["mcp", "ls"]).env("PORTICO_HOME", home);
+        let o = run_cmd(cmd, None).await;
+        assert!(
+            o.status.success(),
+            "psh mcp ls: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        times.push(ms(t.elapsed()));
+    }
+    pct(&mut times, 0.5)
+}
+
+async fn psh_login(c: &Cluster) -> PathBuf {
+    let home = c.data_dir().join("psh-home");
+    let mut login = tokio::process::Command::new(bin("psh"));
+    login
+        .args([
+            "login",
+            &format!("--proxy={}", c.proxy_addr()),
+            "--user=scale",
+            "--password-stdin",
+        ])
+        .env("PORTICO_HOME", &home);
+    let o = run_cmd(login, Some(&format!("{PASSWORD}\n"))).await;
+    assert!(
+        o.status.success(),
+        "psh login: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    home
+}
+
+/// One storage and agent count, at 1,000 and then 10,000 apps.
+async fn in_process(storage: Storage, agents: usize, rest_secs: u64, sizes: &[usize]) {
+    let mut b = ClusterBuilder::new().storage(storage).proxy();
+    let shards: Vec<String> = (0..agents).map(|i| i.to_string()).collect();
+    for (i, s) in shards.iter().enumerate() {
+        b = b.selector_agent(&format!("agent{i}"), &[("shard", s.as_str())]);
+    }
+    let mut c = b.start().await;
+    c.add_user("scale", &["admin"], PASSWORD).await;
+    let token = c.login("scale", PASSWORD).await;
+    let home = psh_login(&c).await;
+    let mut admin = c.admin().await;
+    let me = std::process::id().to_string();
+    let mut have = 0;
+    for &apps in sizes {
+        let t = Instant::now();
+        create_apps(&mut admin, "app", have..apps, agents).await;
+        let created = t.elapsed();
+        wait_served(&c, None, apps).await;
+        let visible = t.elapsed();
+        have = apps;
+        let rest = at_rest(&c, std::slice::from_ref(&me), rest_secs).await;
+        let (p50, p99, connect) = create_to_visible(&c, &mut admin, &token, agents, 100).await;
+        let ls = psh_ls(&home).await;
+        println!(
+            "{storage:?} | {agents:>3} agents | {apps:>6} apps | at rest: {:.2} events/s, CPU {:.2}% of a core, db {:+.2} MiB/h | create→visible p50 {p50:.2} ms p99 {p99:.2} ms, connect p50 {connect:.1} ms | psh mcp ls {ls:.1} ms | {apps} created in {:.2} s, all visible after {:.2} s",
+            rest.events_per_s,
+            rest.cpu_pct,
+            rest.growth_mib_per_h,
+            created.as_secs_f64(),
+            visible.as_secs_f64(),
+        );
+    }
+    if agents == 1 {
+        // A new agent that matches every app.
+        let t = Instant::now();
+        c.start_agent("newcomer", selector_agent_config(&[("*", "*")]))
+            .await;
+        wait_served(&c, Some("newcomer"), have).await;
+        println!(
+            "{storage:?} | a new agent matching all {have} apps serves them all (visible at the proxy) {:.2} s after it starts",
+            t.elapsed().as_secs_f64()
+        );
+    }
+    c.shutdown().await;
+}
+
+/// Agents as separate `portico start` processes: CPU at rest of every
+/// process, and a SIGKILL.
+async fn processes(storage: Storage, agents: usize, apps: usize, rest_secs: u64) {
+    let c = ClusterBuilder::new().storage(storage).proxy().start().await;
+    let mut kids = Vec::new();
+    for i in 0..agents {
+        let child = crate::util::agent_process(
+            &c.data_dir().join(format!("process-{i}")),
+            &c.auth_addr.to_string(),
+            &c.tunnel_addr().to_string(),
+            &c.join_token("app").await,
+            &format!("proc{i}"),
+            &format!("{{shard: \"{i}\"}}"),
+        );
+        kids.push(child);
+    }
+    let mut admin = c.admin().await;
+    create_apps(&mut admin, "app", 0..apps, agents).await;
+    wait_served(&c, None, apps).await;
+    let mut pids = vec![std::process::id().to_string()];
+    pids.extend(kids.iter().filter_map(|k| k.id()).map(|p| p.to_string()));
+    let rest = at_rest(&c, &pids, rest_secs).await;
+    println!(
+        "{storage:?} | {agents:>3} agents as processes | {apps:>6} apps | at rest: {:.2} events/s, CPU {:.2}% of a core (auth-service + proxy + {agents} agent processes), db {:+.2} MiB/h",
+        rest.events_per_s, rest.cpu_pct, rest.growth_mib_per_h
+    );
+    // SIGKILL one agent: its tunnel drops, then its lease ends.
+    let victim = "proc0";
+    let held = served_at_proxy(&c, Some(victim));
+    let tunnels = c.proxy.as_ref().expect("proxy").state.tunnels.clone();
+    kids[0].start_kill().expect("SIGKILL");
+    let _ = kids[0].wait().await;
+    let t = Instant::now();
+    let mut tunnel_gone = None;
+    loop {
+        if tunnel_gone.is_none() && !tunnels.is_connected(victim) {
+            tunnel_gone = Some(t.elapsed());
+        }
+        if served_at_proxy(&c, Some(victim)) == 0 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the killed agent's apps never went"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let withdrawn = t.elapsed();
+    println!(
+        "{storage:?} | SIGKILL of one agent process serving {held} apps: the proxy stops routing to it after {:.2} s (its tunnel closed); its {held} records withdrawn after {:.2} s (lease 15 s)",
+        tunnel_gone.unwrap_or(withdrawn).as_secs_f64(),
+        withdrawn.as_secs_f64()
+    );
+    drop(kids);
+    c.shutdown().await;
+}
+
+/// `scale [REST_SECONDS] [--quick]`: `--quick` runs 1 and 10 agents with
+/// 1,000 apps on SQLite only.
+pub async fn run(args: &[String]) {
+    let rest_secs = args
+        .iter()
+        .find_map(|a| a.parse::<u64>().ok())
+        .unwrap_or(20);
+    let quick = args.iter().any(|a| a == "--quick");
+    println!(
+        "scale: at rest measured over {rest_secs} s; each agent serves its own shard of the apps; CPU is the whole bench process (auth-service, proxy and in-process agents) unless said otherwise"
+    );
+    let storages: &[Storage] = if quick {
+        &[Storage::Sqlite]
+    } else {
+        &[Storage::Sqlite, Storage::Postgres]
+    };
+    let counts: &[usize] = if quick { &[1, 10] } else { &[1, 10, 100] };
+    let sizes: &[usize] = if quick { &[1_000] } else { &[1_000, 10_000] };
+    for &s in storages {
+        for &n in counts {
+            in_process(s, n, rest_secs, sizes).await;
+        }
+    }
+    let apps = *sizes.last().unwrap_or(&1_000);
+    for &s in storages {
+        processes(s, 10, apps, rest_secs).await;
+    }
+}
