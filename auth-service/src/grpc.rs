@@ -36,6 +36,8 @@ use crate::storage::{AuditRecord, PutMode, WriteOp};
 
 /// Largest request the API accepts (a resource file is at most 1 MiB).
 const MAX_MESSAGE: usize = 4 * 1024 * 1024;
+/// Agent tokens checked in one `CheckAgents` call.
+const MAX_AGENT_CHECKS: usize = 10_000;
 /// Apps served or withdrawn in one heartbeat.
 const MAX_ANNOUNCE_BATCH: usize = 2_000;
 const MAX_TOKEN_TTL_MS: i64 = 30 * 24 * 3600 * 1000;
@@ -749,6 +751,46 @@ impl AuthService for Api {
             roles: p.roles,
             expires_ms: p.expires.unwrap_or(0),
         }))
+    }
+
+    async fn check_agents(&self, req: Request<CheckAgentsRequest>) -> Res<CheckAgentsResponse> {
+        let c = self.caller(&req, "check_agents").await?;
+        if c.p.ptype != PrincipalType::Service || c.p.service_role != Some(SystemRole::Proxy) {
+            let status = Status::permission_denied("only proxies check agents' identities");
+            return Err(self.denied(&c, None, None, None, status).await);
+        }
+        let tokens = req.into_inner().tokens;
+        if tokens.len() > MAX_AGENT_CHECKS {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_AGENT_CHECKS} tokens per call"
+            )));
+        }
+        let mut agents = Vec::with_capacity(tokens.len());
+        for token in tokens {
+            let verdict = match authenticate(self.s.backend.as_ref(), Some(token)).await {
+                Ok(p)
+                    if p.ptype == PrincipalType::Service
+                        && p.service_role == Some(SystemRole::App) =>
+                {
+                    AgentCheck {
+                        host_id: p.name,
+                        refused: String::new(),
+                    }
+                }
+                Ok(_) => AgentCheck {
+                    host_id: String::new(),
+                    refused: "this identity is not an app-service agent".into(),
+                },
+                Err(e) if e.code == Code::Unauthenticated => AgentCheck {
+                    host_id: String::new(),
+                    refused: e.message,
+                },
+                // Storage trouble is no verdict: the proxy asks again.
+                Err(e) => return Err(to_status(e)),
+            };
+            agents.push(verdict);
+        }
+        Ok(Response::new(CheckAgentsResponse { agents }))
     }
 
     async fn logout(&self, req: Request<LogoutRequest>) -> Res<LogoutResponse> {

@@ -287,11 +287,11 @@ pub async fn start(
         api.clone(),
         stop_rx.clone(),
     ));
-    tokio::spawn(state.cache.clone().follow(api, stop_rx.clone()));
+    tokio::spawn(state.cache.clone().follow(api.clone(), stop_rx.clone()));
     let tunnel_auth = agents_only(channel.clone());
     // Revoked agents lose their tunnels within a second.
     tokio::spawn(state.tunnels.clone().revalidate(
-        tunnel_auth.clone(),
+        check_agents(api.clone()),
         Duration::from_millis(500),
         stop_rx.clone(),
     ));
@@ -475,6 +475,30 @@ fn agents_only(channel: Channel) -> TunnelAuth {
                 ));
             }
             Ok(who.name)
+        })
+    })
+}
+
+/// Re-checks the agents in this proxy's tunnels, all in one call.
+fn check_agents(api: portico_proto::client::AuthClient) -> portico_tunnel::BatchChecker {
+    Arc::new(move |tokens: Vec<String>| {
+        let mut api = api.clone();
+        Box::pin(async move {
+            let r = api
+                .check_agents(portico_proto::v1::CheckAgentsRequest { tokens })
+                .await
+                .map_err(|s| s.message().to_string())?
+                .into_inner();
+            Ok(r.agents
+                .into_iter()
+                .map(|a| {
+                    if a.refused.is_empty() {
+                        Ok(a.host_id)
+                    } else {
+                        Err(a.refused)
+                    }
+                })
+                .collect())
         })
     })
 }

@@ -241,6 +241,34 @@ async fn each_role_only_with_its_own_certificate_and_apis() {
         .await
         .expect_err("proxies do not announce app servers");
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    // A proxy checks agents' identities in one call: a live agent's token
+    // names its host; a proxy's own, or a made-up one, is refused.
+    let checked = p
+        .check_agents(v1::CheckAgentsRequest {
+            tokens: vec![
+                agent.resp.identity_token.clone(),
+                proxy.resp.identity_token.clone(),
+                "not-a-token".into(),
+            ],
+        })
+        .await
+        .expect("check agents")
+        .into_inner()
+        .agents;
+    assert_eq!(checked[0].host_id, "ag-1", "{checked:?}");
+    assert!(checked[0].refused.is_empty());
+    assert!(
+        checked[1].host_id.is_empty() && checked[1].refused.contains("not an app-service agent")
+    );
+    assert!(checked[2].host_id.is_empty() && !checked[2].refused.is_empty());
+    // Agents (and users) may not ask.
+    let e = a
+        .check_agents(v1::CheckAgentsRequest {
+            tokens: vec![agent.resp.identity_token.clone()],
+        })
+        .await
+        .expect_err("agents do not check agents");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
 
     // A token with another service's certificate, or with none: refused.
     let swapped = JoinedService {

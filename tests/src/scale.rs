@@ -248,6 +248,8 @@ async fn psh_login(c: &Cluster) -> PathBuf {
             "--user=scale",
             "--password-stdin",
         ])
+        .arg("--ca-file")
+        .arg(crate::web::cert_file(c.proxy_addr()).expect("web certificate"))
         .env("PORTICO_HOME", &home);
     let o = run_cmd(login, Some(&format!("{PASSWORD}\n"))).await;
     assert!(

@@ -308,6 +308,8 @@ async fn ls_scale() {
             "--user=bench",
             "--password-stdin",
         ])
+        .arg("--ca-file")
+        .arg(portico_tests::web::cert_file(c.proxy_addr()).expect("web certificate"))
         .env("PORTICO_HOME", &home);
     let _ = portico_tests::cluster::run(login, Some("bench-password-1\n")).await;
     let mut admin = c.admin().await;
