@@ -593,7 +593,7 @@ struct Retention {
 /// Ends expired leases and records (producing delete events), and drops old
 /// sessions and old events.
 async fn sweeper(server: Arc<AuthServer>, mut stop: watch::Receiver<bool>, retention: Retention) {
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut n: u64 = 0;
     loop {
         tokio::select! {
@@ -638,7 +638,7 @@ async fn sweeper(server: Arc<AuthServer>, mut stop: watch::Receiver<bool>, reten
             }
             Err(e) => tracing::debug!(error = %e, "lease sweep cannot read"),
         }
-        if n.is_multiple_of(120) {
+        if n.is_multiple_of(60) {
             if let Err(e) = server.backend.purge_sessions(now).await {
                 tracing::debug!(error = %e, "session purge failed");
             }

@@ -32,14 +32,19 @@ pub const HANDSHAKE: &str = "PORTICO-TUNNEL/1";
 /// A real agent sends its handshake at once; silence is not kept waiting.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 const MAX_HANDSHAKE_LINE: usize = 1024;
-/// Each end pings the tunnel (HTTP/2 PING) when it has read nothing for
-/// this long (any frame read, the other end's pings included, moves it)...
+/// The proxy pings the tunnel (HTTP/2 PING) when it has read nothing for
+/// this long...
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(1);
 /// ...and gives it up when the ping is not answered in this: a killed agent
-/// or proxy behind a connection left half-open is noticed within 3 s of the
-/// last frame it sent. (500 ms and 2.5 s gave the same bound with twice the
-/// pings of an idle tunnel.)
+/// behind a connection left half-open is noticed within 3 s of the last
+/// frame it sent.
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The agent's side of the same: any frame read (the proxy's pings
+/// included) moves its timer, so while the proxy pings every second the
+/// agent never needs to, and an idle tunnel carries one ping and one pong a
+/// second; a silent proxy is still noticed within 3 s.
+const AGENT_KEEP_ALIVE_INTERVAL: Duration = Duration::from_millis(1500);
+const AGENT_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_millis(1500);
 /// The agent's TLS handshake must finish within this.
 const TLS_TIMEOUT: Duration = Duration::from_secs(5);
 /// HTTP/2 flow control: each session's stream may hold 1 MiB unread, and the
@@ -203,8 +208,8 @@ async fn dial_once(
     });
     hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
-        .keep_alive_interval(Some(KEEP_ALIVE_INTERVAL))
-        .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+        .keep_alive_interval(Some(AGENT_KEEP_ALIVE_INTERVAL))
+        .keep_alive_timeout(AGENT_KEEP_ALIVE_TIMEOUT)
         .initial_stream_window_size(1 << 20)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_concurrent_streams(10_000)
