@@ -30,22 +30,38 @@ use crate::util::{
 const HUNG: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
-enum Role {
+pub(crate) enum Role {
     Auth,
     Proxy,
     Agent,
 }
 
-struct Proc {
+/// One `portico start` process: its config, data directory and log
+/// (`<data>.log`).
+pub(crate) struct Proc {
     name: String,
     role: Role,
     config: PathBuf,
-    data: PathBuf,
+    pub(crate) data: PathBuf,
     child: Option<tokio::process::Child>,
 }
 
 impl Proc {
-    fn spawn(&mut self) {
+    pub(crate) fn new(name: &str, role: Role, config: PathBuf, data: PathBuf) -> Proc {
+        Proc {
+            name: name.to_string(),
+            role,
+            config,
+            data,
+            child: None,
+        }
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.as_ref().and_then(|c| c.id()).unwrap_or(0)
+    }
+
+    pub(crate) fn spawn(&mut self) {
         let _ = std::fs::create_dir_all(&self.data);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -56,7 +72,7 @@ impl Proc {
         self.child = Some(portico_start(&self.config, &self.data, log));
     }
 
-    async fn kill(&mut self) {
+    pub(crate) async fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.start_kill();
             let _ = c.wait().await;
@@ -64,14 +80,14 @@ impl Proc {
     }
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
 }
 
-async fn admin(data: &Path) -> Option<AuthClient> {
+pub(crate) async fn admin(data: &Path) -> Option<AuthClient> {
     let id: IdentityFile =
         yaml_serde::from_str(&std::fs::read_to_string(data.join(ADMIN_IDENTITY_FILE)).ok()?)
             .ok()?;
@@ -87,7 +103,7 @@ async fn admin(data: &Path) -> Option<AuthClient> {
     Some(c)
 }
 
-async fn until<T, F, Fut>(within: Duration, mut f: F) -> Option<T>
+pub(crate) async fn until<T, F, Fut>(within: Duration, mut f: F) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,

@@ -9,6 +9,7 @@ pub mod direct;
 pub mod mcp_http;
 pub mod pg;
 pub mod scale;
+pub mod soak;
 pub mod util;
 pub mod web;
 

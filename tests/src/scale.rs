@@ -238,6 +238,31 @@ async fn psh_ls(home: &Path) -> f64 {
     pct(&mut times, 0.5)
 }
 
+/// `GET /v1/apps` (what `psh mcp ls` asks) over one kept connection, body
+/// read: p50 of 5, in ms, and the body's size.
+async fn apps_answer(c: &Cluster, token: &str) -> (f64, usize) {
+    use http_body_util::BodyExt;
+    let addr = c.proxy_addr();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build::<_, http_body_util::Empty<bytes::Bytes>>(crate::web::connector(addr));
+    let mut times = Vec::new();
+    let mut size = 0;
+    for _ in 0..6 {
+        let req = http::Request::get(format!("{}/v1/apps", crate::web::base(addr)))
+            .header("authorization", format!("Bearer {token}"))
+            .body(http_body_util::Empty::new())
+            .expect("request");
+        let t = Instant::now();
+        let r = client.request(req).await.expect("GET /v1/apps");
+        let body = r.into_body().collect().await.expect("body").to_bytes();
+        times.push(ms(t.elapsed()));
+        size = body.len();
+    }
+    // The first paid for the connection.
+    times.remove(0);
+    (pct(&mut times, 0.5), size)
+}
+
 async fn psh_login(c: &Cluster) -> PathBuf {
     let home = c.data_dir().join("psh-home");
     let mut login = tokio::process::Command::new(bin("psh"));
@@ -284,8 +309,10 @@ async fn in_process(storage: Storage, agents: usize, rest_secs: u64, sizes: &[us
         let rest = at_rest(&c, std::slice::from_ref(&me), rest_secs).await;
         let (p50, p99, connect) = create_to_visible(&c, &mut admin, &token, agents, 100).await;
         let ls = psh_ls(&home).await;
+        let (answer, size) = apps_answer(&c, &token).await;
         println!(
-            "{storage:?} | {agents:>3} agents | {apps:>6} apps | at rest: {:.2} events/s, CPU {:.2}% of a core, db {:+.2} MiB/h | create→visible p50 {p50:.2} ms p99 {p99:.2} ms, connect p50 {connect:.1} ms | psh mcp ls {ls:.1} ms | {apps} created in {:.2} s, all visible after {:.2} s",
+            "{storage:?} | {agents:>3} agents | {apps:>6} apps | at rest: {:.2} events/s, CPU {:.2}% of a core, db {:+.2} MiB/h | create→visible p50 {p50:.2} ms p99 {p99:.2} ms, connect p50 {connect:.1} ms | psh mcp ls {ls:.1} ms (GET /v1/apps alone {answer:.1} ms, {} KiB) | {apps} created in {:.2} s, all visible after {:.2} s",
+            size / 1024,
             rest.events_per_s,
             rest.cpu_pct,
             rest.growth_mib_per_h,

@@ -629,42 +629,50 @@ macro_rules! impl_backend {
                 .map_err(db_error)?;
                 let mut events = Vec::new();
                 if !put.is_empty() || !withdraw.is_empty() {
-                    // What this agent holds now, and which of the names
-                    // asked for are taken by anyone else.
-                    let rows = sqlx::query("SELECT name, value FROM resources WHERE owner = $1 AND kind = 'app_server'")
-                        .bind(host)
-                        .fetch_all(&mut *tx)
-                        .await
-                        .map_err(db_error)?;
-                    let mut held: HashMap<String, String> = HashMap::with_capacity(rows.len());
-                    for r in &rows {
-                        held.insert(r.try_get(0).map_err(db_error)?, r.try_get(1).map_err(db_error)?);
+                    // The records named in this call, whoever holds them:
+                    // name -> (owner, value).
+                    let mut current: HashMap<String, (Option<String>, String)> = HashMap::new();
+                    let names: Vec<&str> = put.iter().map(|(n, _)| n.as_str()).chain(withdraw.iter().map(String::as_str)).collect();
+                    for chunk in names.chunks(500) {
+                        let mut q = sqlx::QueryBuilder::<$db>::new(
+                            "SELECT name, owner, value FROM resources WHERE kind = 'app_server' AND name IN (",
+                        );
+                        let mut list = q.separated(", ");
+                        for n in chunk {
+                            list.push_bind(*n);
+                        }
+                        q.push(")");
+                        for r in q.build().fetch_all(&mut *tx).await.map_err(db_error)? {
+                            current.insert(
+                                r.try_get(0).map_err(db_error)?,
+                                (r.try_get(1).map_err(db_error)?, r.try_get(2).map_err(db_error)?),
+                            );
+                        }
                     }
                     let mut rev = start;
                     let mut puts = Vec::new();
                     for (name, value) in put {
-                        match held.get(name) {
-                            Some(v) if v == value => continue,
-                            Some(_) => {}
-                            None => {
-                                let taken = sqlx::query("SELECT 1 FROM resources WHERE kind = 'app_server' AND name = $1")
-                                    .bind(name.as_str())
-                                    .fetch_optional(&mut *tx)
-                                    .await
-                                    .map_err(db_error)?;
-                                if taken.is_some() {
-                                    return Err(portico_core::Error::already_exists(format!(
-                                        "app_server {name:?} belongs to another agent"
-                                    )));
-                                }
+                        match current.get(name) {
+                            Some((Some(owner), v)) if owner == host && v == value => continue,
+                            Some((Some(owner), _)) if owner == host => {}
+                            // Written before leases (no owner, a TTL): this
+                            // agent's own, under its name.
+                            Some((None, _)) if name.ends_with(&format!(".{host}")) => {}
+                            Some(_) => {
+                                return Err(portico_core::Error::already_exists(format!(
+                                    "app_server {name:?} belongs to another agent"
+                                )));
                             }
+                            None => {}
                         }
                         rev += 1;
                         puts.push(Event { revision: rev, op: Op::Put, kind: portico_core::Kind::AppServer, name: name.clone(), value: value.clone() });
                     }
                     let mut gone = Vec::new();
                     for name in withdraw {
-                        if let Some(v) = held.remove(name) {
+                        if let Some((Some(owner), v)) = current.remove(name)
+                            && owner == host
+                        {
                             rev += 1;
                             gone.push(Event { revision: rev, op: Op::Delete, kind: portico_core::Kind::AppServer, name: name.clone(), value: v });
                         }

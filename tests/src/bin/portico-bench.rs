@@ -1,7 +1,7 @@
 //! `portico-bench`: the figures the issues ask for, each with a baseline
 //! measured in the same run. Timings are printed, never asserted.
 //!
-//! cargo run --release -p portico-tests --bin portico-bench -- [all|store|registration|proxy|ls|memory|chaos [MINUTES]|scale [REST_SECONDS] [--quick]]
+//! cargo run --release -p portico-tests --bin portico-bench -- [all|store|registration|proxy|ls|memory|chaos [MINUTES]|scale [REST_SECONDS] [--quick]|soak [MINUTES] [SESSIONS]]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -474,7 +474,18 @@ async fn main() {
     if all || what == "memory" {
         memory().await;
     }
-    // Not part of "all": it runs for many minutes.
+    // Not part of "all": these run for many minutes.
+    if what == "soak" {
+        let minutes = std::env::args()
+            .nth(2)
+            .and_then(|m| m.parse::<u64>().ok())
+            .unwrap_or(30);
+        let sessions = std::env::args()
+            .nth(3)
+            .and_then(|m| m.parse::<usize>().ok())
+            .unwrap_or(1000);
+        portico_tests::soak::run(minutes, sessions).await;
+    }
     if what == "scale" {
         let rest: Vec<String> = std::env::args().skip(2).collect();
         portico_tests::scale::run(&rest).await;
