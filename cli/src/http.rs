@@ -37,8 +37,12 @@ pub fn base_url(proxy: &str) -> String {
     }
 }
 
-/// GET a JSON document with the bearer token.
-pub async fn get_json(c: &HttpClient, url: &str, token: &str) -> CliResult<serde_json::Value> {
+/// GET a JSON document with the bearer token, read straight into `T`.
+pub async fn get_typed<T: serde::de::DeserializeOwned>(
+    c: &HttpClient,
+    url: &str,
+    token: &str,
+) -> CliResult<T> {
     let req = hyper::Request::get(url)
         .header("authorization", format!("Bearer {token}"))
         .header("accept", "application/json")
@@ -55,16 +59,20 @@ pub async fn get_json(c: &HttpClient, url: &str, token: &str) -> CliResult<serde
         })?;
     let status = resp.status();
     let body = read_limited(resp.into_body(), 64 * 1024 * 1024).await?;
-    let v: serde_json::Value = serde_json::from_slice(&body).map_err(|_| {
-        Fail::new(format!(
-            "{url} answered {status} with something that is not JSON"
-        ))
-    })?;
     if !status.is_success() {
+        let v: serde_json::Value = serde_json::from_slice(&body).map_err(|_| {
+            Fail::new(format!(
+                "{url} answered {status} with something that is not JSON"
+            ))
+        })?;
         let msg = v["error"]["message"].as_str().unwrap_or("request failed");
         return Err(Fail::new(format!("{msg} (HTTP {})", status.as_u16())));
     }
-    Ok(v)
+    serde_json::from_slice(&body).map_err(|e| {
+        Fail::new(format!(
+            "{url} answered {status} with JSON Portico does not expect: {e}"
+        ))
+    })
 }
 
 pub async fn read_limited(body: Incoming, max: usize) -> CliResult<Bytes> {

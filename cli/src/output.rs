@@ -11,33 +11,36 @@ pub enum Format {
 }
 
 /// Prints rows under a header with columns padded to their widest cell.
-pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+pub fn table<S: AsRef<str>>(header: &[&str], rows: &[Vec<S>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for r in rows {
         for (i, c) in r.iter().enumerate() {
             if i < widths.len() {
-                widths[i] = widths[i].max(c.chars().count());
+                widths[i] = widths[i].max(c.as_ref().chars().count());
             }
         }
     }
-    let mut out = String::new();
-    let mut line = |cells: Vec<String>| {
-        let n = cells.len();
-        let mut s = String::new();
-        for (i, c) in cells.into_iter().enumerate() {
-            s.push_str(&c);
+    let mut out = String::with_capacity(
+        (rows.len() + 2) * (widths.iter().sum::<usize>() + 2 * widths.len() + 1),
+    );
+    let mut line = |cells: &mut dyn Iterator<Item = &str>, n: usize| {
+        let start = out.len();
+        for (i, c) in cells.enumerate() {
+            out.push_str(c);
             if i + 1 < n {
                 let pad = widths[i].saturating_sub(c.chars().count()) + 2;
-                s.extend(std::iter::repeat_n(' ', pad));
+                out.extend(std::iter::repeat_n(' ', pad));
             }
         }
-        out.push_str(s.trim_end());
+        let trimmed = out[start..].trim_end().len();
+        out.truncate(start + trimmed);
         out.push('\n');
     };
-    line(header.iter().map(|h| h.to_string()).collect());
-    line(widths.iter().map(|w| "-".repeat(*w)).collect());
+    line(&mut header.iter().copied(), header.len());
+    let rules: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+    line(&mut rules.iter().map(String::as_str), rules.len());
     for r in rows {
-        line(r.clone());
+        line(&mut r.iter().map(|c| c.as_ref()), r.len());
     }
     out
 }

@@ -3,7 +3,7 @@
 //! database, and the proxy keeps serving from its last known state while the
 //! auth-service is away.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -15,11 +15,12 @@ use tokio::sync::watch;
 
 #[derive(Default)]
 struct State {
-    apps: HashMap<String, Arc<App>>,
+    /// By name, so listings come out sorted.
+    apps: BTreeMap<String, Arc<App>>,
     roles: HashMap<String, Role>,
     users: HashMap<String, User>,
     /// app name → host ids of agents announcing it.
-    servers: HashMap<String, BTreeSet<String>>,
+    servers: HashMap<String, Arc<[String]>>,
     /// app server record name → (app, host) to undo on delete.
     server_names: HashMap<String, (String, String)>,
     /// Apps from agents' own configs, by app server record name.
@@ -48,16 +49,38 @@ impl Cache {
     }
 
     pub fn apps(&self) -> Vec<Arc<App>> {
+        self.apps_with_servers()
+            .into_iter()
+            .map(|(a, _)| a)
+            .collect()
+    }
+
+    /// Every app by name (cluster apps, then agents' static apps of other
+    /// names), each with the host ids of the agents serving it (sorted),
+    /// read under one lock.
+    pub fn apps_with_servers(&self) -> Vec<(Arc<App>, Arc<[String]>)> {
         let st = self.read();
-        let mut v: Vec<Arc<App>> = st.apps.values().cloned().collect();
-        for a in st.static_apps.values() {
-            if !st.apps.contains_key(&a.metadata.name)
-                && !v.iter().any(|x| x.metadata.name == a.metadata.name)
-            {
-                v.push(a.clone());
+        let serving = |name: &str| -> Arc<[String]> {
+            st.servers
+                .get(name)
+                .cloned()
+                .unwrap_or_else(|| Arc::new([]))
+        };
+        let mut v: Vec<(Arc<App>, Arc<[String]>)> = st
+            .apps
+            .values()
+            .map(|a| (a.clone(), serving(&a.metadata.name)))
+            .collect();
+        if !st.static_apps.is_empty() {
+            let mut seen: BTreeSet<&str> = BTreeSet::new();
+            for a in st.static_apps.values() {
+                let name = a.metadata.name.as_str();
+                if !st.apps.contains_key(name) && seen.insert(name) {
+                    v.push((a.clone(), serving(name)));
+                }
             }
+            v.sort_by(|a, b| a.0.metadata.name.cmp(&b.0.metadata.name));
         }
-        v.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
         v
     }
 
@@ -129,10 +152,16 @@ impl Cache {
                 st.checkers.clear();
             }
             Resource::AppServer(s) => {
-                st.servers
+                let hosts = st
+                    .servers
                     .entry(s.spec.app.clone())
-                    .or_default()
-                    .insert(s.spec.host_id.clone());
+                    .or_insert_with(|| Arc::new([]));
+                if !hosts.contains(&s.spec.host_id) {
+                    let mut v = hosts.to_vec();
+                    v.push(s.spec.host_id.clone());
+                    v.sort();
+                    *hosts = v.into();
+                }
                 if let Some(app) = s.spec.static_app {
                     st.static_apps
                         .insert(s.metadata.name.clone(), Arc::new(*app));
@@ -160,11 +189,13 @@ impl Cache {
             Kind::AppServer => {
                 st.static_apps.remove(name);
                 if let Some((app, host)) = st.server_names.remove(name)
-                    && let Some(set) = st.servers.get_mut(&app)
+                    && let Some(hosts) = st.servers.get_mut(&app)
                 {
-                    set.remove(&host);
-                    if set.is_empty() {
+                    let rest: Vec<String> = hosts.iter().filter(|h| **h != host).cloned().collect();
+                    if rest.is_empty() {
                         st.servers.remove(&app);
+                    } else {
+                        *hosts = rest.into();
                     }
                 }
             }

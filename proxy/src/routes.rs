@@ -64,20 +64,39 @@ async fn until_synced(
     )
 }
 
-/// One row of `psh mcp ls`.
-#[derive(Serialize)]
+/// One row of `psh mcp ls`: serialised as `name`, `description`, `type`,
+/// `labels`, `allowed_tools`, `denied_tools` and `agents`, straight from
+/// the cached app (nothing copied).
 pub struct AppInfo {
-    pub name: String,
-    pub description: String,
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub labels: std::collections::BTreeMap<String, String>,
+    pub app: Arc<portico_core::App>,
     /// Tool patterns the caller's roles allow on this app...
     pub allowed_tools: Vec<String>,
     /// ...and those they deny, which win.
     pub denied_tools: Vec<String>,
-    /// The host ids of the live agents serving it.
-    pub agents: Vec<String>,
+    /// The host ids of the live agents serving it, sorted.
+    pub agents: Arc<[String]>,
+}
+
+impl AppInfo {
+    pub fn name(&self) -> &str {
+        &self.app.metadata.name
+    }
+}
+
+impl Serialize for AppInfo {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let m = &self.app.metadata;
+        let mut st = s.serialize_struct("AppInfo", 7)?;
+        st.serialize_field("name", &m.name)?;
+        st.serialize_field("description", &m.description)?;
+        st.serialize_field("type", self.app.spec.type_label())?;
+        st.serialize_field("labels", &m.labels)?;
+        st.serialize_field("allowed_tools", &self.allowed_tools)?;
+        st.serialize_field("denied_tools", &self.denied_tools)?;
+        st.serialize_field("agents", &self.agents[..])?;
+        st.end()
+    }
 }
 
 /// The apps the caller may reach that at least one live agent serves.
@@ -98,22 +117,17 @@ async fn apps(
 pub fn visible_apps(state: &ProxyState, checker: &portico_core::AccessChecker) -> Vec<AppInfo> {
     state
         .cache
-        .apps()
+        .apps_with_servers()
         .into_iter()
-        .filter(|a| checker.app_allowed(&a.metadata.labels))
-        .filter_map(|a| {
-            let mut agents = state.cache.servers(&a.metadata.name);
-            agents.sort();
-            let (allowed_tools, denied_tools) = checker.tool_patterns(&a.metadata.labels);
-            (!agents.is_empty()).then(|| AppInfo {
-                name: a.metadata.name.clone(),
-                description: a.metadata.description.clone(),
-                kind: a.spec.type_label().to_string(),
-                labels: a.metadata.labels.clone(),
+        .filter(|(a, agents)| !agents.is_empty() && checker.app_allowed(&a.metadata.labels))
+        .map(|(app, agents)| {
+            let (allowed_tools, denied_tools) = checker.tool_patterns(&app.metadata.labels);
+            AppInfo {
+                app,
                 allowed_tools,
                 denied_tools,
                 agents,
-            })
+            }
         })
         .collect()
 }

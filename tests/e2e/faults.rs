@@ -245,6 +245,199 @@ async fn auth_killed_during_writes_on_postgres_loses_nothing_acknowledged() {
     .await;
 }
 
+/// What one call under load saw.
+struct Outcome {
+    took: Duration,
+    at: tokio::time::Instant,
+    result: Result<(), (tonic::Code, String)>,
+    wrote: Option<String>,
+}
+
+/// Creates an app then lists apps, over and over, until `stop`.
+async fn load(
+    mut api: AuthClient,
+    n: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<Outcome> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while !stop.load(Ordering::Relaxed) {
+        i += 1;
+        let name = format!("l{n}-{i}");
+        let t = tokio::time::Instant::now();
+        let r = api
+            .create(v1::CreateRequest {
+                resources: vec![app_json(&name)],
+                overwrite: false,
+            })
+            .await;
+        out.push(Outcome {
+            took: t.elapsed(),
+            at: t,
+            wrote: r.is_ok().then(|| name.clone()),
+            result: r
+                .map(|_| ())
+                .map_err(|s| (s.code(), s.message().to_string())),
+        });
+        let t = tokio::time::Instant::now();
+        let r = api
+            .list(v1::ListRequest {
+                kind: "app".into(),
+                labels: Default::default(),
+            })
+            .await;
+        out.push(Outcome {
+            took: t.elapsed(),
+            at: t,
+            wrote: None,
+            result: r
+                .map(|_| ())
+                .map_err(|s| (s.code(), s.message().to_string())),
+        });
+        if out.last().is_some_and(|o| o.result.is_err()) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    out
+}
+
+/// Postgres itself crashes and comes back (`pg_ctl stop -m immediate`, then
+/// start) while an auth-service process serves writes and reads: every call
+/// during the outage fails within the pool's 5 s bound with `Unavailable`
+/// and a message that says the database is away; once Postgres is back,
+/// calls succeed again without restarting Portico, every acknowledged
+/// write is there, and the watch carries on.
+#[tokio::test]
+async fn a_postgres_restart_under_load_fails_calls_clearly_and_recovers() {
+    let pg = portico_tests::pg::PrivatePg::start().await;
+    let dir = TempDir::new("portico-pg-restart");
+    let config = dir.path().join("portico.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: v1\nauth_service:\n  listen_addr: 127.0.0.1:0\n  storage:\n    type: postgres\n    conn_string: '{}'\n",
+            pg.url()
+        ),
+    )
+    .expect("config");
+    let data = dir.path().join("data");
+    let mut auth = AuthProcess::start(&config, &data).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut loads = Vec::new();
+    for n in 0..6 {
+        loads.push(tokio::spawn(load(auth.client().await, n, stop.clone())));
+    }
+    let mut watch = auth
+        .client()
+        .await
+        .watch(v1::WatchRequest {
+            kinds: vec!["app".into()],
+            from_revision: 0,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    // Some load first; then the crash, an outage, and the restart.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let down = tokio::time::Instant::now();
+    pg.down().await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    pg.up().await;
+    let up = tokio::time::Instant::now();
+    let mut api = auth.client().await;
+    let recovered = eventually(Duration::from_secs(30), "a write succeeds again", || {
+        let mut api = api.clone();
+        async move {
+            api.create(v1::CreateRequest {
+                resources: vec![app_json("after-restart")],
+                overwrite: true,
+            })
+            .await
+            .ok()
+            .map(|_| up.elapsed())
+        }
+    })
+    .await;
+    // Load on the recovered database for a moment, then stop.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut outcomes = Vec::new();
+    for l in loads {
+        outcomes.extend(l.await.expect("load"));
+    }
+    assert!(
+        auth.child.try_wait().expect("status").is_none(),
+        "the auth-service kept running"
+    );
+    let slowest = outcomes.iter().map(|o| o.took).max().unwrap_or_default();
+    let failed: Vec<&Outcome> = outcomes.iter().filter(|o| o.result.is_err()).collect();
+    let after = outcomes
+        .iter()
+        .filter(|o| o.at > up + recovered && o.result.is_ok())
+        .count();
+    println!(
+        "{} calls, {} failed during the outage, slowest {slowest:?}; writes succeed again {recovered:?} after Postgres is back; {after} calls succeeded after that",
+        outcomes.len(),
+        failed.len()
+    );
+    assert!(
+        slowest <= Duration::from_secs(8),
+        "a call hung for {slowest:?} (the pool gives up after 5 s)"
+    );
+    assert!(!failed.is_empty(), "the outage was seen");
+    for o in &failed {
+        let (code, msg) = o.result.as_ref().expect_err("failed");
+        assert!(
+            o.at + o.took >= down,
+            "a call failed before the outage: {code:?} {msg}"
+        );
+        assert_eq!(*code, tonic::Code::Unavailable, "{msg}");
+        assert!(
+            msg.contains("database") || msg.contains("postgres"),
+            "the message says what is away: {msg}"
+        );
+    }
+    assert!(after > 0, "calls succeed after the restart");
+    // Every acknowledged write is there.
+    let stored: BTreeSet<String> = api
+        .list(v1::ListRequest {
+            kind: "app".into(),
+            labels: Default::default(),
+        })
+        .await
+        .expect("list")
+        .into_inner()
+        .items
+        .iter()
+        .filter_map(|r| portico_core::Resource::from_json(portico_core::Kind::App, &r.json).ok())
+        .map(|r| r.name().to_string())
+        .collect();
+    let lost: Vec<&String> = outcomes
+        .iter()
+        .filter_map(|o| o.wrote.as_ref())
+        .filter(|n| !stored.contains(*n))
+        .collect();
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    // The watch carried on past the outage (it delivers the write made after
+    // it), or ended with a clear error for its client to resume from.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match tokio::time::timeout_at(deadline, watch.message()).await {
+            Ok(Ok(Some(ev))) if ev.name == "after-restart" => break,
+            Ok(Ok(Some(_))) => {}
+            Ok(Err(s)) => {
+                assert!(
+                    matches!(s.code(), tonic::Code::Unavailable | tonic::Code::OutOfRange),
+                    "{s:?}"
+                );
+                break;
+            }
+            other => panic!("the watch neither carried on nor ended clearly: {other:?}"),
+        }
+    }
+    auth.kill().await;
+}
+
 /// A proxy alone, as its own `portico start` process on fixed ports, so
 /// that it comes back where its clients and agents look for it.
 struct ProxyProcess {

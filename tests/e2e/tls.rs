@@ -331,8 +331,12 @@ async fn a_fake_proxy_receives_no_identity() {
     let received = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
     let seen_plain = received.clone();
     let plain_addr = plain.local_addr().expect("addr");
+    let plain_dials = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let tls_dials = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let dialled = plain_dials.clone();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = plain.accept().await {
+            dialled.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let seen = seen_plain.clone();
             tokio::spawn(async move {
                 let mut buf = [0u8; 4096];
@@ -351,8 +355,10 @@ async fn a_fake_proxy_receives_no_identity() {
     let tls_addr = tls.local_addr().expect("addr");
     let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let handshakes = accepted.clone();
+    let dialled = tls_dials.clone();
     tokio::spawn(async move {
         while let Ok((s, _)) = tls.accept().await {
+            dialled.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let cfg = tls_cfg.clone();
             let seen = seen_tls.clone();
             let handshakes = handshakes.clone();
@@ -382,7 +388,19 @@ async fn a_fake_proxy_receives_no_identity() {
     };
     c.start_agent("victim", cfg).await;
     // Let it dial both a few times.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    eventually(
+        Duration::from_secs(30),
+        "the agent dialled both twice",
+        || {
+            let (p, t) = (plain_dials.clone(), tls_dials.clone());
+            async move {
+                (p.load(std::sync::atomic::Ordering::SeqCst) >= 2
+                    && t.load(std::sync::atomic::Ordering::SeqCst) >= 2)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
     let token = {
         let text = std::fs::read_to_string(c.data_dir().join("agent-victim/agent-identity.yaml"))
             .expect("identity");
@@ -618,9 +636,34 @@ async fn psh_asks_once_on_a_terminal_and_remembers() {
         .spawn()
         .expect("script runs");
     let mut stdin = child.stdin.take().expect("stdin");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Answer each prompt once it is on the terminal.
+    let screen = Arc::new(std::sync::Mutex::new(String::new()));
+    let mut stdout = child.stdout.take().expect("stdout");
+    let reader = {
+        let screen = screen.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                screen
+                    .lock()
+                    .expect("lock")
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
+    let shows = |what: &'static str| {
+        let screen = screen.clone();
+        eventually(Duration::from_secs(30), what, move || {
+            let screen = screen.clone();
+            async move { screen.lock().expect("lock").contains(what).then_some(()) }
+        })
+    };
+    shows("Trust this proxy from now on?").await;
     stdin.write_all(b"y\n").await.expect("answer");
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    shows("password for tina").await;
     stdin
         .write_all(format!("{PW}\n").as_bytes())
         .await
@@ -629,7 +672,8 @@ async fn psh_asks_once_on_a_terminal_and_remembers() {
         .await
         .expect("psh finished")
         .expect("output");
-    let shown = String::from_utf8_lossy(&out.stdout).to_string();
+    let _ = reader.await;
+    let shown = screen.lock().expect("lock").clone();
     assert!(out.status.success(), "{shown}");
     assert!(
         shown.contains(&fingerprint),

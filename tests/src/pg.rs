@@ -76,3 +76,131 @@ impl Drop for PgDb {
         .join();
     }
 }
+
+/// A PostgreSQL server of the test's own, which it may stop and start: the
+/// installed server binaries (`/usr/lib/postgresql/N/bin`) on a fresh data
+/// directory, run as the `postgres` system account (the server refuses
+/// root), listening on loopback only.
+pub struct PrivatePg {
+    bin: std::path::PathBuf,
+    dir: std::path::PathBuf,
+    pub port: u16,
+}
+
+impl PrivatePg {
+    async fn run_as_postgres(args: &[&std::ffi::OsStr]) -> std::process::Output {
+        let mut cmd = tokio::process::Command::new("runuser");
+        cmd.args(["-u", "postgres", "--"]).args(args);
+        cmd.stdin(std::process::Stdio::null());
+        cmd.output().await.expect("runuser runs")
+    }
+
+    /// initdb and start, on a free port.
+    pub async fn start() -> PrivatePg {
+        let versions = std::fs::read_dir("/usr/lib/postgresql").expect(
+            "PostgreSQL server binaries in /usr/lib/postgresql (scripts/test.sh installs them)",
+        );
+        let mut found: Vec<std::path::PathBuf> = versions
+            .filter_map(|e| Some(e.ok()?.path().join("bin")))
+            .filter(|b| b.join("pg_ctl").exists())
+            .collect();
+        found.sort();
+        let bin = found.pop().expect("pg_ctl in /usr/lib/postgresql/*/bin");
+        let n: u64 = rand::Rng::random(&mut rand::rng());
+        let dir = std::env::temp_dir().join(format!("portico-pg-{n:016x}"));
+        std::fs::create_dir_all(&dir).expect("pg dir");
+        let o = std::process::Command::new("chown")
+            .arg("postgres:")
+            .arg(&dir)
+            .output()
+            .expect("chown");
+        assert!(o.status.success(), "chown: {o:?}");
+        let data = dir.join("data");
+        let o = Self::run_as_postgres(&[
+            bin.join("initdb").as_os_str(),
+            "-D".as_ref(),
+            data.as_os_str(),
+            "-A".as_ref(),
+            "trust".as_ref(),
+            "-U".as_ref(),
+            "postgres".as_ref(),
+            "--no-sync".as_ref(),
+        ])
+        .await;
+        assert!(
+            o.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("port");
+        let pg = PrivatePg { bin, dir, port };
+        pg.up().await;
+        pg
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Starts the server and waits until it accepts connections.
+    pub async fn up(&self) {
+        let opts = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off",
+            self.port,
+            self.dir.display()
+        );
+        let o = Self::run_as_postgres(&[
+            self.bin.join("pg_ctl").as_os_str(),
+            "-D".as_ref(),
+            self.dir.join("data").as_os_str(),
+            "-o".as_ref(),
+            opts.as_ref(),
+            "-l".as_ref(),
+            self.dir.join("log").as_os_str(),
+            "-w".as_ref(),
+            "start".as_ref(),
+        ])
+        .await;
+        assert!(
+            o.status.success(),
+            "pg_ctl start: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
+    /// Stops the server at once, as a crash would (`-m immediate`).
+    pub async fn down(&self) {
+        let o = Self::run_as_postgres(&[
+            self.bin.join("pg_ctl").as_os_str(),
+            "-D".as_ref(),
+            self.dir.join("data").as_os_str(),
+            "-m".as_ref(),
+            "immediate".as_ref(),
+            "-w".as_ref(),
+            "stop".as_ref(),
+        ])
+        .await;
+        assert!(
+            o.status.success(),
+            "pg_ctl stop: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}
+
+impl Drop for PrivatePg {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "immediate", "stop"])
+            .stdin(std::process::Stdio::null())
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -86,14 +86,11 @@ async fn create_apps(
 fn served_at_proxy(c: &Cluster, host: Option<&str>) -> usize {
     let cache = &c.proxy.as_ref().expect("proxy").state.cache;
     cache
-        .apps()
+        .apps_with_servers()
         .iter()
-        .filter(|a| {
-            let s = cache.servers(&a.metadata.name);
-            match host {
-                None => !s.is_empty(),
-                Some(h) => s.iter().any(|x| x == h),
-            }
+        .filter(|(_, s)| match host {
+            None => !s.is_empty(),
+            Some(h) => s.iter().any(|x| x == h),
         })
         .count()
 }
@@ -310,9 +307,9 @@ async fn in_process(storage: Storage, agents: usize, rest_secs: u64, sizes: &[us
         let (p50, p99, connect) = create_to_visible(&c, &mut admin, &token, agents, 100).await;
         let ls = psh_ls(&home).await;
         let (answer, size) = apps_answer(&c, &token).await;
+        let kib = size / 1024;
         println!(
-            "{storage:?} | {agents:>3} agents | {apps:>6} apps | at rest: {:.2} events/s, CPU {:.2}% of a core, db {:+.2} MiB/h | create→visible p50 {p50:.2} ms p99 {p99:.2} ms, connect p50 {connect:.1} ms | psh mcp ls {ls:.1} ms (GET /v1/apps alone {answer:.1} ms, {} KiB) | {apps} created in {:.2} s, all visible after {:.2} s",
-            size / 1024,
+            "{storage:?} | {agents:>3} agents | {apps:>6} apps | at rest: {:.2} events/s, CPU {:.2}% of a core, db {:+.2} MiB/h | create→visible p50 {p50:.2} ms p99 {p99:.2} ms, connect p50 {connect:.1} ms | psh mcp ls {ls:.1} ms (GET /v1/apps alone {answer:.1} ms, {kib} KiB) | {apps} created in {:.2} s, all visible after {:.2} s",
             rest.events_per_s,
             rest.cpu_pct,
             rest.growth_mib_per_h,

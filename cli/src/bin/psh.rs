@@ -6,7 +6,7 @@ use std::io::Read;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use portico_cli::http::{base_url, client, get_json};
+use portico_cli::http::{base_url, client, get_typed};
 use portico_cli::output::{Format, labels_text, structured, table};
 use portico_cli::profile::{self, Profile};
 use portico_cli::{CliResult, Fail, finish};
@@ -365,14 +365,12 @@ struct AppRow {
 }
 
 async fn fetch_apps(p: &Profile) -> CliResult<Vec<AppRow>> {
-    let v = get_json(
+    get_typed(
         &client(p.connector()?),
         &format!("{}/v1/apps", base_url(&p.proxy)),
         &p.token,
     )
-    .await?;
-    serde_json::from_value(v)
-        .map_err(|e| Fail::new(format!("unexpected answer from the proxy: {e}")))
+    .await
 }
 
 async fn ls(
@@ -437,18 +435,14 @@ async fn ls(
         header.extend(["Agents", "Endpoint"]);
     }
     let rows: Vec<Vec<String>> = apps
-        .iter()
+        .into_iter()
         .map(|a| {
-            let mut r = vec![
-                a.name.clone(),
-                a.description.clone(),
-                a.kind.clone(),
-                portico_core::rbac::summary(&a.allowed_tools, &a.denied_tools),
-                labels_text(&a.labels),
-            ];
+            let tools = portico_core::rbac::summary(&a.allowed_tools, &a.denied_tools);
+            let labels = labels_text(&a.labels);
+            let mut r = vec![a.name, a.description, a.kind, tools, labels];
             if verbose {
                 r.push(a.agents.join(", "));
-                r.push(format!("{base}/mcp/{}", a.name));
+                r.push(format!("{base}/mcp/{}", r[0]));
             }
             r
         })

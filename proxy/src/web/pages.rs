@@ -64,7 +64,10 @@ fn rows(state: &ProxyState, v: &Viewer, q: &ListQuery) -> (Vec<Row>, Option<Stri
     let search = (!search.is_empty()).then_some(search);
     let rows = visible_apps(state, &v.who.checker)
         .into_iter()
-        .filter(|a| listing_matches(&a.name, &a.description, &a.labels, &want, search))
+        .filter(|a| {
+            let m = &a.app.metadata;
+            listing_matches(&m.name, &m.description, &m.labels, &want, search)
+        })
         .map(|info| Row {
             tools: portico_core::rbac::summary(&info.allowed_tools, &info.denied_tools),
             info,
@@ -185,7 +188,7 @@ pub async fn server(
     // no agent serves, is not found (its existence is not revealed).
     let Some(info) = visible_apps(&state, &v.who.checker)
         .into_iter()
-        .find(|a| a.name == name)
+        .find(|a| a.name() == name)
     else {
         return v.error(
             StatusCode::NOT_FOUND,
