@@ -114,7 +114,7 @@ pub async fn run(minutes: u64, sessions: usize) {
     write(
         &d.join("proxy.yaml"),
         format!(
-            "version: v1\nproxy_service:\n  web_listen_addr: 127.0.0.1:{web}\n  tunnel_listen_addr: 127.0.0.1:{tunnel}\n  auth_servers: ['{auth_addr}']\n  join_token: '{}'\n  host_id: proxy\n  max_sessions_per_user: 1000\n",
+            "version: v1\nproxy_service:\n  web_listen_addr: 127.0.0.1:{web}\n  tunnel_listen_addr: 127.0.0.1:{tunnel}\n  auth_servers: ['{auth_addr}']\n  join_token: '{}'\n  host_id: proxy\n  max_sessions_per_user: 1000\n  max_connections_per_address: 0\n",
             token("proxy").await
         ),
     );
