@@ -544,6 +544,13 @@ impl AuthService for Api {
         let kind = kind_arg(&req.kind)?;
         self.check_named(&c, kind, Verb::Delete, Some(req.name.as_str()))
             .await?;
+        if kind == Kind::AppServer {
+            // Its agent would not know to announce it again while its
+            // lease lives.
+            return Err(Status::failed_precondition(
+                "app_server records belong to the agents that serve them: one goes when its agent stops serving the app (the app is deleted or its labels change), when the agent stops, when its lease ends, or when its identity is revoked (pctl identities rm HOST_ID)",
+            ));
+        }
         let result = self
             .s
             .backend

@@ -170,6 +170,24 @@ async fn leases_belong_to_their_agent_and_renew_without_events() {
         "withdrawn when revoked"
     );
 
+    // Records belong to their agents: even the admin cannot delete one
+    // (its agent would not announce it again while its lease lives).
+    let e = c
+        .admin()
+        .await
+        .delete(v1::DeleteRequest {
+            kind: "app_server".into(),
+            name: "p.q.r".into(),
+        })
+        .await
+        .expect_err("app_server records are not deleted through the API");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("pctl identities rm"),
+        "{}",
+        e.message()
+    );
+
     // Batches are bounded, and a name appears once per call.
     let too_many: Vec<String> = (0..2001).map(|i| format!("n{i}")).collect();
     let names: Vec<&str> = too_many.iter().map(String::as_str).collect();
