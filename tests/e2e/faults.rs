@@ -165,22 +165,7 @@ async fn killed_during_writes(storage_yaml: &str) {
     })
     .await
     .expect("writes work again");
-    let stored: BTreeSet<String> = api
-        .list(v1::ListRequest {
-            kind: "app".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("list")
-        .into_inner()
-        .items
-        .iter()
-        .map(|r| {
-            let res = portico_core::Resource::from_json(portico_core::Kind::App, &r.json)
-                .expect("every stored app is whole");
-            res.name().to_string()
-        })
-        .collect();
+    let stored = portico_tests::util::app_names(&mut api).await;
     for i in &acked {
         for half in ["a", "b"] {
             assert!(
@@ -399,19 +384,7 @@ async fn a_postgres_restart_under_load_fails_calls_clearly_and_recovers() {
     }
     assert!(after > 0, "calls succeed after the restart");
     // Every acknowledged write is there.
-    let stored: BTreeSet<String> = api
-        .list(v1::ListRequest {
-            kind: "app".into(),
-            labels: Default::default(),
-        })
-        .await
-        .expect("list")
-        .into_inner()
-        .items
-        .iter()
-        .filter_map(|r| portico_core::Resource::from_json(portico_core::Kind::App, &r.json).ok())
-        .map(|r| r.name().to_string())
-        .collect();
+    let stored = portico_tests::util::app_names(&mut api).await;
     let lost: Vec<&String> = outcomes
         .iter()
         .filter_map(|o| o.wrote.as_ref())

@@ -103,6 +103,39 @@ pub(crate) async fn admin(data: &Path) -> Option<AuthClient> {
     Some(c)
 }
 
+/// Registers the app `name` running `server`, and a user `name` with the
+/// admin role; returns the user's token.
+pub(crate) async fn app_and_user(api: &mut AuthClient, name: &str, server: &Path) -> String {
+    let app =
+        portico_core::parse::parse_documents("a", &app_yaml_with_command(name, "dev", server))
+            .expect("app");
+    api.create(v1::CreateRequest {
+        resources: vec![v1::Resource {
+            kind: "app".into(),
+            json: app[0].to_json(),
+        }],
+        overwrite: false,
+    })
+    .await
+    .expect("app");
+    let password = format!("{name}-password-1");
+    api.add_user(v1::AddUserRequest {
+        name: name.into(),
+        roles: vec!["admin".into()],
+        password: password.clone(),
+    })
+    .await
+    .expect("user");
+    api.login(v1::LoginRequest {
+        user: name.into(),
+        password,
+    })
+    .await
+    .expect("login")
+    .into_inner()
+    .token
+}
+
 pub(crate) async fn until<T, F, Fut>(within: Duration, mut f: F) -> Option<T>
 where
     F: FnMut() -> Fut,
@@ -468,34 +501,7 @@ pub async fn run(minutes: f64) {
         p.spawn();
         procs.push(p);
     }
-    let app =
-        portico_core::parse::parse_documents("a", &app_yaml_with_command("chaos", "dev", &server))
-            .expect("app");
-    api.create(v1::CreateRequest {
-        resources: vec![v1::Resource {
-            kind: "app".into(),
-            json: app[0].to_json(),
-        }],
-        overwrite: false,
-    })
-    .await
-    .expect("app");
-    api.add_user(v1::AddUserRequest {
-        name: "chaos".into(),
-        roles: vec!["admin".into()],
-        password: "chaos-password-1".into(),
-    })
-    .await
-    .expect("user");
-    let user_token = api
-        .login(v1::LoginRequest {
-            user: "chaos".into(),
-            password: "chaos-password-1".into(),
-        })
-        .await
-        .expect("login")
-        .into_inner()
-        .token;
+    let user_token = app_and_user(&mut api, "chaos", &server).await;
     if until(Duration::from_secs(60), || {
         let proxies = proxies.clone();
         let t = user_token.clone();
@@ -572,22 +578,11 @@ pub async fn run(minutes: f64) {
     }
     let acked = writes.await.unwrap_or_default();
     // What is stored, through whichever auth-service answers.
-    let stored: std::collections::BTreeSet<String> = {
+    let stored = {
         let mut api = until(Duration::from_secs(60), || admin(&auth_dirs[0]))
             .await
             .expect("an auth-service answers");
-        api.list(v1::ListRequest {
-            kind: "app".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("list")
-        .into_inner()
-        .items
-        .iter()
-        .filter_map(|r| portico_core::Resource::from_json(portico_core::Kind::App, &r.json).ok())
-        .map(|r| r.name().to_string())
-        .collect()
+        crate::util::app_names(&mut api).await
     };
     let lost = acked.iter().filter(|n| !stored.contains(*n)).count();
     for p in procs.iter_mut() {

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use portico_proto::v1;
 use serde_json::json;
 
-use crate::chaos::{Proc, Role, admin, free_port, until};
+use crate::chaos::{Proc, Role, admin, app_and_user, free_port, until};
 use crate::mcp_http::McpHttp;
-use crate::util::{TempDir, app_yaml_with_command, me, unique_test_server};
+use crate::util::{TempDir, me, unique_test_server};
 
 /// Resident memory of a process, KiB.
 fn rss_of(pid: u32) -> u64 {
@@ -140,34 +140,7 @@ pub async fn run(minutes: u64, sessions: usize) {
     let mut agent = Proc::new("agent", Role::Agent, d.join("agent.yaml"), d.join("agent"));
     agent.spawn();
     let (server, _) = unique_test_server(d);
-    let app =
-        portico_core::parse::parse_documents("a", &app_yaml_with_command("soak", "dev", &server))
-            .expect("app");
-    api.create(v1::CreateRequest {
-        resources: vec![v1::Resource {
-            kind: "app".into(),
-            json: app[0].to_json(),
-        }],
-        overwrite: false,
-    })
-    .await
-    .expect("app");
-    api.add_user(v1::AddUserRequest {
-        name: "soak".into(),
-        roles: vec!["admin".into()],
-        password: "soak-password-1".into(),
-    })
-    .await
-    .expect("user");
-    let user_token = api
-        .login(v1::LoginRequest {
-            user: "soak".into(),
-            password: "soak-password-1".into(),
-        })
-        .await
-        .expect("login")
-        .into_inner()
-        .token;
+    let user_token = app_and_user(&mut api, "soak", &server).await;
     until(Duration::from_secs(60), || {
         let t = user_token.clone();
         async move {

@@ -202,3 +202,25 @@ pub fn agent_process(
         .spawn()
         .expect("agent process")
 }
+
+/// The names of every stored app; each must parse whole.
+pub async fn app_names(
+    api: &mut portico_proto::client::AuthClient,
+) -> std::collections::BTreeSet<String> {
+    api.list(portico_proto::v1::ListRequest {
+        kind: "app".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("list apps")
+    .into_inner()
+    .items
+    .iter()
+    .map(|r| {
+        portico_core::Resource::from_json(portico_core::Kind::App, &r.json)
+            .expect("every stored app is whole")
+            .name()
+            .to_string()
+    })
+    .collect()
+}
