@@ -50,6 +50,15 @@ if [ -z "${DATABASE_URL:-}" ]; then
   export DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres
 fi
 
+# One fault test crashes and restarts a PostgreSQL server of its own: it
+# needs the server binaries and the postgres account even when the
+# database the tests use runs elsewhere.
+if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || ! id postgres >/dev/null 2>&1; then
+  say "installing the PostgreSQL server binaries with apt-get"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+fi
+
 clients=$root/tests/clients
 # Each install is redone only when its lock file changed since the last one
 # (a hash of the lock is kept inside what it installed).
