@@ -103,6 +103,18 @@ pub(crate) async fn admin(data: &Path) -> Option<AuthClient> {
     Some(c)
 }
 
+/// A join token for `role` (`proxy` or `app`), valid for 10 minutes.
+pub(crate) async fn join_token(api: &mut AuthClient, role: &str) -> String {
+    api.create_token(v1::CreateTokenRequest {
+        roles: vec![role.into()],
+        ttl_ms: 600_000,
+    })
+    .await
+    .expect("token")
+    .into_inner()
+    .token
+}
+
 /// Registers the app `name` running `server`, and a user `name` with the
 /// admin role; returns the user's token.
 pub(crate) async fn app_and_user(api: &mut AuthClient, name: &str, server: &Path) -> String {
@@ -427,16 +439,7 @@ pub async fn run(minutes: f64) {
     until(Duration::from_secs(60), || admin(&auth_dirs[1]))
         .await
         .expect("auth2 answers");
-    let mut token = async |role: &str| {
-        api.create_token(v1::CreateTokenRequest {
-            roles: vec![role.into()],
-            ttl_ms: 600_000,
-        })
-        .await
-        .expect("token")
-        .into_inner()
-        .token
-    };
+    let mut token = async |role: &str| join_token(&mut api, role).await;
     let mut proxies = Vec::new();
     let mut tunnels = Vec::new();
     for i in 1..=2 {

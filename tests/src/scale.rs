@@ -16,21 +16,9 @@ use portico_proto::v1;
 
 use crate::cluster::{Cluster, ClusterBuilder, Storage, run as run_cmd, selector_agent_config};
 use crate::mcp_http::McpHttp;
-use crate::util::{bin, me, test_mcp_server};
+use crate::util::{bin, me, ms, pct, test_mcp_server};
 
 const PASSWORD: &str = "scale-password-1";
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    v[(((v.len() - 1) as f64) * p).round() as usize]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
 
 /// CPU time (user + system) of a process so far, from /proc.
 fn cpu_of(pid: &str) -> Duration {

@@ -11,23 +11,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use portico_proto::v1;
 use serde_json::json;
 
-use crate::chaos::{Proc, Role, admin, app_and_user, free_port, until};
+use crate::chaos::{Proc, Role, admin, app_and_user, free_port, join_token, until};
 use crate::mcp_http::McpHttp;
 use crate::util::{TempDir, me, unique_test_server};
 
-/// Resident memory of a process, KiB.
 fn rss_of(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
+    crate::util::rss_kib(&pid.to_string())
 }
 
 #[derive(Default)]
@@ -99,16 +90,7 @@ pub async fn run(minutes: u64, sessions: usize) {
     let mut api = until(Duration::from_secs(60), || admin(&auth.data))
         .await
         .expect("the auth-service answers");
-    let mut token = async |role: &str| {
-        api.create_token(v1::CreateTokenRequest {
-            roles: vec![role.into()],
-            ttl_ms: 600_000,
-        })
-        .await
-        .expect("token")
-        .into_inner()
-        .token
-    };
+    let mut token = async |role: &str| join_token(&mut api, role).await;
     let (web, tunnel) = (free_port(), free_port());
     let proxy_addr = SocketAddr::from(([127, 0, 0, 1], web));
     write(

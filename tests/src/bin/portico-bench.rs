@@ -9,32 +9,12 @@ use std::time::{Duration, Instant};
 use portico_proto::v1;
 use portico_tests::direct::Direct;
 use portico_tests::mcp_http::McpHttp;
-use portico_tests::util::{test_app_yaml, test_mcp_server};
+use portico_tests::util::{ms, pct, test_app_yaml, test_mcp_server};
 use portico_tests::{ClusterBuilder, Storage, eventually};
 use serde_json::json;
 
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i.min(v.len() - 1)]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
 fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
+    portico_tests::util::rss_kib("self")
 }
 
 fn app_req(name: &str) -> v1::CreateRequest {
