@@ -65,6 +65,58 @@ pub struct AuthConfig {
     pub identity_ttl: Option<String>,
 }
 
+/// The durations an auth-service config sets, in ms.
+struct Durations {
+    session_ttl_ms: i64,
+    identity_ttl_ms: i64,
+    event_retention_age_ms: i64,
+}
+
+impl AuthConfig {
+    /// Checks the settings that the file's grammar alone cannot
+    /// (`portico check` and every start).
+    pub fn validate(&self) -> Result<(), Error> {
+        self.durations().map(|_| ())
+    }
+
+    fn durations(&self) -> Result<Durations, Error> {
+        let session_ttl_ms = match &self.session_ttl {
+            Some(s) => parse_duration(s).ok_or_else(|| {
+                Error::bad_request(format!(
+                    "auth_service.session_ttl: {s:?} is not a duration like 12h"
+                ))
+            })?,
+            None => DEFAULT_SESSION_TTL_MS,
+        };
+        let identity_ttl_ms = match &self.identity_ttl {
+            Some(s) => parse_duration(s).filter(|ms| *ms >= 3_000).ok_or_else(|| {
+                Error::bad_request(format!(
+                    "auth_service.identity_ttl: {s:?} is not a duration of at least 3s, like 24h"
+                ))
+            })?,
+            None => DEFAULT_IDENTITY_TTL_MS,
+        };
+        let event_retention_age_ms = match &self.event_retention_age {
+            Some(s) => parse_duration(s).filter(|ms| *ms >= 60_000).ok_or_else(|| {
+                Error::bad_request(format!(
+                    "auth_service.event_retention_age: {s:?} is not a duration of at least 1m, like 24h"
+                ))
+            })?,
+            None => DEFAULT_EVENT_RETENTION_AGE_MS,
+        };
+        if self.event_retention.is_some_and(|n| n < 1) {
+            return Err(Error::bad_request(
+                "auth_service.event_retention: keep at least 1 event",
+            ));
+        }
+        Ok(Durations {
+            session_ttl_ms,
+            identity_ttl_ms,
+            event_retention_age_ms,
+        })
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BootstrapToken {
@@ -199,35 +251,11 @@ impl AuthServer {
         backend: Arc<dyn Backend>,
         cfg: &AuthConfig,
     ) -> Result<Arc<Self>, Error> {
-        let session_ttl_ms = match &cfg.session_ttl {
-            Some(s) => parse_duration(s).ok_or_else(|| {
-                Error::bad_request(format!(
-                    "auth_service.session_ttl: {s:?} is not a duration like 12h"
-                ))
-            })?,
-            None => DEFAULT_SESSION_TTL_MS,
-        };
-        let identity_ttl_ms = match &cfg.identity_ttl {
-            Some(s) => parse_duration(s).filter(|ms| *ms >= 3_000).ok_or_else(|| {
-                Error::bad_request(format!(
-                    "auth_service.identity_ttl: {s:?} is not a duration of at least 3s, like 24h"
-                ))
-            })?,
-            None => DEFAULT_IDENTITY_TTL_MS,
-        };
-        let event_retention_age_ms = match &cfg.event_retention_age {
-            Some(s) => parse_duration(s).filter(|ms| *ms >= 60_000).ok_or_else(|| {
-                Error::bad_request(format!(
-                    "auth_service.event_retention_age: {s:?} is not a duration of at least 1m, like 24h"
-                ))
-            })?,
-            None => DEFAULT_EVENT_RETENTION_AGE_MS,
-        };
-        if cfg.event_retention.is_some_and(|n| n < 1) {
-            return Err(Error::bad_request(
-                "auth_service.event_retention: keep at least 1 event",
-            ));
-        }
+        let Durations {
+            session_ttl_ms,
+            identity_ttl_ms,
+            event_retention_age_ms,
+        } = cfg.durations()?;
         let fresh = backend.current_revision().await? == 0;
         let extended = backend.extend_leases(now_ms() + LEASE_GRACE_MS).await?;
         if extended > 0 {

@@ -63,7 +63,11 @@ fn main() {
 
 /// `portico check`: the config parses, and which services it runs.
 fn check(config: &std::path::Path) {
-    match config::load(config) {
+    let loaded = config::load(config).and_then(|c| match &c.auth {
+        Some(a) => a.validate().map(|()| c).map_err(|e| e.to_string()),
+        None => Ok(c),
+    });
+    match loaded {
         Ok(c) => {
             let state = |on: bool| if on { "enabled" } else { "disabled" };
             println!("{}: ok", config.display());

@@ -146,3 +146,31 @@ async fn quick_start_as_a_newcomer() {
         "{out}"
     );
 }
+
+/// `portico check` refuses settings the grammar alone lets through, with
+/// the same message a start would give.
+#[tokio::test]
+async fn portico_check_validates_durations_and_retention() {
+    let dir = TempDir::new("portico-check");
+    let check = async |body: &str| {
+        let file = dir.path().join("portico.yaml");
+        std::fs::write(&file, format!("version: v1\nauth_service:\n{body}")).expect("config");
+        let mut cmd = tokio::process::Command::new(bin("portico"));
+        cmd.arg("check").arg("--config").arg(&file);
+        let o = run(cmd, None).await;
+        (o.status.code(), text(&o))
+    };
+    let (code, (out, _)) = check("  event_retention: 5000\n  event_retention_age: 2h\n").await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("auth_service:  enabled"), "{out}");
+    for (body, says) in [
+        ("  event_retention_age: 10s\n", "event_retention_age"),
+        ("  event_retention: 0\n", "event_retention"),
+        ("  session_ttl: soon\n", "session_ttl"),
+        ("  identity_ttl: 1s\n", "identity_ttl"),
+    ] {
+        let (code, (_, err)) = check(body).await;
+        assert_eq!(code, Some(1), "{body}: {err}");
+        assert!(err.contains(says), "{body}: {err}");
+    }
+}
