@@ -145,6 +145,19 @@ impl PrivatePg {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
 
+    /// `pg_ctl -D <data> ARGS` as the postgres account; it must succeed.
+    async fn pg_ctl(&self, args: &[&std::ffi::OsStr]) {
+        let (ctl, data) = (self.bin.join("pg_ctl"), self.dir.join("data"));
+        let mut all: Vec<&std::ffi::OsStr> = vec![ctl.as_os_str(), "-D".as_ref(), data.as_os_str()];
+        all.extend_from_slice(args);
+        let o = Self::run_as_postgres(&all).await;
+        assert!(
+            o.status.success(),
+            "pg_ctl {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
     /// Starts the server and waits until it accepts connections.
     pub async fn up(&self) {
         let opts = format!(
@@ -152,42 +165,27 @@ impl PrivatePg {
             self.port,
             self.dir.display()
         );
-        let o = Self::run_as_postgres(&[
-            self.bin.join("pg_ctl").as_os_str(),
-            "-D".as_ref(),
-            self.dir.join("data").as_os_str(),
+        let log = self.dir.join("log");
+        self.pg_ctl(&[
             "-o".as_ref(),
             opts.as_ref(),
             "-l".as_ref(),
-            self.dir.join("log").as_os_str(),
+            log.as_os_str(),
             "-w".as_ref(),
             "start".as_ref(),
         ])
         .await;
-        assert!(
-            o.status.success(),
-            "pg_ctl start: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
     }
 
     /// Stops the server at once, as a crash would (`-m immediate`).
     pub async fn down(&self) {
-        let o = Self::run_as_postgres(&[
-            self.bin.join("pg_ctl").as_os_str(),
-            "-D".as_ref(),
-            self.dir.join("data").as_os_str(),
+        self.pg_ctl(&[
             "-m".as_ref(),
             "immediate".as_ref(),
             "-w".as_ref(),
             "stop".as_ref(),
         ])
         .await;
-        assert!(
-            o.status.success(),
-            "pg_ctl stop: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
     }
 }
 
