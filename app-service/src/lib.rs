@@ -5,6 +5,7 @@
 //! how many sessions, and the resource limits of each process.
 
 mod legacy_sse;
+pub mod reaper;
 pub mod registry;
 pub mod session;
 pub mod spawn;
@@ -176,6 +177,8 @@ pub struct AgentState {
     pub(crate) synced: watch::Sender<bool>,
     /// How `mcp+https://` upstreams are reached, or why they cannot be.
     pub(crate) upstream_tls: Result<portico_tls::Connector, String>,
+    /// Kills the process groups of MCP servers if the agent dies first.
+    pub(crate) reaper: reaper::Reaper,
 }
 
 impl AgentConfig {
@@ -435,6 +438,7 @@ pub async fn start(cfg: &AgentConfig, creds: Credentials) -> Result<Agent, Error
         announce,
         synced: watch::channel(false).0,
         upstream_tls,
+        reaper: reaper::Reaper::start(),
     });
     let (stop, stop_rx) = watch::channel(false);
     tokio::spawn(portico_proto::join::renew_forever(

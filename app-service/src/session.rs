@@ -154,6 +154,7 @@ pub async fn handle(
         }
     };
     let pgid = child.id().unwrap_or(0);
+    state.reaper.watch(pgid);
     tracing::info!(app = %app_name, session = %session, user = %user, pid = pgid, "mcp session started");
     state.metrics.sessions.fetch_add(1, Ordering::Relaxed);
     state.metrics.live.fetch_add(1, Ordering::Relaxed);
@@ -172,6 +173,7 @@ pub async fn handle(
         )
         .await;
         let status = terminate(&mut child, pgid, st.grace).await;
+        st.reaper.forget(pgid);
         let reason = match reason {
             End::ProcessExited(last) => {
                 let mut r = format!("the MCP server process exited ({status})");

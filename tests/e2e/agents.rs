@@ -704,7 +704,8 @@ pub(crate) async fn wildcard_agent_process(
     )
 }
 
-/// The processes whose parent is `pid`, from /proc.
+/// The processes whose parent is `pid`, from /proc, but for the agent's
+/// reaper (which lives as long as the agent).
 fn children_of(pid: u32) -> Vec<u32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return vec![];
@@ -714,7 +715,10 @@ fn children_of(pid: u32) -> Vec<u32> {
             std::fs::read_to_string(format!("/proc/{n}/stat"))
                 .ok()
                 .and_then(|s| {
-                    let rest = s.rsplit_once(')')?.1;
+                    let (name, rest) = s.rsplit_once(')')?;
+                    if name.ends_with(&format!("({}", portico_agent::reaper::NAME)) {
+                        return None;
+                    }
                     rest.split_whitespace().nth(1)?.parse::<u32>().ok()
                 })
                 == Some(pid)
@@ -739,8 +743,9 @@ async fn the_processes_of_a_killed_agent_die_with_it() {
     let mut agent = wildcard_agent_process(&c, "doomed", &c.tunnel_addr().to_string()).await;
     let agent_pid = agent.id().expect("pid");
     // A server that outlives its input: it answers initialize, then sleeps
-    // on even after its standard input closes (as many real ones do).
-    let script = "import json,sys,time\nfor l in sys.stdin:\n    m = json.loads(l)\n    if m.get('method') == 'initialize':\n        print(json.dumps({'jsonrpc':'2.0','id':m['id'],'result':{'protocolVersion':m['params']['protocolVersion'],'capabilities':{},'serverInfo':{'name':'lingering','version':'1'}}}), flush=True)\nwhile True:\n    time.sleep(3600)\n";
+    // on even after its standard input closes (as many real ones do). It
+    // has a child of its own, as a server started by `npx` or `uvx` has.
+    let script = "import json,subprocess,sys,time\nsubprocess.Popen(['sleep', '3600'])\nfor l in sys.stdin:\n    m = json.loads(l)\n    if m.get('method') == 'initialize':\n        print(json.dumps({'jsonrpc':'2.0','id':m['id'],'result':{'protocolVersion':m['params']['protocolVersion'],'capabilities':{},'serverInfo':{'name':'lingering','version':'1'}}}), flush=True)\nwhile True:\n    time.sleep(3600)\n";
     c.create_yaml(
         &format!(
             "kind: app\nversion: v3\nmetadata: {{name: tm}}\nspec:\n  mcp:\n    command: python3\n    args: [\"-c\", {}]\n    run_as_host_user: {}\n",
@@ -774,14 +779,35 @@ async fn the_processes_of_a_killed_agent_die_with_it() {
         (kids.len() >= 3).then_some(kids)
     })
     .await;
+    let grandchildren = eventually(Duration::from_secs(10), "their children", || {
+        let servers = servers.clone();
+        async move {
+            let kids: Vec<u32> = servers.iter().flat_map(|p| children_of(*p)).collect();
+            (kids.len() >= servers.len()).then_some(kids)
+        }
+    })
+    .await;
+    let reaper = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| {
+                s.rsplit_once(')').is_some_and(|(name, rest)| {
+                    name.ends_with(&format!("({}", portico_agent::reaper::NAME))
+                        && rest.split_whitespace().nth(1) == Some(&agent_pid.to_string())
+                })
+            })
+        })
+        .expect("the agent runs a reaper");
     agent.start_kill().expect("SIGKILL");
     let _ = agent.wait().await;
     eventually(
         Duration::from_secs(10),
-        "no MCP process outlives its agent",
+        "no MCP process, nor any child of one, outlives its agent",
         || {
-            let servers = servers.clone();
-            async move { servers.iter().all(|p| dead(*p)).then_some(()) }
+            let mut all: Vec<u32> = servers.iter().chain(&grandchildren).copied().collect();
+            all.push(reaper);
+            async move { all.iter().all(|p| dead(*p)).then_some(()) }
         },
     )
     .await;
