@@ -14,20 +14,12 @@ use std::time::Duration;
 use portico_tests::cluster::{run, text};
 use portico_tests::mcp_http::McpHttp;
 use portico_tests::pg::PgDb;
-use portico_tests::util::{me, test_app_yaml};
+use portico_tests::util::{fixed_port, me, test_app_yaml};
 use portico_tests::{TempDir, bin, eventually};
 use serde_json::{Value, json};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
 }
 
 struct Service(tokio::process::Child);
@@ -322,7 +314,7 @@ async fn compose_story_as_processes() {
     let db = PgDb::create().await;
     let dir = TempDir::new("portico-deploy");
     let doc = compose();
-    let (auth_port, web_port, tunnel_port) = (free_port(), free_port(), free_port());
+    let (auth_port, web_port, tunnel_port) = (fixed_port(), fixed_port(), fixed_port());
     // .env, as an operator fills it.
     let mut vars = BTreeMap::new();
     for name in env_example_names() {

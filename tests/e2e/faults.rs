@@ -447,14 +447,13 @@ impl ProxyProcess {
     }
 }
 
-/// Two loopback ports nothing listens on now (the proxy process binds
-/// them; a clash makes its start fail, and the caller tries again).
+/// Two loopback ports for the proxy process to bind, now and after its
+/// restarts (outside the ephemeral range; a clash with something else on
+/// the machine makes its start fail, and the caller tries again).
 fn two_ports() -> (u16, u16) {
-    let a = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let b = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     (
-        a.local_addr().expect("addr").port(),
-        b.local_addr().expect("addr").port(),
+        portico_tests::util::fixed_port(),
+        portico_tests::util::fixed_port(),
     )
 }
 

@@ -990,11 +990,7 @@ async fn mcp_inspector_cli() {
 /// loopback port, once it listens.
 pub(crate) async fn everything_over(mode: &str) -> (tokio::process::Child, u16) {
     let entry = node_file("@modelcontextprotocol/server-everything/dist/index.js");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
+    let port = portico_tests::util::fixed_port();
     let child = tokio::process::Command::new("node")
         .arg(&entry)
         .arg(mode)

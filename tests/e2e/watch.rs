@@ -240,8 +240,7 @@ struct Relay {
 
 impl Relay {
     fn reserve() -> std::net::SocketAddr {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr")
+        ([127, 0, 0, 1], portico_tests::util::fixed_port()).into()
     }
 
     async fn start(addr: std::net::SocketAddr) -> Relay {

@@ -80,13 +80,6 @@ impl Proc {
     }
 }
 
-pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 pub(crate) async fn admin(data: &Path) -> Option<AuthClient> {
     let id: IdentityFile =
         yaml_serde::from_str(&std::fs::read_to_string(data.join(ADMIN_IDENTITY_FILE)).ok()?)
@@ -410,7 +403,7 @@ pub async fn run(minutes: f64) {
     let mut procs: Vec<Proc> = Vec::new();
     let mut auth_addrs = Vec::new();
     for i in 1..=2 {
-        let port = free_port();
+        let port = crate::util::fixed_port();
         auth_addrs.push(format!("127.0.0.1:{port}"));
         let config = dir.path().join(format!("auth{i}.yaml"));
         std::fs::write(
@@ -443,7 +436,7 @@ pub async fn run(minutes: f64) {
     let mut proxies = Vec::new();
     let mut tunnels = Vec::new();
     for i in 1..=2 {
-        let (web, tunnel) = (free_port(), free_port());
+        let (web, tunnel) = (crate::util::fixed_port(), crate::util::fixed_port());
         proxies.push(SocketAddr::from(([127, 0, 0, 1], web)));
         tunnels.push(format!("127.0.0.1:{tunnel}"));
         let config = dir.path().join(format!("proxy{i}.yaml"));

@@ -132,10 +132,7 @@ impl PrivatePg {
             "initdb: {}",
             String::from_utf8_lossy(&o.stderr)
         );
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("port");
+        let port = crate::util::fixed_port();
         let pg = PrivatePg { bin, dir, port };
         pg.up().await;
         pg

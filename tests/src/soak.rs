@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::chaos::{Proc, Role, admin, app_and_user, free_port, join_token, until};
+use crate::chaos::{Proc, Role, admin, app_and_user, join_token, until};
 use crate::mcp_http::McpHttp;
 use crate::util::{TempDir, me, unique_test_server};
 
@@ -79,7 +79,7 @@ fn write(path: &Path, text: String) {
 pub async fn run(minutes: u64, sessions: usize) {
     let dir = TempDir::new("portico-soak");
     let d = dir.path();
-    let auth_port = free_port();
+    let auth_port = crate::util::fixed_port();
     let auth_addr = format!("127.0.0.1:{auth_port}");
     write(
         &d.join("auth.yaml"),
@@ -91,7 +91,7 @@ pub async fn run(minutes: u64, sessions: usize) {
         .await
         .expect("the auth-service answers");
     let mut token = async |role: &str| join_token(&mut api, role).await;
-    let (web, tunnel) = (free_port(), free_port());
+    let (web, tunnel) = (crate::util::fixed_port(), crate::util::fixed_port());
     let proxy_addr = SocketAddr::from(([127, 0, 0, 1], web));
     write(
         &d.join("proxy.yaml"),

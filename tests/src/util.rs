@@ -250,3 +250,35 @@ pub fn rss_kib(pid: &str) -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// A loopback port for a process that binds it itself (and binds it again
+/// when restarted). It is taken below the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`), from which every outgoing connection
+/// gets its port, and never twice in this process; one that something holds
+/// now is skipped. (Binding port 0 and releasing it races every connection
+/// opened meanwhile, which may be given that very port.)
+pub fn fixed_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let (low, high) = if ephemeral_low > 12_000 {
+        (10_000, ephemeral_low)
+    } else {
+        // An unusual range that starts low: take the ports above it instead.
+        (61_000, 65_535)
+    };
+    let span = high - low;
+    // Processes running at once (a runner beside the tests) start apart.
+    let start = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (low + (start + n) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {low}..{high}");
+}
