@@ -51,6 +51,9 @@ pub struct AuthConfig {
     /// How long the change feed keeps an event, e.g. `24h` (default).
     #[serde(default)]
     pub event_retention_age: Option<String>,
+    /// How long the audit log keeps a record, e.g. `90d` (default).
+    #[serde(default)]
+    pub audit_retention_age: Option<String>,
     /// Join tokens created at the first start of a fresh database (for
     /// deployments such as docker-compose that join without an operator).
     #[serde(default)]
@@ -70,6 +73,7 @@ struct Durations {
     session_ttl_ms: i64,
     identity_ttl_ms: i64,
     event_retention_age_ms: i64,
+    audit_retention_age_ms: i64,
 }
 
 impl AuthConfig {
@@ -104,6 +108,14 @@ impl AuthConfig {
             })?,
             None => DEFAULT_EVENT_RETENTION_AGE_MS,
         };
+        let audit_retention_age_ms = match &self.audit_retention_age {
+            Some(s) => parse_duration(s).filter(|ms| *ms >= 3_600_000).ok_or_else(|| {
+                Error::bad_request(format!(
+                    "auth_service.audit_retention_age: {s:?} is not a duration of at least 1h, like 90d"
+                ))
+            })?,
+            None => DEFAULT_AUDIT_RETENTION_AGE_MS,
+        };
         if self.event_retention.is_some_and(|n| n < 1) {
             return Err(Error::bad_request(
                 "auth_service.event_retention: keep at least 1 event",
@@ -113,6 +125,7 @@ impl AuthConfig {
             session_ttl_ms,
             identity_ttl_ms,
             event_retention_age_ms,
+            audit_retention_age_ms,
         })
     }
 }
@@ -140,6 +153,7 @@ impl Default for AuthConfig {
             session_ttl: None,
             event_retention: None,
             event_retention_age: None,
+            audit_retention_age: None,
             bootstrap_tokens: vec![],
             public_metrics: false,
             identity_ttl: None,
@@ -172,6 +186,7 @@ const DEFAULT_IDENTITY_TTL_MS: i64 = 24 * 3600 * 1000;
 pub const AUTH_HOST_ID: &str = "auth";
 const DEFAULT_EVENT_RETENTION: i64 = 100_000;
 const DEFAULT_EVENT_RETENTION_AGE_MS: i64 = 24 * 3600 * 1000;
+const DEFAULT_AUDIT_RETENTION_AGE_MS: i64 = 90 * 24 * 3600 * 1000;
 /// What an auth-service that starts adds to every lease: agents could not
 /// renew while it was away, and should not lose their apps for that.
 const LEASE_GRACE_MS: i64 = 15_000;
@@ -255,6 +270,7 @@ impl AuthServer {
             session_ttl_ms,
             identity_ttl_ms,
             event_retention_age_ms,
+            audit_retention_age_ms,
         } = cfg.durations()?;
         let fresh = backend.current_revision().await? == 0;
         let extended = backend.extend_leases(now_ms() + LEASE_GRACE_MS).await?;
@@ -304,6 +320,7 @@ impl AuthServer {
             Retention {
                 count: cfg.event_retention.unwrap_or(DEFAULT_EVENT_RETENTION),
                 age_ms: event_retention_age_ms,
+                audit_age_ms: audit_retention_age_ms,
             },
         ));
         Ok(server)
@@ -612,10 +629,11 @@ async fn renew_own_certificate(server: Arc<AuthServer>, mut stop: watch::Receive
     }
 }
 
-/// How much of the change log compaction keeps.
+/// How much of the change log compaction keeps, and of the audit log.
 struct Retention {
     count: i64,
     age_ms: i64,
+    audit_age_ms: i64,
 }
 
 /// Ends expired leases and records (producing delete events), and drops old
@@ -676,6 +694,18 @@ async fn sweeper(server: Arc<AuthServer>, mut stop: watch::Receiver<bool>, reten
                 .await
             {
                 tracing::debug!(error = %e, "event compaction failed");
+            }
+            match server
+                .backend
+                .purge_audit(now - retention.audit_age_ms)
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    records = n,
+                    "dropped audit records older than auth_service.audit_retention_age"
+                ),
+                Err(e) => tracing::debug!(error = %e, "audit purge failed"),
             }
         }
     }

@@ -143,14 +143,19 @@ pub fn any_matches(selectors: &[LabelSelector], labels: &BTreeMap<String, String
 /// Whether a listed app passes `psh mcp ls`'s filters (the web UI's too):
 /// every wanted label has exactly that value, and the search text, if any,
 /// is in its name, description, or a label's key or value (ignoring case).
-pub fn listing_matches(
+pub fn listing_matches<'a>(
     name: &str,
     description: &str,
-    labels: &std::collections::BTreeMap<String, String>,
+    labels: impl IntoIterator<Item = (&'a str, &'a str)> + Clone,
     want: &[(String, String)],
     search: Option<&str>,
 ) -> bool {
-    if !want.iter().all(|(k, v)| labels.get(k) == Some(v)) {
+    if !want.iter().all(|(k, v)| {
+        labels
+            .clone()
+            .into_iter()
+            .any(|(lk, lv)| lk == k && lv == v)
+    }) {
         return false;
     }
     let Some(s) = search else { return true };
@@ -158,7 +163,7 @@ pub fn listing_matches(
     name.to_lowercase().contains(&s)
         || description.to_lowercase().contains(&s)
         || labels
-            .iter()
+            .into_iter()
             .any(|(k, v)| k.to_lowercase().contains(&s) || v.to_lowercase().contains(&s))
 }
 

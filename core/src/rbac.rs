@@ -255,13 +255,25 @@ impl AccessChecker {
 }
 
 /// `[a, b], except: [c]`, or `(none)`, as `psh mcp ls` shows allowed tools.
-pub fn summary(allow: &[String], deny: &[String]) -> String {
+pub fn summary<S: AsRef<str>>(allow: &[S], deny: &[S]) -> String {
     if allow.is_empty() {
         return "(none)".into();
     }
-    let mut s = format!("[{}]", allow.join(", "));
+    let list = |out: &mut String, items: &[S]| {
+        out.push('[');
+        for (i, p) in items.iter().enumerate() {
+            if i > 0 {
+                out.push_str(", ");
+            }
+            out.push_str(p.as_ref());
+        }
+        out.push(']');
+    };
+    let mut s = String::new();
+    list(&mut s, allow);
     if !deny.is_empty() {
-        s.push_str(&format!(", except: [{}]", deny.join(", ")));
+        s.push_str(", except: ");
+        list(&mut s, deny);
     }
     s
 }

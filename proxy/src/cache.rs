@@ -13,6 +13,9 @@ use portico_proto::v1::{WatchRequest, watch_event};
 use portico_tunnel::backoff;
 use tokio::sync::watch;
 
+/// An app and the host ids of the agents serving it, sorted.
+pub type AppAndServers = (Arc<App>, Arc<[String]>);
+
 #[derive(Default)]
 struct State {
     /// By name, so listings come out sorted.
@@ -28,6 +31,9 @@ struct State {
     /// Compiled permissions per user; cleared whenever a role or user changes.
     checkers: HashMap<String, Arc<AccessChecker>>,
     synced: bool,
+    /// Bumped by every change: what was read at one version is current
+    /// while the version is.
+    version: u64,
 }
 
 #[derive(Default)]
@@ -58,7 +64,17 @@ impl Cache {
     /// Every app by name (cluster apps, then agents' static apps of other
     /// names), each with the host ids of the agents serving it (sorted),
     /// read under one lock.
-    pub fn apps_with_servers(&self) -> Vec<(Arc<App>, Arc<[String]>)> {
+    pub fn apps_with_servers(&self) -> Vec<AppAndServers> {
+        self.apps_with_servers_at().1
+    }
+
+    /// The cache's version now: unchanged, nothing in it changed.
+    pub fn version(&self) -> u64 {
+        self.read().version
+    }
+
+    /// `apps_with_servers`, with the version it was read at.
+    pub fn apps_with_servers_at(&self) -> (u64, Vec<AppAndServers>) {
         let st = self.read();
         let serving = |name: &str| -> Arc<[String]> {
             st.servers
@@ -81,7 +97,7 @@ impl Cache {
             }
             v.sort_by(|a, b| a.0.metadata.name.cmp(&b.0.metadata.name));
         }
-        v
+        (st.version, v)
     }
 
     pub fn servers(&self, app: &str) -> Vec<String> {
@@ -135,6 +151,7 @@ impl Cache {
     }
 
     fn put(st: &mut State, kind: Kind, json: &str) {
+        st.version += 1;
         let Ok(r) = Resource::from_json(kind, json) else {
             tracing::warn!(kind = %kind, "ignoring a resource the proxy cannot read");
             return;
@@ -174,6 +191,7 @@ impl Cache {
     }
 
     fn delete(st: &mut State, kind: Kind, name: &str) {
+        st.version += 1;
         match kind {
             Kind::App => {
                 st.apps.remove(name);
@@ -250,7 +268,10 @@ impl Cache {
                 (watch_event::Type::SnapshotEnd, Some(_)) => {
                     let mut st = fresh.take().unwrap_or_default();
                     st.synced = true;
-                    *self.write() = st;
+                    let mut now = self.write();
+                    st.version = now.version + 1;
+                    *now = st;
+                    drop(now);
                     *attempt = 0;
                     tracing::info!(revision = ev.revision, "proxy cache synced");
                     self.changed.notify_waiters();

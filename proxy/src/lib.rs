@@ -9,6 +9,7 @@ pub mod cache;
 mod forward;
 pub mod mcp;
 mod routes;
+pub use routes::{AppInfo, visible_apps};
 pub mod serve;
 mod web;
 
@@ -171,6 +172,8 @@ pub struct ProxyState {
     /// The JWT keys last fetched from the auth-service, and when.
     pub jwks: std::sync::Mutex<Option<(std::time::Instant, String)>>,
     pub metrics: Metrics,
+    /// `GET /v1/apps`' rows, kept between requests.
+    pub listing: routes::Listing,
 }
 
 /// How the proxy proves who it is to the auth-service, and where it keeps
@@ -376,6 +379,7 @@ impl ProxyState {
             plain_http: cfg.plain_http,
             jwks: std::sync::Mutex::new(None),
             metrics: Metrics::default(),
+            listing: routes::Listing::default(),
         })
     }
 }

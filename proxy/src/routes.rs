@@ -1,6 +1,7 @@
 //! The proxy's HTTP routes: MCP, the app listing, the forwarded auth API,
 //! health, metrics, and the web UI under `/web`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -109,7 +110,160 @@ async fn apps(
         Ok(w) => w,
         Err(r) => return r,
     };
-    axum::Json(visible_apps(&state, &who.checker)).into_response()
+    let body = state.listing.render(&state.cache, &who.checker);
+    ([(http::header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// One app of the listing, its caller-independent parts serialised once
+/// for as long as the cache holds the same app and agents.
+struct ListedRow {
+    app: Arc<portico_core::App>,
+    agents: Arc<[String]>,
+    /// Which of the listing's distinct label sets the app has.
+    labels: usize,
+    /// `{"name":…,"description":…,"type":…,"labels":{…}`
+    head: Arc<str>,
+    /// `,"agents":[…]}`
+    tail: Arc<str>,
+}
+
+/// An app's fields as `AppInfo` serialises them, before its tools.
+fn listed_head(app: &portico_core::App) -> Arc<str> {
+    let m = &app.metadata;
+    let mut h = String::with_capacity(128);
+    h.push_str("{\"name\":");
+    push_json(&mut h, &m.name);
+    h.push_str(",\"description\":");
+    push_json(&mut h, &m.description);
+    h.push_str(",\"type\":");
+    push_json(&mut h, app.spec.type_label());
+    h.push_str(",\"labels\":");
+    push_json(&mut h, &m.labels);
+    h.into()
+}
+
+/// The agents, as `AppInfo` serialises them after the tools, and the end.
+fn listed_tail(agents: &[String]) -> Arc<str> {
+    let mut t = String::with_capacity(32);
+    t.push_str(",\"agents\":");
+    push_json(&mut t, agents);
+    t.push('}');
+    t.into()
+}
+
+/// The cache keeps an app's agents in one `Arc` until they change (apps
+/// no agent serves get a fresh empty one each time).
+fn same_agents(a: &Arc<[String]>, b: &Arc<[String]>) -> bool {
+    Arc::ptr_eq(a, b) || (a.is_empty() && b.is_empty())
+}
+
+fn push_json<T: Serialize + ?Sized>(out: &mut String, v: &T) {
+    // Strings, maps of strings and lists of strings always serialise.
+    if let Ok(j) = serde_json::to_string(v) {
+        out.push_str(&j);
+    }
+}
+
+/// What `GET /v1/apps` answers, built fast for many apps: each app's own
+/// part is serialised once per version of the app (the cache replaces an
+/// app's `Arc` when it changes) and reused; per request only the caller's
+/// access is decided, once per distinct label set.
+#[derive(Default)]
+pub struct Listing {
+    current: std::sync::Mutex<Arc<Rows>>,
+}
+
+#[derive(Default)]
+struct Rows {
+    /// The cache version these rows were built at.
+    version: u64,
+    rows: Vec<ListedRow>,
+    /// The distinct label sets, which `ListedRow::labels` index.
+    label_sets: usize,
+}
+
+impl Listing {
+    /// The rows for the cache as it is now, reusing every unchanged one.
+    fn current(&self, cache: &crate::cache::Cache) -> Arc<Rows> {
+        let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if cur.version == cache.version() && cur.version != 0 {
+            return cur.clone();
+        }
+        let (version, now) = cache.apps_with_servers_at();
+        // Both lists are by name: walk them together.
+        let mut prev = cur.rows.iter().peekable();
+        let mut fresh = Vec::with_capacity(now.len());
+        let mut sets: HashMap<&std::collections::BTreeMap<String, String>, usize> = HashMap::new();
+        for (app, agents) in &now {
+            while prev
+                .peek()
+                .is_some_and(|r| r.app.metadata.name < app.metadata.name)
+            {
+                prev.next();
+            }
+            let same = prev.peek().filter(|r| Arc::ptr_eq(&r.app, app));
+            let head = same.map_or_else(|| listed_head(app), |r| r.head.clone());
+            let tail = match same {
+                Some(r) if same_agents(&r.agents, agents) => r.tail.clone(),
+                _ => listed_tail(agents),
+            };
+            let n = sets.len();
+            let labels = *sets.entry(&app.metadata.labels).or_insert(n);
+            fresh.push(ListedRow {
+                app: app.clone(),
+                agents: agents.clone(),
+                labels,
+                head,
+                tail,
+            });
+        }
+        let label_sets = sets.len();
+        *cur = Arc::new(Rows {
+            version,
+            rows: fresh,
+            label_sets,
+        });
+        cur.clone()
+    }
+
+    /// The JSON array of the apps `checker` may reach that a live agent
+    /// serves, as `visible_apps` lists them.
+    pub fn render(
+        &self,
+        cache: &crate::cache::Cache,
+        checker: &portico_core::AccessChecker,
+    ) -> Vec<u8> {
+        let cur = self.current(cache);
+        // Decided once per distinct label set: the tools' JSON, or `None`
+        // when the app is out of reach.
+        let mut access: Vec<Option<Option<String>>> = vec![None; cur.label_sets];
+        let mut out = Vec::with_capacity(cur.rows.len() * 160 + 2);
+        out.push(b'[');
+        let mut first = true;
+        for r in cur.rows.iter().filter(|r| !r.agents.is_empty()) {
+            let labels = &r.app.metadata.labels;
+            let tools = access[r.labels].get_or_insert_with(|| {
+                checker.app_allowed(labels).then(|| {
+                    let (allowed, denied) = checker.tool_patterns(labels);
+                    let mut t = String::from(",\"allowed_tools\":");
+                    push_json(&mut t, &allowed);
+                    t.push_str(",\"denied_tools\":");
+                    push_json(&mut t, &denied);
+                    t
+                })
+            });
+            let Some(tools) = tools else { continue };
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            out.extend_from_slice(r.head.as_bytes());
+            out.extend_from_slice(tools.as_bytes());
+            out.extend_from_slice(r.tail.as_bytes());
+        }
+        out.push(b']');
+        out
+    }
 }
 
 /// The apps these permissions reach that at least one live agent serves,

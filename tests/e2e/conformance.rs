@@ -211,6 +211,26 @@ async fn suite(b: Arc<dyn Backend>) {
         "user.login",
         "limit keeps the newest"
     );
+    // Retention: records older than the bound go, in more than one batch,
+    // and only those.
+    let old: Vec<_> = (0..6_000)
+        .map(|i| portico_auth::storage::AuditRecord {
+            id: 0,
+            time_ms: now - 10_000 + (i % 100),
+            kind: "mcp.session.request".into(),
+            actor: "u".into(),
+            success: true,
+            fields: "{}".into(),
+        })
+        .collect();
+    b.append_audit(&old).await.expect("old records");
+    assert_eq!(b.purge_audit(now + 1).await.expect("purge"), 6_001);
+    let left = b.list_audit(None, 0, 100).await.expect("list");
+    assert_eq!(
+        left.iter().map(|r| r.time_ms).collect::<Vec<_>>(),
+        vec![now + 1, now + 2]
+    );
+    assert_eq!(b.purge_audit(now + 1).await.expect("again"), 0);
 }
 
 /// Agents' leases: renewals write no event, records are written only when

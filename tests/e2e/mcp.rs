@@ -1539,3 +1539,162 @@ async fn upstream_http_sse_app() {
     assert_eq!(s.delete().await.status, StatusCode::OK);
     c.shutdown().await;
 }
+
+/// `GET /v1/apps` as `token` sees it, parsed.
+async fn listing(c: &Cluster, token: &str) -> Value {
+    use http_body_util::BodyExt;
+    let addr = c.proxy_addr();
+    let client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build::<_, http_body_util::Empty<bytes::Bytes>>(portico_tests::web::connector(addr));
+    let req = http::Request::get(format!("{}/v1/apps", portico_tests::web::base(addr)))
+        .header("authorization", format!("Bearer {token}"))
+        .body(http_body_util::Empty::new())
+        .expect("request");
+    let resp = client.request(req).await.expect("GET /v1/apps");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    serde_json::from_slice(&body).expect("JSON")
+}
+
+/// Each user's listing equals what their roles allow now.
+async fn check_listing(c: &Cluster, users: &[(&str, String)], when: &str) {
+    let state = c.proxy.as_ref().expect("proxy").state.clone();
+    for (user, token) in users {
+        let got = listing(c, token).await;
+        let checker = state.cache.checker(user).expect("checker");
+        let want =
+            serde_json::to_value(portico_proxy::visible_apps(&state, &checker)).expect("json");
+        assert_eq!(got, want, "{when}, as {user}");
+    }
+}
+
+/// The listing is served from rows kept between requests: after every kind
+/// of change it must equal, for each user, what their roles allow now
+/// (`visible_apps`, which the web UI lists), strings with escapes included.
+#[tokio::test]
+async fn the_kept_listing_follows_every_change_for_every_user() {
+    let mut c = cluster_with_app("dev").await;
+    let state = c.proxy.as_ref().expect("proxy").state.clone();
+    let odd = |name: &str, env: &str, description: &str| {
+        test_app_yaml(name, env).replacen(
+            &format!("description: test server {name}"),
+            &format!(
+                "description: {}",
+                serde_json::to_string(description).expect("json")
+            ),
+            1,
+        )
+    };
+    c.create_yaml(
+        &odd("quoted", "dev", "say \"hi\" \\ then\ttab, ünïcødé ✓"),
+        false,
+    )
+    .await
+    .expect("app");
+    c.create_yaml(&odd("prod-one", "prod", "production"), false)
+        .await
+        .expect("app");
+    c.wait_servers("quoted", &["a1"]).await;
+    c.wait_servers("prod-one", &["a1"]).await;
+    c.create_yaml("kind: role\nversion: v8\nmetadata: {name: dev-lister}\nspec:\n  allow:\n    app_labels: {env: dev}\n    mcp: {tools: [echo, 'a*']}\n  deny:\n    mcp: {tools: [add]}\n", false).await.expect("role");
+    c.add_user("devs", &["dev-lister"], PW).await;
+    c.add_user("ops", &["admin"], PW).await;
+    let users = [
+        ("devs", c.login("devs", PW).await),
+        ("ops", c.login("ops", PW).await),
+    ];
+    check_listing(&c, &users, "at first").await;
+    let devs = listing(&c, &users[0].1).await;
+    let names: Vec<&str> = devs
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|a| a["name"].as_str())
+        .collect();
+    assert_eq!(names, ["quoted", "tm"]);
+    assert_eq!(devs[0]["description"], "say \"hi\" \\ then\ttab, ünïcødé ✓");
+    assert_eq!(devs[0]["allowed_tools"], json!(["echo", "a*"]));
+    assert_eq!(devs[0]["denied_tools"], json!(["add"]));
+    // psh reads the same strings, escapes and all.
+    let home = psh_login(&c, "devs").await;
+    let o = psh(&home, &["mcp", "ls", "--format", "json"]).await;
+    let v: Value = serde_json::from_str(&text(&o).0).expect("json");
+    assert_eq!(v[0]["description"], devs[0]["description"]);
+    let o = psh(&home, &["mcp", "ls"]).await;
+    assert!(text(&o).0.contains("say \"hi\" \\ then"), "{}", text(&o).0);
+
+    // An app changes; another moves out of reach; a new agent serves one;
+    // a role changes; an app goes.
+    c.create_yaml(&odd("quoted", "dev", "plain now"), true)
+        .await
+        .expect("update");
+    let served = |app: &'static str, want: usize| {
+        let state = state.clone();
+        async move {
+            eventually(Duration::from_secs(10), app, || async {
+                (state.cache.servers(app).len() == want).then_some(())
+            })
+            .await
+        }
+    };
+    eventually(
+        Duration::from_secs(10),
+        "the update reaches the proxy",
+        || async { (state.cache.app("quoted")?.metadata.description == "plain now").then_some(()) },
+    )
+    .await;
+    check_listing(&c, &users, "after an update").await;
+    c.create_yaml(&test_app_yaml("tm", "prod"), true)
+        .await
+        .expect("move");
+    eventually(
+        Duration::from_secs(10),
+        "the move reaches the proxy",
+        || async { (state.cache.app("tm")?.metadata.labels.get("env")? == "prod").then_some(()) },
+    )
+    .await;
+    check_listing(&c, &users, "after a change of labels").await;
+    c.start_agent(
+        "a2",
+        portico_tests::cluster::selector_agent_config(&[("env", "dev")]),
+    )
+    .await;
+    served("quoted", 2).await;
+    check_listing(&c, &users, "after a new agent").await;
+    c.create_yaml("kind: role\nversion: v8\nmetadata: {name: dev-lister}\nspec:\n  allow:\n    app_labels: {env: [dev, prod]}\n    mcp: {tools: ['*']}\n", true).await.expect("role");
+    eventually(
+        Duration::from_secs(10),
+        "the role reaches the proxy",
+        || async {
+            let c = state.cache.checker("devs")?;
+            c.app_allowed(&std::collections::BTreeMap::from([(
+                "env".to_string(),
+                "prod".to_string(),
+            )]))
+            .then_some(())
+        },
+    )
+    .await;
+    check_listing(&c, &users, "after a role change").await;
+    let o = c.pctl(&["rm", "app/prod-one"]).await;
+    assert!(o.status.success(), "{:?}", text(&o));
+    served("prod-one", 0).await;
+    eventually(
+        Duration::from_secs(10),
+        "the delete reaches the proxy",
+        || async { state.cache.app("prod-one").is_none().then_some(()) },
+    )
+    .await;
+    check_listing(&c, &users, "after a delete").await;
+    assert_eq!(
+        listing(&c, &users[0].1)
+            .await
+            .as_array()
+            .expect("array")
+            .len(),
+        2,
+        "quoted and tm"
+    );
+    c.shutdown().await;
+}

@@ -160,12 +160,15 @@ async fn portico_check_validates_durations_and_retention() {
         let o = run(cmd, None).await;
         (o.status.code(), text(&o))
     };
-    let (code, (out, _)) = check("  event_retention: 5000\n  event_retention_age: 2h\n").await;
+    let (code, (out, _)) =
+        check("  event_retention: 5000\n  event_retention_age: 2h\n  audit_retention_age: 30d\n")
+            .await;
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("auth_service:  enabled"), "{out}");
     for (body, says) in [
         ("  event_retention_age: 10s\n", "event_retention_age"),
         ("  event_retention: 0\n", "event_retention"),
+        ("  audit_retention_age: 30m\n", "audit_retention_age"),
         ("  session_ttl: soon\n", "session_ttl"),
         ("  identity_ttl: 1s\n", "identity_ttl"),
     ] {

@@ -36,6 +36,8 @@ pub struct ClusterBuilder {
     max_sessions_per_user: Option<usize>,
     /// The proxy's header and body read timeouts.
     timeouts: Option<(String, String)>,
+    /// `auth_service.event_retention`.
+    event_retention: Option<i64>,
 }
 
 impl Default for ClusterBuilder {
@@ -56,6 +58,7 @@ impl ClusterBuilder {
             idle_timeout: None,
             max_sessions_per_user: None,
             timeouts: None,
+            event_retention: None,
         }
     }
     pub fn storage(mut self, s: Storage) -> Self {
@@ -64,6 +67,11 @@ impl ClusterBuilder {
     }
     pub fn proxy(mut self) -> Self {
         self.proxy = true;
+        self
+    }
+    /// How many change events the auth-service keeps.
+    pub fn event_retention(mut self, n: i64) -> Self {
+        self.event_retention = Some(n);
         self
     }
     /// The proxy's header and body read timeouts.
@@ -155,6 +163,7 @@ impl ClusterBuilder {
             storage,
             session_ttl: self.session_ttl.clone(),
             identity_ttl: self.identity_ttl.clone(),
+            event_retention: self.event_retention,
             ..AuthConfig::default()
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind auth");

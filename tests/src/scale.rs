@@ -6,7 +6,8 @@
 //! proxy (p50/p99) and connectable, the whole `psh mcp ls`, and the time a
 //! new agent matching every app takes to serve them all. Then one run with
 //! agents as separate processes, where one is killed with SIGKILL to time
-//! how long until the proxy stops routing to it.
+//! how long until the proxy stops routing to it. `churn` measures the
+//! database under steady writes.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -35,8 +36,12 @@ fn cpu_of(pid: &str) -> Duration {
 }
 
 fn app_resource(name: &str, shard: usize) -> v1::Resource {
+    app_resource_described(name, shard, "")
+}
+
+fn app_resource_described(name: &str, shard: usize, description: &str) -> v1::Resource {
     let yaml = format!(
-        "kind: app\nversion: v3\nmetadata:\n  name: {name}\n  labels: {{env: dev, shard: \"{shard}\"}}\nspec:\n  mcp:\n    command: {}\n    run_as_host_user: {}\n",
+        "kind: app\nversion: v3\nmetadata:\n  name: {name}\n  description: \"{description}\"\n  labels: {{env: dev, shard: \"{shard}\"}}\nspec:\n  mcp:\n    command: {}\n    run_as_host_user: {}\n",
         test_mcp_server().display(),
         me()
     );
@@ -402,5 +407,125 @@ pub async fn run(args: &[String]) {
     let apps = *sizes.last().unwrap_or(&1_000);
     for &s in storages {
         processes(s, 10, apps, rest_secs).await;
+    }
+}
+
+/// Rows in the cluster's audit log.
+async fn audit_rows(c: &Cluster) -> i64 {
+    use sqlx::Connection;
+    let q = "SELECT COUNT(*) FROM audit";
+    match &c.pg {
+        Some(pg) => {
+            let Ok(mut conn) = sqlx::postgres::PgConnection::connect(&pg.url).await else {
+                return -1;
+            };
+            let n: i64 = sqlx::query_scalar(q)
+                .fetch_one(&mut conn)
+                .await
+                .unwrap_or(-1);
+            let _ = conn.close().await;
+            n
+        }
+        None => {
+            let url = format!(
+                "sqlite://{}?mode=ro",
+                c.data_dir().join("db/portico.db").display()
+            );
+            let Ok(mut conn) = sqlx::sqlite::SqliteConnection::connect(&url).await else {
+                return -1;
+            };
+            let n: i64 = sqlx::query_scalar(q)
+                .fetch_one(&mut conn)
+                .await
+                .unwrap_or(-1);
+            let _ = conn.close().await;
+            n
+        }
+    }
+}
+
+/// `churn [MINUTES]`: steady writes against 1,000 apps served by one agent,
+/// on SQLite and on Postgres, with the change log kept to 20,000 events:
+/// every second 100 apps are updated (each update also changes the agent's
+/// `app_server` record), so the change log passes its bound within a few
+/// minutes. Prints, every minute, the database's size, the events kept and
+/// the audit records, then the growth per hour over the last half of the
+/// run, when compaction is in its steady state.
+pub async fn churn(minutes: u64) {
+    const APPS: usize = 1_000;
+    const PER_SECOND: usize = 100;
+    const KEEP: i64 = 20_000;
+    println!(
+        "churn: {minutes} min per storage; {APPS} apps, one agent serving all, {PER_SECOND} app updates a second; event_retention {KEEP} (compaction runs every minute)"
+    );
+    for storage in [Storage::Sqlite, Storage::Postgres] {
+        let c = ClusterBuilder::new()
+            .storage(storage)
+            .event_retention(KEEP)
+            .proxy()
+            .selector_agent("agent0", &[("*", "*")])
+            .start()
+            .await;
+        let mut admin = c.admin().await;
+        create_apps(&mut admin, "app", 0..APPS, 1).await;
+        wait_served(&c, None, APPS).await;
+        let start = Instant::now();
+        let mut samples: Vec<(f64, u64)> = Vec::new();
+        let mut n: u64 = 0;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut next_print = 0;
+        while start.elapsed() < Duration::from_secs(minutes * 60) {
+            tick.tick().await;
+            let batch: Vec<v1::Resource> = (0..PER_SECOND)
+                .map(|_| {
+                    n += 1;
+                    let i = (n as usize) % APPS;
+                    // A new description: a real change, so a new revision.
+                    app_resource_described(&format!("app{i}"), 0, &format!("update {n}"))
+                })
+                .collect();
+            admin
+                .create(v1::CreateRequest {
+                    resources: batch,
+                    overwrite: true,
+                })
+                .await
+                .expect("update apps");
+            let secs = start.elapsed().as_secs();
+            if secs >= next_print {
+                next_print = secs + 60;
+                let size = db_size(&c).await;
+                let rev = c.auth.backend.current_revision().await.unwrap_or(0);
+                let oldest = c
+                    .auth
+                    .backend
+                    .events_after(0, 1)
+                    .await
+                    .ok()
+                    .and_then(|e| e.first().map(|e| e.revision))
+                    .unwrap_or(rev);
+                let audit = audit_rows(&c).await;
+                samples.push((start.elapsed().as_secs_f64(), size));
+                println!(
+                    "{storage:?} | minute {:>2} | {n} updates | database {:.1} MiB | events kept {} (revision {rev}) | audit records {audit}",
+                    secs / 60,
+                    size as f64 / (1024.0 * 1024.0),
+                    rev - oldest + 1,
+                );
+            }
+        }
+        let size = db_size(&c).await;
+        samples.push((start.elapsed().as_secs_f64(), size));
+        let half = samples.len() / 2;
+        if let (Some(a), Some(b)) = (samples.get(half), samples.last())
+            && b.0 > a.0
+        {
+            println!(
+                "{storage:?} | steady state (from minute {:.0}): database {:+.1} MiB/h",
+                a.0 / 60.0,
+                (b.1 as f64 - a.1 as f64) / (1024.0 * 1024.0) / ((b.0 - a.0) / 3600.0)
+            );
+        }
+        c.shutdown().await;
     }
 }

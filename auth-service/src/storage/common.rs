@@ -501,6 +501,27 @@ macro_rules! impl_backend {
                 Ok(r.rows_affected())
             }
 
+            async fn purge_audit(&self, before_ms: i64) -> portico_core::Result<u64> {
+                use $crate::storage::db_error;
+                const CHUNK: i64 = 5_000;
+                let mut total = 0;
+                loop {
+                    let _writer = self.write_guard().await;
+                    let r = sqlx::query(
+                        "DELETE FROM audit WHERE id IN (SELECT id FROM audit WHERE time_ms < $1 ORDER BY time_ms LIMIT $2)",
+                    )
+                    .bind(before_ms)
+                    .bind(CHUNK)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db_error)?;
+                    total += r.rows_affected();
+                    if r.rows_affected() < CHUNK as u64 {
+                        return Ok(total);
+                    }
+                }
+            }
+
             async fn append_audit(&self, events: &[$crate::storage::AuditRecord]) -> portico_core::Result<()> {
                 use $crate::storage::db_error;
                 let mut tx = self.pool.begin().await.map_err(db_error)?;

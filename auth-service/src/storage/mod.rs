@@ -160,6 +160,9 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Appends audit records in one transaction.
     async fn append_audit(&self, events: &[AuditRecord]) -> Result<()>;
+    /// Deletes audit records written before `before_ms`, a bounded batch per
+    /// transaction so writers are never held long; returns how many.
+    async fn purge_audit(&self, before_ms: i64) -> Result<u64>;
     async fn list_audit(
         &self,
         kind: Option<&str>,

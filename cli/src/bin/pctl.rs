@@ -5,7 +5,7 @@ use std::io::Read;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use portico_cli::output::{Format, labels_text, structured, table};
+use portico_cli::output::{Format, emit, labels_text, structured, table};
 use portico_cli::{CliResult, Fail, Target, connect_api, finish};
 use portico_core::parse::{MAX_FILE_BYTES, parse_documents};
 use portico_core::time::{format_rfc3339, now_ms, parse_duration};
@@ -331,11 +331,11 @@ async fn get(t: &Target, what: &str, name: Option<String>, format: Format) -> Cl
     let resources = parse_items(kind, &items);
     if format != Format::Text {
         let values: Vec<serde_json::Value> = resources.iter().map(|r| r.to_value()).collect();
-        print!("{}", structured(&values, format));
+        emit(&structured(&values, format));
         return Ok(());
     }
     let (header, rows) = rows_of(kind, &resources);
-    print!("{}", table(&header, &rows));
+    emit(&table(&header, &rows));
     Ok(())
 }
 
@@ -351,7 +351,12 @@ fn rows_of(kind: Kind, resources: &[Resource]) -> (Vec<&'static str>, Vec<Vec<St
                         a.metadata.name.clone(),
                         a.metadata.description.clone(),
                         a.spec.type_label().into(),
-                        labels_text(&a.metadata.labels),
+                        labels_text(
+                            a.metadata
+                                .labels
+                                .iter()
+                                .map(|(k, v)| (k.as_str(), v.as_str())),
+                        ),
                     ]),
                     _ => None,
                 })
@@ -499,7 +504,7 @@ async fn add_token(t: &Target, kinds: Vec<String>, ttl: &str, format: Format) ->
         .into_inner();
     if format != Format::Text {
         let v = serde_json::json!({"token": resp.token, "name": resp.name, "type": kinds, "expires": format_rfc3339(resp.expires_ms)});
-        print!("{}", structured(&[v], format));
+        emit(&structured(&[v], format));
         return Ok(());
     }
     println!("token: {}", resp.token);
@@ -538,7 +543,7 @@ async fn identities(t: &Target, format: Format) -> CliResult {
                 })
             })
             .collect();
-        print!("{}", structured(&values, format));
+        emit(&structured(&values, format));
         return Ok(());
     }
     let rows: Vec<Vec<String>> = list
@@ -552,10 +557,7 @@ async fn identities(t: &Target, format: Format) -> CliResult {
             ]
         })
         .collect();
-    print!(
-        "{}",
-        table(&["Host ID", "Role", "Expires", "Last seen"], &rows)
-    );
+    emit(&table(&["Host ID", "Role", "Expires", "Last seen"], &rows));
     Ok(())
 }
 
@@ -614,7 +616,7 @@ async fn events(t: &Target, a: EventsLs) -> CliResult {
         })
         .collect();
     if a.format != Format::Text {
-        print!("{}", structured(&values, a.format));
+        emit(&structured(&values, a.format));
         return Ok(());
     }
     let rows: Vec<Vec<String>> = values
@@ -646,9 +648,9 @@ async fn events(t: &Target, a: EventsLs) -> CliResult {
             ]
         })
         .collect();
-    print!(
-        "{}",
-        table(&["Time", "Type", "Actor", "Result", "Details"], &rows)
-    );
+    emit(&table(
+        &["Time", "Type", "Actor", "Result", "Details"],
+        &rows,
+    ));
     Ok(())
 }

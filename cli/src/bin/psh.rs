@@ -6,8 +6,8 @@ use std::io::Read;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use portico_cli::http::{base_url, client, get_typed};
-use portico_cli::output::{Format, labels_text, structured, table};
+use portico_cli::http::{base_url, client, get_body};
+use portico_cli::output::{Format, emit, labels_text, structured, table};
 use portico_cli::profile::{self, Profile};
 use portico_cli::{CliResult, Fail, finish};
 use portico_core::client_config::{self, McpClient};
@@ -347,30 +347,66 @@ async fn status(show_token: bool) -> CliResult {
     Ok(())
 }
 
-#[derive(serde::Deserialize, serde::Serialize, Clone)]
-struct AppRow {
-    name: String,
-    #[serde(default)]
-    description: String,
-    #[serde(rename = "type")]
-    kind: String,
-    #[serde(default)]
-    labels: BTreeMap<String, String>,
-    #[serde(default)]
-    allowed_tools: Vec<String>,
-    #[serde(default)]
-    denied_tools: Vec<String>,
-    #[serde(default)]
-    agents: Vec<String>,
+/// A string of the listing, borrowed from the proxy's answer unless it
+/// held escapes: ten thousand rows parse without a copy of each field.
+#[derive(serde::Deserialize, serde::Serialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(transparent)]
+struct Text<'a>(#[serde(borrow)] std::borrow::Cow<'a, str>);
+
+impl AsRef<str> for Text<'_> {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
 }
 
-async fn fetch_apps(p: &Profile) -> CliResult<Vec<AppRow>> {
-    get_typed(
-        &client(p.connector()?),
-        &format!("{}/v1/apps", base_url(&p.proxy)),
-        &p.token,
-    )
-    .await
+impl std::ops::Deref for Text<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+#[derive(serde::Deserialize, serde::Serialize)]
+struct AppRow<'a> {
+    #[serde(borrow)]
+    name: Text<'a>,
+    #[serde(borrow, default)]
+    description: Option<Text<'a>>,
+    #[serde(borrow, rename = "type")]
+    kind: Text<'a>,
+    #[serde(borrow, default)]
+    labels: BTreeMap<Text<'a>, Text<'a>>,
+    #[serde(borrow, default)]
+    allowed_tools: Vec<Text<'a>>,
+    #[serde(borrow, default)]
+    denied_tools: Vec<Text<'a>>,
+    #[serde(borrow, default)]
+    agents: Vec<Text<'a>>,
+}
+
+impl AppRow<'_> {
+    fn description(&self) -> &str {
+        self.description.as_deref().unwrap_or("")
+    }
+
+    fn labels(&self) -> impl Iterator<Item = (&str, &str)> + Clone {
+        self.labels.iter().map(|(k, v)| (&**k, &**v))
+    }
+}
+
+/// The proxy's answer to `GET /v1/apps`, to parse with `parse_apps`.
+async fn fetch_apps(p: &Profile) -> CliResult<(String, bytes::Bytes)> {
+    let url = format!("{}/v1/apps", base_url(&p.proxy));
+    let body = get_body(&client(p.connector()?), &url, &p.token).await?;
+    Ok((url, body))
+}
+
+fn parse_apps<'a>((url, body): &'a (String, bytes::Bytes)) -> CliResult<Vec<AppRow<'a>>> {
+    serde_json::from_slice(body).map_err(|e| {
+        Fail::new(format!(
+            "{url} answered with JSON Portico does not expect: {e}"
+        ))
+    })
 }
 
 async fn ls(
@@ -387,14 +423,14 @@ async fn ls(
         want.push((k.to_string(), v.to_string()));
     }
     let p = need_profile()?;
-    let apps: Vec<AppRow> = fetch_apps(&p)
-        .await?
+    let answer = fetch_apps(&p).await?;
+    let apps: Vec<AppRow> = parse_apps(&answer)?
         .into_iter()
         .filter(|a| {
             portico_core::labels::listing_matches(
                 &a.name,
-                &a.description,
-                &a.labels,
+                a.description(),
+                a.labels(),
                 &want,
                 search.as_deref(),
             )
@@ -407,7 +443,7 @@ async fn ls(
             .map(|a| {
                 let mut v = serde_json::json!({
                     "name": a.name,
-                    "description": a.description,
+                    "description": a.description(),
                     "type": a.kind,
                     "labels": a.labels,
                     "allowed_tools": a.allowed_tools,
@@ -415,18 +451,15 @@ async fn ls(
                 });
                 if verbose {
                     v["agents"] = serde_json::json!(a.agents);
-                    v["endpoint"] = serde_json::json!(format!("{base}/mcp/{}", a.name));
+                    v["endpoint"] = serde_json::json!(format!("{base}/mcp/{}", &*a.name));
                 }
                 v
             })
             .collect();
         if format == Format::Json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&values).unwrap_or_default()
-            );
+            emit(&(serde_json::to_string_pretty(&values).unwrap_or_default() + "\n"));
         } else {
-            print!("{}", structured(&values, format));
+            emit(&structured(&values, format));
         }
         return Ok(());
     }
@@ -434,37 +467,45 @@ async fn ls(
     if verbose {
         header.extend(["Agents", "Endpoint"]);
     }
-    let rows: Vec<Vec<String>> = apps
-        .into_iter()
+    let rows: Vec<Vec<std::borrow::Cow<str>>> = apps
+        .iter()
         .map(|a| {
             let tools = portico_core::rbac::summary(&a.allowed_tools, &a.denied_tools);
-            let labels = labels_text(&a.labels);
-            let mut r = vec![a.name, a.description, a.kind, tools, labels];
+            let labels = labels_text(a.labels());
+            let mut r: Vec<std::borrow::Cow<str>> = vec![
+                (*a.name).into(),
+                a.description().into(),
+                (*a.kind).into(),
+                tools.into(),
+                labels.into(),
+            ];
             if verbose {
-                r.push(a.agents.join(", "));
-                r.push(format!("{base}/mcp/{}", r[0]));
+                let agents: Vec<&str> = a.agents.iter().map(|x| &**x).collect();
+                r.push(agents.join(", ").into());
+                r.push(format!("{base}/mcp/{}", &*a.name).into());
             }
             r
         })
         .collect();
-    print!("{}", table(&header, &rows));
+    emit(&table(&header, &rows));
     Ok(())
 }
 
 async fn config(name: Option<String>, all: bool, client_config: Option<String>) -> CliResult {
     let p = need_profile()?;
-    let apps = fetch_apps(&p).await?;
+    let answer = fetch_apps(&p).await?;
+    let apps = parse_apps(&answer)?;
     let names: Vec<String> = match (&name, all) {
         (Some(_), true) => return Err(Fail::usage("give a NAME or --all, not both")),
         (Some(n), false) => {
-            if !apps.iter().any(|a| &a.name == n) {
+            if !apps.iter().any(|a| *a.name == **n) {
                 return Err(Fail::new(format!(
                     "no MCP server {n:?} that you can reach; see psh mcp ls"
                 )));
             }
             vec![n.clone()]
         }
-        (None, true) => apps.iter().map(|a| a.name.clone()).collect(),
+        (None, true) => apps.iter().map(|a| a.name.to_string()).collect(),
         (None, false) => {
             return Err(Fail::usage(
                 "say which server: psh mcp config NAME, or --all",

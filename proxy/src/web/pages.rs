@@ -66,7 +66,13 @@ fn rows(state: &ProxyState, v: &Viewer, q: &ListQuery) -> (Vec<Row>, Option<Stri
         .into_iter()
         .filter(|a| {
             let m = &a.app.metadata;
-            listing_matches(&m.name, &m.description, &m.labels, &want, search)
+            listing_matches(
+                &m.name,
+                &m.description,
+                m.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+                &want,
+                search,
+            )
         })
         .map(|info| Row {
             tools: portico_core::rbac::summary(&info.allowed_tools, &info.denied_tools),

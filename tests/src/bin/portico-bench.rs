@@ -1,7 +1,7 @@
 //! `portico-bench`: the figures the issues ask for, each with a baseline
 //! measured in the same run. Timings are printed, never asserted.
 //!
-//! cargo run --release -p portico-tests --bin portico-bench -- [all|store|registration|proxy|ls|memory|chaos [MINUTES]|scale [REST_SECONDS] [--quick]|soak [MINUTES] [SESSIONS]]
+//! cargo run --release -p portico-tests --bin portico-bench -- [all|store|registration|proxy|ls|memory|chaos [MINUTES]|scale [REST_SECONDS] [--quick]|churn [MINUTES]|soak [MINUTES] [SESSIONS]]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -465,6 +465,13 @@ async fn main() {
             .and_then(|m| m.parse::<usize>().ok())
             .unwrap_or(1000);
         portico_tests::soak::run(minutes, sessions).await;
+    }
+    if what == "churn" {
+        let minutes = std::env::args()
+            .nth(2)
+            .and_then(|m| m.parse::<u64>().ok())
+            .unwrap_or(10);
+        portico_tests::scale::churn(minutes).await;
     }
     if what == "scale" {
         let rest: Vec<String> = std::env::args().skip(2).collect();
