@@ -67,7 +67,9 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(10))
-        .max_header_list_size(64 * 1024);
+        .max_header_list_size(64 * 1024)
+        // Every answer gets `date_header` instead.
+        .auto_date_header(false);
     loop {
         let (tcp, peer) = tokio::select! {
             a = listener.accept() => match a {
@@ -94,7 +96,14 @@ pub async fn serve(
         let app = router.clone();
         let svc = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
             req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
-            app.clone().oneshot(req.map(axum::body::Body::new))
+            let answer = app.clone().oneshot(req.map(axum::body::Body::new));
+            async move {
+                let mut resp = answer.await?;
+                resp.headers_mut()
+                    .entry(http::header::DATE)
+                    .or_insert_with(date_header);
+                Ok::<_, std::convert::Infallible>(resp)
+            }
         });
         let watcher = graceful.watcher();
         let builder = builder.clone();
@@ -169,4 +178,32 @@ impl Drop for PerAddress {
             }
         }
     }
+}
+
+/// The `Date` header (RFC 9110 asks it of every answer), marked never to be
+/// indexed: its value changes every second, and HTTP/2's header compression
+/// would otherwise add each new value to the connection's table, so that
+/// every open connection's table fills up (to 4 KB) over many minutes; with
+/// thousands of connections that is megabytes of slow growth.
+fn date_header() -> http::HeaderValue {
+    thread_local! {
+        static LAST: std::cell::RefCell<(i64, Option<http::HeaderValue>)> =
+            const { std::cell::RefCell::new((i64::MIN, None)) };
+    }
+    let now = portico_core::time::now_ms();
+    let second = now.div_euclid(1000);
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        if last.0 != second || last.1.is_none() {
+            let mut v = http::HeaderValue::from_str(&portico_core::time::format_http_date(now))
+                .unwrap_or_else(|_| {
+                    http::HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 GMT")
+                });
+            v.set_sensitive(true);
+            *last = (second, Some(v));
+        }
+        last.1
+            .clone()
+            .unwrap_or_else(|| http::HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 GMT"))
+    })
 }

@@ -1553,6 +1553,15 @@ async fn listing(c: &Cluster, token: &str) -> Value {
         .expect("request");
     let resp = client.request(req).await.expect("GET /v1/apps");
     assert_eq!(resp.status(), StatusCode::OK);
+    // Every answer carries a Date (added by the proxy, not indexed in
+    // HTTP/2's header table): `Thu, 03 Dec 2026 12:00:00 GMT`.
+    let date = resp.headers().get("date").expect("a Date header");
+    let date = date.to_str().expect("ASCII");
+    assert!(
+        date.len() == 29 && date.ends_with(" GMT") && date.as_bytes()[3] == b',',
+        "{date:?}"
+    );
+    assert_eq!(resp.headers().get_all("date").iter().count(), 1);
     let body = resp.into_body().collect().await.expect("body").to_bytes();
     serde_json::from_slice(&body).expect("JSON")
 }

@@ -410,10 +410,16 @@ pub async fn run(args: &[String]) {
     }
 }
 
-/// Rows in the cluster's audit log.
-async fn audit_rows(c: &Cluster) -> i64 {
+/// Rows in the cluster's change log and in its audit log.
+async fn log_rows(c: &Cluster) -> (i64, i64) {
+    (
+        count(c, "SELECT COUNT(*) FROM events").await,
+        count(c, "SELECT COUNT(*) FROM audit").await,
+    )
+}
+
+async fn count(c: &Cluster, q: &'static str) -> i64 {
     use sqlx::Connection;
-    let q = "SELECT COUNT(*) FROM audit";
     match &c.pg {
         Some(pg) => {
             let Ok(mut conn) = sqlx::postgres::PgConnection::connect(&pg.url).await else {
@@ -470,7 +476,7 @@ pub async fn churn(minutes: u64) {
         create_apps(&mut admin, "app", 0..APPS, 1).await;
         wait_served(&c, None, APPS).await;
         let start = Instant::now();
-        let mut samples: Vec<(f64, u64)> = Vec::new();
+        let mut samples: Vec<(f64, u64, i64)> = Vec::new();
         let mut n: u64 = 0;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut next_print = 0;
@@ -496,34 +502,28 @@ pub async fn churn(minutes: u64) {
                 next_print = secs + 60;
                 let size = db_size(&c).await;
                 let rev = c.auth.backend.current_revision().await.unwrap_or(0);
-                let oldest = c
-                    .auth
-                    .backend
-                    .events_after(0, 1)
-                    .await
-                    .ok()
-                    .and_then(|e| e.first().map(|e| e.revision))
-                    .unwrap_or(rev);
-                let audit = audit_rows(&c).await;
-                samples.push((start.elapsed().as_secs_f64(), size));
+                let (events, audit) = log_rows(&c).await;
+                samples.push((start.elapsed().as_secs_f64(), size, audit));
                 println!(
-                    "{storage:?} | minute {:>2} | {n} updates | database {:.1} MiB | events kept {} (revision {rev}) | audit records {audit}",
+                    "{storage:?} | minute {:>2} | {n} updates | database {:.1} MiB | events kept {events} (revision {rev}) | audit records {audit}",
                     secs / 60,
                     size as f64 / (1024.0 * 1024.0),
-                    rev - oldest + 1,
                 );
             }
         }
         let size = db_size(&c).await;
-        samples.push((start.elapsed().as_secs_f64(), size));
+        let (_, audit) = log_rows(&c).await;
+        samples.push((start.elapsed().as_secs_f64(), size, audit));
         let half = samples.len() / 2;
         if let (Some(a), Some(b)) = (samples.get(half), samples.last())
             && b.0 > a.0
         {
+            let hours = (b.0 - a.0) / 3600.0;
             println!(
-                "{storage:?} | steady state (from minute {:.0}): database {:+.1} MiB/h",
+                "{storage:?} | second half (from minute {:.0}): database {:+.1} MiB/h, audit log {:+.0} records/h (kept for audit_retention_age)",
                 a.0 / 60.0,
-                (b.1 as f64 - a.1 as f64) / (1024.0 * 1024.0) / ((b.0 - a.0) / 3600.0)
+                (b.1 as f64 - a.1 as f64) / (1024.0 * 1024.0) / hours,
+                (b.2 - a.2) as f64 / hours
             );
         }
         c.shutdown().await;
