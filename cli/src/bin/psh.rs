@@ -122,11 +122,24 @@ enum McpCmd {
 
 fn main() {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    // The bridges run for hours and carry traffic both ways: two worker
+    // threads. Every other command is one request and its answer, done
+    // fastest on the calling thread.
+    let long_running = matches!(
+        cli.cmd,
+        Cmd::Proxy { .. }
+            | Cmd::Mcp {
+                cmd: McpCmd::Connect { .. }
+            }
+    );
+    let mut builder = if long_running {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(2);
+        b
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => finish(Err(Fail::new(format!("cannot start: {e}")))),
     };
@@ -488,6 +501,11 @@ async fn ls(
         })
         .collect();
     emit(&table(&header, &rows));
+    // The process ends now: freeing ten thousand rows one by one first
+    // would only make it end later.
+    std::mem::forget(rows);
+    std::mem::forget(apps);
+    std::mem::forget(answer);
     Ok(())
 }
 
