@@ -174,7 +174,55 @@ async fn suite(b: Arc<dyn Backend>) {
     b.put_session(&s).await.expect("session");
     assert_eq!(b.session("h").await.expect("read"), Some(s));
     assert_eq!(b.purge_sessions(now).await.expect("purge"), 1);
+    assert_eq!(b.session("h").await.expect("read"), None, "purged");
+    // Lookups may be kept (SQLite), but every write to sessions shows in
+    // the very next lookup: each is read twice first, to be kept if it can.
+    let live = |hash: &str, principal: &str, ptype: &str| portico_auth::storage::SessionRow {
+        token_hash: hash.into(),
+        principal: principal.into(),
+        ptype: ptype.into(),
+        roles: "[]".into(),
+        expires: Some(now + 60_000),
+    };
+    let twice = async |hash: &str| {
+        let a = b.session(hash).await.expect("read");
+        assert_eq!(a, b.session(hash).await.expect("read again"));
+        a
+    };
+    assert_eq!(twice("fresh").await, None);
+    b.put_session(&live("fresh", "u", "user"))
+        .await
+        .expect("put");
+    assert!(
+        twice("fresh").await.is_some(),
+        "a new session is seen at once"
+    );
+    b.delete_session("fresh").await.expect("logout");
+    assert_eq!(twice("fresh").await, None, "a logout counts at once");
+    b.put_session(&live("svc", "agent-x", "service"))
+        .await
+        .expect("put");
+    assert!(twice("svc").await.is_some());
+    assert!(
+        b.extend_session("svc", now + 120_000)
+            .await
+            .expect("extend")
+    );
+    assert_eq!(
+        twice("svc").await.and_then(|r| r.expires),
+        Some(now + 120_000),
+        "an extension counts at once"
+    );
+    assert_eq!(b.revoke_service("agent-x").await.expect("revoke"), 1);
+    assert_eq!(twice("svc").await, None, "a revocation counts at once");
+    b.put_session(&live("usr", "u", "user")).await.expect("put");
+    assert!(twice("usr").await.is_some());
     b.delete_principal("u").await.expect("delete principal");
+    assert_eq!(
+        twice("usr").await,
+        None,
+        "a deleted user's sessions go at once"
+    );
     assert!(b.password("u").await.expect("read").is_none());
     for (i, kind) in ["user.login", "app.create", "user.login"]
         .iter()

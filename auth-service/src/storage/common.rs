@@ -321,12 +321,14 @@ macro_rules! impl_backend {
                     .execute(&mut *tx)
                     .await
                     .map_err(db_error)?;
-                tx.commit().await.map_err(db_error)
+                let r = tx.commit().await.map_err(db_error);
+                self.sessions_written();
+                r
             }
 
             async fn put_session(&self, s: &$crate::storage::SessionRow) -> portico_core::Result<()> {
                 use $crate::storage::db_error;
-                sqlx::query(
+                let r = sqlx::query(
                     "INSERT INTO sessions (token_hash, principal, ptype, roles, expires) VALUES ($1, $2, $3, $4, $5)",
                 )
                 .bind(s.token_hash.as_str())
@@ -336,7 +338,9 @@ macro_rules! impl_backend {
                 .bind(s.expires)
                 .execute(&self.pool)
                 .await
-                .map_err(db_error)?;
+                .map_err(db_error);
+                self.sessions_written();
+                r?;
                 Ok(())
             }
 
@@ -346,6 +350,11 @@ macro_rules! impl_backend {
             ) -> portico_core::Result<Option<$crate::storage::SessionRow>> {
                 use $crate::storage::{db_error, SessionRow};
                 use sqlx::Row;
+                let generation = match self.session_cache().map(|c| c.get(token_hash)) {
+                    Some(Ok(cached)) => return Ok(cached),
+                    Some(Err(generation)) => Some(generation),
+                    None => None,
+                };
                 let row = sqlx::query(
                     "SELECT token_hash, principal, ptype, roles, expires FROM sessions WHERE token_hash = $1",
                 )
@@ -363,6 +372,11 @@ macro_rules! impl_backend {
                     })
                 })
                 .transpose()
+                .inspect(|found| {
+                    if let (Some(cache), Some(generation)) = (self.session_cache(), generation) {
+                        cache.put(token_hash, found.clone(), generation);
+                    }
+                })
             }
 
             async fn cluster_ca(&self) -> portico_core::Result<Option<(String, String)>> {
@@ -454,28 +468,33 @@ macro_rules! impl_backend {
                     .bind(principal)
                     .execute(&self.pool)
                     .await
-                    .map_err(db_error)?;
-                Ok(r.rows_affected())
+                    .map_err(db_error);
+                self.sessions_written();
+                Ok(r?.rows_affected())
             }
 
             async fn purge_expired_service(&self, principal: &str, now_ms: i64) -> portico_core::Result<()> {
                 use $crate::storage::db_error;
-                sqlx::query("DELETE FROM sessions WHERE principal = $1 AND ptype = 'service' AND expires IS NOT NULL AND expires < $2")
+                let r = sqlx::query("DELETE FROM sessions WHERE principal = $1 AND ptype = 'service' AND expires IS NOT NULL AND expires < $2")
                     .bind(principal)
                     .bind(now_ms)
                     .execute(&self.pool)
                     .await
-                    .map_err(db_error)?;
+                    .map_err(db_error);
+                self.sessions_written();
+                r?;
                 Ok(())
             }
 
             async fn delete_session(&self, token_hash: &str) -> portico_core::Result<()> {
                 use $crate::storage::db_error;
-                sqlx::query("DELETE FROM sessions WHERE token_hash = $1")
+                let r = sqlx::query("DELETE FROM sessions WHERE token_hash = $1")
                     .bind(token_hash)
                     .execute(&self.pool)
                     .await
-                    .map_err(db_error)?;
+                    .map_err(db_error);
+                self.sessions_written();
+                r?;
                 Ok(())
             }
 
@@ -487,8 +506,9 @@ macro_rules! impl_backend {
                     .bind(portico_core::time::now_ms())
                     .execute(&self.pool)
                     .await
-                    .map_err(db_error)?;
-                Ok(r.rows_affected() == 1)
+                    .map_err(db_error);
+                self.sessions_written();
+                Ok(r?.rows_affected() == 1)
             }
 
             async fn purge_sessions(&self, now_ms: i64) -> portico_core::Result<u64> {
@@ -497,8 +517,9 @@ macro_rules! impl_backend {
                     .bind(now_ms)
                     .execute(&self.pool)
                     .await
-                    .map_err(db_error)?;
-                Ok(r.rows_affected())
+                    .map_err(db_error);
+                self.sessions_written();
+                Ok(r?.rows_affected())
             }
 
             async fn purge_audit(&self, before_ms: i64) -> portico_core::Result<u64> {

@@ -67,6 +67,63 @@ pub enum WriteOp {
     },
 }
 
+/// Session rows read lately, for a backend whose every write goes through
+/// this process (SQLite): every call and every watch re-check looks its
+/// token up, and at rest that was most of what the database did. Any write
+/// to sessions empties it (after committing), and a read that raced a
+/// write is not kept (the generation moved), so a revocation here counts
+/// at once; an entry is used for at most `TTL` in any case, which bounds a
+/// revocation made by some other process that opened the same file.
+#[derive(Default)]
+pub struct SessionCache {
+    inner: std::sync::Mutex<SessionCacheInner>,
+}
+
+#[derive(Default)]
+struct SessionCacheInner {
+    generation: u64,
+    rows: std::collections::HashMap<String, (std::time::Instant, Option<SessionRow>)>,
+}
+
+impl SessionCache {
+    const TTL: std::time::Duration = std::time::Duration::from_secs(5);
+    const MAX: usize = 10_000;
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SessionCacheInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The cached row (or its absence) if fresh, else the generation to
+    /// hand to `put` after reading the database.
+    pub fn get(&self, token_hash: &str) -> Result<Option<SessionRow>, u64> {
+        let g = self.lock();
+        match g.rows.get(token_hash) {
+            Some((at, row)) if at.elapsed() < Self::TTL => Ok(row.clone()),
+            _ => Err(g.generation),
+        }
+    }
+
+    /// Keeps what a read found, unless a write came in between.
+    pub fn put(&self, token_hash: &str, row: Option<SessionRow>, generation: u64) {
+        let mut g = self.lock();
+        if g.generation != generation {
+            return;
+        }
+        if g.rows.len() >= Self::MAX {
+            g.rows.clear();
+        }
+        g.rows
+            .insert(token_hash.to_string(), (std::time::Instant::now(), row));
+    }
+
+    /// After any write to sessions has committed.
+    pub fn invalidate(&self) {
+        let mut g = self.lock();
+        g.generation += 1;
+        g.rows.clear();
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct SessionRow {
     pub token_hash: String,

@@ -117,6 +117,15 @@ impl PostgresBackend {
         None
     }
 
+    /// Other auth-services write the same sessions: every lookup asks the
+    /// database.
+    fn session_cache(&self) -> Option<&super::SessionCache> {
+        None
+    }
+
+    /// After every write to sessions, committed or not.
+    fn sessions_written(&self) {}
+
     async fn remote_changes(&self) -> Option<tokio::sync::mpsc::Receiver<()>> {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         let pool = self.pool.clone();

@@ -20,6 +20,9 @@ pub struct SqliteBackend {
     /// One process owns the file: queue writers here rather than in
     /// SQLite's busy handler, which sleeps between retries.
     writer: tokio::sync::Mutex<()>,
+    /// Session lookups, kept while nothing writes sessions (see
+    /// `SessionCache`).
+    sessions: super::SessionCache,
 }
 
 /// The embedded schema, shared by the service and the tests.
@@ -110,11 +113,21 @@ impl SqliteBackend {
         Ok(Self {
             pool,
             writer: tokio::sync::Mutex::new(()),
+            sessions: super::SessionCache::default(),
         })
     }
 
     async fn write_guard(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
         Some(self.writer.lock().await)
+    }
+
+    fn session_cache(&self) -> Option<&super::SessionCache> {
+        Some(&self.sessions)
+    }
+
+    /// After every write to sessions, committed or not.
+    fn sessions_written(&self) {
+        self.sessions.invalidate();
     }
 
     async fn remote_changes(&self) -> Option<tokio::sync::mpsc::Receiver<()>> {
