@@ -379,7 +379,7 @@ impl std::ops::Deref for Text<'_> {
     }
 }
 
-#[derive(serde::Deserialize, serde::Serialize)]
+#[derive(serde::Deserialize)]
 struct AppRow<'a> {
     #[serde(borrow)]
     name: Text<'a>,
