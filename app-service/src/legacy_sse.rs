@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use portico_mcp::bridge::Headers;
 use portico_mcp::{LineBuffer, Message};
+use portico_tunnel::TunnelBody;
 use tokio::sync::mpsc;
 
 type Http = Client<portico_tls::Connector, Full<Bytes>>;
@@ -123,7 +123,7 @@ pub async fn relay(
     url: &str,
     connector: portico_tls::Connector,
     headers: Headers,
-    body: Incoming,
+    body: TunnelBody,
     out: mpsc::Sender<Bytes>,
     max: usize,
 ) -> String {

@@ -461,6 +461,7 @@ pub async fn start(cfg: &AgentConfig, creds: Credentials) -> Result<Agent, Error
         tokio::spawn(tunnel::dial_forever(
             proxy.clone(),
             token.clone(),
+            host_id.clone(),
             tunnel_tls.clone(),
             handler,
             stop_rx.clone(),

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, StreamBody};
-use hyper::body::{Frame, Incoming};
+use hyper::body::Frame;
 use portico_core::resource::Transport;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::Child;
@@ -32,7 +32,7 @@ fn text_response(status: u16, msg: &str) -> hyper::Response<TunnelBody> {
     resp
 }
 
-fn header<'a>(req: &'a hyper::Request<Incoming>, name: &str) -> &'a str {
+fn header<'a>(req: &'a hyper::Request<TunnelBody>, name: &str) -> &'a str {
     req.headers()
         .get(name)
         .and_then(|v| v.to_str().ok())
@@ -42,7 +42,7 @@ fn header<'a>(req: &'a hyper::Request<Incoming>, name: &str) -> &'a str {
 /// Handles one request arriving over a tunnel.
 pub async fn handle(
     state: Arc<AgentState>,
-    req: hyper::Request<Incoming>,
+    req: hyper::Request<TunnelBody>,
 ) -> hyper::Response<TunnelBody> {
     if req.uri().path() != "/v1/session" || req.method() != hyper::Method::POST {
         return text_response(404, "unknown tunnel request");
@@ -247,7 +247,7 @@ fn sanitize(s: &str) -> String {
 async fn relay(
     state: &AgentState,
     child: &mut Child,
-    body: Incoming,
+    body: TunnelBody,
     tx: FrameTx,
     mut end: tokio::sync::watch::Receiver<Option<String>>,
     app: &str,
@@ -309,7 +309,7 @@ async fn relay(
 
 /// Client → server: request body frames to the process's stdin, byte for byte.
 async fn pump_in(
-    mut body: Incoming,
+    mut body: TunnelBody,
     mut stdin: tokio::process::ChildStdin,
     max: usize,
 ) -> Result<(), String> {
@@ -485,7 +485,7 @@ async fn renew_jwt(state: Arc<AgentState>, app: String, jwt: Option<Jwt>) {
 
 fn upstream_session(
     state: Arc<AgentState>,
-    req: hyper::Request<Incoming>,
+    req: hyper::Request<TunnelBody>,
     upstream: Upstream,
     mut end: tokio::sync::watch::Receiver<Option<String>>,
     app: String,

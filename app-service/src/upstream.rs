@@ -6,20 +6,20 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use portico_mcp::LineBuffer;
 use portico_mcp::bridge::{Bridge, BridgeConfig};
+use portico_tunnel::TunnelBody;
 use tokio::sync::mpsc;
 
 /// The client's messages from the tunnel stream, one line at a time.
 pub(crate) struct ClientLines {
-    body: Incoming,
+    body: TunnelBody,
     lines: LineBuffer,
     max: usize,
 }
 
 impl ClientLines {
-    pub(crate) fn new(body: Incoming, max: usize) -> Self {
+    pub(crate) fn new(body: TunnelBody, max: usize) -> Self {
         ClientLines {
             body,
             lines: LineBuffer::new(max),
@@ -55,7 +55,7 @@ pub async fn relay(
     url: &str,
     connector: portico_tls::Connector,
     headers: portico_mcp::bridge::Headers,
-    body: Incoming,
+    body: TunnelBody,
     out: mpsc::Sender<Bytes>,
     max: usize,
 ) -> String {

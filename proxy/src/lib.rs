@@ -142,6 +142,8 @@ impl Default for ProxyConfig {
 #[derive(Default)]
 pub struct Metrics {
     pub sessions: AtomicU64,
+    /// Sessions opened with an agent of this process, without HTTP/2.
+    pub sessions_in_process: AtomicU64,
     pub denied: AtomicU64,
     pub requests: AtomicU64,
     /// Client connections accepted on the web listener (each one TLS

@@ -363,12 +363,14 @@ async fn metrics(
     let m = &state.metrics;
     format!(
         "# TYPE portico_proxy_sessions_total counter\nportico_proxy_sessions_total {}\n\
+         # TYPE portico_proxy_sessions_in_process_total counter\nportico_proxy_sessions_in_process_total {}\n\
          # TYPE portico_proxy_sessions_live gauge\nportico_proxy_sessions_live {}\n\
          # TYPE portico_proxy_denied_total counter\nportico_proxy_denied_total {}\n\
          # TYPE portico_proxy_agents_connected gauge\nportico_proxy_agents_connected {}\n\
          # TYPE portico_proxy_audit_dropped_total counter\nportico_proxy_audit_dropped_total {}\n\
          # TYPE portico_proxy_web_connections_total counter\nportico_proxy_web_connections_total {}\n",
         m.sessions.load(Ordering::Relaxed),
+        m.sessions_in_process.load(Ordering::Relaxed),
         state.sessions.len(),
         m.denied.load(Ordering::Relaxed),
         state.tunnels.connected().len(),

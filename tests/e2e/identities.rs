@@ -7,9 +7,10 @@ use std::time::Duration;
 use portico_proto::client::connect;
 use portico_proto::v1;
 use portico_tests::cluster::text;
+use portico_tests::mcp_http::McpHttp;
 use portico_tests::util::test_app_yaml;
 use portico_tests::{ClusterBuilder, eventually};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 fn join(token: &str, host_id: &str) -> v1::JoinRequest {
     v1::JoinRequest {
@@ -60,8 +61,26 @@ async fn identities_are_listed_bound_to_their_host_and_revocable() {
         e.message()
     );
 
-    // Revoked: its tunnel closes, it cannot come back, and it is no longer listed.
+    // A session with a1, which runs in the proxy's process: opened by
+    // calling the agent directly, not over the tunnel's HTTP/2.
     let proxy = c.proxy.as_ref().expect("proxy").state.clone();
+    c.add_user("ivy", &["admin"], "ivy-password-1").await;
+    let ivy = c.login("ivy", "ivy-password-1").await;
+    let mut s = McpHttp::new(c.proxy_addr(), "tm", &ivy);
+    s.initialize().await.expect("session");
+    let r = s.call("echo", json!({"message": "before"})).await;
+    assert_eq!(r["result"]["content"][0]["text"], "before", "{r}");
+    let in_process = || {
+        proxy
+            .metrics
+            .sessions_in_process
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert_eq!(in_process(), 1, "opened in-process");
+    let sid = s.session.clone().expect("sid");
+
+    // Revoked: its tunnel closes, it cannot come back, and it is no longer
+    // listed; the session opened in-process ends with the tunnel.
     assert!(proxy.tunnels.is_connected("a1"));
     let o = c.pctl(&["identities", "rm", "a1"]).await;
     assert!(o.status.success(), "{:?}", text(&o));
@@ -70,6 +89,16 @@ async fn identities_are_listed_bound_to_their_host_and_revocable() {
         async move { (!p.tunnels.is_connected("a1")).then_some(()) }
     })
     .await;
+    eventually(Duration::from_secs(3), "its session ended", || {
+        let p = proxy.clone();
+        let sid = sid.clone();
+        async move { p.sessions.get(&sid).is_none().then_some(()) }
+    })
+    .await;
+    let r = s
+        .post(&json!({"jsonrpc": "2.0", "id": 99, "method": "tools/call", "params": {"name": "echo", "arguments": {"message": "after"}}}))
+        .await;
+    assert_eq!(r.status, http::StatusCode::NOT_FOUND, "{r:?}");
     // The agent keeps dialling; none of its attempts gets through.
     let watched = tokio::time::Instant::now();
     while watched.elapsed() < Duration::from_millis(1500) {

@@ -731,6 +731,52 @@ async fn streamable_http_edges() {
         String::from_utf8_lossy(&r.body).contains("id: "),
         "event ids"
     );
+    // One request answered at once: the answer alone, as plain JSON...
+    let ctype = |r: &portico_tests::mcp_http::Reply| {
+        r.headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
+    let one = json!({"jsonrpc": "2.0", "id": 23, "method": "tools/list"}).to_string();
+    let r = s.send(http::Method::POST, &json_hdrs, Some(&one)).await;
+    assert_eq!(ctype(&r), "application/json", "{r:?}");
+    assert!(r.response(23)["result"]["tools"].is_array(), "{r:?}");
+    assert_eq!(r.messages().len(), 1, "{r:?}");
+    // ...also when the proxy answers it itself (a call naming no tool)...
+    let refused =
+        json!({"jsonrpc": "2.0", "id": 24, "method": "tools/call", "params": {"arguments": {}}})
+            .to_string();
+    let r = s.send(http::Method::POST, &json_hdrs, Some(&refused)).await;
+    assert_eq!(ctype(&r), "application/json", "{r:?}");
+    assert_eq!(r.response(24)["error"]["code"], -32602, "{r:?}");
+    // ...but SSE for a client that takes only SSE...
+    let r = s
+        .send(
+            http::Method::POST,
+            &[
+                ("content-type", "application/json"),
+                ("accept", "text/event-stream"),
+            ],
+            Some(&one),
+        )
+        .await;
+    assert!(ctype(&r).starts_with("text/event-stream"), "{r:?}");
+    assert!(r.response(23)["result"]["tools"].is_array(), "{r:?}");
+    // ...and for a call whose server sends messages before its answer:
+    // they come first, on the same stream, in order.
+    let flood = json!({"jsonrpc": "2.0", "id": 25, "method": "tools/call", "params": {"name": "flood", "arguments": {"count": 3, "bytes": 8}, "_meta": {"progressToken": "p25"}}}).to_string();
+    let r = s.send(http::Method::POST, &json_hdrs, Some(&flood)).await;
+    assert!(ctype(&r).starts_with("text/event-stream"), "{r:?}");
+    let got = r.messages();
+    assert_eq!(got.len(), 4, "{r:?}");
+    for (i, m) in got[..3].iter().enumerate() {
+        assert_eq!(m["method"], "notifications/progress", "{r:?}");
+        assert_eq!(m["params"]["progress"], json!(i as f64), "{r:?}");
+    }
+    assert_eq!(got[3]["id"], 25, "{r:?}");
+    assert_eq!(got[3]["result"]["content"][0]["text"], "done", "{r:?}");
     // A big result crosses the tunnel intact.
     let r = s.call("big", json!({"bytes": 1_000_000})).await;
     assert_eq!(

@@ -15,6 +15,8 @@ pub struct McpHttp {
     pub url: String,
     pub token: String,
     pub session: Option<String>,
+    /// What POSTs accept: both answer forms, unless `sse_only`.
+    accept: &'static str,
     next_id: i64,
 }
 
@@ -74,8 +76,21 @@ impl McpHttp {
             url: format!("{}/mcp/{app}", crate::web::base(proxy)),
             token: token.to_string(),
             session: None,
+            accept: "application/json, text/event-stream",
             next_id: 0,
         }
+    }
+
+    /// Speaks HTTP/1.1 to the proxy at `proxy`, as most MCP clients do.
+    pub fn http1(mut self, proxy: std::net::SocketAddr) -> McpHttp {
+        self.client = Client::builder(TokioExecutor::new()).build(crate::web::connector_h1(proxy));
+        self
+    }
+
+    /// POSTs accept only `text/event-stream`: every answer comes as SSE.
+    pub fn sse_only(mut self) -> McpHttp {
+        self.accept = "text/event-stream";
+        self
     }
 
     pub async fn send(
@@ -126,7 +141,7 @@ impl McpHttp {
     pub async fn try_post(&self, msg: &Value, within: Duration) -> Result<Reply, String> {
         let mut b = http::Request::post(&self.url)
             .header("content-type", "application/json")
-            .header("accept", "application/json, text/event-stream");
+            .header("accept", self.accept);
         if !self.token.is_empty() {
             b = b.header("authorization", format!("Bearer {}", self.token));
         }
@@ -181,7 +196,7 @@ impl McpHttp {
             http::Method::POST,
             &[
                 ("content-type", "application/json"),
-                ("accept", "application/json, text/event-stream"),
+                ("accept", self.accept),
             ],
             Some(&msg.to_string()),
         )

@@ -82,6 +82,17 @@ pub fn connector(addr: SocketAddr) -> Connector {
     }
 }
 
+/// A connector for the proxy at `addr` that offers HTTP/1.1 only, as most
+/// MCP clients' HTTP stacks do (httpx, Node's fetch).
+pub fn connector_h1(addr: SocketAddr) -> Connector {
+    match trust(addr) {
+        Some(t) => Connector::tls(
+            portico_tls::config::client_for(&t, &[b"http/1.1"]).expect("client config"),
+        ),
+        None => Connector::plain(),
+    }
+}
+
 /// A connection to the proxy's web port speaking HTTP/1.1 (for raw requests).
 pub async fn stream(addr: SocketAddr) -> Box<dyn portico_tls::net::TokioStream> {
     let c = match trust(addr) {

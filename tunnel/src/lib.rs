@@ -5,6 +5,12 @@
 //! connection then carries HTTP/2 with the proxy as client and the agent as
 //! server, one stream per MCP session. Both sides live here; the proxy
 //! mounts `TunnelServer`.
+//!
+//! An agent and a proxy in one process (the all-in-one) still connect and
+//! authenticate this way, and the tunnel still tells whether the agent is
+//! there; but the proxy then opens sessions by calling the agent's handler
+//! directly (`Route::Local`), so that no message pays for HTTP/2, TLS and
+//! TCP twice in one process. See `local`.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -106,16 +112,72 @@ async fn read_line_bounded<R: tokio::io::AsyncBufRead + Unpin>(
 
 pub type Handler = Arc<
     dyn Fn(
-            hyper::Request<Incoming>,
+            hyper::Request<TunnelBody>,
         ) -> Pin<Box<dyn Future<Output = hyper::Response<TunnelBody>> + Send>>
         + Send
         + Sync,
 >;
 
+/// The tunnel body of a request or response that came over HTTP/2.
+pub fn boxed(body: Incoming) -> TunnelBody {
+    use http_body_util::BodyExt;
+    body.map_err(std::io::Error::other).boxed()
+}
+
+/// Agents of this process, by the local address of their tunnel's TCP
+/// connection. A proxy of the same process that accepts a tunnel from that
+/// very address, and authenticates it as the same host, reaches the agent
+/// through its handler for as long as the tunnel lives. Nothing here can be
+/// claimed from outside the process: an address is only found while this
+/// process holds the socket bound to it.
+mod local {
+    use std::collections::HashMap;
+    use std::net::SocketAddr;
+    use std::sync::{LazyLock, Mutex};
+
+    use super::Handler;
+
+    static AGENTS: LazyLock<Mutex<HashMap<SocketAddr, (String, Handler)>>> =
+        LazyLock::new(Mutex::default);
+
+    fn canonical(a: SocketAddr) -> SocketAddr {
+        SocketAddr::new(a.ip().to_canonical(), a.port())
+    }
+
+    fn agents() -> std::sync::MutexGuard<'static, HashMap<SocketAddr, (String, Handler)>> {
+        AGENTS.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Listed while it lives.
+    pub struct Listed(SocketAddr);
+
+    impl Drop for Listed {
+        fn drop(&mut self) {
+            agents().remove(&self.0);
+        }
+    }
+
+    pub fn list(addr: SocketAddr, host_id: &str, handler: Handler) -> Listed {
+        let addr = canonical(addr);
+        agents().insert(addr, (host_id.to_string(), handler));
+        Listed(addr)
+    }
+
+    /// The handler of the agent of this process whose tunnel comes from
+    /// `peer`, if it is `host_id`.
+    pub fn find(peer: SocketAddr, host_id: &str) -> Option<Handler> {
+        agents()
+            .get(&canonical(peer))
+            .filter(|(h, _)| h == host_id)
+            .map(|(_, handler)| handler.clone())
+    }
+}
+
 /// Keeps one tunnel to `addr` up until `stop` turns true, reconnecting with backoff.
 pub async fn dial_forever(
     addr: String,
     token: String,
+    host_id: String,
     tls: Arc<ClientConfig>,
     handler: Handler,
     mut stop: watch::Receiver<bool>,
@@ -127,7 +189,7 @@ pub async fn dial_forever(
         }
         let started = tokio::time::Instant::now();
         let result = tokio::select! {
-            r = dial_once(&addr, &token, &tls, handler.clone()) => r,
+            r = dial_once(&addr, &token, &host_id, &tls, handler.clone()) => r,
             _ = stop.changed() => return,
         };
         match result {
@@ -158,6 +220,7 @@ pub fn agent_tls(
 async fn dial_once(
     addr: &str,
     token: &str,
+    host_id: &str,
     tls: &Arc<ClientConfig>,
     handler: Handler,
 ) -> Result<(), String> {
@@ -166,6 +229,12 @@ async fn dial_once(
         .map_err(|_| "connect timed out".to_string())?
         .map_err(|e| format!("connect: {e}"))?;
     let _ = stream.set_nodelay(true);
+    // A proxy of this process may reach this agent directly while the
+    // tunnel lives.
+    let _listed = stream
+        .local_addr()
+        .ok()
+        .map(|a| local::list(a, host_id, handler.clone()));
     // Nothing is sent before the proxy has proved, with a certificate from
     // the cluster CA, that it is a proxy.
     let stream = tokio::time::timeout(
@@ -202,9 +271,9 @@ async fn dial_once(
     tracing::info!(proxy = %addr, host_id = host, "tunnel established");
     // The proxy's HTTP/2 preface may already sit in the buffer: keep reading through it.
     let io = TokioIo::new(stream);
-    let svc = hyper::service::service_fn(move |req| {
+    let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
         let h = handler.clone();
-        async move { Ok::<_, Infallible>(h(req).await) }
+        async move { Ok::<_, Infallible>(h(req.map(boxed)).await) }
     });
     hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
@@ -255,10 +324,23 @@ impl Refusal {
     }
 }
 
+/// How the proxy reaches a connected agent.
+#[derive(Clone)]
+pub enum Route {
+    /// A stream on the agent's HTTP/2 tunnel.
+    Remote(Sender),
+    /// The agent runs in this process: its handler, and what turns when
+    /// its tunnel closes (the sessions opened this way end then, as the
+    /// tunnel's own streams would).
+    Local(Handler, watch::Receiver<()>),
+}
+
 #[derive(Clone)]
 struct Conn {
     id: u64,
     sender: Sender,
+    /// The agent is in this process (see `local`).
+    local: Option<(Handler, watch::Receiver<()>)>,
     /// The token it authenticated with, checked again while it is open.
     token: String,
     /// Closes the connection (its identity was revoked).
@@ -300,6 +382,20 @@ impl TunnelServer {
             .rev()
             .find(|c| !c.sender.is_closed())
             .map(|c| c.sender.clone())
+    }
+
+    /// How to reach the agent, if it is connected.
+    pub fn route(&self, host_id: &str) -> Option<Route> {
+        let agents = self.agents.read().unwrap_or_else(|p| p.into_inner());
+        let c = agents
+            .get(host_id)?
+            .iter()
+            .rev()
+            .find(|c| !c.sender.is_closed())?;
+        Some(match &c.local {
+            Some((h, gone)) => Route::Local(h.clone(), gone.clone()),
+            None => Route::Remote(c.sender.clone()),
+        })
     }
 
     pub fn is_connected(&self, host_id: &str) -> bool {
@@ -397,7 +493,7 @@ impl TunnelServer {
             let stop = stop.clone();
             let tls = tls.clone();
             tokio::spawn(async move {
-                if let Err(e) = me.handle(stream, tls, auth, stop, slot).await {
+                if let Err(e) = me.handle(stream, peer, tls, auth, stop, slot).await {
                     tracing::warn!(peer = %peer, error = %e, "tunnel from agent ended");
                 }
             });
@@ -407,6 +503,7 @@ impl TunnelServer {
     async fn handle(
         self: Arc<Self>,
         stream: TcpStream,
+        peer: std::net::SocketAddr,
         tls: Arc<ServerConfig>,
         auth: Authenticator,
         mut stop: watch::Receiver<bool>,
@@ -496,11 +593,18 @@ impl TunnelServer {
         drop(slot);
         let kill = Arc::new(tokio::sync::Notify::new());
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // Dropped when this tunnel ends: sessions routed in-process end too.
+        let (_alive, gone) = watch::channel(());
+        let local = local::find(peer, &host_id).map(|h| (h, gone));
+        if local.is_some() {
+            tracing::info!(host_id = %host_id, "the agent runs in this process; its sessions are opened directly");
+        }
         {
             let mut agents = self.agents.write().unwrap_or_else(|p| p.into_inner());
             agents.entry(host_id.clone()).or_default().push(Conn {
                 id,
                 sender,
+                local,
                 token: token.clone(),
                 kill: kill.clone(),
             });

@@ -12,7 +12,7 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use portico_mcp::jsonrpc;
 use tokio::sync::mpsc;
 
-use super::session::ReplayRef;
+use super::session::{Out, ReplayRef};
 use crate::ProxyState;
 
 pub const SESSION_HEADER: &str = "mcp-session-id";
@@ -95,32 +95,126 @@ pub fn with_session(mut r: Response, id: &str) -> Response {
 /// replay as it is written; when the client goes away, what was still
 /// queued is kept there too, for a client that resumes.
 struct Feed {
-    rx: mpsc::Receiver<Bytes>,
+    /// Taken from the stream before the response started, sent first.
+    first: std::collections::VecDeque<Bytes>,
+    rx: mpsc::Receiver<Out>,
     replay: ReplayRef,
+}
+
+impl Feed {
+    async fn next(&mut self) -> Option<Bytes> {
+        match self.first.pop_front() {
+            Some(m) => Some(m),
+            None => self.rx.recv().await.map(|o| o.msg),
+        }
+    }
 }
 
 impl Drop for Feed {
     fn drop(&mut self) {
         self.rx.close();
         let mut r = self.replay.lock().unwrap_or_else(|p| p.into_inner());
-        while let Ok(m) = self.rx.try_recv() {
+        for m in self.first.drain(..) {
             r.record(m);
         }
+        while let Ok(o) = self.rx.try_recv() {
+            r.record(o.msg);
+        }
     }
+}
+
+/// How long a POST that may be answered with plain JSON waits for its
+/// answer before it starts an SSE stream instead (whose keep-alives then
+/// hold the connection): fast calls get one small response, slow ones
+/// see the headers soon, as before.
+const JSON_WAIT: Duration = Duration::from_secs(2);
+
+/// The response to a POST stream. With `json` (the client accepts
+/// `application/json` and the POST carries one request), the proxy waits
+/// for the stream's first message: when that is the request's answer and
+/// the stream ends with it, the answer goes back alone, as
+/// `application/json`, in one write. Anything else (a server message
+/// first, no answer within `JSON_WAIT`) starts the SSE stream, which
+/// carries what was taken and everything after it, as before.
+pub async fn stream_response(
+    rx: mpsc::Receiver<Out>,
+    session: &str,
+    stream: u64,
+    replay: ReplayRef,
+    json: bool,
+) -> Response {
+    let mut feed = Feed {
+        first: Default::default(),
+        rx,
+        replay,
+    };
+    if json {
+        let deadline = tokio::time::Instant::now() + JSON_WAIT;
+        if let Ok(Some(first)) = tokio::time::timeout_at(deadline, feed.rx.recv()).await {
+            let (answer, last) = (first.answer, first.last);
+            feed.first.push_back(first.msg);
+            if answer {
+                // The stream ends with its answer; a server message that
+                // raced onto it keeps it a stream. After `close`, any
+                // later one goes where server messages go.
+                let ended = if last {
+                    feed.rx.close();
+                    match feed.rx.try_recv() {
+                        Ok(next) => {
+                            feed.first.push_back(next.msg);
+                            false
+                        }
+                        Err(_) => true,
+                    }
+                } else {
+                    match tokio::time::timeout_at(deadline, feed.rx.recv()).await {
+                        Ok(None) => true,
+                        Ok(Some(next)) => {
+                            feed.first.push_back(next.msg);
+                            false
+                        }
+                        Err(_) => false,
+                    }
+                };
+                if ended {
+                    let msg = feed.first.pop_front().unwrap_or_default();
+                    return json_response(msg, session);
+                }
+            }
+        }
+    }
+    sse_from(feed, session, stream)
+}
+
+fn json_response(msg: Bytes, session: &str) -> Response {
+    let mut r = Response::new(Body::from(msg));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    with_session(r, session)
 }
 
 /// An SSE response streaming one `message` event per JSON-RPC message, with
 /// ids unique in the session (`<stream>:<event>`, which `Last-Event-ID`
 /// resumes from) and keep-alive comments.
 pub fn sse_response(
-    rx: mpsc::Receiver<Bytes>,
+    rx: mpsc::Receiver<Out>,
     session: &str,
     stream: u64,
     replay: ReplayRef,
 ) -> Response {
-    let feed = Feed { rx, replay };
+    let feed = Feed {
+        first: Default::default(),
+        rx,
+        replay,
+    };
+    sse_from(feed, session, stream)
+}
+
+fn sse_from(feed: Feed, session: &str, stream: u64) -> Response {
     let events = futures_util::stream::unfold(feed, move |mut feed| async move {
-        let m = feed.rx.recv().await?;
+        let m = feed.next().await?;
         let seq = feed
             .replay
             .lock()

@@ -10,7 +10,7 @@ use http::StatusCode;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use portico_mcp::jsonrpc::SERVER_ERROR;
-use portico_tunnel::{H_APP, H_SESSION, H_USER};
+use portico_tunnel::{H_APP, H_SESSION, H_USER, Route};
 use rand::seq::SliceRandom;
 use tokio::sync::mpsc;
 
@@ -85,7 +85,7 @@ async fn dial(state: &Arc<ProxyState>, who: &Who, app: &str) -> Result<Arc<Sessi
     hosts.shuffle(&mut rand::rng());
     let id = random_session_id();
     for host in hosts {
-        let Some(mut sender) = state.tunnels.sender(&host) else {
+        let Some(route) = state.tunnels.route(&host) else {
             continue;
         };
         let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(256);
@@ -98,9 +98,19 @@ async fn dial(state: &Arc<ProxyState>, who: &Who, app: &str) -> Result<Arc<Sessi
         else {
             continue;
         };
+        let gone = match &route {
+            Route::Local(_, gone) => Some(gone.clone()),
+            Route::Remote(_) => None,
+        };
         let attempt = async {
-            sender.ready().await?;
-            sender.send_request(req).await
+            match route {
+                Route::Remote(mut sender) => {
+                    sender.ready().await?;
+                    let resp = sender.send_request(req).await?;
+                    Ok::<_, hyper::Error>(resp.map(portico_tunnel::boxed))
+                }
+                Route::Local(handler, _) => Ok(handler(req).await),
+            }
         };
         match tokio::time::timeout(OPEN_TIMEOUT, attempt).await {
             Ok(Ok(resp)) if resp.status() == StatusCode::OK => {
@@ -117,7 +127,16 @@ async fn dial(state: &Arc<ProxyState>, who: &Who, app: &str) -> Result<Arc<Sessi
                     .metrics
                     .sessions
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tokio::spawn(s.clone().pump_from_agent(state.clone(), resp.into_body()));
+                if gone.is_some() {
+                    state
+                        .metrics
+                        .sessions_in_process
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                tokio::spawn(
+                    s.clone()
+                        .pump_from_agent(state.clone(), resp.into_body(), gone),
+                );
                 tracing::info!(session = %id, app, user = %who.name, agent = %host, "mcp session opened");
                 return Ok(s);
             }

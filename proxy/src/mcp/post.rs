@@ -10,8 +10,9 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode, header};
 use portico_mcp::jsonrpc::{self, INVALID_REQUEST, Id, Message, SERVER_ERROR, Shape};
 
-use super::http::{accepts, rpc_error, sse_response, with_session};
+use super::http::{accepts, rpc_error, stream_response, with_session};
 use super::rbac;
+use super::session::Out;
 use super::session::Session;
 use super::{Who, find_session, open::open_session};
 use crate::ProxyState;
@@ -84,7 +85,26 @@ pub async fn post(
         },
     };
     session.touch();
-    relay(&state, &session, msgs).await
+    // Answered as plain JSON when it can be (see `stream_response`).
+    let json = accepts_json(&headers);
+    relay(&state, &session, msgs, json).await
+}
+
+/// Whether the client names `application/json` in Accept (a missing
+/// Accept or `*/*` keeps the SSE answer every client reads).
+fn accepts_json(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|a| a.split(','))
+        .any(|p| {
+            p.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case("application/json")
+        })
 }
 
 fn check_headers(headers: &HeaderMap) -> Result<(), Response> {
@@ -163,7 +183,12 @@ async fn cancelled(state: &Arc<ProxyState>, session: &Arc<Session>, m: &Message)
 }
 
 /// Decides each message, forwards the allowed ones in order, and answers.
-async fn relay(state: &Arc<ProxyState>, session: &Arc<Session>, msgs: Vec<Message>) -> Response {
+async fn relay(
+    state: &Arc<ProxyState>,
+    session: &Arc<Session>,
+    msgs: Vec<Message>,
+    json: bool,
+) -> Response {
     let has_requests = msgs.iter().any(Message::is_request);
     let stream = has_requests.then(|| session.open_stream());
     // Taken now: the stream may be released as soon as the forwarded
@@ -212,10 +237,13 @@ async fn relay(state: &Arc<ProxyState>, session: &Arc<Session>, msgs: Vec<Messag
         }
         forward.push(msg);
     }
+    // One answer in all (the POST's one request, forwarded or refused
+    // here) may go back as plain JSON.
+    let json = json && answers.len() + waiting.len() == 1;
     // The proxy's own answers first: the stream is empty, so they fit.
     if let Some(tx) = &stream_tx {
         for a in answers.drain(..) {
-            let _ = tx.try_send(a);
+            let _ = tx.try_send(Out::answer(a));
         }
     }
     // Requests registered but not yet sent are forgotten if the client goes
@@ -237,7 +265,7 @@ async fn relay(state: &Arc<ProxyState>, session: &Arc<Session>, msgs: Vec<Messag
             }
             if let Some(tx) = &stream_tx {
                 for a in failed {
-                    let _ = tx.try_send(a);
+                    let _ = tx.try_send(Out::answer(a));
                 }
             }
             break;
@@ -257,7 +285,7 @@ async fn relay(state: &Arc<ProxyState>, session: &Arc<Session>, msgs: Vec<Messag
     drop(stream_tx);
     session.release_stream_if_done(sid);
     session.offer(sid);
-    sse_response(rx, &session.id, sid, replay)
+    stream_response(rx, &session.id, sid, replay, json).await
 }
 
 /// Requests registered as pending but not yet sent to the agent.

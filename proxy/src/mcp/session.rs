@@ -13,11 +13,11 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::body::{Frame, Incoming};
+use hyper::body::Frame;
 use portico_core::time::now_ms;
 use portico_mcp::LineBuffer;
 use portico_mcp::jsonrpc::{self, Id, Message, SERVER_ERROR};
-use portico_tunnel::T_END;
+use portico_tunnel::{T_END, TunnelBody};
 use tokio::sync::mpsc;
 
 use super::rbac::{self, Asked};
@@ -25,7 +25,35 @@ use crate::ProxyState;
 
 pub type AgentTx = mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>;
 /// One JSON-RPC message for a client stream.
-pub type StreamTx = mpsc::Sender<Bytes>;
+pub type StreamTx = mpsc::Sender<Out>;
+
+/// A message on its way to a client stream, marked when it is the answer
+/// to a request (a POST whose one request is answered first may then be
+/// answered with that message alone, as `application/json`).
+pub struct Out {
+    pub msg: Bytes,
+    pub answer: bool,
+    /// The last answer its stream awaits; the stream was released before
+    /// it was sent, so no server message can follow it there.
+    pub last: bool,
+}
+
+impl Out {
+    pub fn answer(msg: Bytes) -> Out {
+        Out {
+            msg,
+            answer: true,
+            last: false,
+        }
+    }
+    pub fn other(msg: Bytes) -> Out {
+        Out {
+            msg,
+            answer: false,
+            last: false,
+        }
+    }
+}
 
 const BACKLOG: usize = 1000;
 pub const STREAM_BUFFER: usize = 256;
@@ -85,14 +113,14 @@ const STALLED: &str = "the client stopped reading its stream; the session was en
 
 /// Sends to a client stream, waiting at most `STALL` for room. `Ok(None)`:
 /// sent; `Ok(Some(msg))`: the stream is closed; `Err`: the client stalled.
-async fn send_bounded(tx: &StreamTx, msg: Bytes) -> Result<Option<Bytes>, ()> {
+async fn send_bounded(tx: &StreamTx, msg: Out) -> Result<Option<Bytes>, ()> {
     match tx.try_send(msg) {
         Ok(()) => Ok(None),
-        Err(mpsc::error::TrySendError::Closed(m)) => Ok(Some(m)),
+        Err(mpsc::error::TrySendError::Closed(m)) => Ok(Some(m.msg)),
         Err(mpsc::error::TrySendError::Full(m)) => {
             match tokio::time::timeout(STALL, tx.send(m)).await {
                 Ok(Ok(())) => Ok(None),
-                Ok(Err(e)) => Ok(Some(e.0)),
+                Ok(Err(e)) => Ok(Some(e.0.msg)),
                 Err(_) => Err(()),
             }
         }
@@ -205,7 +233,7 @@ impl Session {
     /// Opens a POST stream for the answers to its requests; returns its id,
     /// receiver and replay. It takes server-initiated messages only once
     /// `offer`ed.
-    pub fn open_stream(&self) -> (u64, mpsc::Receiver<Bytes>, ReplayRef) {
+    pub fn open_stream(&self) -> (u64, mpsc::Receiver<Out>, ReplayRef) {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let mut g = self.lock();
         g.next_stream += 1;
@@ -276,7 +304,7 @@ impl Session {
     /// `resume` (`Last-Event-ID`) first gets what that stream carried or
     /// held after it; then the backlog. Returns the stream's id, receiver
     /// and replay.
-    pub fn open_get(&self, resume: Option<(u64, u64)>) -> (u64, mpsc::Receiver<Bytes>, ReplayRef) {
+    pub fn open_get(&self, resume: Option<(u64, u64)>) -> (u64, mpsc::Receiver<Out>, ReplayRef) {
         let mut g = self.lock();
         let replayed = resume
             .and_then(|(stream, seq)| {
@@ -287,10 +315,10 @@ impl Session {
             .unwrap_or_default();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER + replayed.len() + g.backlog.len());
         for m in replayed {
-            let _ = tx.try_send(m);
+            let _ = tx.try_send(Out::other(m));
         }
         while let Some(m) = g.backlog.pop_front() {
-            let _ = tx.try_send(m);
+            let _ = tx.try_send(Out::other(m));
         }
         g.get = Some(tx);
         g.next_stream += 1;
@@ -464,11 +492,26 @@ impl Session {
     /// asked (or, if that is gone, as a server message), and closes that
     /// stream once nothing else is awaited on it.
     async fn answer(&self, pend: &Pending, out: Bytes) -> Result<(), &'static str> {
-        let undelivered = match self.stream_sender(pend.stream) {
-            Some(tx) => send_bounded(&tx, out).await.map_err(|()| STALLED)?,
+        // The stream, and whether this is the last answer it awaits: then
+        // it is released first, under the same lock, and says so.
+        let (tx, last) = {
+            let mut g = self.lock();
+            let tx = g.streams.get(&pend.stream).cloned();
+            let last = !g.pending.values().any(|p| p.stream == pend.stream);
+            if last {
+                g.streams.remove(&pend.stream);
+                g.order.retain(|s| *s != pend.stream);
+            }
+            (tx, last)
+        };
+        let undelivered = match tx {
+            Some(tx) => {
+                let mut o = Out::answer(out);
+                o.last = last;
+                send_bounded(&tx, o).await.map_err(|()| STALLED)?
+            }
             None => Some(out),
         };
-        self.release_stream_if_done(pend.stream);
         match undelivered {
             Some(out) => self.deliver_server(out).await,
             None => Ok(()),
@@ -478,7 +521,10 @@ impl Session {
     async fn deliver_server(&self, msg: Bytes) -> Result<(), &'static str> {
         match self.server_target() {
             Target::Stream(tx) => {
-                if let Some(m) = send_bounded(&tx, msg).await.map_err(|()| STALLED)? {
+                if let Some(m) = send_bounded(&tx, Out::other(msg))
+                    .await
+                    .map_err(|()| STALLED)?
+                {
                     self.push_backlog(m);
                 }
             }
@@ -506,7 +552,7 @@ impl Session {
         for (id, pend) in pending {
             rbac::unanswered(state, self, &id, &pend, reason).await;
             if let Some(tx) = streams.get(&pend.stream) {
-                let _ = tx.try_send(jsonrpc::error(Some(&id), SERVER_ERROR, reason));
+                let _ = tx.try_send(Out::answer(jsonrpc::error(Some(&id), SERVER_ERROR, reason)));
             }
         }
         drop(streams);
@@ -525,13 +571,29 @@ impl Session {
             .await;
     }
 
-    /// Reads the agent's stream until it ends, routing each line.
-    pub async fn pump_from_agent(self: Arc<Self>, state: Arc<ProxyState>, mut body: Incoming) {
+    /// Reads the agent's stream until it ends, routing each line. `gone`
+    /// turns when the tunnel of an agent reached in-process closes.
+    pub async fn pump_from_agent(
+        self: Arc<Self>,
+        state: Arc<ProxyState>,
+        mut body: TunnelBody,
+        mut gone: Option<tokio::sync::watch::Receiver<()>>,
+    ) {
         let max = state.max_message;
         let mut lines = LineBuffer::new(max);
         let mut reason = None;
         'read: loop {
-            let frame = match body.frame().await {
+            let next = match gone.as_mut() {
+                None => body.frame().await,
+                Some(g) => tokio::select! {
+                    f = body.frame() => f,
+                    _ = g.changed() => {
+                        reason = Some("the agent serving this session disconnected (its tunnel closed)".to_string());
+                        break;
+                    }
+                },
+            };
+            let frame = match next {
                 Some(Ok(f)) => f,
                 Some(Err(e)) => {
                     reason = Some(format!("the agent serving this session disconnected ({e})"));

@@ -201,7 +201,7 @@ async fn proxy_overhead(tls: bool) {
     );
 
     for sessions in [1usize, 8, 16] {
-        let calls = if sessions == 1 { 2000 } else { 300 };
+        let calls = if sessions == 1 { 2000 } else { 1000 };
         let mut direct = Vec::new();
         let t = Instant::now();
         let mut set = tokio::task::JoinSet::new();
@@ -227,38 +227,25 @@ async fn proxy_overhead(tls: bool) {
             direct.extend(r.expect("task"));
         }
         let direct_rate = direct.len() as f64 / started.elapsed().as_secs_f64();
-        let mut proxied = Vec::new();
-        let mut set = tokio::task::JoinSet::new();
-        let mut clients = Vec::new();
-        for _ in 0..sessions {
-            let mut s = McpHttp::new(addr, "tm", &token);
-            s.initialize().await.expect("init");
-            clients.push(s);
-        }
-        let t = Instant::now();
-        for mut s in clients {
-            set.spawn(async move {
-                let mut v = Vec::with_capacity(calls);
-                for i in 0..calls {
-                    let t = Instant::now();
-                    s.call("echo", json!({"message": format!("m{i}")})).await;
-                    v.push(ms(t.elapsed()));
-                }
-                s.delete().await;
-                v
-            });
-        }
-        while let Some(r) = set.join_next().await {
-            proxied.extend(r.expect("task"));
-        }
-        let proxied_rate = proxied.len() as f64 / t.elapsed().as_secs_f64();
         let (d50, d99) = (pct(&mut direct, 0.5), pct(&mut direct, 0.99));
-        let (p50, p99) = (pct(&mut proxied, 0.5), pct(&mut proxied, 0.99));
-        println!(
-            "tools/call echo, {sessions} session(s): direct stdio p50 {d50:.3} ms p99 {d99:.3} ms {direct_rate:.0} calls/s; proxied p50 {p50:.3} ms p99 {p99:.3} ms {proxied_rate:.0} calls/s; added p50 {:.3} ms, throughput kept {:.0}%",
-            p50 - d50,
-            100.0 * proxied_rate / direct_rate
-        );
+        // Answers as plain JSON where the proxy can, then every answer as
+        // SSE (a client that accepts only SSE), one after the other.
+        for (h1, sse_only) in [(false, false), (false, true), (true, false), (true, true)] {
+            let (mut proxied, proxied_rate) =
+                proxied_calls(addr, &token, sessions, calls, h1, sse_only).await;
+            let (p50, p99) = (pct(&mut proxied, 0.5), pct(&mut proxied, 0.99));
+            let form = match (h1, sse_only) {
+                (false, false) => "HTTP/2, JSON answers",
+                (false, true) => "HTTP/2, SSE answers ",
+                (true, false) => "HTTP/1.1, JSON answers",
+                (true, true) => "HTTP/1.1, SSE answers ",
+            };
+            println!(
+                "tools/call echo, {sessions:>2} session(s): direct stdio p50 {d50:.3} ms p99 {d99:.3} ms {direct_rate:.0} calls/s; proxied, {form}, p50 {p50:.3} ms p99 {p99:.3} ms {proxied_rate:.0} calls/s; added p50 {:.3} ms, throughput kept {:.0}%",
+                p50 - d50,
+                100.0 * proxied_rate / direct_rate
+            );
+        }
     }
     let state = c.proxy.as_ref().expect("proxy").state.clone();
     println!(
@@ -269,6 +256,50 @@ async fn proxy_overhead(tls: bool) {
             .load(std::sync::atomic::Ordering::Relaxed)
     );
     c.shutdown().await;
+}
+
+/// `calls` echo calls on each of `sessions` sessions through the proxy:
+/// every latency, and calls per second.
+async fn proxied_calls(
+    addr: std::net::SocketAddr,
+    token: &str,
+    sessions: usize,
+    calls: usize,
+    h1: bool,
+    sse_only: bool,
+) -> (Vec<f64>, f64) {
+    let mut proxied = Vec::new();
+    let mut set = tokio::task::JoinSet::new();
+    let mut clients = Vec::new();
+    for _ in 0..sessions {
+        let mut s = McpHttp::new(addr, "tm", token);
+        if h1 {
+            s = s.http1(addr);
+        }
+        if sse_only {
+            s = s.sse_only();
+        }
+        s.initialize().await.expect("init");
+        clients.push(s);
+    }
+    let t = Instant::now();
+    for mut s in clients {
+        set.spawn(async move {
+            let mut v = Vec::with_capacity(calls);
+            for i in 0..calls {
+                let t = Instant::now();
+                s.call("echo", json!({"message": format!("m{i}")})).await;
+                v.push(ms(t.elapsed()));
+            }
+            s.delete().await;
+            v
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        proxied.extend(r.expect("task"));
+    }
+    let rate = proxied.len() as f64 / t.elapsed().as_secs_f64();
+    (proxied, rate)
 }
 
 async fn ls_scale() {
