@@ -172,13 +172,33 @@ async fn proxy_overhead(tls: bool) {
     println!("-- proxy, {mode}");
     let b = ClusterBuilder::new();
     let b = if tls { b } else { b.plain_http() };
-    let c = b.proxy().wildcard_agent("a1").start().await;
+    // "tm" is served by an agent in the proxy's process (as in the
+    // all-in-one), "tp" by an agent process, over the HTTP/2 tunnel.
+    let c = b.proxy().selector_agent("a1", &[("env", "dev")]).start().await;
     c.add_user("bench", &["admin"], "bench-password-1").await;
     let token = c.login("bench", "bench-password-1").await;
     c.create_yaml(&test_app_yaml("tm", "dev"), false)
         .await
         .expect("app");
+    c.create_yaml(&test_app_yaml("tp", "proc"), false)
+        .await
+        .expect("app");
+    let _agent_process = portico_tests::util::agent_process(
+        &c.data_dir().join("process-a2"),
+        &c.auth_addr.to_string(),
+        &c.tunnel_addr().to_string(),
+        &c.join_token("app").await,
+        "a2",
+        r#"{"env": "proc"}"#,
+    );
     c.wait_servers("tm", &["a1"]).await;
+    c.wait_servers("tp", &["a2"]).await;
+    let state = c.proxy.as_ref().expect("proxy").state.clone();
+    eventually(Duration::from_secs(30), "a2's tunnel", || {
+        let s = state.clone();
+        async move { s.tunnels.is_connected("a2").then_some(()) }
+    })
+    .await;
     let addr = c.proxy_addr();
 
     // Session start: spawn to first response.
@@ -228,20 +248,35 @@ async fn proxy_overhead(tls: bool) {
         }
         let direct_rate = direct.len() as f64 / started.elapsed().as_secs_f64();
         let (d50, d99) = (pct(&mut direct, 0.5), pct(&mut direct, 0.99));
-        // Answers as plain JSON where the proxy can, then every answer as
-        // SSE (a client that accepts only SSE), one after the other.
-        for (h1, sse_only) in [(false, false), (false, true), (true, false), (true, true)] {
+        println!(
+            "tools/call echo, {sessions} session(s): direct stdio p50 {d50:.3} ms p99 {d99:.3} ms {direct_rate:.0} calls/s"
+        );
+        // Side by side: the agent in-process or a process; the client on
+        // HTTP/2 or HTTP/1.1; answers as plain JSON where the proxy can, or
+        // always SSE (a client that accepts only SSE).
+        for (app, h1, sse_only) in [
+            ("tm", false, false),
+            ("tm", false, true),
+            ("tm", true, false),
+            ("tm", true, true),
+            ("tp", false, true),
+            ("tp", true, false),
+        ] {
             let (mut proxied, proxied_rate) =
-                proxied_calls(addr, &token, sessions, calls, h1, sse_only).await;
+                proxied_calls(addr, app, &token, sessions, calls, h1, sse_only).await;
             let (p50, p99) = (pct(&mut proxied, 0.5), pct(&mut proxied, 0.99));
-            let form = match (h1, sse_only) {
-                (false, false) => "HTTP/2, JSON answers",
-                (false, true) => "HTTP/2, SSE answers ",
-                (true, false) => "HTTP/1.1, JSON answers",
-                (true, true) => "HTTP/1.1, SSE answers ",
-            };
+            let form = format!(
+                "{}, client {}, {} answers",
+                if app == "tm" {
+                    "agent in-process"
+                } else {
+                    "agent process   "
+                },
+                if h1 { "HTTP/1.1" } else { "HTTP/2  " },
+                if sse_only { "SSE " } else { "JSON" },
+            );
             println!(
-                "tools/call echo, {sessions:>2} session(s): direct stdio p50 {d50:.3} ms p99 {d99:.3} ms {direct_rate:.0} calls/s; proxied, {form}, p50 {p50:.3} ms p99 {p99:.3} ms {proxied_rate:.0} calls/s; added p50 {:.3} ms, throughput kept {:.0}%",
+                "  proxied, {form}: p50 {p50:.3} ms p99 {p99:.3} ms {proxied_rate:.0} calls/s; added p50 {:.3} ms; throughput kept {:.0}%",
                 p50 - d50,
                 100.0 * proxied_rate / direct_rate
             );
@@ -262,6 +297,7 @@ async fn proxy_overhead(tls: bool) {
 /// every latency, and calls per second.
 async fn proxied_calls(
     addr: std::net::SocketAddr,
+    app: &str,
     token: &str,
     sessions: usize,
     calls: usize,
@@ -272,7 +308,7 @@ async fn proxied_calls(
     let mut set = tokio::task::JoinSet::new();
     let mut clients = Vec::new();
     for _ in 0..sessions {
-        let mut s = McpHttp::new(addr, "tm", token);
+        let mut s = McpHttp::new(addr, app, token);
         if h1 {
             s = s.http1(addr);
         }
