@@ -259,6 +259,36 @@ async fn suite(b: Arc<dyn Backend>) {
         "user.login",
         "limit keeps the newest"
     );
+    // Many records in one call: each kept whole, in order.
+    let batch: Vec<_> = ["a.one", "a.two", "a.three"]
+        .iter()
+        .enumerate()
+        .map(|(i, k)| portico_auth::storage::AuditRecord {
+            id: 0,
+            time_ms: now - 20_000,
+            kind: k.to_string(),
+            actor: format!("actor{i}"),
+            success: i == 1,
+            fields: format!("{{\"n\":{i}}}"),
+        })
+        .collect();
+    b.append_audit(&batch).await.expect("batch");
+    let got = b.list_audit(Some("a"), 0, 10).await.expect("list");
+    assert_eq!(
+        got.iter()
+            .map(|r| (
+                r.kind.as_str(),
+                r.actor.as_str(),
+                r.success,
+                r.fields.as_str()
+            ))
+            .collect::<Vec<_>>(),
+        vec![
+            ("a.one", "actor0", false, "{\"n\":0}"),
+            ("a.two", "actor1", true, "{\"n\":1}"),
+            ("a.three", "actor2", false, "{\"n\":2}"),
+        ]
+    );
     // Retention: records older than the bound go, in more than one batch,
     // and only those.
     let old: Vec<_> = (0..6_000)
@@ -272,7 +302,7 @@ async fn suite(b: Arc<dyn Backend>) {
         })
         .collect();
     b.append_audit(&old).await.expect("old records");
-    assert_eq!(b.purge_audit(now + 1).await.expect("purge"), 6_001);
+    assert_eq!(b.purge_audit(now + 1).await.expect("purge"), 6_004);
     let left = b.list_audit(None, 0, 100).await.expect("list");
     assert_eq!(
         left.iter().map(|r| r.time_ms).collect::<Vec<_>>(),

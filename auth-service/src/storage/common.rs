@@ -545,19 +545,24 @@ macro_rules! impl_backend {
 
             async fn append_audit(&self, events: &[$crate::storage::AuditRecord]) -> portico_core::Result<()> {
                 use $crate::storage::db_error;
+                if events.is_empty() {
+                    return Ok(());
+                }
                 let mut tx = self.pool.begin().await.map_err(db_error)?;
-                for e in events {
-                    sqlx::query(
-                        "INSERT INTO audit (time_ms, type, actor, success, fields) VALUES ($1, $2, $3, $4, $5)",
-                    )
-                    .bind(e.time_ms)
-                    .bind(e.kind.as_str())
-                    .bind(e.actor.as_str())
-                    .bind(if e.success { 1i64 } else { 0i64 })
-                    .bind(e.fields.as_str())
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db_error)?;
+                // Many rows per statement: one round trip to the database
+                // (for SQLite, to its worker thread) per 200 records.
+                for chunk in events.chunks(200) {
+                    let mut q = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO audit (time_ms, type, actor, success, fields) ",
+                    );
+                    q.push_values(chunk, |mut b, e| {
+                        b.push_bind(e.time_ms)
+                            .push_bind(e.kind.as_str())
+                            .push_bind(e.actor.as_str())
+                            .push_bind(if e.success { 1i64 } else { 0i64 })
+                            .push_bind(e.fields.as_str());
+                    });
+                    q.build().execute(&mut *tx).await.map_err(db_error)?;
                 }
                 tx.commit().await.map_err(db_error)
             }

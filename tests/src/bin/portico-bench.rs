@@ -174,7 +174,11 @@ async fn proxy_overhead(tls: bool) {
     let b = if tls { b } else { b.plain_http() };
     // "tm" is served by an agent in the proxy's process (as in the
     // all-in-one), "tp" by an agent process, over the HTTP/2 tunnel.
-    let c = b.proxy().selector_agent("a1", &[("env", "dev")]).start().await;
+    let c = b
+        .proxy()
+        .selector_agent("a1", &[("env", "dev")])
+        .start()
+        .await;
     c.add_user("bench", &["admin"], "bench-password-1").await;
     let token = c.login("bench", "bench-password-1").await;
     c.create_yaml(&test_app_yaml("tm", "dev"), false)
