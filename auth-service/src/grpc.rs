@@ -28,8 +28,8 @@ use portico_tls::{PeerId, PeerInfo};
 use crate::AuthServer;
 use crate::identity::hash_token;
 use crate::identity::{
-    Principal, PrincipalType, authenticate, bearer, generate_password, hash_password, random_token,
-    token_name, verify_password_limited,
+    Principal, PrincipalType, authenticate, bearer, generate_password, hash_password, principal_of,
+    random_token, token_name, verify_password_limited,
 };
 use crate::limiter::Refused;
 use crate::storage::{AuditRecord, PutMode, WriteOp};
@@ -44,8 +44,6 @@ const MAX_TOKEN_TTL_MS: i64 = 30 * 24 * 3600 * 1000;
 const DEFAULT_TOKEN_TTL_MS: i64 = 3600 * 1000;
 /// How long a login waits for a turn to check its password.
 const PASSWORD_CHECK_WAIT: Duration = Duration::from_secs(5);
-/// How often an open watch re-checks its caller's credentials and roles.
-const WATCH_RECHECK: Duration = Duration::from_millis(500);
 /// Events buffered between a watch's guard and the client's stream.
 const WATCH_BUFFER: usize = 64;
 /// The actor of a refusal whose caller could not be identified.
@@ -772,9 +770,22 @@ impl AuthService for Api {
                 "at most {MAX_AGENT_CHECKS} tokens per call"
             )));
         }
+        // Every session in one query (a few for thousands), then each
+        // decided as `authenticate` would.
+        let hashes: Vec<String> = tokens.iter().map(|t| hash_token(t)).collect();
+        let rows: std::collections::HashMap<String, crate::storage::SessionRow> = self
+            .s
+            .backend
+            .sessions(&hashes)
+            .await
+            .map_err(to_status)?
+            .into_iter()
+            .map(|r| (r.token_hash.clone(), r))
+            .collect();
         let mut agents = Vec::with_capacity(tokens.len());
-        for token in tokens {
-            let verdict = match authenticate(self.s.backend.as_ref(), Some(token)).await {
+        for hash in hashes {
+            let row = rows.get(&hash).cloned();
+            let verdict = match principal_of(self.s.backend.as_ref(), row).await {
                 Ok(p)
                     if p.ptype == PrincipalType::Service
                         && p.service_role == Some(SystemRole::App) =>
@@ -1639,67 +1650,26 @@ struct Watching {
     source: String,
 }
 
-/// Why a watch must end.
-struct Revoked {
-    status: Status,
-    kind: Option<Kind>,
-    verb: Option<Verb>,
-}
-
-/// Re-authenticates a watcher: `Some` when its login is gone (user deleted,
-/// session revoked or expired) or its roles no longer allow `list` and
-/// `read` on every watched kind. Storage trouble is no verdict: the next
-/// round asks again.
-async fn recheck(s: &AuthServer, w: &Watching) -> Option<Revoked> {
-    let p = match authenticate(s.backend.as_ref(), w.token.clone()).await {
-        Ok(p) => p,
-        Err(e) if e.code == Code::Unauthenticated => {
-            return Some(Revoked {
-                status: Status::unauthenticated(format!("the watch ended: {}", e.message)),
-                kind: None,
-                verb: None,
-            });
-        }
-        Err(e) => {
-            tracing::debug!(error = %e, principal = %w.p.name, "cannot re-check a watcher now");
-            return None;
-        }
-    };
-    for kind in &w.kinds {
-        for verb in [Verb::List, Verb::Read] {
-            if let Err(e) = p.checker.check(*kind, verb) {
-                return Some(Revoked {
-                    status: Status::permission_denied(format!(
-                        "the watch ended: your roles changed: {}",
-                        e.message
-                    )),
-                    kind: Some(*kind),
-                    verb: Some(verb),
-                });
-            }
-        }
-    }
-    None
-}
-
-/// Relays a watch's events to the client, re-checking the caller every
-/// `WATCH_RECHECK`; ends the stream with the refusal when they lost access.
+/// Relays a watch's events to the client while the caller keeps access
+/// (decided in the rounds of `rechecks`); ends the stream with the
+/// refusal when they lose it.
 async fn guard_watch(
     s: Arc<AuthServer>,
     w: Watching,
     mut events: mpsc::Receiver<Result<WatchEvent, Error>>,
     out: mpsc::Sender<Result<WatchEvent, Status>>,
 ) {
-    let start = tokio::time::Instant::now() + WATCH_RECHECK;
-    let mut tick = tokio::time::interval_at(start, WATCH_RECHECK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (_registration, mut verdict) =
+        crate::rechecks::Rechecks::register(&s, w.token.clone(), w.kinds.clone());
     // An event waiting for room in the client's stream.
     let mut pending: Option<Result<WatchEvent, Status>> = None;
     loop {
         tokio::select! {
             biased;
-            _ = tick.tick() => {
-                if let Some(r) = recheck(&s, &w).await {
+            r = &mut verdict => {
+                // No verdict can come any more: the server is stopping.
+                let Ok(r) = r else { return };
+                {
                     Denial {
                         method: "watch",
                         source: &w.source,

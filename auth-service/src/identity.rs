@@ -9,7 +9,7 @@ use portico_core::{AccessChecker, Error, Kind, Resource, Role, SystemRole};
 use rand::Rng;
 use sha2::{Digest, Sha256};
 
-use crate::storage::Backend;
+use crate::storage::{Backend, SessionRow};
 
 pub use portico_core::PrincipalType;
 
@@ -127,7 +127,17 @@ pub async fn authenticate(
             "no credentials: log in with psh login, or pass --identity",
         ));
     };
-    let Some(session) = backend.session(&hash_token(&token)).await? else {
+    let session = backend.session(&hash_token(&token)).await?;
+    principal_of(backend, session).await
+}
+
+/// The principal of a session row read for a token (`None`: no such
+/// session), as `authenticate` decides it.
+pub async fn principal_of(
+    backend: &dyn Backend,
+    session: Option<SessionRow>,
+) -> Result<Principal, Error> {
+    let Some(session) = session else {
         return Err(Error::unauthenticated(
             "invalid or expired credentials: log in again",
         ));

@@ -7,6 +7,7 @@ pub mod hub;
 pub mod identity;
 pub mod jwt;
 pub mod limiter;
+pub mod rechecks;
 pub mod resources;
 pub mod storage;
 
@@ -224,6 +225,8 @@ pub struct AuthServer {
     pub identity_ttl_ms: i64,
     /// This auth-service's own certificate, renewed in place.
     pub cert: Arc<portico_tls::CertStore>,
+    /// Open watches, re-checked together (`rechecks::run`).
+    pub rechecks: rechecks::Rechecks,
     stop: watch::Sender<bool>,
 }
 
@@ -307,6 +310,7 @@ impl AuthServer {
             last_seen: Default::default(),
             identity_ttl_ms,
             cert,
+            rechecks: Default::default(),
             stop,
         });
         server.bootstrap_roles().await?;
@@ -314,6 +318,7 @@ impl AuthServer {
             server.bootstrap_tokens(&cfg.bootstrap_tokens).await?;
         }
         tokio::spawn(renew_own_certificate(server.clone(), stop_rx.clone()));
+        tokio::spawn(rechecks::run(server.clone(), stop_rx.clone()));
         tokio::spawn(sweeper(
             server.clone(),
             stop_rx,

@@ -199,6 +199,36 @@ async fn suite(b: Arc<dyn Backend>) {
     );
     b.delete_session("fresh").await.expect("logout");
     assert_eq!(twice("fresh").await, None, "a logout counts at once");
+    // Many at once (a round of watch re-checks): those that exist, whole;
+    // a write counts at once here too.
+    let many: Vec<String> = (0..1_200).map(|i| format!("m{i}")).collect();
+    for h in ["m7", "m700", "m1199"] {
+        b.put_session(&live(h, "u", "user")).await.expect("put");
+    }
+    let mut found = b.sessions(&many).await.expect("sessions");
+    found.sort_by(|x, y| x.token_hash.cmp(&y.token_hash));
+    assert_eq!(
+        found,
+        vec![
+            live("m1199", "u", "user"),
+            live("m7", "u", "user"),
+            live("m700", "u", "user")
+        ]
+    );
+    assert!(b.sessions(&[]).await.expect("none").is_empty());
+    b.delete_session("m700").await.expect("logout");
+    let left: Vec<String> = b
+        .sessions(&many)
+        .await
+        .expect("sessions")
+        .into_iter()
+        .map(|r| r.token_hash)
+        .collect();
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(!left.contains(&"m700".to_string()), "{left:?}");
+    for h in ["m7", "m1199"] {
+        b.delete_session(h).await.expect("logout");
+    }
     b.put_session(&live("svc", "agent-x", "service"))
         .await
         .expect("put");

@@ -129,6 +129,33 @@ struct Rest {
     events_per_s: f64,
     cpu_pct: f64,
     growth_mib_per_h: f64,
+    /// Transactions per second in the cluster's Postgres database (each
+    /// statement outside a transaction is one); none on SQLite.
+    db_tx_per_s: Option<f64>,
+}
+
+impl Rest {
+    fn tx_text(&self) -> String {
+        self.db_tx_per_s
+            .map(|t| format!(", {t:.1} db transactions/s"))
+            .unwrap_or_default()
+    }
+}
+
+/// Transactions committed or rolled back so far in the cluster's Postgres
+/// database, as its statistics say.
+async fn db_transactions(c: &Cluster) -> Option<i64> {
+    use sqlx::Connection;
+    let pg = c.pg.as_ref()?;
+    let mut conn = sqlx::postgres::PgConnection::connect(&pg.url).await.ok()?;
+    let n: Option<i64> = sqlx::query_scalar(
+        "SELECT (xact_commit + xact_rollback)::bigint FROM pg_stat_database WHERE datname = current_database()",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .ok();
+    let _ = conn.close().await;
+    n
 }
 
 /// Watches the cluster do nothing for `secs`: events, CPU of `pids`, database size.
@@ -136,23 +163,26 @@ async fn at_rest(c: &Cluster, pids: &[String], secs: u64) -> Rest {
     // Let registration traffic and its checkpoints settle first.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let cpu = |pids: &[String]| pids.iter().map(|p| cpu_of(p)).sum::<Duration>();
-    let (r0, c0, d0, t0) = (
+    let (r0, c0, d0, x0, t0) = (
         c.auth.backend.current_revision().await.expect("revision"),
         cpu(pids),
         db_size(c).await,
+        db_transactions(c).await,
         Instant::now(),
     );
     tokio::time::sleep(Duration::from_secs(secs)).await;
-    let (r1, c1, d1) = (
+    let (r1, c1, d1, x1) = (
         c.auth.backend.current_revision().await.expect("revision"),
         cpu(pids),
         db_size(c).await,
+        db_transactions(c).await,
     );
     let el = t0.elapsed().as_secs_f64();
     Rest {
         events_per_s: (r1 - r0) as f64 / el,
         cpu_pct: (c1 - c0).as_secs_f64() / el * 100.0,
         growth_mib_per_h: (d1 as f64 - d0 as f64) / el * 3600.0 / (1024.0 * 1024.0),
+        db_tx_per_s: x0.zip(x1).map(|(a, b)| (b - a) as f64 / el),
     }
 }
 
@@ -302,10 +332,11 @@ async fn in_process(storage: Storage, agents: usize, rest_secs: u64, sizes: &[us
         let (answer, size) = apps_answer(&c, &token).await;
         let kib = size / 1024;
         println!(
-            "{storage:?} | {agents:>3} agents | {apps:>6} apps | at rest: {:.2} events/s, CPU {:.2}% of a core, db {:+.2} MiB/h | create→visible p50 {p50:.2} ms p99 {p99:.2} ms, connect p50 {connect:.1} ms | psh mcp ls {ls:.1} ms (GET /v1/apps alone {answer:.1} ms, {kib} KiB) | {apps} created in {:.2} s, all visible after {:.2} s",
+            "{storage:?} | {agents:>3} agents | {apps:>6} apps | at rest: {:.2} events/s, CPU {:.2}% of a core, db {:+.2} MiB/h{} | create→visible p50 {p50:.2} ms p99 {p99:.2} ms, connect p50 {connect:.1} ms | psh mcp ls {ls:.1} ms (GET /v1/apps alone {answer:.1} ms, {kib} KiB) | {apps} created in {:.2} s, all visible after {:.2} s",
             rest.events_per_s,
             rest.cpu_pct,
             rest.growth_mib_per_h,
+            rest.tx_text(),
             created.as_secs_f64(),
             visible.as_secs_f64(),
         );
@@ -347,8 +378,11 @@ async fn processes(storage: Storage, agents: usize, apps: usize, rest_secs: u64)
     pids.extend(kids.iter().filter_map(|k| k.id()).map(|p| p.to_string()));
     let rest = at_rest(&c, &pids, rest_secs).await;
     println!(
-        "{storage:?} | {agents:>3} agents as processes | {apps:>6} apps | at rest: {:.2} events/s, CPU {:.2}% of a core (auth-service + proxy + {agents} agent processes), db {:+.2} MiB/h",
-        rest.events_per_s, rest.cpu_pct, rest.growth_mib_per_h
+        "{storage:?} | {agents:>3} agents as processes | {apps:>6} apps | at rest: {:.2} events/s, CPU {:.2}% of a core (auth-service + proxy + {agents} agent processes), db {:+.2} MiB/h{}",
+        rest.events_per_s,
+        rest.cpu_pct,
+        rest.growth_mib_per_h,
+        rest.tx_text()
     );
     // SIGKILL one agent: its tunnel drops, then its lease ends.
     let victim = "proc0";
@@ -381,8 +415,8 @@ async fn processes(storage: Storage, agents: usize, apps: usize, rest_secs: u64)
     c.shutdown().await;
 }
 
-/// `scale [REST_SECONDS] [--quick]`: `--quick` runs 1 and 10 agents with
-/// 1,000 apps on SQLite only.
+/// `scale [REST_SECONDS] [--quick [--pg]]`: `--quick` runs 1 and 10 agents
+/// with 1,000 apps on SQLite only (on Postgres only with `--pg`).
 pub async fn run(args: &[String]) {
     let rest_secs = args
         .iter()
@@ -392,7 +426,9 @@ pub async fn run(args: &[String]) {
     println!(
         "scale: at rest measured over {rest_secs} s; each agent serves its own shard of the apps; CPU is the whole bench process (auth-service, proxy and in-process agents) unless said otherwise"
     );
-    let storages: &[Storage] = if quick {
+    let storages: &[Storage] = if quick && args.iter().any(|a| a == "--pg") {
+        &[Storage::Postgres]
+    } else if quick {
         &[Storage::Sqlite]
     } else {
         &[Storage::Sqlite, Storage::Postgres]

@@ -379,6 +379,44 @@ macro_rules! impl_backend {
                 })
             }
 
+            async fn sessions(
+                &self,
+                token_hashes: &[String],
+            ) -> portico_core::Result<Vec<$crate::storage::SessionRow>> {
+                use $crate::storage::{db_error, SessionRow};
+                use sqlx::Row;
+                let mut out = Vec::new();
+                // Where lookups are kept (SQLite), each goes through the cache.
+                if self.session_cache().is_some() {
+                    for h in token_hashes {
+                        if let Some(r) = self.session(h).await? {
+                            out.push(r);
+                        }
+                    }
+                    return Ok(out);
+                }
+                for chunk in token_hashes.chunks(500) {
+                    let mut q = sqlx::QueryBuilder::<$db>::new(
+                        "SELECT token_hash, principal, ptype, roles, expires FROM sessions WHERE token_hash IN (",
+                    );
+                    let mut list = q.separated(", ");
+                    for h in chunk {
+                        list.push_bind(h.as_str());
+                    }
+                    list.push_unseparated(")");
+                    for r in q.build().fetch_all(&self.pool).await.map_err(db_error)? {
+                        out.push(SessionRow {
+                            token_hash: r.try_get(0).map_err(db_error)?,
+                            principal: r.try_get(1).map_err(db_error)?,
+                            ptype: r.try_get(2).map_err(db_error)?,
+                            roles: r.try_get(3).map_err(db_error)?,
+                            expires: r.try_get(4).map_err(db_error)?,
+                        });
+                    }
+                }
+                Ok(out)
+            }
+
             async fn cluster_ca(&self) -> portico_core::Result<Option<(String, String)>> {
                 use $crate::storage::db_error;
                 use sqlx::Row;

@@ -195,6 +195,9 @@ pub trait Backend: Send + Sync + 'static {
     async fn delete_principal(&self, user: &str) -> Result<()>;
     async fn put_session(&self, s: &SessionRow) -> Result<()>;
     async fn session(&self, token_hash: &str) -> Result<Option<SessionRow>>;
+    /// The sessions of these token hashes that exist, in one query (a few
+    /// for thousands): what one round of watch re-checks reads.
+    async fn sessions(&self, token_hashes: &[String]) -> Result<Vec<SessionRow>>;
     async fn purge_sessions(&self, now_ms: i64) -> Result<u64>;
     /// Deletes the expired identities of one service principal.
     async fn purge_expired_service(&self, principal: &str, now_ms: i64) -> Result<()>;
