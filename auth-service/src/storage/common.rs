@@ -348,8 +348,7 @@ macro_rules! impl_backend {
                 &self,
                 token_hash: &str,
             ) -> portico_core::Result<Option<$crate::storage::SessionRow>> {
-                use $crate::storage::{db_error, SessionRow};
-                use sqlx::Row;
+                use $crate::storage::db_error;
                 let generation = match self.session_cache().map(|c| c.get(token_hash)) {
                     Some(Ok(cached)) => return Ok(cached),
                     Some(Err(generation)) => Some(generation),
@@ -362,16 +361,9 @@ macro_rules! impl_backend {
                 .fetch_optional(&self.pool)
                 .await
                 .map_err(db_error)?;
-                row.map(|r| {
-                    Ok(SessionRow {
-                        token_hash: r.try_get(0).map_err(db_error)?,
-                        principal: r.try_get(1).map_err(db_error)?,
-                        ptype: r.try_get(2).map_err(db_error)?,
-                        roles: r.try_get(3).map_err(db_error)?,
-                        expires: r.try_get(4).map_err(db_error)?,
-                    })
-                })
-                .transpose()
+                row.as_ref()
+                    .map(session_row)
+                    .transpose()
                 .inspect(|found| {
                     if let (Some(cache), Some(generation)) = (self.session_cache(), generation) {
                         cache.put(token_hash, found.clone(), generation);
@@ -383,8 +375,7 @@ macro_rules! impl_backend {
                 &self,
                 token_hashes: &[String],
             ) -> portico_core::Result<Vec<$crate::storage::SessionRow>> {
-                use $crate::storage::{db_error, SessionRow};
-                use sqlx::Row;
+                use $crate::storage::db_error;
                 let mut out = Vec::new();
                 // Where lookups are kept (SQLite), each goes through the cache.
                 if self.session_cache().is_some() {
@@ -405,13 +396,7 @@ macro_rules! impl_backend {
                     }
                     list.push_unseparated(")");
                     for r in q.build().fetch_all(&self.pool).await.map_err(db_error)? {
-                        out.push(SessionRow {
-                            token_hash: r.try_get(0).map_err(db_error)?,
-                            principal: r.try_get(1).map_err(db_error)?,
-                            ptype: r.try_get(2).map_err(db_error)?,
-                            roles: r.try_get(3).map_err(db_error)?,
-                            expires: r.try_get(4).map_err(db_error)?,
-                        });
+                        out.push(session_row(&r)?);
                     }
                 }
                 Ok(out)
@@ -964,6 +949,21 @@ macro_rules! impl_backend {
                 name: r.try_get(1).map_err(db_error)?,
                 revision: r.try_get(2).map_err(db_error)?,
                 value: r.try_get(3).map_err(db_error)?,
+                expires: r.try_get(4).map_err(db_error)?,
+            })
+        }
+
+        /// A row of `SELECT token_hash, principal, ptype, roles, expires FROM sessions`.
+        fn session_row(
+            r: &<$db as sqlx::Database>::Row,
+        ) -> portico_core::Result<$crate::storage::SessionRow> {
+            use $crate::storage::{db_error, SessionRow};
+            use sqlx::Row;
+            Ok(SessionRow {
+                token_hash: r.try_get(0).map_err(db_error)?,
+                principal: r.try_get(1).map_err(db_error)?,
+                ptype: r.try_get(2).map_err(db_error)?,
+                roles: r.try_get(3).map_err(db_error)?,
                 expires: r.try_get(4).map_err(db_error)?,
             })
         }
