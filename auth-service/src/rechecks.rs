@@ -82,14 +82,6 @@ impl Rechecks {
             rx,
         )
     }
-
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// Runs a round every `EVERY` until `stop` turns true.

@@ -10,11 +10,16 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Unix milliseconds split into days since the epoch and the second of
+/// that day, both UTC.
+fn day_and_second(ms: i64) -> (i64, i64) {
+    let secs = ms.div_euclid(1000);
+    (secs.div_euclid(86_400), secs.rem_euclid(86_400))
+}
+
 /// Formats unix milliseconds as `YYYY-MM-DDTHH:MM:SSZ` (UTC).
 pub fn format_rfc3339(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
+    let (days, rem) = day_and_second(ms);
     let (y, m, d) = civil_from_days(days);
     format!(
         "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
@@ -69,16 +74,13 @@ pub fn parse_duration(s: &str) -> Option<i64> {
     Some(total)
 }
 
-// Howard Hinnant's civil calendar algorithms.
 /// `ms` since the epoch as HTTP's IMF-fixdate: `Sun, 06 Nov 1994 08:49:37 GMT`.
 pub fn format_http_date(ms: i64) -> String {
     const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
     const MONTHS: [&str; 12] = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
     ];
-    let secs = ms.div_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
+    let (days, rem) = day_and_second(ms);
     let (y, m, d) = civil_from_days(days);
     format!(
         "{}, {d:02} {} {y:04} {:02}:{:02}:{:02} GMT",
@@ -90,6 +92,7 @@ pub fn format_http_date(ms: i64) -> String {
     )
 }
 
+// Howard Hinnant's civil calendar algorithms.
 fn civil_from_days(z: i64) -> (i64, i64, i64) {
     let z = z + 719_468;
     let era = z.div_euclid(146_097);

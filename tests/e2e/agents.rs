@@ -624,12 +624,8 @@ async fn a_killed_agent_behind_a_half_open_link_is_noticed_within_seconds() {
         .await
         .expect("app");
     c.wait_servers("tm", &["a2", "victim"]).await;
+    c.wait_tunnel("victim").await;
     let state = c.proxy.as_ref().expect("proxy").state.clone();
-    eventually(Duration::from_secs(30), "victim's tunnel up", || {
-        let s = state.clone();
-        async move { s.tunnels.is_connected("victim").then_some(()) }
-    })
-    .await;
     c.add_user("kim", &["mcp-user"], ADMIN_PW).await;
     let token = c.login("kim", ADMIN_PW).await;
     // A session on the victim, with a call in flight.
@@ -757,12 +753,7 @@ async fn the_processes_of_a_killed_agent_die_with_it() {
     .await
     .expect("app");
     c.wait_servers("tm", &["doomed"]).await;
-    let state = c.proxy.as_ref().expect("proxy").state.clone();
-    eventually(Duration::from_secs(30), "tunnel up", || {
-        let s = state.clone();
-        async move { s.tunnels.is_connected("doomed").then_some(()) }
-    })
-    .await;
+    c.wait_tunnel("doomed").await;
     let token = user_token(&c).await;
     let mut sessions = Vec::new();
     for i in 0..3 {
@@ -824,12 +815,7 @@ async fn an_agent_that_loses_its_proxy_ends_the_orphaned_processes() {
         .await
         .expect("app");
     c.wait_servers("tm", &["stranded"]).await;
-    let state = c.proxy.as_ref().expect("proxy").state.clone();
-    eventually(Duration::from_secs(30), "tunnel up", || {
-        let s = state.clone();
-        async move { s.tunnels.is_connected("stranded").then_some(()) }
-    })
-    .await;
+    c.wait_tunnel("stranded").await;
     let token = user_token(&c).await;
     let mut sessions = Vec::new();
     for i in 0..2 {

@@ -968,12 +968,7 @@ async fn psh_connect_survives_a_proxy_restart() {
     portico_tests::web::register(&p);
     c.proxy = Some(p);
     c.wait_servers("tm", &["a1"]).await;
-    let state = c.proxy.as_ref().expect("proxy").state.clone();
-    eventually(Duration::from_secs(20), "agent re-dialled", || {
-        let s = state.clone();
-        async move { s.tunnels.is_connected("a1").then_some(()) }
-    })
-    .await;
+    c.wait_tunnel("a1").await;
     let r = client
         .call_tool(
             CallToolRequestParams::new("echo").with_arguments(args(json!({"message": "two"}))),

@@ -504,6 +504,20 @@ impl Cluster {
         .await;
     }
 
+    /// Waits (up to 30 s) until agent `host` has a tunnel to the proxy.
+    pub async fn wait_tunnel(&self, host: &str) {
+        let state = self.proxy.as_ref().expect("proxy").state.clone();
+        eventually(
+            Duration::from_secs(30),
+            &format!("{host}'s tunnel up"),
+            || {
+                let s = state.clone();
+                async move { s.tunnels.is_connected(host).then_some(()) }
+            },
+        )
+        .await;
+    }
+
     /// Stops the auth-service (storage stays).
     pub async fn stop_auth(&mut self) {
         let _ = self.auth_stop.send(true);

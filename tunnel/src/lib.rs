@@ -373,17 +373,6 @@ impl TunnelServer {
         Arc::new(Self::default())
     }
 
-    /// A live connection to the agent, if it is connected.
-    pub fn sender(&self, host_id: &str) -> Option<Sender> {
-        let agents = self.agents.read().unwrap_or_else(|p| p.into_inner());
-        agents
-            .get(host_id)?
-            .iter()
-            .rev()
-            .find(|c| !c.sender.is_closed())
-            .map(|c| c.sender.clone())
-    }
-
     /// How to reach the agent, if it is connected.
     pub fn route(&self, host_id: &str) -> Option<Route> {
         let agents = self.agents.read().unwrap_or_else(|p| p.into_inner());
@@ -399,7 +388,7 @@ impl TunnelServer {
     }
 
     pub fn is_connected(&self, host_id: &str) -> bool {
-        self.sender(host_id).is_some()
+        self.route(host_id).is_some()
     }
 
     pub fn connected(&self) -> Vec<String> {

@@ -197,12 +197,7 @@ async fn proxy_overhead(tls: bool) {
     );
     c.wait_servers("tm", &["a1"]).await;
     c.wait_servers("tp", &["a2"]).await;
-    let state = c.proxy.as_ref().expect("proxy").state.clone();
-    eventually(Duration::from_secs(30), "a2's tunnel", || {
-        let s = state.clone();
-        async move { s.tunnels.is_connected("a2").then_some(()) }
-    })
-    .await;
+    c.wait_tunnel("a2").await;
     let addr = c.proxy_addr();
 
     // Session start: spawn to first response.
