@@ -4,6 +4,7 @@
 //! within its own bounds: which host accounts, which secrets for which apps,
 //! how many sessions, and the resource limits of each process.
 
+pub mod cgroup;
 mod legacy_sse;
 pub mod reaper;
 pub mod registry;
@@ -179,6 +180,9 @@ pub struct AgentState {
     pub(crate) upstream_tls: Result<portico_tls::Connector, String>,
     /// Kills the process groups of MCP servers if the agent dies first.
     pub(crate) reaper: reaper::Reaper,
+    /// The agent's cgroup, one per session under it, where cgroup v2 is
+    /// writable; else MCP processes are contained by process group only.
+    pub(crate) cgroups: Option<cgroup::Cgroups>,
 }
 
 impl AgentConfig {
@@ -425,6 +429,16 @@ pub async fn start(cfg: &AgentConfig, creds: Credentials) -> Result<Agent, Error
         tunnel::agent_tls(identity.cert.clone(), &identity.ca_pem).map_err(Error::internal)?;
     let upstream_tls = cfg.upstream_tls()?;
     let (announce, announcements) = tokio::sync::mpsc::unbounded_channel();
+    let cgroups = match cgroup::Cgroups::create() {
+        Ok(c) => {
+            tracing::info!(cgroup = %c.dir().display(), "each MCP session runs in a cgroup of its own");
+            Some(c)
+        }
+        Err(why) => {
+            tracing::info!(reason = %why, "MCP sessions are contained by process group only: a process that leaves its group (setsid) can outlive a killed agent");
+            None
+        }
+    };
     let state = Arc::new(AgentState {
         host_id: host_id.clone(),
         registry: Registry::new(selectors, statics),
@@ -438,7 +452,8 @@ pub async fn start(cfg: &AgentConfig, creds: Credentials) -> Result<Agent, Error
         announce,
         synced: watch::channel(false).0,
         upstream_tls,
-        reaper: reaper::Reaper::start(),
+        reaper: reaper::Reaper::start(cgroups.as_ref().and_then(cgroup::Cgroups::kill_file)),
+        cgroups,
     });
     let (stop, stop_rx) = watch::channel(false);
     tokio::spawn(portico_proto::join::renew_forever(

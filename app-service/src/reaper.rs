@@ -9,12 +9,15 @@
 //! purpose (`setsid`, as a daemon does). The agent tells the reaper each
 //! group it starts and each it has ended, over a pipe; when the pipe's
 //! write end closes (the agent is gone, however it went), the reaper
-//! SIGKILLs every group still on its list and exits.
+//! SIGKILLs every group still on its list and exits. Where the agent
+//! contains its MCP processes in a cgroup (`cgroup.rs`), the reaper first
+//! writes `cgroup.kill` there, which also ends descendants that left their
+//! group.
 //!
 //! The reaper is forked from a threaded process, so between `fork` and
 //! `_exit` it calls only async-signal-safe functions (`read`, `kill`,
-//! `close`, `dup2`, `prctl`, `signal`) and touches only memory allocated
-//! before the fork. It keeps no descriptor but the pipe.
+//! `open`, `write`, `close`, `dup2`, `prctl`, `signal`) and touches only
+//! memory allocated before the fork. It keeps no descriptor but the pipe.
 #![allow(unsafe_code)] // fork, pipe2, read, kill, waitpid: the reaper is raw syscalls by nature.
 
 use std::io::Write;
@@ -34,11 +37,12 @@ pub struct Reaper {
 }
 
 impl Reaper {
-    /// Forks the reaper. When that fails, the agent runs on without one
-    /// (its MCP processes still die with it; their children may not), and
-    /// says so.
-    pub fn start() -> Reaper {
-        match fork_reaper() {
+    /// Forks the reaper, which also writes `kill_file` (a `cgroup.kill`),
+    /// if given, when the agent dies. When the fork fails, the agent runs
+    /// on without one (its MCP processes still die with it; their children
+    /// may not), and says so.
+    pub fn start(kill_file: Option<std::ffi::CString>) -> Reaper {
+        match fork_reaper(kill_file) {
             Ok(inner) => Reaper { inner: Some(inner) },
             Err(e) => {
                 tracing::warn!(error = %e, "cannot start the reaper: the children of MCP processes may outlive an agent that is killed");
@@ -91,7 +95,9 @@ impl Drop for Reaper {
     }
 }
 
-fn fork_reaper() -> std::io::Result<(Mutex<std::fs::File>, libc::pid_t)> {
+fn fork_reaper(
+    kill_file: Option<std::ffi::CString>,
+) -> std::io::Result<(Mutex<std::fs::File>, libc::pid_t)> {
     let mut fds = [0 as libc::c_int; 2];
     // SAFETY: fds has room for the two descriptors. Both are close-on-exec,
     // so no MCP process inherits the write end and keeps the reaper alive.
@@ -103,6 +109,7 @@ fn fork_reaper() -> std::io::Result<(Mutex<std::fs::File>, libc::pid_t)> {
     let mut table: Vec<libc::pid_t> = Vec::with_capacity(CAPACITY);
     let table_ptr = table.as_mut_ptr();
     let name = c"portico-reaper";
+    let kill_ptr = kill_file.as_ref().map_or(std::ptr::null(), |k| k.as_ptr());
     // SAFETY: see the module comment; the child runs `reaper_main` only,
     // which never returns.
     match unsafe { libc::fork() } {
@@ -115,7 +122,7 @@ fn fork_reaper() -> std::io::Result<(Mutex<std::fs::File>, libc::pid_t)> {
             }
             Err(e)
         }
-        0 => unsafe { reaper_main(read_end, table_ptr, name.as_ptr()) },
+        0 => unsafe { reaper_main(read_end, table_ptr, name.as_ptr(), kill_ptr) },
         pid => {
             // SAFETY: read_end is ours and open; write_end is handed to a
             // File that owns it from here on.
@@ -130,11 +137,13 @@ fn fork_reaper() -> std::io::Result<(Mutex<std::fs::File>, libc::pid_t)> {
 /// The reaper's whole life. Only async-signal-safe calls, no allocation.
 ///
 /// SAFETY: to be called only in the child of `fork`, with `table` valid for
-/// `CAPACITY` entries and `name` a NUL-terminated string.
+/// `CAPACITY` entries, `name` a NUL-terminated string and `kill_file` null
+/// or one.
 unsafe fn reaper_main(
     read_end: libc::c_int,
     table: *mut libc::pid_t,
     name: *const libc::c_char,
+    kill_file: *const libc::c_char,
 ) -> ! {
     unsafe {
         // Only the agent's end ends the reaper: not a Ctrl-C to the
@@ -191,6 +200,15 @@ unsafe fn reaper_main(
                     len -= 1;
                     *table.add(i) = *table.add(len);
                 }
+            }
+        }
+        // The cgroup first: it holds every session's processes, wherever
+        // they went; then the groups, which is all there is without one.
+        if !kill_file.is_null() {
+            let fd = libc::open(kill_file, libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd >= 0 {
+                libc::write(fd, b"1".as_ptr().cast(), 1);
+                libc::close(fd);
             }
         }
         for i in 0..len {

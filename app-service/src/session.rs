@@ -142,9 +142,31 @@ pub async fn handle(
     let Some(permit) = take_slot(&state, &app_name, &session) else {
         return full(&state);
     };
-    let mut child = match spawn::spawn(&spec, &state.policy, &app.metadata.labels) {
+    // Its own cgroup, where the agent has them: a session that cannot be
+    // contained as the agent's others are is not started.
+    let cgroup = match state.cgroups.as_ref().map(crate::cgroup::Cgroups::session) {
+        None => None,
+        Some(Ok(c)) => Some(c),
+        Some(Err(e)) => {
+            tracing::warn!(app = %app_name, session = %session, error = %e, "cannot create the session's cgroup");
+            return text_response(
+                502,
+                &format!("cannot start the MCP server {app_name:?}: {e}"),
+            );
+        }
+    };
+    let spawned = spawn::spawn(
+        &spec,
+        &state.policy,
+        &app.metadata.labels,
+        cgroup.as_ref().map(|c| c.procs_file().as_c_str()),
+    );
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
+            if let Some(c) = cgroup {
+                c.end().await;
+            }
             let status = if e.is_refusal() { 403 } else { 502 };
             tracing::warn!(app = %app_name, session = %session, user = %user, status, error = %e, "cannot start MCP server");
             return text_response(
@@ -173,6 +195,10 @@ pub async fn handle(
         )
         .await;
         let status = terminate(&mut child, pgid, st.grace).await;
+        // What left the process group (`setsid`) is still in the cgroup.
+        if let Some(c) = cgroup {
+            c.end().await;
+        }
         st.reaper.forget(pgid);
         let reason = match reason {
             End::ProcessExited(last) => {

@@ -307,6 +307,8 @@ struct InChild {
     cdir: CString,
     open_files: libc::rlim_t,
     memory: Option<libc::rlim_t>,
+    /// The session's `cgroup.procs`, which the child moves itself into.
+    cgroup: Option<CString>,
 }
 
 impl InChild {
@@ -353,6 +355,7 @@ impl InChild {
             cdir,
             open_files: policy.max_open_files as libc::rlim_t,
             memory: policy.max_memory_bytes.map(|m| m as libc::rlim_t),
+            cgroup: None,
         })
     }
 
@@ -362,17 +365,32 @@ impl InChild {
             cdir,
             open_files,
             memory,
+            cgroup,
         } = self;
         // The agent, whose death must take the process with it.
         let agent_pid = std::process::id() as libc::pid_t;
         // SAFETY: the closure runs between fork and exec and calls only
-        // async-signal-safe functions (setgroups, setgid, setuid, chdir,
-        // setrlimit, prctl, getppid) on memory allocated before the fork.
-        // Users are switched first, then the directory is entered with the
-        // user's rights; the limits come last and only ever lower the
-        // agent's own (checked at start), which needs no privilege.
+        // async-signal-safe functions (open, write, close, setgroups,
+        // setgid, setuid, chdir, setrlimit, prctl, getppid) on memory
+        // allocated before the fork. The process enters its cgroup first,
+        // with the agent's rights, before it can start anything; then users
+        // are switched and the directory is entered with the user's rights;
+        // the limits come last and only ever lower the agent's own (checked
+        // at start), which needs no privilege.
         unsafe {
             cmd.pre_exec(move || {
+                if let Some(procs) = &cgroup {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let moved = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+                    let err = std::io::Error::last_os_error();
+                    libc::close(fd);
+                    if !moved {
+                        return Err(err);
+                    }
+                }
                 if let Some((groups, uid, gid)) = &switch_to
                     && (libc::setgroups(groups.len() as _, groups.as_ptr()) != 0
                         || libc::setgid(*gid) != 0
@@ -422,11 +440,13 @@ impl InChild {
 }
 
 /// Spawns `command` + `args` exactly as given, with piped stdio, if `policy`
-/// allows it for an app with these `labels`.
+/// allows it for an app with these `labels`; in the cgroup whose
+/// `cgroup.procs` is `cgroup`, if given.
 pub fn spawn(
     spec: &McpSpec,
     policy: &Policy,
     labels: &BTreeMap<String, String>,
+    cgroup: Option<&std::ffi::CStr>,
 ) -> Result<Child, SpawnError> {
     let user = lookup_user(&spec.run_as_host_user)
         .ok_or_else(|| SpawnError::NoSuchUser(spec.run_as_host_user.clone()))?;
@@ -459,7 +479,8 @@ pub fn spawn(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    let in_child = InChild::prepare(spec, &user, switch, policy)?;
+    let mut in_child = InChild::prepare(spec, &user, switch, policy)?;
+    in_child.cgroup = cgroup.map(std::ffi::CStr::to_owned);
     in_child.install(&mut cmd);
     cmd.spawn().map_err(|err| match err.kind() {
         std::io::ErrorKind::NotFound => SpawnError::NotFound(spec.command.clone()),

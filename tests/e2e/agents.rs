@@ -740,22 +740,17 @@ async fn the_processes_of_a_killed_agent_die_with_it() {
     let agent_pid = agent.id().expect("pid");
     // A server that outlives its input: it answers initialize, then sleeps
     // on even after its standard input closes (as many real ones do). It
-    // has a child of its own, as a server started by `npx` or `uvx` has.
-    let script = "import json,subprocess,sys,time\nsubprocess.Popen(['sleep', '3600'])\nfor l in sys.stdin:\n    m = json.loads(l)\n    if m.get('method') == 'initialize':\n        print(json.dumps({'jsonrpc':'2.0','id':m['id'],'result':{'protocolVersion':m['params']['protocolVersion'],'capabilities':{},'serverInfo':{'name':'lingering','version':'1'}}}), flush=True)\nwhile True:\n    time.sleep(3600)\n";
-    c.create_yaml(
-        &format!(
-            "kind: app\nversion: v3\nmetadata: {{name: tm}}\nspec:\n  mcp:\n    command: python3\n    args: [\"-c\", {}]\n    run_as_host_user: {}\n",
-            serde_json::to_string(script).expect("json"),
-            portico_tests::util::me()
-        ),
-        false,
-    )
-    .await
-    .expect("app");
+    // has a child of its own, as a server started by `npx` or `uvx` has,
+    // and one that left its process group (`setsid`), as a daemon does.
+    c.create_yaml(&lingering_app("tm"), false)
+        .await
+        .expect("app");
+    let contained = portico_agent::cgroup::Cgroups::create().is_ok();
     c.wait_servers("tm", &["doomed"]).await;
     c.wait_tunnel("doomed").await;
     let token = user_token(&c).await;
     let mut sessions = Vec::new();
+    let mut detached = Vec::new();
     for i in 0..3 {
         let mut s = McpHttp::new(c.proxy_addr(), "tm", &token);
         let init = s.initialize().await.expect("session");
@@ -763,6 +758,7 @@ async fn the_processes_of_a_killed_agent_die_with_it() {
             init["serverInfo"]["name"], "lingering",
             "session {i}: {init}"
         );
+        detached.push(detached_pid(&init));
         sessions.push(s);
     }
     let servers = eventually(Duration::from_secs(10), "three MCP processes", || async {
@@ -774,10 +770,14 @@ async fn the_processes_of_a_killed_agent_die_with_it() {
         let servers = servers.clone();
         async move {
             let kids: Vec<u32> = servers.iter().flat_map(|p| children_of(*p)).collect();
-            (kids.len() >= servers.len()).then_some(kids)
+            (kids.len() >= 2 * servers.len()).then_some(kids)
         }
     })
     .await;
+    for pid in &detached {
+        assert!(grandchildren.contains(pid), "{pid} in {grandchildren:?}");
+        assert_eq!(in_agent_cgroup(*pid), contained, "process {pid}");
+    }
     let reaper = std::fs::read_dir("/proc")
         .expect("/proc")
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
@@ -792,16 +792,93 @@ async fn the_processes_of_a_killed_agent_die_with_it() {
         .expect("the agent runs a reaper");
     agent.start_kill().expect("SIGKILL");
     let _ = agent.wait().await;
+    // Without a writable cgroup v2 the agent contains sessions by process
+    // group only, and what left its group is not its to find.
+    let escaped: Vec<u32> = if contained { vec![] } else { detached };
     eventually(
         Duration::from_secs(10),
         "no MCP process, nor any child of one, outlives its agent",
         || {
-            let mut all: Vec<u32> = servers.iter().chain(&grandchildren).copied().collect();
+            let mut all: Vec<u32> = servers
+                .iter()
+                .chain(&grandchildren)
+                .filter(|p| !escaped.contains(p))
+                .copied()
+                .collect();
             all.push(reaper);
             async move { all.iter().all(|p| dead(*p)).then_some(()) }
         },
     )
     .await;
+    for pid in escaped {
+        println!("no writable cgroup v2 here: process {pid} escaped its agent, as documented");
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+    }
+    c.shutdown().await;
+}
+
+/// An app whose server answers initialize with the pid of a child it
+/// started in a session of its own (`setsid`) as its version, keeps another
+/// child in its group, and sleeps on after its input closes.
+fn lingering_app(name: &str) -> String {
+    let script = "import json,subprocess,sys,time\nsubprocess.Popen(['sleep', '3600'])\nd = subprocess.Popen(['sleep', '3600'], start_new_session=True)\nfor l in sys.stdin:\n    m = json.loads(l)\n    if m.get('method') == 'initialize':\n        print(json.dumps({'jsonrpc':'2.0','id':m['id'],'result':{'protocolVersion':m['params']['protocolVersion'],'capabilities':{},'serverInfo':{'name':'lingering','version':str(d.pid)}}}), flush=True)\nwhile True:\n    time.sleep(3600)\n";
+    format!(
+        "kind: app\nversion: v3\nmetadata: {{name: {name}}}\nspec:\n  mcp:\n    command: python3\n    args: [\"-c\", {}]\n    run_as_host_user: {}\n",
+        serde_json::to_string(script).expect("json"),
+        portico_tests::util::me()
+    )
+}
+
+/// The pid of the detached child a `lingering_app` server reports.
+fn detached_pid(init: &serde_json::Value) -> u32 {
+    init["serverInfo"]["version"]
+        .as_str()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("a pid in {init}"))
+}
+
+/// Whether a process runs in a cgroup an agent made for a session.
+fn in_agent_cgroup(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| {
+        c.lines()
+            .any(|l| l.starts_with("0::") && l.contains("/portico-agent-"))
+    })
+}
+
+#[tokio::test]
+async fn a_session_ends_with_every_process_its_server_started() {
+    let c = ClusterBuilder::new()
+        .proxy()
+        .wildcard_agent("a1")
+        .start()
+        .await;
+    let contained = portico_agent::cgroup::Cgroups::create().is_ok();
+    c.create_yaml(&lingering_app("tm"), false)
+        .await
+        .expect("app");
+    c.wait_servers("tm", &["a1"]).await;
+    let token = user_token(&c).await;
+    let mut s = McpHttp::new(c.proxy_addr(), "tm", &token);
+    let init = s.initialize().await.expect("session");
+    let pid = detached_pid(&init);
+    assert!(!dead(pid), "the detached child runs");
+    assert_eq!(in_agent_cgroup(pid), contained, "process {pid}");
+    assert_eq!(s.delete().await.status, http::StatusCode::OK);
+    if contained {
+        eventually(
+            Duration::from_secs(10),
+            "the detached child ends with its session",
+            || async move { dead(pid).then_some(()) },
+        )
+        .await;
+    } else {
+        println!("no writable cgroup v2 here: process {pid} outlived its session, as documented");
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+    }
     c.shutdown().await;
 }
 

@@ -1,7 +1,8 @@
-//! `portico-bench soak [MINUTES] [SESSIONS]`: an auth-service, a proxy and
-//! an agent, each its own `portico start` process, hold SESSIONS (1,000)
-//! concurrent MCP sessions with light traffic (each session calls a tool
-//! every ~10 s) for MINUTES (30). Every minute it prints the resident
+//! `portico-bench soak [MINUTES] [SESSIONS] [PERIOD_SECONDS]`: an
+//! auth-service, a proxy and an agent, each its own `portico start`
+//! process, hold SESSIONS (1,000) concurrent MCP sessions with light
+//! traffic (each session calls a tool every PERIOD_SECONDS, 10) for
+//! MINUTES (30). Every minute it prints the resident
 //! memory of each process; at the end, the growth of each after the first
 //! five minutes (goal: within 5%).
 
@@ -27,11 +28,12 @@ struct Tally {
     failed: AtomicU64,
 }
 
-/// One session: initialize, then a tool call every ~10 s until `stop`.
+/// One session: initialize, then a tool call every `period` until `stop`.
 async fn session(
     addr: SocketAddr,
     token: String,
     n: usize,
+    period: Duration,
     tally: Arc<Tally>,
     stop: Arc<AtomicBool>,
 ) {
@@ -41,7 +43,8 @@ async fn session(
         return;
     }
     // Spread the calls over the period.
-    tokio::time::sleep(Duration::from_millis((n as u64 * 10) % 10_000)).await;
+    let period_ms = period.as_millis().max(1) as u64;
+    tokio::time::sleep(Duration::from_millis((n as u64 * 10) % period_ms)).await;
     let mut seq = 0u64;
     while !stop.load(Ordering::Relaxed) {
         seq += 1;
@@ -62,11 +65,9 @@ async fn session(
         if !ok {
             tally.failed.fetch_add(1, Ordering::Relaxed);
         }
-        for _ in 0..100 {
-            if stop.load(Ordering::Relaxed) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        let next = Instant::now() + period;
+        while !stop.load(Ordering::Relaxed) && Instant::now() < next {
+            tokio::time::sleep(Duration::from_millis(100).min(period)).await;
         }
     }
     m.delete().await;
@@ -76,7 +77,7 @@ fn write(path: &Path, text: String) {
     std::fs::write(path, text).expect("config");
 }
 
-pub async fn run(minutes: u64, sessions: usize) {
+pub async fn run(minutes: u64, sessions: usize, period: Duration) {
     let dir = TempDir::new("portico-soak");
     let d = dir.path();
     let auth_port = crate::util::fixed_port();
@@ -143,6 +144,7 @@ pub async fn run(minutes: u64, sessions: usize) {
             proxy_addr,
             user_token.clone(),
             n,
+            period,
             tally.clone(),
             stop.clone(),
         )));
@@ -152,7 +154,8 @@ pub async fn run(minutes: u64, sessions: usize) {
         }
     }
     println!(
-        "soak: {sessions} sessions for {minutes} min, each calling a tool every ~10 s; resident memory (MiB) of each process every minute"
+        "soak: {sessions} sessions for {minutes} min, each calling a tool every {:.1} s; resident memory (MiB) of each process every minute",
+        period.as_secs_f64()
     );
     let pids = [
         ("auth-service", auth.pid()),

@@ -1,7 +1,7 @@
 //! `portico-bench`: the figures the issues ask for, each with a baseline
 //! measured in the same run. Timings are printed, never asserted.
 //!
-//! cargo run --release -p portico-tests --bin portico-bench -- [all|store|registration|proxy|ls|memory|chaos [MINUTES]|scale [REST_SECONDS] [--quick [--pg]]|churn [MINUTES]|soak [MINUTES] [SESSIONS]]
+//! cargo run --release -p portico-tests --bin portico-bench -- [all|store|registration|proxy|ls|memory|chaos [MINUTES]|scale [REST_SECONDS] [--quick [--pg]]|churn [MINUTES]|soak [MINUTES] [SESSIONS] [PERIOD_SECONDS]]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -530,7 +530,12 @@ async fn main() {
             .nth(3)
             .and_then(|m| m.parse::<usize>().ok())
             .unwrap_or(1000);
-        portico_tests::soak::run(minutes, sessions).await;
+        let period = std::env::args()
+            .nth(4)
+            .and_then(|m| m.parse::<f64>().ok())
+            .filter(|p| *p >= 0.1)
+            .unwrap_or(10.0);
+        portico_tests::soak::run(minutes, sessions, Duration::from_secs_f64(period)).await;
     }
     if what == "churn" {
         let minutes = std::env::args()
