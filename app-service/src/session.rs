@@ -20,7 +20,36 @@ use crate::spawn::{self, SIGINT, SIGKILL};
 use portico_mcp::LineReader;
 use portico_tunnel::{H_APP, H_SESSION, H_USER, T_END, TunnelBody};
 
-type FrameTx = mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>;
+/// What a session sends up its tunnel stream: lines, then why it ended.
+/// Kept small (a `Bytes`, or a pointer): the channel's memory is slots of
+/// this, allocated 32 at a time per session.
+enum Piece {
+    Line(Bytes),
+    End(Box<http::HeaderMap>),
+}
+
+type PieceTx = mpsc::Sender<Piece>;
+
+/// A session's response body: its pieces as HTTP/2 data and trailers.
+fn body_of(rx: mpsc::Receiver<Piece>) -> TunnelBody {
+    use tokio_stream::StreamExt;
+    let frames = tokio_stream::wrappers::ReceiverStream::new(rx).map(|p| {
+        Ok(match p {
+            Piece::Line(b) => Frame::data(b),
+            Piece::End(t) => Frame::trailers(*t),
+        })
+    });
+    StreamBody::new(frames).boxed()
+}
+
+/// The trailers that end a session's stream, naming why.
+fn end_piece(reason: &str) -> Piece {
+    let mut trailers = http::HeaderMap::new();
+    if let Ok(v) = http::HeaderValue::from_str(&sanitize(reason)) {
+        trailers.insert(T_END, v);
+    }
+    Piece::End(Box::new(trailers))
+}
 
 fn text_response(status: u16, msg: &str) -> hyper::Response<TunnelBody> {
     let body = http_body_util::Full::new(Bytes::from(msg.to_string()))
@@ -181,7 +210,7 @@ pub async fn handle(
     state.metrics.sessions.fetch_add(1, Ordering::Relaxed);
     state.metrics.live.fetch_add(1, Ordering::Relaxed);
     let (tx, rx) = mpsc::channel(64);
-    let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed();
+    let body = body_of(rx);
     let st = state.clone();
     tokio::spawn(async move {
         let reason = relay(
@@ -212,11 +241,7 @@ pub async fn handle(
             End::Other(r) => r,
         };
         tracing::info!(app = %app_name, session = %session, reason = %reason, "mcp session ended");
-        let mut trailers = http::HeaderMap::new();
-        if let Ok(v) = http::HeaderValue::from_str(&sanitize(&reason)) {
-            trailers.insert(T_END, v);
-        }
-        let _ = tx.send(Ok(Frame::trailers(trailers))).await;
+        let _ = tx.send(end_piece(&reason)).await;
         st.metrics.live.fetch_sub(1, Ordering::Relaxed);
         // The slot is free only once the process has been reaped.
         drop(permit);
@@ -274,7 +299,7 @@ async fn relay(
     state: &AgentState,
     child: &mut Child,
     body: TunnelBody,
-    tx: FrameTx,
+    tx: PieceTx,
     mut end: tokio::sync::watch::Receiver<Option<String>>,
     app: &str,
     session: &str,
@@ -360,7 +385,7 @@ async fn pump_in(
 }
 
 /// Server → client: stdout split into lines of at most `max` bytes, one frame per line.
-async fn pump_out<R: AsyncRead + Unpin>(stdout: R, tx: FrameTx, max: usize) -> Result<(), String> {
+async fn pump_out<R: AsyncRead + Unpin>(stdout: R, tx: PieceTx, max: usize) -> Result<(), String> {
     let mut lines = LineReader::new(stdout, max);
     loop {
         let line = match lines.next_line().await {
@@ -376,7 +401,7 @@ async fn pump_out<R: AsyncRead + Unpin>(stdout: R, tx: FrameTx, max: usize) -> R
         let mut framed = BytesMut::with_capacity(line.len() + 1);
         framed.extend_from_slice(&line);
         framed.extend_from_slice(b"\n");
-        if tx.send(Ok(Frame::data(framed.freeze()))).await.is_err() {
+        if tx.send(Piece::Line(framed.freeze())).await.is_err() {
             return Err("the proxy closed the session".into());
         }
     }
@@ -537,7 +562,7 @@ fn upstream_session(
             let mut b = BytesMut::with_capacity(line.len() + 1);
             b.extend_from_slice(&line);
             b.extend_from_slice(b"\n");
-            if frames.send(Ok(Frame::data(b.freeze()))).await.is_err() {
+            if frames.send(Piece::Line(b.freeze())).await.is_err() {
                 return;
             }
         }
@@ -558,14 +583,9 @@ fn upstream_session(
             () = renewal => "the app's identity token could not be renewed".into(),
         };
         tracing::info!(app = %app, session = %session, reason = %reason, "mcp session ended");
-        let mut trailers = http::HeaderMap::new();
-        if let Ok(v) = http::HeaderValue::from_str(&sanitize(&reason)) {
-            trailers.insert(T_END, v);
-        }
-        let _ = tx.send(Ok(Frame::trailers(trailers))).await;
+        let _ = tx.send(end_piece(&reason)).await;
         state.metrics.live.fetch_sub(1, Ordering::Relaxed);
         drop(permit);
     });
-    let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed();
-    hyper::Response::new(body)
+    hyper::Response::new(body_of(rx))
 }

@@ -88,8 +88,15 @@ async fn dial(state: &Arc<ProxyState>, who: &Who, app: &str) -> Result<Arc<Sessi
         let Some(route) = state.tunnels.route(&host) else {
             continue;
         };
-        let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(256);
-        let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed();
+        // Lines as `Bytes`, not frames: a session's channel holds slots of
+        // this, allocated 32 at a time.
+        let (tx, rx) = mpsc::channel::<Bytes>(256);
+        let body = {
+            use tokio_stream::StreamExt;
+            let frames = tokio_stream::wrappers::ReceiverStream::new(rx)
+                .map(|b| Ok::<_, std::io::Error>(Frame::data(b)));
+            StreamBody::new(frames).boxed()
+        };
         let Ok(req) = http::Request::post("http://agent/v1/session")
             .header(H_APP, app)
             .header(H_SESSION, &id)

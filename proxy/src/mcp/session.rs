@@ -13,7 +13,6 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::body::Frame;
 use portico_core::time::now_ms;
 use portico_mcp::LineBuffer;
 use portico_mcp::jsonrpc::{self, Id, Message, SERVER_ERROR};
@@ -23,7 +22,7 @@ use tokio::sync::mpsc;
 use super::rbac::{self, Asked};
 use crate::ProxyState;
 
-pub type AgentTx = mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>;
+pub type AgentTx = mpsc::Sender<Bytes>;
 /// One JSON-RPC message for a client stream.
 pub type StreamTx = mpsc::Sender<Out>;
 
@@ -342,7 +341,7 @@ impl Session {
         };
         let mut line = msg.to_bytes().to_vec();
         line.push(b'\n');
-        match tokio::time::timeout(STALL, tx.send(Ok(Frame::data(Bytes::from(line))))).await {
+        match tokio::time::timeout(STALL, tx.send(Bytes::from(line))).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(self
                 .closed()
