@@ -18,6 +18,9 @@ pub struct Auditor {
     /// Events that could not be queued or stored: the metric
     /// `portico_proxy_audit_dropped_total`, and an `audit.lost` event.
     pub dropped: Arc<AtomicU64>,
+    /// The most events that waited in the queue at once
+    /// (`portico_proxy_audit_queue_peak`).
+    pub peak: Arc<AtomicU64>,
 }
 
 /// How long a session waits for room in a full queue before the event counts as lost.
@@ -85,7 +88,16 @@ impl Auditor {
                 }
             }
         });
-        Auditor { tx, dropped }
+        Auditor {
+            tx,
+            dropped,
+            peak: Arc::default(),
+        }
+    }
+
+    /// Events waiting in the queue now (`portico_proxy_audit_queued`).
+    pub fn queued(&self) -> u64 {
+        (self.tx.max_capacity() - self.tx.capacity()) as u64
     }
 
     fn event(kind: &str, success: bool, fields: serde_json::Value) -> EmitEventRequest {
@@ -101,11 +113,48 @@ impl Auditor {
     pub async fn record(&self, kind: &str, success: bool, fields: serde_json::Value) {
         let ev = Self::event(kind, success, fields);
         match tokio::time::timeout(QUEUE_WAIT, self.tx.send(ev)).await {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => {
+                self.peak.fetch_max(self.queued(), Ordering::Relaxed);
+            }
             _ => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(event = kind, "audit queue full; event lost");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_queue_reports_what_waits_and_the_most_that_did() {
+        // An auth-service that accepts connections and never answers: the
+        // first batch stays in flight, and what comes after it waits.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let dial =
+            portico_proto::client::Dial::plain(&silent.local_addr().expect("addr").to_string());
+        let api = portico_proto::client::connect_lazy(&dial, None).expect("client");
+        let audit = Auditor::start(api);
+        audit.record("t", true, serde_json::json!({"n": 0})).await;
+        // The auditor takes it (after gathering for GATHER) and sends it.
+        let taken = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while audit.queued() > 0 {
+            assert!(
+                tokio::time::Instant::now() < taken,
+                "the first event was never taken"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(GATHER * 3).await;
+        for n in 1..=7 {
+            audit.record("t", true, serde_json::json!({ "n": n })).await;
+        }
+        assert_eq!(audit.queued(), 7);
+        assert_eq!(audit.peak.load(Ordering::Relaxed), 7);
+        assert_eq!(audit.dropped.load(Ordering::Relaxed), 0);
     }
 }

@@ -368,6 +368,8 @@ async fn metrics(
          # TYPE portico_proxy_denied_total counter\nportico_proxy_denied_total {}\n\
          # TYPE portico_proxy_agents_connected gauge\nportico_proxy_agents_connected {}\n\
          # TYPE portico_proxy_audit_dropped_total counter\nportico_proxy_audit_dropped_total {}\n\
+         # TYPE portico_proxy_audit_queued gauge\nportico_proxy_audit_queued {}\n\
+         # TYPE portico_proxy_audit_queue_peak gauge\nportico_proxy_audit_queue_peak {}\n\
          # TYPE portico_proxy_web_connections_total counter\nportico_proxy_web_connections_total {}\n",
         m.sessions.load(Ordering::Relaxed),
         m.sessions_in_process.load(Ordering::Relaxed),
@@ -375,6 +377,8 @@ async fn metrics(
         m.denied.load(Ordering::Relaxed),
         state.tunnels.connected().len(),
         state.audit.dropped.load(Ordering::Relaxed),
+        state.audit.queued(),
+        state.audit.peak.load(Ordering::Relaxed),
         m.web_connections.load(Ordering::Relaxed),
     )
     .into_response()

@@ -356,6 +356,11 @@ async fn serving(proxies: &[SocketAddr], token: &str) -> Result<(), String> {
 
 /// How many agents a proxy has tunnels from (its `/metrics`).
 async fn agents_connected(addr: SocketAddr) -> Option<u64> {
+    proxy_metric(addr, "portico_proxy_agents_connected").await
+}
+
+/// One of a proxy's `/metrics`, read over loopback.
+pub(crate) async fn proxy_metric(addr: SocketAddr, name: &str) -> Option<u64> {
     use http_body_util::BodyExt;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build::<_, http_body_util::Empty<bytes::Bytes>>(crate::web::connector(addr));
@@ -367,7 +372,7 @@ async fn agents_connected(addr: SocketAddr) -> Option<u64> {
     let body = resp.into_body().collect().await.ok()?.to_bytes();
     String::from_utf8_lossy(&body)
         .lines()
-        .find_map(|l| l.strip_prefix("portico_proxy_agents_connected "))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
 }
 

@@ -1,8 +1,9 @@
-//! `portico-bench soak [MINUTES] [SESSIONS] [PERIOD_SECONDS]`: an
+//! `portico-bench soak [MINUTES] [SESSIONS] [PERIOD_SECONDS] [--h1]`: an
 //! auth-service, a proxy and an agent, each its own `portico start`
 //! process, hold SESSIONS (1,000) concurrent MCP sessions with light
 //! traffic (each session calls a tool every PERIOD_SECONDS, 10) for
-//! MINUTES (30). Every minute it prints the resident
+//! MINUTES (30), each session on its own connection, HTTP/2 unless
+//! `--h1`. Every minute it prints the resident
 //! memory of each process; at the end, the growth of each after the first
 //! five minutes (goal: within 5%).
 
@@ -34,10 +35,14 @@ async fn session(
     token: String,
     n: usize,
     period: Duration,
+    h1: bool,
     tally: Arc<Tally>,
     stop: Arc<AtomicBool>,
 ) {
     let mut m = McpHttp::new(addr, "soak", &token);
+    if h1 {
+        m = m.http1(addr);
+    }
     if m.initialize().await.is_err() {
         tally.failed.fetch_add(1, Ordering::Relaxed);
         return;
@@ -77,7 +82,7 @@ fn write(path: &Path, text: String) {
     std::fs::write(path, text).expect("config");
 }
 
-pub async fn run(minutes: u64, sessions: usize, period: Duration) {
+pub async fn run(minutes: u64, sessions: usize, period: Duration, h1: bool) {
     let dir = TempDir::new("portico-soak");
     let d = dir.path();
     let auth_port = crate::util::fixed_port();
@@ -145,6 +150,7 @@ pub async fn run(minutes: u64, sessions: usize, period: Duration) {
             user_token.clone(),
             n,
             period,
+            h1,
             tally.clone(),
             stop.clone(),
         )));
@@ -168,13 +174,15 @@ pub async fn run(minutes: u64, sessions: usize, period: Duration) {
         let at = started + Duration::from_secs(minute * 60);
         tokio::time::sleep_until(at.into()).await;
         let s = [rss_of(pids[0].1), rss_of(pids[1].1), rss_of(pids[2].1)];
+        let peak = crate::chaos::proxy_metric(proxy_addr, "portico_proxy_audit_queue_peak").await;
         println!(
-            "  min {minute:>2}: auth-service {:.1}, proxy {:.1}, agent {:.1}; calls so far {}, failed {}",
+            "  min {minute:>2}: auth-service {:.1}, proxy {:.1}, agent {:.1}; calls so far {}, failed {}; most audit events queued at once {}",
             s[0] as f64 / 1024.0,
             s[1] as f64 / 1024.0,
             s[2] as f64 / 1024.0,
             tally.calls.load(Ordering::Relaxed),
             tally.failed.load(Ordering::Relaxed),
+            peak.map_or("?".into(), |p| p.to_string()),
         );
         samples.push(s);
     }

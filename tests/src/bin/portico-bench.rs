@@ -1,7 +1,7 @@
 //! `portico-bench`: the figures the issues ask for, each with a baseline
 //! measured in the same run. Timings are printed, never asserted.
 //!
-//! cargo run --release -p portico-tests --bin portico-bench -- [all|store|registration|proxy|ls|memory|chaos [MINUTES]|scale [REST_SECONDS] [--quick [--pg]]|churn [MINUTES]|soak [MINUTES] [SESSIONS] [PERIOD_SECONDS]]
+//! cargo run --release -p portico-tests --bin portico-bench -- [all|store|registration|proxy|ls|memory|chaos [MINUTES]|scale [REST_SECONDS] [--quick [--pg]]|churn [MINUTES]|soak [MINUTES] [SESSIONS] [PERIOD_SECONDS] [--h1]]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -522,20 +522,26 @@ async fn main() {
     }
     // Not part of "all": these run for many minutes.
     if what == "soak" {
-        let minutes = std::env::args()
-            .nth(2)
+        // Numbers in order; `--h1` anywhere: clients speak HTTP/1.1.
+        let h1 = std::env::args().any(|a| a == "--h1");
+        let nums: Vec<String> = std::env::args()
+            .skip(2)
+            .filter(|a| !a.starts_with("--"))
+            .collect();
+        let minutes = nums
+            .first()
             .and_then(|m| m.parse::<u64>().ok())
             .unwrap_or(30);
-        let sessions = std::env::args()
-            .nth(3)
+        let sessions = nums
+            .get(1)
             .and_then(|m| m.parse::<usize>().ok())
             .unwrap_or(1000);
-        let period = std::env::args()
-            .nth(4)
+        let period = nums
+            .get(2)
             .and_then(|m| m.parse::<f64>().ok())
             .filter(|p| *p >= 0.1)
             .unwrap_or(10.0);
-        portico_tests::soak::run(minutes, sessions, Duration::from_secs_f64(period)).await;
+        portico_tests::soak::run(minutes, sessions, Duration::from_secs_f64(period), h1).await;
     }
     if what == "churn" {
         let minutes = std::env::args()
