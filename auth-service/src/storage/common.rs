@@ -464,25 +464,14 @@ macro_rules! impl_backend {
             async fn service_sessions(
                 &self,
             ) -> portico_core::Result<Vec<$crate::storage::SessionRow>> {
-                use $crate::storage::{db_error, SessionRow};
-                use sqlx::Row;
+                use $crate::storage::db_error;
                 let rows = sqlx::query(
                     "SELECT token_hash, principal, ptype, roles, expires FROM sessions WHERE ptype = 'service' ORDER BY principal",
                 )
                 .fetch_all(&self.pool)
                 .await
                 .map_err(db_error)?;
-                rows.into_iter()
-                    .map(|r| {
-                        Ok(SessionRow {
-                            token_hash: r.try_get(0).map_err(db_error)?,
-                            principal: r.try_get(1).map_err(db_error)?,
-                            ptype: r.try_get(2).map_err(db_error)?,
-                            roles: r.try_get(3).map_err(db_error)?,
-                            expires: r.try_get(4).map_err(db_error)?,
-                        })
-                    })
-                    .collect()
+                rows.iter().map(session_row).collect()
             }
 
             async fn revoke_service(&self, principal: &str) -> portico_core::Result<u64> {
