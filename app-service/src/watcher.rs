@@ -114,7 +114,8 @@ async fn watch_once(state: &Arc<AgentState>, attempt: &mut u32) -> Result<(), St
 }
 
 /// Announces (or withdraws) one app right away. One task sends every
-/// heartbeat, in order, so a withdrawal is never overtaken by a renewal.
+/// announcement, in order, so a withdrawal is never overtaken by an older
+/// registration of the same app.
 fn announce(state: &Arc<AgentState>, app: String, remove: bool) {
     let _ = state.announce.send((app, remove));
 }
@@ -197,33 +198,47 @@ async fn sync(state: &AgentState) -> Result<(), String> {
     Ok(())
 }
 
-/// One task holds this agent's lease and keeps its `app_server` records in
-/// step: it renews the lease every period (one small write, no event),
-/// sends registrations and withdrawals in batches as they come, in order,
-/// and re-announces everything when the lease was lost. It starts
-/// announcing once the first snapshot of apps is in, so a restarted agent
-/// does not withdraw what it is about to serve again.
+/// Renews this agent's lease every period (one small write, no event), on
+/// its own, so a slow registration never delays a renewal past the lease's
+/// end; says when a renewal found the lease had lapsed.
+async fn renewals(state: Arc<AgentState>, lapsed: Arc<tokio::sync::Notify>) {
+    let mut tick = tokio::time::interval(heartbeat_every());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match call(&state, request()).await {
+            Ok(r) if !r.lease_was_live => lapsed.notify_one(),
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "lease renewal failed"),
+        }
+    }
+}
+
+/// Holds this agent's lease and keeps its `app_server` records in step.
+/// One task renews the lease every period (`renewals`); this one sends
+/// registrations and withdrawals in batches as they come, in order, and
+/// re-announces everything when the lease was lost. It starts announcing
+/// once the first snapshot of apps is in, so a restarted agent does not
+/// withdraw what it is about to serve again.
 pub async fn heartbeats(
     state: Arc<AgentState>,
     mut announcements: tokio::sync::mpsc::UnboundedReceiver<(String, bool)>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut tick = tokio::time::interval(heartbeat_every());
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let lapsed = Arc::new(tokio::sync::Notify::new());
+    let renewer = AbortOnDrop(tokio::spawn(renewals(state.clone(), lapsed.clone())));
+    let mut retry = tokio::time::interval(heartbeat_every());
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut synced = state.synced.subscribe();
     let mut pending: BTreeMap<String, bool> = BTreeMap::new();
     let mut need_sync = true;
     loop {
         tokio::select! {
-            _ = tick.tick() => {
-                match call(&state, request()).await {
-                    Ok(r) if !r.lease_was_live => {
-                        tracing::info!("this agent's lease had lapsed; announcing its apps again");
-                        need_sync = true;
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::debug!(error = %e, "lease renewal failed"),
-                }
+            // A failed sync or send is retried on this beat.
+            _ = retry.tick() => {}
+            () = lapsed.notified() => {
+                tracing::info!("this agent's lease had lapsed; announcing its apps again");
+                need_sync = true;
             }
             Some((app, remove)) = announcements.recv() => {
                 pending.insert(app, remove);
@@ -233,6 +248,7 @@ pub async fn heartbeats(
             }
             Ok(()) = synced.changed() => {}
             _ = stop.changed() => {
+                drop(renewer);
                 let mut req = request();
                 req.release = true;
                 if let Err(e) = call(&state, req).await {
@@ -272,5 +288,13 @@ pub async fn heartbeats(
                 }
             }
         }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -132,13 +132,20 @@ struct Rest {
     /// Transactions per second in the cluster's Postgres database (each
     /// statement outside a transaction is one); none on SQLite.
     db_tx_per_s: Option<f64>,
+    /// What the change events at rest were, when there were any.
+    events_seen: String,
 }
 
 impl Rest {
     fn tx_text(&self) -> String {
-        self.db_tx_per_s
+        let mut t = self
+            .db_tx_per_s
             .map(|t| format!(", {t:.1} db transactions/s"))
-            .unwrap_or_default()
+            .unwrap_or_default();
+        if !self.events_seen.is_empty() {
+            t.push_str(&format!(" (events at rest: {})", self.events_seen));
+        }
+        t
     }
 }
 
@@ -178,7 +185,13 @@ async fn at_rest(c: &Cluster, pids: &[String], secs: u64) -> Rest {
         db_transactions(c).await,
     );
     let el = t0.elapsed().as_secs_f64();
+    let events_seen = if r1 > r0 {
+        events_between(c, r0, r1).await
+    } else {
+        String::new()
+    };
     Rest {
+        events_seen,
         events_per_s: (r1 - r0) as f64 / el,
         cpu_pct: (c1 - c0).as_secs_f64() / el * 100.0,
         growth_mib_per_h: (d1 as f64 - d0 as f64) / el * 3600.0 / (1024.0 * 1024.0),
@@ -415,13 +428,25 @@ async fn processes(storage: Storage, agents: usize, apps: usize, rest_secs: u64)
     c.shutdown().await;
 }
 
-/// `scale [REST_SECONDS] [--quick [--pg]]`: `--quick` runs 1 and 10 agents
-/// with 1,000 apps on SQLite only (on Postgres only with `--pg`).
+/// `scale [REST_SECONDS] [--quick [--pg]] [--agents N]`: `--quick` runs 1
+/// and 10 agents with 1,000 apps on SQLite only (on Postgres only with
+/// `--pg`); `--agents N` runs only the in-process rows with N agents.
 pub async fn run(args: &[String]) {
-    let rest_secs = args
-        .iter()
-        .find_map(|a| a.parse::<u64>().ok())
-        .unwrap_or(20);
+    let mut rest_secs = 20;
+    let mut only: Option<usize> = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--agents" {
+            only = Some(
+                it.next()
+                    .and_then(|n| n.parse().ok())
+                    .filter(|&n| n > 0)
+                    .expect("--agents takes a number of agents, at least 1"),
+            );
+        } else if let Ok(n) = a.parse::<u64>() {
+            rest_secs = n;
+        }
+    }
     let quick = args.iter().any(|a| a == "--quick");
     println!(
         "scale: at rest measured over {rest_secs} s; each agent serves its own shard of the apps; CPU is the whole bench process (auth-service, proxy and in-process agents) unless said otherwise"
@@ -433,17 +458,47 @@ pub async fn run(args: &[String]) {
     } else {
         &[Storage::Sqlite, Storage::Postgres]
     };
-    let counts: &[usize] = if quick { &[1, 10] } else { &[1, 10, 100] };
+    let only_counts = only.map(|n| vec![n]);
+    let counts: &[usize] = match &only_counts {
+        Some(c) => c,
+        None if quick => &[1, 10],
+        None => &[1, 10, 100],
+    };
     let sizes: &[usize] = if quick { &[1_000] } else { &[1_000, 10_000] };
     for &s in storages {
         for &n in counts {
             in_process(s, n, rest_secs, sizes).await;
         }
     }
+    if only.is_some() {
+        return;
+    }
     let apps = *sizes.last().unwrap_or(&1_000);
     for &s in storages {
         processes(s, 10, apps, rest_secs).await;
     }
+}
+
+/// The change events with revisions in (from, to]: how many of each kind
+/// and operation, over how many names, and the time span they cover.
+async fn events_between(c: &Cluster, from: i64, to: i64) -> String {
+    let evs = c
+        .auth
+        .backend
+        .events_after(from, (to - from).clamp(1, 100_000))
+        .await
+        .unwrap_or_default();
+    let mut by: std::collections::BTreeMap<String, (usize, std::collections::HashSet<String>)> =
+        Default::default();
+    for e in evs.iter().filter(|e| e.revision <= to) {
+        let entry = by.entry(format!("{:?} {:?}", e.kind, e.op)).or_default();
+        entry.0 += 1;
+        entry.1.insert(e.name.clone());
+    }
+    by.iter()
+        .map(|(k, (n, names))| format!("{k} ×{n} over {} names", names.len()))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Rows in the cluster's change log and in its audit log.

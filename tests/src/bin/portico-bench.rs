@@ -1,7 +1,7 @@
 //! `portico-bench`: the figures the issues ask for, each with a baseline
 //! measured in the same run. Timings are printed, never asserted.
 //!
-//! cargo run --release -p portico-tests --bin portico-bench -- [all|store|registration|proxy|ls|memory|chaos [MINUTES]|scale [REST_SECONDS] [--quick [--pg]]|churn [MINUTES]|soak [MINUTES] [SESSIONS] [PERIOD_SECONDS] [--h1]]
+//! cargo run --release -p portico-tests --bin portico-bench -- [all|store|registration|proxy|ls|memory|chaos [MINUTES]|scale [REST_SECONDS] [--quick [--pg]] [--agents N]|churn [MINUTES]|soak [MINUTES] [SESSIONS] [PERIOD_SECONDS] [--h1]]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
