@@ -1,7 +1,7 @@
 //! `portico-bench`: the figures the issues ask for, each with a baseline
 //! measured in the same run. Timings are printed, never asserted.
 //!
-//! cargo run --release -p portico-tests --bin portico-bench -- [all|store|registration|proxy|ls|memory|chaos [MINUTES]|scale [REST_SECONDS] [--quick [--pg]] [--agents N]|churn [MINUTES]|soak [MINUTES] [SESSIONS] [PERIOD_SECONDS] [--h1]]
+//! cargo run --release -p portico-tests --bin portico-bench -- [all|store|registration|proxy|proxy-tls|proxy-plain [--sessions 1,8,16] [--calls N] [--rounds R] [--only FORM]|ls|memory|chaos [MINUTES]|scale [REST_SECONDS] [--quick [--pg]] [--agents N]|churn [MINUTES]|soak [MINUTES] [SESSIONS] [PERIOD_SECONDS] [--h1]]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -163,7 +163,195 @@ async fn registration(storage: Storage) {
     c.shutdown().await;
 }
 
-async fn proxy_overhead(tls: bool) {
+/// A way of calling through the proxy: its name for `--only`, the app
+/// ("tm": agent in the proxy's process; "tp": an agent process), HTTP/1.1,
+/// SSE answers only.
+type Form = (&'static str, &'static str, bool, bool);
+
+const FORMS: [Form; 6] = [
+    ("tm-h2-json", "tm", false, false),
+    ("tm-h2-sse", "tm", false, true),
+    ("tm-h1-json", "tm", true, false),
+    ("tm-h1-sse", "tm", true, true),
+    ("tp-h2-sse", "tp", false, true),
+    ("tp-h1-json", "tp", true, false),
+];
+
+/// `proxy-tls`/`proxy-plain` options: `--sessions 1,8,16`, `--calls N`
+/// (per session), `--rounds R`, `--only FORM`.
+struct ProxyOpts {
+    sessions: Vec<usize>,
+    calls: Option<usize>,
+    rounds: usize,
+    only: Option<String>,
+}
+
+impl ProxyOpts {
+    fn parse(args: &[String]) -> Self {
+        let mut o = ProxyOpts {
+            sessions: vec![1, 8, 16],
+            calls: None,
+            rounds: 1,
+            only: None,
+        };
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let mut value = |what: &str| {
+                it.next()
+                    .unwrap_or_else(|| panic!("{a} takes {what}"))
+                    .clone()
+            };
+            match a.as_str() {
+                "--sessions" => {
+                    o.sessions = value("a list of session counts, as 8,16")
+                        .split(',')
+                        .map(|n| n.parse().expect("--sessions: numbers, as 8,16"))
+                        .collect()
+                }
+                "--calls" => o.calls = Some(value("calls per session").parse().expect("--calls N")),
+                "--rounds" => o.rounds = value("a number of rounds").parse().expect("--rounds R"),
+                "--only" => {
+                    let f = value("a form");
+                    assert!(
+                        FORMS.iter().any(|x| x.0 == f),
+                        "--only takes one of: {}",
+                        FORMS.map(|x| x.0).join(", ")
+                    );
+                    o.only = Some(f);
+                }
+                other => panic!("unknown option {other}"),
+            }
+        }
+        o.rounds = o.rounds.max(1);
+        o
+    }
+}
+
+/// What one measured run of calls gave.
+struct Run {
+    latencies: Vec<f64>,
+    rate: f64,
+    /// Busy CPU time of the whole machine per call, in µs.
+    cpu_us: f64,
+    /// CPU time of this process (bench clients, and Portico when proxied)
+    /// per call, in µs; the rest is the MCP servers and the kernel's work
+    /// outside this process.
+    own_us: f64,
+}
+
+#[derive(Default)]
+struct Phase {
+    latencies: Vec<f64>,
+    rates: Vec<f64>,
+    cpu: Vec<f64>,
+    own: Vec<f64>,
+}
+
+impl Phase {
+    fn add(&mut self, r: Run) {
+        self.latencies.extend(r.latencies);
+        self.rates.push(r.rate);
+        self.cpu.push(r.cpu_us);
+        self.own.push(r.own_us);
+    }
+    fn latency(&self) -> (f64, f64) {
+        let mut l = self.latencies.clone();
+        (pct(&mut l, 0.5), pct(&mut l, 0.99))
+    }
+    fn rate(&self) -> f64 {
+        pct(&mut self.rates.clone(), 0.5)
+    }
+    fn cpu_us(&self) -> f64 {
+        pct(&mut self.cpu.clone(), 0.5)
+    }
+    fn own_us(&self) -> f64 {
+        pct(&mut self.own.clone(), 0.5)
+    }
+}
+
+/// Busy jiffies of the whole machine (every CPU, user + system + irq).
+fn machine_busy_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().next() else {
+        return 0;
+    };
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    f.iter().take(8).sum::<u64>() - f.get(3).copied().unwrap_or(0) - f.get(4).copied().unwrap_or(0)
+}
+
+/// CPU jiffies (user + system) of this process so far.
+fn own_ticks() -> u64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1.to_string();
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            // utime and stime are fields 14 and 15; `rest` starts at field 3.
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0)
+}
+
+/// Runs `calls` calls (the closure returns every latency and the rate) and
+/// adds the machine's busy CPU per call.
+async fn measure<F, Fut>(calls: usize, run: F) -> Run
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = (Vec<f64>, f64)>,
+{
+    let (before, own_before) = (machine_busy_ticks(), own_ticks());
+    let (latencies, rate) = run().await;
+    let ticks = machine_busy_ticks() - before;
+    let own = own_ticks() - own_before;
+    // USER_HZ is 100 on Linux.
+    let per_call = |t: u64| t as f64 * 10_000.0 / calls.max(1) as f64;
+    Run {
+        latencies,
+        rate,
+        cpu_us: per_call(ticks),
+        own_us: per_call(own),
+    }
+}
+
+/// `calls` echo calls on each of `sessions` MCP server processes over stdio,
+/// no Portico: every latency, and calls per second.
+async fn direct_calls(sessions: usize, calls: usize) -> (Vec<f64>, f64) {
+    let mut servers = Vec::new();
+    for _ in 0..sessions {
+        servers.push(Direct::start(&test_mcp_server(), &[]).await);
+    }
+    let t = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for mut d in servers {
+        set.spawn(async move {
+            let mut v = Vec::with_capacity(calls);
+            for i in 0..calls {
+                let t = Instant::now();
+                d.rpc(
+                    "tools/call",
+                    json!({"name": "echo", "arguments": {"message": format!("m{i}")}}),
+                )
+                .await;
+                v.push(ms(t.elapsed()));
+            }
+            d.kill();
+            v
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(r) = set.join_next().await {
+        all.extend(r.expect("task"));
+    }
+    let rate = all.len() as f64 / t.elapsed().as_secs_f64();
+    (all, rate)
+}
+
+async fn proxy_overhead(tls: bool, opts: &ProxyOpts) {
     let mode = if tls {
         "web TLS on"
     } else {
@@ -219,65 +407,68 @@ async fn proxy_overhead(tls: bool) {
         pct(&mut proxied_start, 0.5)
     );
 
-    for sessions in [1usize, 8, 16] {
-        let calls = if sessions == 1 { 2000 } else { 1000 };
-        let mut direct = Vec::new();
-        let t = Instant::now();
-        let mut set = tokio::task::JoinSet::new();
-        for _ in 0..sessions {
-            set.spawn(async move {
-                let mut d = Direct::start(&test_mcp_server(), &[]).await;
-                let mut v = Vec::with_capacity(calls);
-                for i in 0..calls {
-                    let t = Instant::now();
-                    d.rpc(
-                        "tools/call",
-                        json!({"name": "echo", "arguments": {"message": format!("m{i}")}}),
-                    )
-                    .await;
-                    v.push(ms(t.elapsed()));
-                }
-                d.kill();
-                v
-            });
-        }
-        let started = t;
-        while let Some(r) = set.join_next().await {
-            direct.extend(r.expect("task"));
-        }
-        let direct_rate = direct.len() as f64 / started.elapsed().as_secs_f64();
-        let (d50, d99) = (pct(&mut direct, 0.5), pct(&mut direct, 0.99));
-        println!(
-            "tools/call echo, {sessions} session(s): direct stdio p50 {d50:.3} ms p99 {d99:.3} ms {direct_rate:.0} calls/s"
-        );
+    for &sessions in &opts.sessions {
+        let calls = opts
+            .calls
+            .unwrap_or(if sessions == 1 { 2000 } else { 1000 });
         // Side by side: the agent in-process or a process; the client on
         // HTTP/2 or HTTP/1.1; answers as plain JSON where the proxy can, or
         // always SSE (a client that accepts only SSE).
-        for (app, h1, sse_only) in [
-            ("tm", false, false),
-            ("tm", false, true),
-            ("tm", true, false),
-            ("tm", true, true),
-            ("tp", false, true),
-            ("tp", true, false),
-        ] {
-            let (mut proxied, proxied_rate) =
-                proxied_calls(addr, app, &token, sessions, calls, h1, sse_only).await;
-            let (p50, p99) = (pct(&mut proxied, 0.5), pct(&mut proxied, 0.99));
+        let forms: Vec<Form> = FORMS
+            .iter()
+            .copied()
+            .filter(|f| opts.only.as_ref().is_none_or(|o| o == f.0))
+            .collect();
+        // Each round measures direct stdio, then every form; a figure is
+        // the median over the rounds, so a slow moment of the machine
+        // moves one round, not the comparison.
+        let mut direct = Phase::default();
+        let mut proxied: Vec<Phase> = forms.iter().map(|_| Phase::default()).collect();
+        for _ in 0..opts.rounds {
+            direct.add(
+                measure(calls * sessions, || async move {
+                    direct_calls(sessions, calls).await
+                })
+                .await,
+            );
+            for (f, phase) in forms.iter().zip(proxied.iter_mut()) {
+                let token = token.clone();
+                phase.add(
+                    measure(calls * sessions, || async move {
+                        proxied_calls(addr, f.1, &token, sessions, calls, f.2, f.3).await
+                    })
+                    .await,
+                );
+            }
+        }
+        let (d50, d99) = direct.latency();
+        let direct_rate = direct.rate();
+        let direct_cpu = direct.cpu_us();
+        println!(
+            "tools/call echo, {sessions} session(s), {calls} calls each, median of {} round(s): direct stdio p50 {d50:.3} ms p99 {d99:.3} ms {direct_rate:.0} calls/s, {direct_cpu:.0} µs of machine CPU per call ({:.0} in the bench's clients)",
+            opts.rounds,
+            direct.own_us(),
+        );
+        for (f, phase) in forms.iter().zip(proxied.iter()) {
+            let (p50, p99) = phase.latency();
+            let rate = phase.rate();
             let form = format!(
                 "{}, client {}, {} answers",
-                if app == "tm" {
+                if f.1 == "tm" {
                     "agent in-process"
                 } else {
                     "agent process   "
                 },
-                if h1 { "HTTP/1.1" } else { "HTTP/2  " },
-                if sse_only { "SSE " } else { "JSON" },
+                if f.2 { "HTTP/1.1" } else { "HTTP/2  " },
+                if f.3 { "SSE " } else { "JSON" },
             );
             println!(
-                "  proxied, {form}: p50 {p50:.3} ms p99 {p99:.3} ms {proxied_rate:.0} calls/s; added p50 {:.3} ms; throughput kept {:.0}%",
+                "  proxied, {form}: p50 {p50:.3} ms p99 {p99:.3} ms {rate:.0} calls/s, {:.0} µs CPU per call ({:.0} in clients and Portico); added p50 {:.3} ms; throughput kept {:.0}% [{}]",
+                phase.cpu_us(),
+                phase.own_us(),
                 p50 - d50,
-                100.0 * proxied_rate / direct_rate
+                100.0 * rate / direct_rate,
+                f.0,
             );
         }
     }
@@ -503,16 +694,15 @@ async fn main() {
     }
     if all || what == "proxy" {
         // Side by side, alternating, so that both see the same machine.
+        let opts = ProxyOpts::parse(&[]);
         for _ in 0..2 {
-            proxy_overhead(true).await;
-            proxy_overhead(false).await;
+            proxy_overhead(true, &opts).await;
+            proxy_overhead(false, &opts).await;
         }
     }
-    if what == "proxy-tls" {
-        proxy_overhead(true).await;
-    }
-    if what == "proxy-plain" {
-        proxy_overhead(false).await;
+    if what == "proxy-tls" || what == "proxy-plain" {
+        let rest: Vec<String> = std::env::args().skip(2).collect();
+        proxy_overhead(what == "proxy-tls", &ProxyOpts::parse(&rest)).await;
     }
     if all || what == "ls" {
         ls_scale().await;
