@@ -21,8 +21,9 @@ use crate::util::{bin, me, ms, pct, test_mcp_server};
 
 const PASSWORD: &str = "scale-password-1";
 
-/// CPU time (user + system) of a process so far, from /proc.
-fn cpu_of(pid: &str) -> Duration {
+/// CPU time (user + system) of a process so far, from /proc (`"self"`
+/// for this one).
+pub fn cpu_of(pid: &str) -> Duration {
     let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| {

@@ -284,19 +284,6 @@ fn machine_busy_ticks() -> u64 {
     f.iter().take(8).sum::<u64>() - f.get(3).copied().unwrap_or(0) - f.get(4).copied().unwrap_or(0)
 }
 
-/// CPU jiffies (user + system) of this process so far.
-fn own_ticks() -> u64 {
-    std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|s| {
-            let rest = s.rsplit_once(')')?.1.to_string();
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            // utime and stime are fields 14 and 15; `rest` starts at field 3.
-            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-        })
-        .unwrap_or(0)
-}
-
 /// Runs `calls` calls (the closure returns every latency and the rate) and
 /// adds the machine's busy CPU per call.
 async fn measure<F, Fut>(calls: usize, run: F) -> Run
@@ -304,17 +291,17 @@ where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = (Vec<f64>, f64)>,
 {
-    let (before, own_before) = (machine_busy_ticks(), own_ticks());
+    let own = || portico_tests::scale::cpu_of("self");
+    let (before, own_before) = (machine_busy_ticks(), own());
     let (latencies, rate) = run().await;
     let ticks = machine_busy_ticks() - before;
-    let own = own_ticks() - own_before;
-    // USER_HZ is 100 on Linux.
-    let per_call = |t: u64| t as f64 * 10_000.0 / calls.max(1) as f64;
+    let own_us = (own() - own_before).as_secs_f64() * 1e6 / calls.max(1) as f64;
     Run {
         latencies,
         rate,
-        cpu_us: per_call(ticks),
-        own_us: per_call(own),
+        // USER_HZ is 100 on Linux.
+        cpu_us: ticks as f64 * 10_000.0 / calls.max(1) as f64,
+        own_us,
     }
 }
 
