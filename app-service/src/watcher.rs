@@ -226,7 +226,9 @@ pub async fn heartbeats(
     mut stop: watch::Receiver<bool>,
 ) {
     let lapsed = Arc::new(tokio::sync::Notify::new());
-    let renewer = AbortOnDrop(tokio::spawn(renewals(state.clone(), lapsed.clone())));
+    // Dropping the set (on return) aborts the renewals.
+    let mut renewer = tokio::task::JoinSet::new();
+    renewer.spawn(renewals(state.clone(), lapsed.clone()));
     let mut retry = tokio::time::interval(heartbeat_every());
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut synced = state.synced.subscribe();
@@ -248,7 +250,7 @@ pub async fn heartbeats(
             }
             Ok(()) = synced.changed() => {}
             _ = stop.changed() => {
-                drop(renewer);
+                renewer.abort_all();
                 let mut req = request();
                 req.release = true;
                 if let Err(e) = call(&state, req).await {
@@ -288,13 +290,5 @@ pub async fn heartbeats(
                 }
             }
         }
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }

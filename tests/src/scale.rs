@@ -481,7 +481,7 @@ pub async fn run(args: &[String]) {
 }
 
 /// The change events with revisions in (from, to]: how many of each kind
-/// and operation, over how many names, and the time span they cover.
+/// and operation, over how many names.
 async fn events_between(c: &Cluster, from: i64, to: i64) -> String {
     let evs = c
         .auth
