@@ -297,3 +297,101 @@ async fn an_auth_restart_with_ten_thousand_apps_rewrites_none() {
     );
     c.shutdown().await;
 }
+
+/// A registration that stalls in the database holds back neither the
+/// agent's renewals nor its lease. On Postgres, a transaction of the test's
+/// own takes (and does not commit) the very record the agent is about to
+/// write, so the agent's registration waits inside its transaction, past
+/// its call's timeout and its retries. For longer than a lease the agent's
+/// lease must stay ahead of the clock, renewed, and none of its records may
+/// be withdrawn; once the row is let go, the app is served.
+#[tokio::test]
+async fn a_stalled_registration_does_not_hold_back_the_lease() {
+    use portico_core::time::now_ms;
+    use sqlx::{Connection, Row};
+
+    let c = ClusterBuilder::new()
+        .storage(portico_tests::Storage::Postgres)
+        .wildcard_agent("steady")
+        .start()
+        .await;
+    let mut admin = c.admin().await;
+    create_apps(&mut admin, "p", 5).await;
+    eventually(Duration::from_secs(30), "5 apps served", || async {
+        let held = c.auth.backend.held("steady").await.ok()?;
+        (held.len() == 5).then_some(())
+    })
+    .await;
+    let url = c.pg.as_ref().expect("postgres").url.clone();
+    let monitor = sqlx::PgPool::connect(&url).await.expect("connect");
+    let mut blocker = sqlx::PgConnection::connect(&url).await.expect("connect");
+    let mut stall = blocker.begin().await.expect("begin");
+    sqlx::query(
+        "INSERT INTO resources (kind, name, revision, value) VALUES ('app_server', $1, 0, '{}')",
+    )
+    .bind(portico_core::resource::app_server_name("stalled0", "steady"))
+    .execute(&mut *stall)
+    .await
+    .expect("take the record's row");
+    let rev = c.auth.backend.current_revision().await.expect("revision");
+    create_apps(&mut admin, "stalled", 1).await;
+    // The agent's registration is inside its transaction, waiting on the row.
+    eventually(Duration::from_secs(20), "the registration waits", || async {
+        let waiting: i64 = sqlx::query(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'
+               AND query LIKE 'INSERT INTO resources%'",
+        )
+        .fetch_one(&monitor)
+        .await
+        .ok()?
+        .get(0);
+        (waiting > 0).then_some(())
+    })
+    .await;
+    let lease = async || -> i64 {
+        sqlx::query("SELECT expires FROM leases WHERE host_id = 'steady'")
+            .fetch_one(&monitor)
+            .await
+            .expect("the lease")
+            .get(0)
+    };
+    let first = lease().await;
+    let held_from = std::time::Instant::now();
+    // Longer than the 15 s lease, and than two of the agent's call timeouts.
+    while held_from.elapsed() < Duration::from_secs(22) {
+        let expires = lease().await;
+        let now = now_ms();
+        assert!(
+            expires > now,
+            "the lease ran out {} ms ago while a registration was stalled",
+            now - expires
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let last = lease().await;
+    assert!(
+        last >= first + 15_000,
+        "renewals went on: the lease moved {} ms",
+        last - first
+    );
+    let withdrawn: Vec<Event> = server_events(&c, rev)
+        .await
+        .into_iter()
+        .filter(|e| e.op == Op::Delete)
+        .collect();
+    assert!(withdrawn.is_empty(), "records withdrawn: {withdrawn:?}");
+    stall.rollback().await.expect("let the row go");
+    monitor.close().await;
+    let held = eventually(Duration::from_secs(30), "the stalled app served", || async {
+        let held = c.auth.backend.held("steady").await.ok()?;
+        (held.len() == 6).then_some(held)
+    })
+    .await;
+    assert!(
+        held.iter()
+            .any(|(name, _)| name == &portico_core::resource::app_server_name("stalled0", "steady")),
+        "{held:?}"
+    );
+    c.shutdown().await;
+}

@@ -677,15 +677,6 @@ macro_rules! impl_backend {
                     .map(|r| r.try_get(0))
                     .transpose()
                     .map_err(db_error)?;
-                sqlx::query(
-                    "INSERT INTO leases (host_id, expires) VALUES ($1, $2)
-                     ON CONFLICT (host_id) DO UPDATE SET expires = excluded.expires",
-                )
-                .bind(host)
-                .bind(expires)
-                .execute(&mut *tx)
-                .await
-                .map_err(db_error)?;
                 let mut events = Vec::new();
                 if !put.is_empty() || !withdraw.is_empty() {
                     // The records named in this call, whoever holds them:
@@ -769,6 +760,17 @@ macro_rules! impl_backend {
                         advance_revisions(&mut tx, rev).await?;
                     }
                 }
+                // The lease's row is locked last, so a slow batch does not
+                // hold back the agent's renewals (which write only that row).
+                sqlx::query(
+                    "INSERT INTO leases (host_id, expires) VALUES ($1, $2)
+                     ON CONFLICT (host_id) DO UPDATE SET expires = excluded.expires",
+                )
+                .bind(host)
+                .bind(expires)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
                 tx.commit().await.map_err(db_error)?;
                 Ok((was.is_some_and(|e| e >= now_ms), events))
             }
