@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http_body_util::{BodyExt, StreamBody};
+use http_body_util::BodyExt;
 use hyper::body::Frame;
 use portico_core::resource::Transport;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -21,25 +21,28 @@ use portico_mcp::LineReader;
 use portico_tunnel::{H_APP, H_SESSION, H_USER, T_END, TunnelBody};
 
 /// What a session sends up its tunnel stream: lines, then why it ended.
-/// Kept small (a `Bytes`, or a pointer): the channel's memory is slots of
-/// this, allocated 32 at a time per session.
+/// Kept small (a `Bytes`, or a pointer): the queue holds the pieces waiting.
 enum Piece {
     Line(Bytes),
     End(Box<http::HeaderMap>),
 }
 
-type PieceTx = mpsc::Sender<Piece>;
-
-/// A session's response body: its pieces as HTTP/2 data and trailers.
-fn body_of(rx: mpsc::Receiver<Piece>) -> TunnelBody {
-    use tokio_stream::StreamExt;
-    let frames = tokio_stream::wrappers::ReceiverStream::new(rx).map(|p| {
-        Ok(match p {
+impl portico_tunnel::queue::IntoFrame for Piece {
+    fn into_frame(self) -> Frame<Bytes> {
+        match self {
             Piece::Line(b) => Frame::data(b),
             Piece::End(t) => Frame::trailers(*t),
-        })
-    });
-    StreamBody::new(frames).boxed()
+        }
+    }
+}
+
+type PieceTx = portico_tunnel::queue::Tx<Piece>;
+
+/// A session's response body (its pieces as HTTP/2 data and trailers) and
+/// the queue that feeds it.
+fn piece_queue() -> (PieceTx, TunnelBody) {
+    let (tx, body) = portico_tunnel::queue::channel(64);
+    (tx, body.boxed())
 }
 
 /// The trailers that end a session's stream, naming why.
@@ -209,8 +212,7 @@ pub async fn handle(
     tracing::info!(app = %app_name, session = %session, user = %user, pid = pgid, "mcp session started");
     state.metrics.sessions.fetch_add(1, Ordering::Relaxed);
     state.metrics.live.fetch_add(1, Ordering::Relaxed);
-    let (tx, rx) = mpsc::channel(64);
-    let body = body_of(rx);
+    let (tx, body) = piece_queue();
     let st = state.clone();
     tokio::spawn(async move {
         let reason = relay(
@@ -554,7 +556,7 @@ fn upstream_session(
     tracing::info!(app = %app, session = %session, upstream = %url, "mcp session started");
     state.metrics.sessions.fetch_add(1, Ordering::Relaxed);
     state.metrics.live.fetch_add(1, Ordering::Relaxed);
-    let (tx, rx) = mpsc::channel(64);
+    let (tx, body) = piece_queue();
     let (out, mut lines) = mpsc::channel::<Bytes>(64);
     let frames = tx.clone();
     tokio::spawn(async move {
@@ -587,5 +589,5 @@ fn upstream_session(
         state.metrics.live.fetch_sub(1, Ordering::Relaxed);
         drop(permit);
     });
-    hyper::Response::new(body_of(rx))
+    hyper::Response::new(body)
 }

@@ -130,6 +130,8 @@ pub fn boxed(body: Incoming) -> TunnelBody {
 /// through its handler for as long as the tunnel lives. Nothing here can be
 /// claimed from outside the process: an address is only found while this
 /// process holds the socket bound to it.
+pub mod queue;
+
 mod local {
     use std::collections::HashMap;
     use std::net::SocketAddr;

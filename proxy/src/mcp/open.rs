@@ -5,14 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::response::Response;
-use bytes::Bytes;
 use http::StatusCode;
-use http_body_util::{BodyExt, StreamBody};
-use hyper::body::Frame;
+use http_body_util::BodyExt;
 use portico_mcp::jsonrpc::SERVER_ERROR;
 use portico_tunnel::{H_APP, H_SESSION, H_USER, Route};
 use rand::seq::SliceRandom;
-use tokio::sync::mpsc;
 
 use super::Who;
 use super::http::rpc_error;
@@ -88,15 +85,8 @@ async fn dial(state: &Arc<ProxyState>, who: &Who, app: &str) -> Result<Arc<Sessi
         let Some(route) = state.tunnels.route(&host) else {
             continue;
         };
-        // Lines as `Bytes`, not frames: a session's channel holds slots of
-        // this, allocated 32 at a time.
-        let (tx, rx) = mpsc::channel::<Bytes>(256);
-        let body = {
-            use tokio_stream::StreamExt;
-            let frames = tokio_stream::wrappers::ReceiverStream::new(rx)
-                .map(|b| Ok::<_, std::io::Error>(Frame::data(b)));
-            StreamBody::new(frames).boxed()
-        };
+        let (tx, lines) = portico_tunnel::queue::channel(256);
+        let body = lines.boxed();
         let Ok(req) = http::Request::post("http://agent/v1/session")
             .header(H_APP, app)
             .header(H_SESSION, &id)

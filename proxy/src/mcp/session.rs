@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use super::rbac::{self, Asked};
 use crate::ProxyState;
 
-pub type AgentTx = mpsc::Sender<Bytes>;
+pub type AgentTx = portico_tunnel::queue::Tx<Bytes>;
 /// One JSON-RPC message for a client stream.
 pub type StreamTx = mpsc::Sender<Out>;
 
