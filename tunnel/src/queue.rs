@@ -41,6 +41,9 @@ struct Shared<T> {
     state: Mutex<State<T>>,
     /// Signalled when a slot frees up or the body goes away.
     space: Notify,
+    /// Signalled when the body goes away. Apart from `space`, so that a
+    /// task waiting for the end cannot take a freed slot's wake-up.
+    gone: Notify,
 }
 
 impl<T> Shared<T> {
@@ -60,6 +63,7 @@ pub fn channel<T: IntoFrame>(cap: usize) -> (Tx<T>, QueueBody<T>) {
             closed: false,
         }),
         space: Notify::new(),
+        gone: Notify::new(),
     });
     (
         Tx {
@@ -106,15 +110,13 @@ impl<T> Tx<T> {
 
     /// Resolves once the body is gone (the other side stopped reading).
     pub async fn closed(&self) {
-        loop {
-            let space = self.shared.space.notified();
-            tokio::pin!(space);
-            space.as_mut().enable();
-            if self.shared.lock().closed {
-                return;
-            }
-            space.await;
+        let gone = self.shared.gone.notified();
+        tokio::pin!(gone);
+        gone.as_mut().enable();
+        if self.shared.lock().closed {
+            return;
         }
+        gone.await;
     }
 }
 
@@ -182,6 +184,7 @@ impl<T> Drop for QueueBody<T> {
             g.queue = VecDeque::new();
         }
         self.shared.space.notify_waiters();
+        self.shared.gone.notify_waiters();
     }
 }
 
@@ -227,6 +230,27 @@ mod tests {
         drop(body);
         assert!(blocked.await.unwrap().is_err());
         closed.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_task_waiting_for_the_end_does_not_take_a_senders_wake_up() {
+        let (tx, mut body) = channel::<Bytes>(1);
+        tx.send(Bytes::from_static(b"a")).await.unwrap();
+        let tx2 = tx.clone();
+        // The end's waiter first, then a sender that waits for space.
+        let watcher = tokio::spawn(async move { tx2.closed().await });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let sender = tokio::spawn(async move { tx.send(Bytes::from_static(b"b")).await });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        body.frame().await.unwrap().unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), sender)
+            .await
+            .expect("the freed slot woke the sender")
+            .unwrap()
+            .unwrap();
+        assert!(!watcher.is_finished());
+        drop(body);
+        watcher.await.unwrap();
     }
 
     #[tokio::test]
