@@ -689,3 +689,53 @@ async fn psh_asks_once_on_a_terminal_and_remembers() {
     assert!(o.status.success(), "{:?}", portico_tests::cluster::text(&o));
     c.shutdown().await;
 }
+
+/// Over TLS the proxy's HTTP/2 asks clients to keep no HPACK dynamic table
+/// for what they send (SETTINGS_HEADER_TABLE_SIZE 0): h2 would keep slices
+/// of each connection's first header buffer for the connection's life. A
+/// real HTTP/2 client then makes many requests on one connection, all
+/// answered.
+#[tokio::test]
+async fn http2_clients_are_asked_for_no_header_table() {
+    let c = ClusterBuilder::new().proxy().start().await;
+    let mut s = portico_tests::web::stream_alpn(c.proxy_addr(), &[b"h2"]).await;
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .expect("preface");
+    // The server's first frame is its SETTINGS.
+    let mut head = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut head))
+        .await
+        .expect("settings in time")
+        .expect("settings");
+    assert_eq!(head[3], 4, "a SETTINGS frame first: {head:?}");
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0u8; len];
+    s.read_exact(&mut payload).await.expect("settings payload");
+    let table: Vec<u32> = payload
+        .chunks(6)
+        .filter(|e| e.len() == 6 && u16::from_be_bytes([e[0], e[1]]) == 1)
+        .map(|e| u32::from_be_bytes([e[2], e[3], e[4], e[5]]))
+        .collect();
+    assert_eq!(table, vec![0], "SETTINGS_HEADER_TABLE_SIZE in {payload:?}");
+    drop(s);
+
+    let io = hyper_util::rt::TokioIo::new(
+        portico_tests::web::stream_alpn(c.proxy_addr(), &[b"h2"]).await,
+    );
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    for i in 0..200 {
+        let req = http::Request::get(format!("https://{}/healthz", c.proxy_addr()))
+            .header("authorization", format!("Bearer {:064x}", 0))
+            .header("x-request", i.to_string())
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .expect("request");
+        let resp = sender.send_request(req).await.expect("answered");
+        assert_eq!(resp.status(), 200, "request {i}");
+    }
+    c.shutdown().await;
+}

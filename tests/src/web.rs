@@ -95,10 +95,13 @@ pub fn connector_h1(addr: SocketAddr) -> Connector {
 
 /// A connection to the proxy's web port speaking HTTP/1.1 (for raw requests).
 pub async fn stream(addr: SocketAddr) -> Box<dyn portico_tls::net::TokioStream> {
+    stream_alpn(addr, &[b"http/1.1"]).await
+}
+
+/// A connection to the proxy's web port offering `alpn` in the TLS handshake.
+pub async fn stream_alpn(addr: SocketAddr, alpn: &[&[u8]]) -> Box<dyn portico_tls::net::TokioStream> {
     let c = match trust(addr) {
-        Some(t) => Connector::tls(
-            portico_tls::config::client_for(&t, &[b"http/1.1"]).expect("client config"),
-        ),
+        Some(t) => Connector::tls(portico_tls::config::client_for(&t, alpn).expect("client config")),
         None => Connector::plain(),
     };
     c.connect(&addr.to_string())

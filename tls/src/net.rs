@@ -44,6 +44,13 @@ pub struct TlsConn {
     pub info: PeerInfo,
 }
 
+impl TlsConn {
+    /// Whether the client chose HTTP/2 in the handshake (ALPN `h2`).
+    pub fn is_h2(&self) -> bool {
+        self.stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice())
+    }
+}
+
 impl AsyncRead for TlsConn {
     fn poll_read(
         self: Pin<&mut Self>,
