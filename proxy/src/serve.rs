@@ -151,7 +151,8 @@ pub async fn serve(
                         let conn = h2.serve_connection(TokioIo::new(stream), svc);
                         watcher.watch(conn).await.map_err(Into::into)
                     } else {
-                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                        let conn =
+                            builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
                         watcher.watch(conn.into_owned()).await
                     }
                 }

@@ -329,25 +329,31 @@ async fn a_stalled_registration_does_not_hold_back_the_lease() {
     sqlx::query(
         "INSERT INTO resources (kind, name, revision, value) VALUES ('app_server', $1, 0, '{}')",
     )
-    .bind(portico_core::resource::app_server_name("stalled0", "steady"))
+    .bind(portico_core::resource::app_server_name(
+        "stalled0", "steady",
+    ))
     .execute(&mut *stall)
     .await
     .expect("take the record's row");
     let rev = c.auth.backend.current_revision().await.expect("revision");
     create_apps(&mut admin, "stalled", 1).await;
     // The agent's registration is inside its transaction, waiting on the row.
-    eventually(Duration::from_secs(20), "the registration waits", || async {
-        let waiting: i64 = sqlx::query(
-            "SELECT count(*) FROM pg_stat_activity
+    eventually(
+        Duration::from_secs(20),
+        "the registration waits",
+        || async {
+            let waiting: i64 = sqlx::query(
+                "SELECT count(*) FROM pg_stat_activity
              WHERE datname = current_database() AND wait_event_type = 'Lock'
                AND query LIKE 'INSERT INTO resources%'",
-        )
-        .fetch_one(&monitor)
-        .await
-        .ok()?
-        .get(0);
-        (waiting > 0).then_some(())
-    })
+            )
+            .fetch_one(&monitor)
+            .await
+            .ok()?
+            .get(0);
+            (waiting > 0).then_some(())
+        },
+    )
     .await;
     let lease = async || -> i64 {
         sqlx::query("SELECT expires FROM leases WHERE host_id = 'steady'")
@@ -383,10 +389,14 @@ async fn a_stalled_registration_does_not_hold_back_the_lease() {
     assert!(withdrawn.is_empty(), "records withdrawn: {withdrawn:?}");
     stall.rollback().await.expect("let the row go");
     monitor.close().await;
-    let held = eventually(Duration::from_secs(30), "the stalled app served", || async {
-        let held = c.auth.backend.held("steady").await.ok()?;
-        (held.len() == 6).then_some(held)
-    })
+    let held = eventually(
+        Duration::from_secs(30),
+        "the stalled app served",
+        || async {
+            let held = c.auth.backend.held("steady").await.ok()?;
+            (held.len() == 6).then_some(held)
+        },
+    )
     .await;
     assert!(
         held.iter()

@@ -99,9 +99,14 @@ pub async fn stream(addr: SocketAddr) -> Box<dyn portico_tls::net::TokioStream> 
 }
 
 /// A connection to the proxy's web port offering `alpn` in the TLS handshake.
-pub async fn stream_alpn(addr: SocketAddr, alpn: &[&[u8]]) -> Box<dyn portico_tls::net::TokioStream> {
+pub async fn stream_alpn(
+    addr: SocketAddr,
+    alpn: &[&[u8]],
+) -> Box<dyn portico_tls::net::TokioStream> {
     let c = match trust(addr) {
-        Some(t) => Connector::tls(portico_tls::config::client_for(&t, alpn).expect("client config")),
+        Some(t) => {
+            Connector::tls(portico_tls::config::client_for(&t, alpn).expect("client config"))
+        }
         None => Connector::plain(),
     };
     c.connect(&addr.to_string())

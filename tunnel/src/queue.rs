@@ -134,7 +134,11 @@ impl<T> Drop for Tx<T> {
         let reader = {
             let mut g = self.shared.lock();
             g.senders -= 1;
-            if g.senders == 0 { g.reader.take() } else { None }
+            if g.senders == 0 {
+                g.reader.take()
+            } else {
+                None
+            }
         };
         if let Some(w) = reader {
             w.wake();
@@ -225,7 +229,10 @@ mod tests {
         let blocked = tokio::spawn(async move { tx.send(Bytes::from_static(b"b")).await });
         let closed = tokio::spawn(async move { tx2.closed().await });
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        assert!(!blocked.is_finished(), "the second line must wait for space");
+        assert!(
+            !blocked.is_finished(),
+            "the second line must wait for space"
+        );
         assert!(!closed.is_finished(), "the body is still there");
         drop(body);
         assert!(blocked.await.unwrap().is_err());
