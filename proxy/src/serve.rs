@@ -62,14 +62,19 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
         .max_buf_size(64 * 1024);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .max_header_list_size(64 * 1024)
-        // Every answer gets `date_header` instead.
-        .auto_date_header(false);
+    // The HTTP/2 settings of both builders below (two types, one set of
+    // settings).
+    macro_rules! http2_settings {
+        ($b:expr) => {
+            $b.timer(TokioTimer::new())
+                .keep_alive_interval(Some(Duration::from_secs(30)))
+                .keep_alive_timeout(Duration::from_secs(10))
+                .max_header_list_size(64 * 1024)
+                // Every answer gets `date_header` instead.
+                .auto_date_header(false)
+        };
+    }
+    http2_settings!(builder.http2());
     // HTTP/2 over TLS is served by hyper's HTTP/2 server itself, to set what
     // the builder above cannot: no HPACK dynamic table for what clients
     // send. h2 decodes header strings into a 4 KiB buffer per connection
@@ -81,12 +86,7 @@ pub async fn serve(
     // buffer is reused. A TLS client that chose no ALPN still reaches the
     // builder above, which tells the two protocols apart by their bytes.
     let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    h2.timer(TokioTimer::new())
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .max_header_list_size(64 * 1024)
-        .header_table_size(0)
-        .auto_date_header(false);
+    http2_settings!(h2).header_table_size(0);
     loop {
         let (tcp, peer) = tokio::select! {
             a = listener.accept() => match a {

@@ -60,6 +60,20 @@ async fn server_events(c: &portico_tests::Cluster, rev: i64) -> Vec<Event> {
         .collect()
 }
 
+/// Waits until `host` holds `n` `app_server` records, and returns them.
+async fn wait_held(
+    c: &portico_tests::Cluster,
+    host: &str,
+    n: usize,
+    within: Duration,
+) -> Vec<(String, String)> {
+    eventually(within, &format!("{n} apps served by {host}"), || async {
+        let held = c.auth.backend.held(host).await.ok()?;
+        (held.len() == n).then_some(held)
+    })
+    .await
+}
+
 /// Creates `n` apps named `{prefix}{i}` in calls of 500 (one transaction each).
 async fn create_apps(api: &mut AuthClient, prefix: &str, n: usize) {
     let all: Vec<v1::Resource> = (0..n)
@@ -211,11 +225,7 @@ async fn a_killed_agent_process_loses_every_record_when_its_lease_ends() {
         crate::agents::wildcard_agent_process(&c, "doomed", &c.tunnel_addr().to_string()).await;
     let mut admin = c.admin().await;
     create_apps(&mut admin, "k", 200).await;
-    eventually(Duration::from_secs(30), "200 apps served", || async {
-        let held = c.auth.backend.held("doomed").await.ok()?;
-        (held.len() == 200).then_some(())
-    })
-    .await;
+    wait_held(&c, "doomed", 200, Duration::from_secs(30)).await;
     c.wait_servers("k7", &["doomed"]).await;
     let rev = c.auth.backend.current_revision().await.expect("revision");
     agent.start_kill().expect("SIGKILL");
@@ -255,11 +265,7 @@ async fn an_auth_restart_with_ten_thousand_apps_rewrites_none() {
     create_apps(&mut admin, "s", 10_000).await;
     println!("10,000 apps created in {:?}", started.elapsed());
     let started = std::time::Instant::now();
-    eventually(Duration::from_secs(60), "10,000 apps served", || async {
-        let held = c.auth.backend.held("big").await.ok()?;
-        (held.len() == 10_000).then_some(())
-    })
-    .await;
+    wait_held(&c, "big", 10_000, Duration::from_secs(60)).await;
     println!("... and all served {:?} later", started.elapsed());
     let rev = c.auth.backend.current_revision().await.expect("revision");
     c.stop_auth().await;
@@ -317,11 +323,7 @@ async fn a_stalled_registration_does_not_hold_back_the_lease() {
         .await;
     let mut admin = c.admin().await;
     create_apps(&mut admin, "p", 5).await;
-    eventually(Duration::from_secs(30), "5 apps served", || async {
-        let held = c.auth.backend.held("steady").await.ok()?;
-        (held.len() == 5).then_some(())
-    })
-    .await;
+    wait_held(&c, "steady", 5, Duration::from_secs(30)).await;
     let url = c.pg.as_ref().expect("postgres").url.clone();
     let monitor = sqlx::PgPool::connect(&url).await.expect("connect");
     let mut blocker = sqlx::PgConnection::connect(&url).await.expect("connect");
@@ -389,15 +391,7 @@ async fn a_stalled_registration_does_not_hold_back_the_lease() {
     assert!(withdrawn.is_empty(), "records withdrawn: {withdrawn:?}");
     stall.rollback().await.expect("let the row go");
     monitor.close().await;
-    let held = eventually(
-        Duration::from_secs(30),
-        "the stalled app served",
-        || async {
-            let held = c.auth.backend.held("steady").await.ok()?;
-            (held.len() == 6).then_some(held)
-        },
-    )
-    .await;
+    let held = wait_held(&c, "steady", 6, Duration::from_secs(30)).await;
     assert!(
         held.iter()
             .any(|(name, _)| name == &portico_core::resource::app_server_name("stalled0", "steady")),
