@@ -176,6 +176,9 @@ pub struct AgentState {
     pub(crate) announce: tokio::sync::mpsc::UnboundedSender<(String, bool)>,
     /// True once the first snapshot of apps is applied.
     pub(crate) synced: watch::Sender<bool>,
+    /// `app_service.resources`, sent with the app watch so that the
+    /// auth-service sends only the apps they concern.
+    pub(crate) app_selectors: Vec<portico_proto::v1::AppSelector>,
     /// How `mcp+https://` upstreams are reached, or why they cannot be.
     pub(crate) upstream_tls: Result<portico_tls::Connector, String>,
     /// Kills the process groups of MCP servers if the agent dies first.
@@ -442,6 +445,13 @@ pub async fn start(cfg: &AgentConfig, creds: Credentials) -> Result<Agent, Error
     let state = Arc::new(AgentState {
         host_id: host_id.clone(),
         registry: Registry::new(selectors, statics),
+        app_selectors: cfg
+            .resources
+            .iter()
+            .map(|r| portico_proto::v1::AppSelector {
+                labels: r.labels.clone().into_iter().collect(),
+            })
+            .collect(),
         max_message: cfg.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE),
         grace,
         metrics: Metrics::default(),

@@ -54,6 +54,8 @@ async fn watch_once(state: &Arc<AgentState>, attempt: &mut u32) -> Result<(), St
         .watch(WatchRequest {
             kinds: vec!["app".into()],
             from_revision: 0,
+            // Narrows what is sent; the registry still decides what is served.
+            app_selectors: state.app_selectors.clone(),
         })
         .await
         .map_err(|s| s.message().to_string())?

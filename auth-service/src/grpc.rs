@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use portico_core::SystemRole;
+use portico_core::labels::LabelSelector;
 use portico_core::resource::{app_server_name, validate_name};
 use portico_core::time::{format_rfc3339, now_ms};
 use portico_core::{
@@ -601,7 +602,11 @@ impl AuthService for Api {
             self.check(&c, *k, Verb::List).await?;
             self.check(&c, *k, Verb::Read).await?;
         }
-        let events = self.s.hub.watch(check_kinds.clone(), req.from_revision);
+        let apps = app_selectors(&req)?;
+        let events = self
+            .s
+            .hub
+            .watch(check_kinds.clone(), req.from_revision, apps);
         let (out, rx) = mpsc::channel(WATCH_BUFFER);
         let watching = Watching {
             token,
@@ -1755,4 +1760,51 @@ mod guess_tests {
         assert_eq!(guess_network("2001:db8:1:2:ffff::1"), "2001:db8:1:2::/64");
         assert_eq!(guess_network("192.0.2.7"), "192.0.2.7");
     }
+}
+
+/// The most selectors one watch may narrow app events by, and the most
+/// bytes of label keys and values they may hold in all.
+const MAX_APP_SELECTORS: usize = 64;
+const MAX_APP_SELECTOR_BYTES: usize = 16 * 1024;
+
+/// A watch's `app_selectors`, compiled; `None` when there are none.
+fn app_selectors(req: &WatchRequest) -> Result<Option<Vec<LabelSelector>>, Status> {
+    if req.app_selectors.is_empty() {
+        return Ok(None);
+    }
+    if req.from_revision > 0 {
+        return Err(Status::invalid_argument(
+            "app_selectors need a snapshot (from_revision 0): a resumed stream cannot know which apps it sent",
+        ));
+    }
+    if req.app_selectors.len() > MAX_APP_SELECTORS {
+        return Err(Status::invalid_argument(format!(
+            "at most {MAX_APP_SELECTORS} app_selectors per watch"
+        )));
+    }
+    let bytes: usize = req
+        .app_selectors
+        .iter()
+        .flat_map(|s| s.labels.iter())
+        .map(|(k, v)| k.len() + v.len())
+        .sum();
+    if bytes > MAX_APP_SELECTOR_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "app_selectors hold at most {MAX_APP_SELECTOR_BYTES} bytes of labels"
+        )));
+    }
+    req.app_selectors
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let labels: BTreeMap<String, String> = s
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            LabelSelector::from_single(&labels)
+                .map_err(|e| Status::invalid_argument(format!("app_selectors[{i}]: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
 }

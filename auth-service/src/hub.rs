@@ -6,6 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
+use std::collections::{BTreeMap, HashSet};
+
+use portico_core::labels::{LabelSelector, any_matches};
 use portico_core::{Code, Error, Kind};
 use portico_proto::v1::{WatchEvent, watch_event};
 use tokio::sync::{Notify, broadcast, mpsc, watch};
@@ -58,11 +61,14 @@ impl Hub {
         self.tx.receiver_count()
     }
 
-    /// Opens a watch; events (or one final error) arrive on the returned channel.
+    /// Opens a watch; events (or one final error) arrive on the returned
+    /// channel. With `apps`, app events are narrowed to the apps they
+    /// select (see `AppFilter`); that needs a snapshot (`from` 0).
     pub fn watch(
         self: &Arc<Self>,
         kinds: Vec<Kind>,
         from: i64,
+        apps: Option<Vec<LabelSelector>>,
     ) -> mpsc::Receiver<Result<WatchEvent, Error>> {
         let (out, rx) = mpsc::channel(1024);
         let sub = self.tx.subscribe();
@@ -73,6 +79,10 @@ impl Hub {
                 kinds,
                 out,
                 next: from + 1,
+                apps: apps.map(|selectors| AppFilter {
+                    selectors,
+                    sent: HashSet::new(),
+                }),
             };
             if let Err(e) = w.run(sub, from).await {
                 let _ = w.out.send(Err(e)).await;
@@ -133,6 +143,50 @@ struct Watcher {
     out: mpsc::Sender<Result<WatchEvent, Error>>,
     /// The revision this watcher must deliver next.
     next: i64,
+    apps: Option<AppFilter>,
+}
+
+/// Narrows app events to those a watcher's selectors concern: an app they
+/// match, and once more an app this stream sent that stops matching or is
+/// deleted, so that the watcher lets it go. What the watcher did not hear
+/// of it never held, so leaving the rest out changes nothing it decides.
+/// It starts from a snapshot, so it knows every app the stream sent.
+struct AppFilter {
+    selectors: Vec<LabelSelector>,
+    /// Apps sent as matching and not since let go.
+    sent: HashSet<String>,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct Labeled {
+    #[serde(default)]
+    metadata: Labels,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct Labels {
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+impl AppFilter {
+    /// Whether to send this event; `json` is the app as stored.
+    fn admit(&mut self, op: Op, name: &str, json: &str) -> bool {
+        let matches = op == Op::Put && {
+            // An app that cannot be read is sent: the watcher reports it.
+            serde_json::from_str::<Labeled>(json)
+                .map(|l| any_matches(&self.selectors, &l.metadata.labels))
+                .unwrap_or(true)
+        };
+        if matches {
+            if !self.sent.contains(name) {
+                self.sent.insert(name.to_string());
+            }
+            true
+        } else {
+            self.sent.remove(name)
+        }
+    }
 }
 
 impl Watcher {
@@ -144,6 +198,12 @@ impl Watcher {
         if from <= 0 {
             let (records, rev) = self.hub.backend.snapshot(&self.kinds).await?;
             for r in records {
+                if r.kind == Kind::App
+                    && let Some(f) = self.apps.as_mut()
+                    && !f.admit(Op::Put, &r.name, &r.value)
+                {
+                    continue;
+                }
                 self.send(WatchEvent {
                     r#type: watch_event::Type::Put as i32,
                     revision: r.revision,
@@ -207,6 +267,12 @@ impl Watcher {
     async fn deliver(&mut self, e: &Event) -> Result<(), Error> {
         self.next = e.revision + 1;
         if !self.kinds.is_empty() && !self.kinds.contains(&e.kind) {
+            return Ok(());
+        }
+        if e.kind == Kind::App
+            && let Some(f) = self.apps.as_mut()
+            && !f.admit(e.op, &e.name, &e.value)
+        {
             return Ok(());
         }
         let (t, json) = match e.op {

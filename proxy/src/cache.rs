@@ -249,6 +249,7 @@ impl Cache {
             .watch(WatchRequest {
                 kinds,
                 from_revision: 0,
+                ..Default::default()
             })
             .await
             .map_err(|s| s.message().to_string())?

@@ -105,6 +105,7 @@ async fn watch_apps(
         .watch(v1::WatchRequest {
             kinds: vec!["app".into()],
             from_revision: from,
+            ..Default::default()
         })
         .await
         .expect("watch")
@@ -318,6 +319,7 @@ async fn a_postgres_restart_under_load_fails_calls_clearly_and_recovers() {
         .watch(v1::WatchRequest {
             kinds: vec!["app".into()],
             from_revision: 0,
+            ..Default::default()
         })
         .await
         .expect("watch")

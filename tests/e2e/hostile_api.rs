@@ -280,6 +280,7 @@ fn watch_apps(mut api: AuthClient) -> Arc<Mutex<Watched>> {
             .watch(v1::WatchRequest {
                 kinds: vec!["app".into()],
                 from_revision: 0,
+                ..Default::default()
             })
             .await
         {

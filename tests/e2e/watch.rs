@@ -33,6 +33,7 @@ fn collect(mut api: AuthClient, from: i64) -> Arc<Mutex<Vec<(i32, i64)>>> {
             .watch(v1::WatchRequest {
                 kinds: vec![],
                 from_revision: from,
+                ..Default::default()
             })
             .await
             .expect("watch")
@@ -166,6 +167,7 @@ async fn resume_compaction_and_expiry() {
         .watch(v1::WatchRequest {
             kinds: vec!["app".into()],
             from_revision: r1,
+            ..Default::default()
         })
         .await
         .expect("watch")
@@ -185,6 +187,7 @@ async fn resume_compaction_and_expiry() {
             .watch(v1::WatchRequest {
                 kinds: vec!["app_server".into()],
                 from_revision: 0,
+                ..Default::default()
             })
             .await
             .expect("watch")
@@ -368,4 +371,198 @@ async fn postgres_down_at_start_and_mid_request() {
         .collect();
     assert_eq!(names, vec!["after".to_string(), "before".to_string()]);
     server.shutdown();
+}
+
+fn labeled_app(name: &str, env: &str) -> v1::CreateRequest {
+    let app = portico_core::parse::parse_documents(
+        "w",
+        &format!("kind: app\nversion: v3\nmetadata: {{name: {name}, labels: {{env: {env}}}}}\nspec: {{uri: 'mcp+http://x/mcp'}}\n"),
+    )
+    .expect("app");
+    v1::CreateRequest {
+        resources: vec![v1::Resource {
+            kind: "app".into(),
+            json: app[0].to_json(),
+        }],
+        overwrite: true,
+    }
+}
+
+fn selector(key: &str, value: &str) -> v1::AppSelector {
+    v1::AppSelector {
+        labels: [(key.to_string(), value.to_string())].into_iter().collect(),
+    }
+}
+
+/// Reads events until one names `last` (or the snapshot ends, when
+/// `last` is empty): (type, name) of each. After the snapshot (which is
+/// in name order) revisions must rise.
+async fn read_until(
+    s: &mut tonic::Streaming<v1::WatchEvent>,
+    last: &str,
+) -> Vec<(watch_event::Type, String)> {
+    let mut seen = Vec::new();
+    let mut rev = 0;
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(10), s.message())
+            .await
+            .unwrap_or_else(|_| panic!("no event naming {last:?} within 10 s; saw {seen:?}"))
+            .expect("stream")
+            .expect("an event");
+        let t = watch_event::Type::try_from(ev.r#type).expect("type");
+        if t == watch_event::Type::SnapshotEnd {
+            assert!(last.is_empty(), "the snapshot ended early; saw {seen:?}");
+            return seen;
+        }
+        if !last.is_empty() {
+            assert!(
+                ev.revision > rev,
+                "revisions go up: {} after {rev}",
+                ev.revision
+            );
+            rev = ev.revision;
+        }
+        let done = ev.name == last;
+        seen.push((t, ev.name));
+        if done {
+            return seen;
+        }
+    }
+}
+
+/// A watch that names app selectors (as an agent's does) hears of the
+/// apps they match and, once more, of an app it heard of that stops
+/// matching or is deleted; of nothing else. A watch without them hears
+/// of everything.
+#[tokio::test]
+async fn app_selectors_narrow_a_watch_to_the_apps_it_concerns() {
+    use watch_event::Type::{Delete, Put};
+    let c = ClusterBuilder::new().start().await;
+    let mut admin = c.admin().await;
+    admin
+        .create(labeled_app("p1", "prod"))
+        .await
+        .expect("create");
+    admin
+        .create(labeled_app("d1", "dev"))
+        .await
+        .expect("create");
+    let mut narrow = admin
+        .watch(v1::WatchRequest {
+            kinds: vec!["app".into()],
+            from_revision: 0,
+            app_selectors: vec![selector("env", "prod"), selector("env", "^qa-[0-9]+$")],
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut all = admin
+        .watch(v1::WatchRequest {
+            kinds: vec!["app".into()],
+            from_revision: 0,
+            app_selectors: vec![selector("*", "*")],
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    assert_eq!(read_until(&mut narrow, "").await, vec![(Put, "p1".into())]);
+    assert_eq!(
+        read_until(&mut all, "").await.len(),
+        2,
+        "the key * with * selects every app"
+    );
+
+    let steps: &[(&str, Option<&str>)] = &[
+        ("d2", Some("dev")),     // never matches: not sent
+        ("p2", Some("prod")),    // sent
+        ("p1", Some("dev")),     // stops matching: sent once more
+        ("p1", Some("staging")), // let go already: not sent
+        ("d1", None),            // deleted, never sent: not sent
+        ("p1", None),            // deleted after it was let go: not sent
+        ("d2", Some("qa-7")),    // starts matching (the regular expression): sent
+        ("d2", Some("qa-8")),    // still matching: sent
+        ("p2", None),            // deleted while matching: sent
+        ("z9", Some("prod")),    // the end marker
+    ];
+    for (name, env) in steps {
+        match env {
+            Some(env) => {
+                admin.create(labeled_app(name, env)).await.expect("put");
+            }
+            None => {
+                admin
+                    .delete(v1::DeleteRequest {
+                        kind: "app".into(),
+                        name: name.to_string(),
+                    })
+                    .await
+                    .expect("delete");
+            }
+        }
+    }
+    let want: Vec<(watch_event::Type, String)> = vec![
+        (Put, "p2".into()),
+        (Put, "p1".into()),
+        (Put, "d2".into()),
+        (Put, "d2".into()),
+        (Delete, "p2".into()),
+        (Put, "z9".into()),
+    ];
+    assert_eq!(read_until(&mut narrow, "z9").await, want);
+    assert_eq!(
+        read_until(&mut all, "z9").await.len(),
+        steps.len(),
+        "a watch that selects everything hears of every change"
+    );
+}
+
+/// Selectors a watch cannot honour, or that would cost too much, are refused.
+#[tokio::test]
+async fn app_selectors_that_cannot_be_honoured_are_refused() {
+    let c = ClusterBuilder::new().start().await;
+    let mut admin = c.admin().await;
+    admin
+        .create(labeled_app("p1", "prod"))
+        .await
+        .expect("create");
+    let rev = c.auth.backend.current_revision().await.expect("rev");
+    let cases: Vec<(&str, v1::WatchRequest)> = vec![
+        (
+            "snapshot",
+            v1::WatchRequest {
+                kinds: vec!["app".into()],
+                from_revision: rev,
+                app_selectors: vec![selector("env", "prod")],
+            },
+        ),
+        (
+            "app_selectors[0]",
+            v1::WatchRequest {
+                kinds: vec!["app".into()],
+                from_revision: 0,
+                app_selectors: vec![selector("env", "^(unclosed$")],
+            },
+        ),
+        (
+            "at most 64",
+            v1::WatchRequest {
+                kinds: vec!["app".into()],
+                from_revision: 0,
+                app_selectors: (0..65).map(|i| selector("env", &format!("e{i}"))).collect(),
+            },
+        ),
+        (
+            "bytes",
+            v1::WatchRequest {
+                kinds: vec!["app".into()],
+                from_revision: 0,
+                app_selectors: vec![selector("env", &"x".repeat(20_000))],
+            },
+        ),
+    ];
+    for (says, req) in cases {
+        let e = admin.watch(req).await.expect_err(says);
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{says}: {e:?}");
+        assert!(e.message().contains(says), "{says}: {}", e.message());
+    }
 }

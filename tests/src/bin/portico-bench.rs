@@ -65,6 +65,7 @@ async fn store(storage: Storage) {
                 .watch(v1::WatchRequest {
                     kinds: vec!["app".into()],
                     from_revision: 0,
+                    ..Default::default()
                 })
                 .await
                 .expect("watch")
