@@ -432,8 +432,8 @@ async fn read_until(
 
 /// A watch that names app selectors (as an agent's does) hears of the
 /// apps they match and, once more, of an app it heard of that stops
-/// matching or is deleted; of nothing else. A watch without them hears
-/// of everything.
+/// matching or is deleted; of nothing else. A watch selecting `*: *`
+/// hears of every change.
 #[tokio::test]
 async fn app_selectors_narrow_a_watch_to_the_apps_it_concerns() {
     use watch_event::Type::{Delete, Put};
