@@ -2,11 +2,10 @@
 //! revision order and fans them out; each watch stream sends a snapshot,
 //! then every later event exactly once, filling gaps from storage.
 
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
-
-use std::collections::{BTreeMap, HashSet};
 
 use portico_core::labels::{LabelSelector, any_matches};
 use portico_core::{Code, Error, Kind};
@@ -297,5 +296,46 @@ impl Watcher {
             .send(Ok(ev))
             .await
             .map_err(|_| Error::unavailable("watcher went away"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prod_only() -> AppFilter {
+        let labels = BTreeMap::from([("env".to_string(), "prod".to_string())]);
+        AppFilter {
+            selectors: vec![LabelSelector::from_single(&labels).expect("selector")],
+            sent: HashSet::new(),
+        }
+    }
+
+    const DEV: &str = r#"{"kind":"app","metadata":{"name":"x","labels":{"env":"dev"}}}"#;
+    const PROD: &str = r#"{"kind":"app","metadata":{"name":"x","labels":{"env":"prod"}}}"#;
+
+    #[test]
+    fn an_app_that_cannot_be_read_is_sent_and_let_go_like_any_other() {
+        let mut f = prod_only();
+        // The watcher reports what it cannot read; it is not hidden.
+        assert!(f.admit(Op::Put, "x", "{not json"));
+        // Readable now, and not matching: sent once more, then no more.
+        assert!(f.admit(Op::Put, "x", DEV));
+        assert!(!f.admit(Op::Put, "x", DEV));
+        assert!(!f.admit(Op::Delete, "x", DEV));
+    }
+
+    #[test]
+    fn an_app_is_let_go_once_whether_it_stops_matching_or_goes() {
+        let mut f = prod_only();
+        assert!(!f.admit(Op::Put, "x", DEV));
+        assert!(f.admit(Op::Put, "x", PROD));
+        assert!(
+            f.admit(Op::Put, "x", PROD),
+            "every change to a matching app is sent"
+        );
+        assert!(f.admit(Op::Delete, "x", PROD));
+        assert!(!f.admit(Op::Delete, "x", PROD));
+        assert!(f.sent.is_empty());
     }
 }
