@@ -328,7 +328,9 @@ async fn a_postgres_restart_under_load_fails_calls_clearly_and_recovers() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let down = tokio::time::Instant::now();
     pg.down().await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Longer than the pool's 5 s bound: a call made as it went down must
+    // fail (with 4 s a fast restart let every waiting call through).
+    tokio::time::sleep(Duration::from_secs(7)).await;
     pg.up().await;
     let up = tokio::time::Instant::now();
     let mut api = auth.client().await;
