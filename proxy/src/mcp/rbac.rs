@@ -47,6 +47,68 @@ fn target_fields(t: &Target) -> serde_json::Value {
     }
 }
 
+/// What a gated request names: (`tool`, `resource`, `prompt`), one set.
+fn named(t: Option<&Target>) -> (Option<&str>, Option<&str>, Option<&str>) {
+    match t {
+        Some(Target::Tool(n)) => (Some(n), None, None),
+        Some(Target::Resource(u)) => (None, Some(u), None),
+        Some(Target::Prompt(n)) => (None, None, Some(n)),
+        None => (None, None, None),
+    }
+}
+
+/// A request id as JSON-RPC has it: a number or a string.
+fn id_field<S: serde::Serializer>(id: &Option<&Id>, s: S) -> Result<S::Ok, S::Error> {
+    match id {
+        Some(Id::Int(i)) => s.serialize_i64(*i),
+        Some(Id::Str(v)) => s.serialize_str(v),
+        None => s.serialize_none(),
+    }
+}
+
+/// The fields of `mcp.session.request` when the proxy decides (written
+/// straight from here: this runs for every tool call).
+#[derive(serde::Serialize)]
+struct Decided<'a> {
+    user: &'a str,
+    app: &'a str,
+    session: &'a str,
+    method: Option<&'a str>,
+    #[serde(serialize_with = "id_field")]
+    id: Option<&'a Id>,
+    phase: &'static str,
+    allowed: bool,
+    error: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resource: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt: Option<&'a str>,
+}
+
+/// The fields of `mcp.session.request` when a gated request is answered.
+#[derive(serde::Serialize)]
+struct Completed<'a> {
+    user: &'a str,
+    app: &'a str,
+    session: &'a str,
+    #[serde(serialize_with = "id_field")]
+    id: Option<&'a Id>,
+    phase: &'static str,
+    allowed: bool,
+    outcome: &'static str,
+    error: Option<String>,
+    tool_error: bool,
+    ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resource: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt: Option<&'a str>,
+}
+
 /// The caller's permissions right now: the admin preset for the local admin,
 /// the live cache for users (none if the user was deleted).
 pub fn live_checker(state: &ProxyState, s: &Session) -> Option<Arc<AccessChecker>> {
@@ -119,19 +181,27 @@ async fn audit_decision(
     target: Option<&Target>,
     decision: Result<(), &str>,
 ) {
-    let mut fields = json!({
-        "user": s.user, "app": s.app, "session": s.id,
-        "method": msg.method(), "id": msg.id().map(Id::to_value),
-        "phase": "decided", "allowed": decision.is_ok(), "error": decision.err(),
-    });
-    if let (Some(t), Some(obj)) = (target, fields.as_object_mut())
-        && let Some(extra) = target_fields(t).as_object()
-    {
-        obj.extend(extra.clone());
-    }
+    let (tool, resource, prompt) = named(target);
+    let fields = Decided {
+        user: &s.user,
+        app: &s.app,
+        session: &s.id,
+        method: msg.method(),
+        id: msg.id(),
+        phase: "decided",
+        allowed: decision.is_ok(),
+        error: decision.err(),
+        tool,
+        resource,
+        prompt,
+    };
     state
         .audit
-        .record("mcp.session.request", decision.is_ok(), fields)
+        .record_json(
+            "mcp.session.request",
+            decision.is_ok(),
+            serde_json::to_string(&fields).unwrap_or_default(),
+        )
         .await;
 }
 
@@ -174,20 +244,29 @@ pub async fn on_response(
             } else {
                 "ok"
             };
-            let mut fields = json!({
-                "user": s.user, "app": s.app, "session": s.id, "id": msg.id().map(Id::to_value),
-                "phase": "completed", "allowed": true, "outcome": outcome,
-                "error": msg.error_message(), "tool_error": tool_error,
-                "ms": pend.started.elapsed().as_millis() as u64,
-            });
-            if let (Some(obj), Some(extra)) =
-                (fields.as_object_mut(), target_fields(target).as_object())
-            {
-                obj.extend(extra.clone());
-            }
+            let (tool, resource, prompt) = named(Some(target));
+            let fields = Completed {
+                user: &s.user,
+                app: &s.app,
+                session: &s.id,
+                id: msg.id(),
+                phase: "completed",
+                allowed: true,
+                outcome,
+                error: msg.error_message(),
+                tool_error,
+                ms: pend.started.elapsed().as_millis() as u64,
+                tool,
+                resource,
+                prompt,
+            };
             state
                 .audit
-                .record("mcp.session.request", outcome == "ok", fields)
+                .record_json(
+                    "mcp.session.request",
+                    outcome == "ok",
+                    serde_json::to_string(&fields).unwrap_or_default(),
+                )
                 .await;
         }
         _ if msg.is_error() => {
@@ -256,5 +335,85 @@ pub async fn unanswered(state: &ProxyState, s: &Session, id: &Id, pend: &Pending
             .audit
             .record("mcp.session.request", false, fields)
             .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(v: &impl serde::Serialize) -> serde_json::Value {
+        serde_json::from_str(&serde_json::to_string(v).expect("written")).expect("JSON")
+    }
+
+    /// The records written from structs carry exactly the fields (names,
+    /// types, nulls) that the maps they replaced carried.
+    #[test]
+    fn call_records_keep_their_fields() {
+        let tool = Target::Tool("echo".into());
+        let id = Id::Str("k\"1".into());
+        let (t, r, p) = named(Some(&tool));
+        let decided = Decided {
+            user: "u",
+            app: "a",
+            session: "s",
+            method: Some("tools/call"),
+            id: Some(&id),
+            phase: "decided",
+            allowed: false,
+            error: Some("RBAC denied"),
+            tool: t,
+            resource: r,
+            prompt: p,
+        };
+        assert_eq!(
+            fields(&decided),
+            json!({"user": "u", "app": "a", "session": "s", "method": "tools/call",
+                   "id": "k\"1", "phase": "decided", "allowed": false,
+                   "error": "RBAC denied", "tool": "echo"})
+        );
+        // A request that could not be read: no target, and nulls kept.
+        let (t, r, p) = named(None);
+        let unread = Decided {
+            method: None,
+            id: None,
+            allowed: true,
+            error: None,
+            tool: t,
+            resource: r,
+            prompt: p,
+            ..decided
+        };
+        assert_eq!(
+            fields(&unread),
+            json!({"user": "u", "app": "a", "session": "s", "method": null, "id": null,
+                   "phase": "decided", "allowed": true, "error": null})
+        );
+        let resource = Target::Resource("file:///x".into());
+        let (t, r, p) = named(Some(&resource));
+        let id = Id::Int(-7);
+        let completed = Completed {
+            user: "u",
+            app: "a",
+            session: "s",
+            id: Some(&id),
+            phase: "completed",
+            allowed: true,
+            outcome: "tool_error",
+            error: None,
+            tool_error: true,
+            ms: 12,
+            tool: t,
+            resource: r,
+            prompt: p,
+        };
+        assert_eq!(
+            fields(&completed),
+            json!({"user": "u", "app": "a", "session": "s", "id": -7, "phase": "completed",
+                   "allowed": true, "outcome": "tool_error", "error": null,
+                   "tool_error": true, "ms": 12, "resource": "file:///x"})
+        );
+        let prompt = Target::Prompt("p".into());
+        assert_eq!(named(Some(&prompt)), (None, None, Some("p")));
     }
 }
