@@ -1797,12 +1797,7 @@ fn app_selectors(req: &WatchRequest) -> Result<Option<Vec<LabelSelector>>, Statu
         .iter()
         .enumerate()
         .map(|(i, s)| {
-            let labels: BTreeMap<String, String> = s
-                .labels
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            LabelSelector::from_single(&labels)
+            LabelSelector::compile(s.labels.iter().map(|(k, v)| (k, std::slice::from_ref(v))))
                 .map_err(|e| Status::invalid_argument(format!("app_selectors[{i}]: {e}")))
         })
         .collect::<Result<Vec<_>, _>>()

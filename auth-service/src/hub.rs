@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use portico_core::labels::{LabelSelector, any_matches};
@@ -25,6 +25,9 @@ pub struct Hub {
     poke: Notify,
     last: AtomicI64,
     stop: watch::Receiver<bool>,
+    /// App events left out of watches narrowed by `app_selectors`
+    /// (`portico_auth_watch_app_events_skipped_total`).
+    skipped_apps: AtomicU64,
 }
 
 impl Hub {
@@ -41,6 +44,7 @@ impl Hub {
             poke: Notify::new(),
             last: AtomicI64::new(last),
             stop,
+            skipped_apps: AtomicU64::new(0),
         });
         let remote = hub.backend.subscribe_remote_changes().await;
         tokio::spawn(tail(hub.clone(), remote));
@@ -58,6 +62,11 @@ impl Hub {
 
     pub fn watchers(&self) -> usize {
         self.tx.receiver_count()
+    }
+
+    /// App events narrowed watches left out, since start.
+    pub fn skipped_apps(&self) -> u64 {
+        self.skipped_apps.load(Ordering::Relaxed)
     }
 
     /// Opens a watch; events (or one final error) arrive on the returned
@@ -197,10 +206,7 @@ impl Watcher {
         if from <= 0 {
             let (records, rev) = self.hub.backend.snapshot(&self.kinds).await?;
             for r in records {
-                if r.kind == Kind::App
-                    && let Some(f) = self.apps.as_mut()
-                    && !f.admit(Op::Put, &r.name, &r.value)
-                {
+                if r.kind == Kind::App && !self.admit(Op::Put, &r.name, &r.value) {
                     continue;
                 }
                 self.send(WatchEvent {
@@ -268,10 +274,7 @@ impl Watcher {
         if !self.kinds.is_empty() && !self.kinds.contains(&e.kind) {
             return Ok(());
         }
-        if e.kind == Kind::App
-            && let Some(f) = self.apps.as_mut()
-            && !f.admit(e.op, &e.name, &e.value)
-        {
+        if e.kind == Kind::App && !self.admit(e.op, &e.name, &e.value) {
             return Ok(());
         }
         let (t, json) = match e.op {
@@ -289,6 +292,19 @@ impl Watcher {
             json,
         })
         .await
+    }
+
+    /// Whether an app event goes to this watcher (always, unless it is
+    /// narrowed); what is left out is counted.
+    fn admit(&mut self, op: Op, name: &str, json: &str) -> bool {
+        let Some(f) = self.apps.as_mut() else {
+            return true;
+        };
+        let sent = f.admit(op, name, json);
+        if !sent {
+            self.hub.skipped_apps.fetch_add(1, Ordering::Relaxed);
+        }
+        sent
     }
 
     async fn send(&self, ev: WatchEvent) -> Result<(), Error> {

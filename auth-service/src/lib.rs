@@ -578,13 +578,15 @@ impl AuthServer {
              # TYPE portico_auth_logins_total counter\nportico_auth_logins_total{{result=\"ok\"}} {}\nportico_auth_logins_total{{result=\"failed\"}} {}\n\
              # TYPE portico_auth_writes_total counter\nportico_auth_writes_total {}\n\
              # TYPE portico_auth_revision gauge\nportico_auth_revision {}\n\
-             # TYPE portico_auth_watchers gauge\nportico_auth_watchers {}\n",
+             # TYPE portico_auth_watchers gauge\nportico_auth_watchers {}\n\
+             # TYPE portico_auth_watch_app_events_skipped_total counter\nportico_auth_watch_app_events_skipped_total {}\n",
             m.requests.load(Ordering::Relaxed),
             m.logins_ok.load(Ordering::Relaxed),
             m.logins_failed.load(Ordering::Relaxed),
             m.writes.load(Ordering::Relaxed),
             self.hub.last_revision(),
             self.hub.watchers(),
+            self.hub.skipped_apps(),
         )
     }
 }

@@ -14,13 +14,22 @@ use portico_tests::{ClusterBuilder, Storage, eventually};
 use tokio::net::TcpListener;
 
 fn app_req(name: &str) -> v1::CreateRequest {
-    let app = portico_core::parse::parse_documents("w", &format!("kind: app\nversion: v3\nmetadata: {{name: {name}}}\nspec: {{uri: 'mcp+http://x/mcp'}}\n")).expect("app");
+    create_app(&format!("{{name: {name}}}"), false)
+}
+
+/// A create (or, with `overwrite`, a put) of one app whose metadata is `meta`.
+fn create_app(meta: &str, overwrite: bool) -> v1::CreateRequest {
+    let app = portico_core::parse::parse_documents(
+        "w",
+        &format!("kind: app\nversion: v3\nmetadata: {meta}\nspec: {{uri: 'mcp+http://x/mcp'}}\n"),
+    )
+    .expect("app");
     v1::CreateRequest {
         resources: vec![v1::Resource {
             kind: "app".into(),
             json: app[0].to_json(),
         }],
-        overwrite: false,
+        overwrite,
     }
 }
 
@@ -374,18 +383,7 @@ async fn postgres_down_at_start_and_mid_request() {
 }
 
 fn labeled_app(name: &str, env: &str) -> v1::CreateRequest {
-    let app = portico_core::parse::parse_documents(
-        "w",
-        &format!("kind: app\nversion: v3\nmetadata: {{name: {name}, labels: {{env: {env}}}}}\nspec: {{uri: 'mcp+http://x/mcp'}}\n"),
-    )
-    .expect("app");
-    v1::CreateRequest {
-        resources: vec![v1::Resource {
-            kind: "app".into(),
-            json: app[0].to_json(),
-        }],
-        overwrite: true,
-    }
+    create_app(&format!("{{name: {name}, labels: {{env: {env}}}}}"), true)
 }
 
 fn selector(key: &str, value: &str) -> v1::AppSelector {
@@ -565,4 +563,51 @@ async fn app_selectors_that_cannot_be_honoured_are_refused() {
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{says}: {e:?}");
         assert!(e.message().contains(says), "{says}: {}", e.message());
     }
+}
+
+/// An agent's own watch is narrowed by its selectors: an app it does not
+/// serve is left out of what the auth-service sends it.
+#[tokio::test]
+async fn an_agent_is_sent_only_the_apps_it_serves() {
+    let c = ClusterBuilder::new()
+        .selector_agent("h-prod", &[("env", "prod")])
+        .start()
+        .await;
+    let mut admin = c.admin().await;
+    let held = |n: usize| {
+        let c = &c;
+        async move {
+            eventually(
+                Duration::from_secs(10),
+                &format!("{n} apps served"),
+                || async {
+                    let held = c.auth.backend.held("h-prod").await.ok()?;
+                    (held.len() == n).then_some(())
+                },
+            )
+            .await
+        }
+    };
+    admin
+        .create(labeled_app("p1", "prod"))
+        .await
+        .expect("create");
+    held(1).await;
+    let before = c.auth.hub.skipped_apps();
+    // The dev app's event is left out; the prod app after it, which the
+    // same watch delivers in order, shows that the dev one went by.
+    admin
+        .create(labeled_app("d1", "dev"))
+        .await
+        .expect("create");
+    admin
+        .create(labeled_app("p2", "prod"))
+        .await
+        .expect("create");
+    held(2).await;
+    assert_eq!(
+        c.auth.hub.skipped_apps() - before,
+        1,
+        "the agent's watch left out the one app it does not serve"
+    );
 }
