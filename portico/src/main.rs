@@ -8,6 +8,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 mod config;
 mod run;
 
+/// Portico allocates and frees many small buffers per relayed message,
+/// across threads; mimalloc does that with less work than glibc's malloc
+/// (docs/perf/README.md, "The allocator").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "portico",

@@ -114,14 +114,22 @@ impl Auditor {
             success,
             fields_json,
         };
-        match tokio::time::timeout(QUEUE_WAIT, self.tx.send(ev)).await {
-            Ok(Ok(())) => {
-                self.peak.fetch_max(self.queued(), Ordering::Relaxed);
+        // Room in the queue is the common case: no timer for it.
+        let sent = match self.tx.try_send(ev) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(ev)) => {
+                matches!(
+                    tokio::time::timeout(QUEUE_WAIT, self.tx.send(ev)).await,
+                    Ok(Ok(()))
+                )
             }
-            _ => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(event = kind, "audit queue full; event lost");
-            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        };
+        if sent {
+            self.peak.fetch_max(self.queued(), Ordering::Relaxed);
+        } else {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(event = kind, "audit queue full; event lost");
         }
     }
 }

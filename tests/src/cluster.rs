@@ -34,6 +34,7 @@ pub struct ClusterBuilder {
     plain_http: bool,
     idle_timeout: Option<String>,
     max_sessions_per_user: Option<usize>,
+    max_connections_per_address: Option<usize>,
     /// The proxy's header and body read timeouts.
     timeouts: Option<(String, String)>,
     /// `auth_service.event_retention`.
@@ -57,6 +58,7 @@ impl ClusterBuilder {
             plain_http: false,
             idle_timeout: None,
             max_sessions_per_user: None,
+            max_connections_per_address: None,
             timeouts: None,
             event_retention: None,
         }
@@ -103,6 +105,11 @@ impl ClusterBuilder {
     /// The proxy's cap on open MCP sessions per user (default 256).
     pub fn max_sessions_per_user(mut self, n: usize) -> Self {
         self.max_sessions_per_user = Some(n);
+        self
+    }
+    /// The proxy's cap on open connections per client address (default 512).
+    pub fn max_connections_per_address(mut self, n: usize) -> Self {
+        self.max_connections_per_address = Some(n);
         self
     }
     /// An agent configured by a YAML document with an `app_service:` section
@@ -185,6 +192,7 @@ impl ClusterBuilder {
                 auth_servers: vec![c.auth_addr.to_string()],
                 session_idle_timeout: self.idle_timeout.clone(),
                 max_sessions_per_user: self.max_sessions_per_user,
+                max_connections_per_address: self.max_connections_per_address,
                 header_timeout: self.timeouts.as_ref().map(|t| t.0.clone()),
                 body_timeout: self.timeouts.as_ref().map(|t| t.1.clone()),
                 plain_http: self.plain_http,

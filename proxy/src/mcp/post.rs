@@ -26,11 +26,12 @@ pub async fn post(
     app: String,
     req: axum::extract::Request,
 ) -> Response {
-    let headers = req.headers().clone();
+    let (parts, body) = req.into_parts();
+    let headers = parts.headers;
     if let Err(r) = check_headers(&headers) {
         return r;
     }
-    let body = match read_body(&state, req).await {
+    let body = match read_body(&state, body).await {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -133,9 +134,9 @@ fn check_headers(headers: &HeaderMap) -> Result<(), Response> {
     Ok(())
 }
 
-async fn read_body(state: &ProxyState, req: axum::extract::Request) -> Result<Bytes, Response> {
+async fn read_body(state: &ProxyState, body: Body) -> Result<Bytes, Response> {
     use http_body_util::BodyExt;
-    let limited = http_body_util::Limited::new(req.into_body(), state.max_body);
+    let limited = http_body_util::Limited::new(body, state.max_body);
     match tokio::time::timeout(state.body_timeout, limited.collect()).await {
         Ok(Ok(b)) => Ok(b.to_bytes()),
         Ok(Err(e))

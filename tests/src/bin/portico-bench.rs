@@ -605,7 +605,9 @@ async fn ls_scale() {
 
 async fn memory() {
     let base = rss_kib();
+    // Each of the 1,000 sessions below keeps a connection of its own.
     let c = ClusterBuilder::new()
+        .max_connections_per_address(2048)
         .proxy()
         .wildcard_agent("a1")
         .start()
@@ -667,6 +669,11 @@ async fn memory() {
         s.delete().await;
     }
 }
+
+/// The allocator the `portico` binary uses, so that Portico in this
+/// process allocates as it does in production.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() {
