@@ -1474,34 +1474,8 @@ impl AuthService for Api {
         let c = self.caller(&req, "emit_events").await?;
         self.require_service(&c).await?;
         self.check(&c, Kind::Event, Verb::Create).await?;
-        let p = c.p;
         let events = req.into_inner().events;
-        if events.len() > 1000 {
-            return Err(Status::invalid_argument("at most 1000 events per call"));
-        }
-        let now = now_ms();
-        let mut recs = Vec::with_capacity(events.len());
-        for e in events {
-            if e.r#type.is_empty() || e.r#type.len() > 64 || e.fields_json.len() > 64 * 1024 {
-                return Err(Status::invalid_argument(
-                    "an event needs a type (at most 64 characters) and at most 64 KiB of fields",
-                ));
-            }
-            let fields = event_fields(&e.fields_json, &p.name)?;
-            recs.push(AuditRecord {
-                id: 0,
-                time_ms: now,
-                kind: e.r#type,
-                actor: p.name.clone(),
-                success: e.success,
-                fields: fields.to_string(),
-            });
-        }
-        self.s
-            .backend
-            .append_audit(&recs)
-            .await
-            .map_err(to_status)?;
+        store_events(&self.s, &events, &c.p.name).await?;
         Ok(Response::new(EmitEventResponse {}))
     }
 
@@ -1625,6 +1599,38 @@ impl EventFilter<'_> {
 
 /// An emitted event's fields: a JSON object whose `actor` is the service
 /// that sent it, whatever the sender wrote there.
+/// Checks and stores a service's audit events under `actor`, its own name
+/// (whatever the fields claim): `EmitEvents`, and the hand-over from a
+/// service in this process (`LocalAudit`).
+pub(crate) async fn store_events(
+    s: &AuthServer,
+    events: &[EmitEventRequest],
+    actor: &str,
+) -> Result<(), Status> {
+    if events.len() > 1000 {
+        return Err(Status::invalid_argument("at most 1000 events per call"));
+    }
+    let now = now_ms();
+    let mut recs = Vec::with_capacity(events.len());
+    for e in events {
+        if e.r#type.is_empty() || e.r#type.len() > 64 || e.fields_json.len() > 64 * 1024 {
+            return Err(Status::invalid_argument(
+                "an event needs a type (at most 64 characters) and at most 64 KiB of fields",
+            ));
+        }
+        let fields = event_fields(&e.fields_json, actor)?;
+        recs.push(AuditRecord {
+            id: 0,
+            time_ms: now,
+            kind: e.r#type.clone(),
+            actor: actor.to_string(),
+            success: e.success,
+            fields: fields.to_string(),
+        });
+    }
+    s.backend.append_audit(&recs).await.map_err(to_status)
+}
+
 fn event_fields(json: &str, actor: &str) -> Result<serde_json::Value, Status> {
     let mut fields = if json.is_empty() {
         serde_json::Map::new()

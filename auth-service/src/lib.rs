@@ -233,6 +233,21 @@ pub struct AuthServer {
 /// What a service running in this process needs to talk to the cluster.
 pub use portico_proto::join::Issued as IssuedIdentity;
 
+/// Audit events handed over by a service in this process: checked and
+/// stored as `EmitEvents` does, under the service's own name, without
+/// gRPC (the all-in-one's proxy uses it).
+pub struct LocalAuditor(Arc<AuthServer>);
+
+impl portico_proto::client::LocalAudit for LocalAuditor {
+    fn emit<'a>(
+        &'a self,
+        actor: &'a str,
+        events: &'a [portico_proto::v1::EmitEventRequest],
+    ) -> portico_proto::client::EmitFuture<'a> {
+        Box::pin(grpc::store_events(&self.0, events, actor))
+    }
+}
+
 impl AuthServer {
     /// `/readyz`: 200 while the database answers within 2 s, else 503 with why.
     pub async fn readiness(&self) -> (axum::http::StatusCode, &'static str) {
@@ -485,6 +500,11 @@ impl AuthServer {
                 .await;
         }
         Ok(expires)
+    }
+
+    /// Where services in this process hand their audit events.
+    pub fn local_auditor(self: &Arc<Self>) -> Arc<LocalAuditor> {
+        Arc::new(LocalAuditor(self.clone()))
     }
 
     /// An identity for a service running in this process (the all-in-one).

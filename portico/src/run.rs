@@ -153,9 +153,19 @@ async fn start_proxy(
     }
     let joins = p.join_token.is_some() || p.join_token_file.is_some();
     let host = p.host_id.clone().unwrap_or_else(|| "local-proxy".into());
+    let issued = local_identity(auth, joins, host, portico_core::SystemRole::Proxy).await?;
+    // A proxy whose identity this process's auth-service issued hands its
+    // audit events to it directly.
+    let local_audit = match (auth, &issued) {
+        (Some(a), Some(_)) => {
+            Some(a.server.local_auditor() as std::sync::Arc<dyn portico_proto::client::LocalAudit>)
+        }
+        _ => None,
+    };
     let creds = portico_proxy::Credentials {
-        issued: local_identity(auth, joins, host, portico_core::SystemRole::Proxy).await?,
+        issued,
         data_dir: data_dir.to_path_buf(),
+        local_audit,
     };
     let listeners = portico_proxy::Listeners {
         web: bind(&p.web_listen_addr, "proxy web listener").await?,

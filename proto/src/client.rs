@@ -30,6 +30,23 @@ impl tonic::service::Interceptor for Bearer {
 
 pub type AuthClient = AuthServiceClient<InterceptedService<Channel, Bearer>>;
 
+/// What `EmitEvents` returns, without the gRPC on either side.
+pub type EmitFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), tonic::Status>> + Send + 'a>>;
+
+/// An auth-service in the caller's own process, to which a service hands
+/// its audit events directly: the same checks and storage as `EmitEvents`,
+/// with no gRPC, HTTP/2 or TLS between them. `actor` is the service's own
+/// name (its identity's host id): in one process there is no certificate
+/// or token to take it from.
+pub trait LocalAudit: Send + Sync {
+    fn emit<'a>(
+        &'a self,
+        actor: &'a str,
+        events: &'a [crate::v1::EmitEventRequest],
+    ) -> EmitFuture<'a>;
+}
+
 /// Where an API is and how its server is trusted.
 #[derive(Clone)]
 pub struct Dial {

@@ -1,10 +1,11 @@
 //! Audit events from the proxy go to the auth-service in the background,
-//! through a bounded queue, so the request path never waits on them.
+//! through a bounded queue, so the request path never waits on them: over
+//! gRPC, or handed over directly to an auth-service in the same process.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use portico_proto::client::AuthClient;
+use portico_proto::client::{AuthClient, LocalAudit};
 use portico_proto::v1::{EmitEventRequest, EmitEventsRequest};
 use tokio::sync::mpsc;
 
@@ -26,8 +27,32 @@ pub struct Auditor {
 /// How long a session waits for room in a full queue before the event counts as lost.
 const QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Where the proxy's audit events are stored.
+#[derive(Clone)]
+pub enum Sink {
+    /// `EmitEvents` on the auth-service.
+    Remote(AuthClient),
+    /// An auth-service in this process (the all-in-one), and the proxy's
+    /// own name there.
+    Local(Arc<dyn LocalAudit>, String),
+}
+
+impl Sink {
+    async fn emit(&self, events: &[EmitEventRequest]) -> Result<(), tonic::Status> {
+        match self {
+            Sink::Remote(api) => {
+                let req = EmitEventsRequest {
+                    events: events.to_vec(),
+                };
+                api.clone().emit_events(req).await.map(|_| ())
+            }
+            Sink::Local(l, actor) => l.emit(actor, events).await,
+        }
+    }
+}
+
 impl Auditor {
-    pub fn start(api: AuthClient) -> Self {
+    pub fn start(sink: Sink) -> Self {
         let (tx, mut rx) = mpsc::channel::<EmitEventRequest>(QUEUE);
         let dropped = Arc::new(AtomicU64::new(0));
         let lost_counter = dropped.clone();
@@ -54,16 +79,12 @@ impl Auditor {
                             .to_string(),
                     });
                 }
-                let req = EmitEventsRequest {
-                    events: std::mem::take(&mut batch),
-                };
-                let n = req.events.len() as u64;
-                let mut api = api.clone();
+                let n = batch.len() as u64;
                 let mut delay = std::time::Duration::from_millis(100);
                 let mut stored = false;
                 // Retry while the auth-service is away, then count these as lost.
                 for _ in 0..8 {
-                    match api.emit_events(req.clone()).await {
+                    match sink.emit(&batch).await {
                         Ok(_) => {
                             stored = true;
                             break;
@@ -86,6 +107,7 @@ impl Auditor {
                     lost_counter.fetch_add(real, Ordering::Relaxed);
                     tracing::error!(events = real, "audit events lost after retries");
                 }
+                batch.clear();
             }
         });
         Auditor {
@@ -148,7 +170,7 @@ mod tests {
         let dial =
             portico_proto::client::Dial::plain(&silent.local_addr().expect("addr").to_string());
         let api = portico_proto::client::connect_lazy(&dial, None).expect("client");
-        let audit = Auditor::start(api);
+        let audit = Auditor::start(Sink::Remote(api));
         audit.record("t", true, serde_json::json!({"n": 0})).await;
         // The auditor takes it (after gathering for GATHER) and sends it.
         let taken = tokio::time::Instant::now() + std::time::Duration::from_secs(5);

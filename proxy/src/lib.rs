@@ -19,7 +19,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use portico_core::Error;
-use portico_proto::client::{AuthClient, channel_lazy, with_token};
+use portico_proto::client::{channel_lazy, with_token};
 use portico_proto::join::Credentials as JoinCredentials;
 use portico_tunnel::{Authenticator as TunnelAuth, TunnelServer};
 use serde::Deserialize;
@@ -185,6 +185,9 @@ pub struct Credentials {
     /// loads its saved identity or joins.
     pub issued: Option<Arc<JoinCredentials>>,
     pub data_dir: PathBuf,
+    /// An auth-service in this process, to which audit events are handed
+    /// directly rather than sent over gRPC.
+    pub local_audit: Option<Arc<dyn portico_proto::client::LocalAudit>>,
 }
 
 impl Credentials {
@@ -192,6 +195,7 @@ impl Credentials {
         Credentials {
             issued: None,
             data_dir: data_dir.into(),
+            local_audit: None,
         }
     }
 }
@@ -285,7 +289,11 @@ pub async fn start(
         &[portico_tls::ALPN_TUNNEL],
     )
     .map_err(Error::internal)?;
-    let state = Arc::new(ProxyState::new(cfg, channel.clone(), api.clone())?);
+    let sink = match creds.local_audit {
+        Some(l) => crate::audit::Sink::Local(l, identity.host_id.clone()),
+        None => crate::audit::Sink::Remote(api.clone()),
+    };
+    let state = Arc::new(ProxyState::new(cfg, channel.clone(), sink)?);
     let (stop, stop_rx) = watch::channel(false);
     tokio::spawn(portico_proto::join::renew_forever(
         identity.clone(),
@@ -358,13 +366,13 @@ pub async fn start(
 }
 
 impl ProxyState {
-    fn new(cfg: &ProxyConfig, channel: Channel, api: AuthClient) -> Result<Self, Error> {
+    fn new(cfg: &ProxyConfig, channel: Channel, sink: crate::audit::Sink) -> Result<Self, Error> {
         Ok(ProxyState {
             cache: Arc::new(Cache::default()),
             tunnels: TunnelServer::new(),
             sessions: Sessions::default(),
             authn: Authenticator::new(channel.clone()),
-            audit: Auditor::start(api),
+            audit: Auditor::start(sink),
             auth_channel: channel,
             max_message: portico_mcp::DEFAULT_MAX_MESSAGE,
             max_body: cfg.max_body_bytes.unwrap_or(4 * 1024 * 1024),

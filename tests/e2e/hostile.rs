@@ -820,6 +820,57 @@ async fn resource_and_prompt_rbac() {
     c.shutdown().await;
 }
 
+/// A tool call's records carry the proxy's own name as actor, and the
+/// same fields, whether the proxy hands them to the auth-service in its
+/// process (as the all-in-one does) or sends them over gRPC (a proxy in a
+/// process of its own).
+#[tokio::test]
+async fn tool_calls_are_audited_alike_in_process_and_over_grpc() {
+    let mut seen = Vec::new();
+    for (path, b) in [
+        ("in process", ClusterBuilder::new()),
+        ("over gRPC", ClusterBuilder::new().audit_over_grpc()),
+    ] {
+        let c = cluster_with_app(b).await;
+        let proxy = c.proxy.as_ref().expect("proxy").identity.host_id.clone();
+        let mut m = open(&c, "mallory").await;
+        let r = m.call("echo", json!({"message": "audited"})).await;
+        assert_eq!(r["result"]["content"][0]["text"], "audited", "{path}: {r}");
+        let r = m.call("touch", json!({"path": "/nonexistent/x"})).await;
+        assert_rbac_denied(&r, "touch");
+        let evs = eventually(Duration::from_secs(10), "the calls audited", || async {
+            let evs: Vec<Value> = request_events(&c)
+                .await?
+                .into_iter()
+                .filter(|e| e["fields"]["user"] == "mallory" && e["fields"]["tool"].is_string())
+                .collect();
+            (evs.len() >= 3).then_some(evs)
+        })
+        .await;
+        let mut records = Vec::new();
+        for e in &evs {
+            assert_eq!(e["actor"], proxy.as_str(), "{path}: {e}");
+            assert_eq!(e["fields"]["actor"], proxy.as_str(), "{path}: {e}");
+            let f = e["fields"].as_object().expect("fields");
+            let mut keys: Vec<&str> = f.keys().map(String::as_str).collect();
+            keys.sort();
+            records.push(format!(
+                "{} {} {} {} {}",
+                f["tool"],
+                f["phase"],
+                f["allowed"],
+                e["success"],
+                keys.join(",")
+            ));
+        }
+        records.sort();
+        assert_eq!(records.len(), 3, "{path}: {records:?}");
+        seen.push(records);
+        c.shutdown().await;
+    }
+    assert_eq!(seen[0], seen[1], "the same records on both paths");
+}
+
 #[tokio::test]
 async fn denials_are_audited() {
     let c = cluster_with_app(ClusterBuilder::new()).await;

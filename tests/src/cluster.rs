@@ -35,6 +35,7 @@ pub struct ClusterBuilder {
     idle_timeout: Option<String>,
     max_sessions_per_user: Option<usize>,
     max_connections_per_address: Option<usize>,
+    audit_over_grpc: bool,
     /// The proxy's header and body read timeouts.
     timeouts: Option<(String, String)>,
     /// `auth_service.event_retention`.
@@ -59,6 +60,7 @@ impl ClusterBuilder {
             idle_timeout: None,
             max_sessions_per_user: None,
             max_connections_per_address: None,
+            audit_over_grpc: false,
             timeouts: None,
             event_retention: None,
         }
@@ -110,6 +112,12 @@ impl ClusterBuilder {
     /// The proxy's cap on open connections per client address (default 512).
     pub fn max_connections_per_address(mut self, n: usize) -> Self {
         self.max_connections_per_address = Some(n);
+        self
+    }
+    /// The proxy sends its audit events over gRPC instead of handing them
+    /// to the auth-service in this process (see `Cluster::audit_over_grpc`).
+    pub fn audit_over_grpc(mut self) -> Self {
+        self.audit_over_grpc = true;
         self
     }
     /// An agent configured by a YAML document with an `app_service:` section
@@ -186,6 +194,7 @@ impl ClusterBuilder {
             proxy: None,
             agents: vec![],
             dir,
+            audit_over_grpc: self.audit_over_grpc,
         };
         if self.proxy {
             let cfg = ProxyConfig {
@@ -280,6 +289,10 @@ pub struct Cluster {
     pub proxy: Option<Proxy>,
     pub agents: Vec<(String, Agent)>,
     pub dir: TempDir,
+    /// The proxy sends its audit events over gRPC (`EmitEvents`), as a
+    /// proxy in a process of its own does, rather than handing them to
+    /// the auth-service in this process, as the all-in-one does.
+    pub audit_over_grpc: bool,
 }
 
 impl Cluster {
@@ -384,7 +397,11 @@ impl Cluster {
             tunnel: TcpListener::bind("127.0.0.1:0").await.expect("bind tunnel"),
         };
         let dir = self.dir.path().join("proxy");
-        let p = portico_proxy::start(&cfg, portico_proxy::Credentials::join(dir), listeners)
+        let mut creds = portico_proxy::Credentials::join(dir);
+        if !self.audit_over_grpc {
+            creds.local_audit = Some(self.auth.local_auditor());
+        }
+        let p = portico_proxy::start(&cfg, creds, listeners)
             .await
             .expect("proxy starts");
         crate::web::register(&p);
