@@ -125,6 +125,27 @@ async fn quick_start_as_a_newcomer() {
         let body = String::from_utf8_lossy(&e.body).to_string();
         assert!(body.contains("docker"), "{body}");
     }
+    // The proxy hands its audit events to the auth-service in its process;
+    // they are stored under the proxy's own name, whatever happened.
+    let audited = eventually(Duration::from_secs(10), "the session audited", || async {
+        let args = ["events", "ls", "--format", "json"]
+            .map(String::from)
+            .to_vec();
+        let o = pctl(args, None).await;
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+        v.as_array()?
+            .iter()
+            .find(|e| {
+                e["type"]
+                    .as_str()
+                    .is_some_and(|t| t.starts_with("mcp.session"))
+            })
+            .cloned()
+    })
+    .await;
+    assert_eq!(audited["actor"], "local-proxy", "{audited}");
+    assert_eq!(audited["fields"]["actor"], "local-proxy", "{audited}");
+    assert_eq!(audited["fields"]["user"], "alice", "{audited}");
 
     let pid = child.id().expect("pid");
     let st = std::process::Command::new("kill")
