@@ -248,6 +248,17 @@ impl Message {
         Bytes::from(serde_json::to_vec(&self.obj).unwrap_or_default())
     }
 
+    /// The canonical form followed by a newline: one line of a stdio
+    /// stream, written in one buffer.
+    pub fn to_line(&self) -> Bytes {
+        let mut v = Vec::with_capacity(256);
+        if serde_json::to_writer(&mut v, &self.obj).is_err() {
+            v.clear();
+        }
+        v.push(b'\n');
+        Bytes::from(v)
+    }
+
     /// The message with another id (for a request replayed under a new id).
     pub fn with_id(&self, id: Id) -> Message {
         let mut obj = self.obj.clone();
@@ -343,6 +354,11 @@ mod tests {
         assert_eq!(m.param_str(&["name"]), Some("get-sum"));
         let again = Message::parse(&m.to_bytes()).expect("canonical re-parses");
         assert_eq!(again, m);
+        // A stdio line is the canonical form and a newline, nothing else.
+        let line = m.to_line();
+        assert_eq!(&line[..line.len() - 1], &m.to_bytes()[..]);
+        assert_eq!(line.last(), Some(&b'\n'));
+        assert!(!line[..line.len() - 1].contains(&b'\n'));
     }
 
     #[test]

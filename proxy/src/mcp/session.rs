@@ -339,9 +339,7 @@ impl Session {
                 .closed()
                 .unwrap_or_else(|| "the session has ended".into()));
         };
-        let mut line = msg.to_bytes().to_vec();
-        line.push(b'\n');
-        match tokio::time::timeout(STALL, tx.send(Bytes::from(line))).await {
+        match tokio::time::timeout(STALL, tx.send(msg.to_line())).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(self
                 .closed()
