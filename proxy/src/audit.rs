@@ -22,6 +22,10 @@ pub struct Auditor {
     /// The most events that waited in the queue at once
     /// (`portico_proxy_audit_queue_peak`).
     pub peak: Arc<AtomicU64>,
+    /// Events queued so far, and those since stored or counted as lost:
+    /// `flush` waits for the second to reach the first.
+    accepted: Arc<AtomicU64>,
+    settled: Arc<AtomicU64>,
 }
 
 /// How long a session waits for room in a full queue before the event counts as lost.
@@ -56,6 +60,8 @@ impl Auditor {
         let (tx, mut rx) = mpsc::channel::<EmitEventRequest>(QUEUE);
         let dropped = Arc::new(AtomicU64::new(0));
         let lost_counter = dropped.clone();
+        let settled = Arc::new(AtomicU64::new(0));
+        let done = settled.clone();
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(BATCH);
             // Lost events not yet reported in an `audit.lost` event.
@@ -70,6 +76,7 @@ impl Auditor {
                         Err(_) => break,
                     }
                 }
+                let taken = batch.len() as u64;
                 let lost = lost_counter.load(Ordering::Relaxed);
                 if lost > reported {
                     batch.push(EmitEventRequest {
@@ -107,6 +114,7 @@ impl Auditor {
                     lost_counter.fetch_add(real, Ordering::Relaxed);
                     tracing::error!(events = real, "audit events lost after retries");
                 }
+                done.fetch_add(taken, Ordering::Release);
                 batch.clear();
             }
         });
@@ -114,7 +122,25 @@ impl Auditor {
             tx,
             dropped,
             peak: Arc::default(),
+            accepted: Arc::default(),
+            settled,
         }
+    }
+
+    /// Waits, at most `within`, until every event queued before the call
+    /// has been stored (or counted as lost); says whether that happened.
+    /// A proxy that stops calls it last, so that what it audited while
+    /// stopping does not go with the process.
+    pub async fn flush(&self, within: std::time::Duration) -> bool {
+        let target = self.accepted.load(Ordering::Acquire);
+        let deadline = tokio::time::Instant::now() + within;
+        while self.settled.load(Ordering::Acquire) < target {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        true
     }
 
     /// Events waiting in the queue now (`portico_proxy_audit_queued`).
@@ -148,6 +174,7 @@ impl Auditor {
             Err(mpsc::error::TrySendError::Closed(_)) => false,
         };
         if sent {
+            self.accepted.fetch_add(1, Ordering::Release);
             self.peak.fetch_max(self.queued(), Ordering::Relaxed);
         } else {
             self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -188,5 +215,10 @@ mod tests {
         assert_eq!(audit.queued(), 7);
         assert_eq!(audit.peak.load(Ordering::Relaxed), 7);
         assert_eq!(audit.dropped.load(Ordering::Relaxed), 0);
+        // Nothing is stored by a server that never answers: a flush says
+        // so when its time is up, and does not wait longer.
+        let t = tokio::time::Instant::now();
+        assert!(!audit.flush(std::time::Duration::from_millis(100)).await);
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
     }
 }

@@ -238,6 +238,14 @@ impl Proxy {
         }
         let _ = self.stop.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(10), self.web_task).await;
+        // What was audited while stopping (every session's end) is stored
+        // before the proxy is gone.
+        if !self.state.audit.flush(Duration::from_secs(5)).await {
+            tracing::warn!(
+                queued = self.state.audit.queued(),
+                "some audit events were not stored within 5 s of stopping"
+            );
+        }
     }
 }
 

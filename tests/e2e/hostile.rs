@@ -871,6 +871,54 @@ async fn tool_calls_are_audited_alike_in_process_and_over_grpc() {
     assert_eq!(seen[0], seen[1], "the same records on both paths");
 }
 
+/// A proxy that stops has stored the records of what it ended by the time
+/// it is gone (the end of every open session, with why), on both audit
+/// paths: nothing it queued leaves with the process.
+#[tokio::test]
+async fn a_stopping_proxy_stores_its_audit_before_it_is_gone() {
+    for (path, b) in [
+        ("in process", ClusterBuilder::new()),
+        ("over gRPC", ClusterBuilder::new().audit_over_grpc()),
+    ] {
+        let mut c = cluster_with_app(b).await;
+        let mut ids = Vec::new();
+        let mut sessions = Vec::new();
+        for _ in 0..5 {
+            let s = open(&c, "mallory").await;
+            ids.push(s.session.clone().expect("session id"));
+            sessions.push(s);
+        }
+        c.proxy.take().expect("proxy").shutdown().await;
+        // Read at once, without waiting for anything.
+        let ended: Vec<Value> = c
+            .admin()
+            .await
+            .list_events(portico_proto::v1::ListEventsRequest {
+                r#type: "mcp.session.end".into(),
+                limit: 0,
+                since_ms: 0,
+                ..Default::default()
+            })
+            .await
+            .expect("events")
+            .into_inner()
+            .events
+            .iter()
+            .map(|e| serde_json::from_str(&e.fields_json).expect("fields"))
+            .collect();
+        for id in &ids {
+            assert!(
+                ended
+                    .iter()
+                    .any(|f| f["session"] == id.as_str()
+                        && f["reason"] == "the proxy is shutting down"),
+                "{path}: session {id} ended without a stored record: {ended:?}"
+            );
+        }
+        c.shutdown().await;
+    }
+}
+
 #[tokio::test]
 async fn denials_are_audited() {
     let c = cluster_with_app(ClusterBuilder::new()).await;
