@@ -1756,18 +1756,6 @@ fn app_server_record(host: &str, served: &ServedApp) -> Result<(String, String),
     Ok((name, crate::resources::to_stored(&srv)))
 }
 
-#[cfg(test)]
-mod guess_tests {
-    use super::guess_network;
-
-    #[test]
-    fn ipv6_guesses_count_per_64() {
-        assert_eq!(guess_network("2001:db8:1:2:3:4:5:6"), "2001:db8:1:2::/64");
-        assert_eq!(guess_network("2001:db8:1:2:ffff::1"), "2001:db8:1:2::/64");
-        assert_eq!(guess_network("192.0.2.7"), "192.0.2.7");
-    }
-}
-
 /// The most selectors one watch may narrow app events by, and the most
 /// bytes of label keys and values they may hold in all.
 const MAX_APP_SELECTORS: usize = 64;
@@ -1808,4 +1796,16 @@ fn app_selectors(req: &WatchRequest) -> Result<Option<Vec<LabelSelector>>, Statu
         })
         .collect::<Result<Vec<_>, _>>()
         .map(Some)
+}
+
+#[cfg(test)]
+mod guess_tests {
+    use super::guess_network;
+
+    #[test]
+    fn ipv6_guesses_count_per_64() {
+        assert_eq!(guess_network("2001:db8:1:2:3:4:5:6"), "2001:db8:1:2::/64");
+        assert_eq!(guess_network("2001:db8:1:2:ffff::1"), "2001:db8:1:2::/64");
+        assert_eq!(guess_network("192.0.2.7"), "192.0.2.7");
+    }
 }

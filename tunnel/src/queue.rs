@@ -193,6 +193,7 @@ impl<T> Drop for QueueBody<T> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failing test should say where
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
