@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use portico_proto::client::{AuthClient, connect, with_token};
 use portico_proto::v1::{self, watch_event};
 use portico_tests::{Cluster, ClusterBuilder, TempDir, bin, eventually};
-use serde_json::Value;
 
 const PW: &str = "user-password-1";
 
@@ -33,28 +32,6 @@ async fn client_from(c: &Cluster, local: [u8; 4], token: Option<&str>) -> AuthCl
         .await
         .expect("connect from a second loopback address");
     with_token(ch, token).expect("client")
-}
-
-/// The audit events of one type (or family), oldest first, with parsed fields.
-async fn events(c: &Cluster, kind: &str) -> Vec<(v1::AuditEvent, Value)> {
-    c.admin()
-        .await
-        .list_events(v1::ListEventsRequest {
-            r#type: kind.into(),
-            since_ms: 0,
-            limit: 0,
-            ..Default::default()
-        })
-        .await
-        .expect("list events")
-        .into_inner()
-        .events
-        .into_iter()
-        .map(|e| {
-            let f = serde_json::from_str::<Value>(&e.fields_json).expect("fields are JSON");
-            (e, f)
-        })
-        .collect()
 }
 
 fn app_request(name: &str) -> v1::CreateRequest {
@@ -144,7 +121,7 @@ async fn parallel_guesses_get_no_more_checks_than_the_limit() {
     assert_eq!(ok.user, "vic");
 
     // Every attempt is audited with where it came from.
-    let logins = events(&c, "user.login").await;
+    let logins = c.audit_events("user.login").await;
     let from = |src: &str, success: bool| {
         logins
             .iter()
@@ -175,8 +152,8 @@ async fn only_services_write_audit_events_and_under_their_own_name() {
         assert_eq!(e.code(), tonic::Code::PermissionDenied, "{who}");
         assert!(e.message().contains("only services"), "{}", e.message());
     }
-    assert!(events(&c, "test.forged").await.is_empty());
-    let denied = events(&c, "api.denied").await;
+    assert!(c.audit_events("test.forged").await.is_empty());
+    let denied = c.audit_events("api.denied").await;
     for who in ["ulysses", "admin"] {
         assert!(
             denied.iter().any(|(e, f)| e.actor == who
@@ -201,7 +178,7 @@ async fn only_services_write_audit_events_and_under_their_own_name() {
         .await
         .expect_err("fields must be an object");
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
-    let stored = events(&c, "test.forged").await;
+    let stored = c.audit_events("test.forged").await;
     assert_eq!(stored.len(), 1, "{stored:?}");
     let (e, f) = &stored[0];
     assert_eq!(e.actor, "px-test");
@@ -235,7 +212,7 @@ async fn refusals_are_audited_with_their_source() {
         .expect_err("forged token");
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
 
-    let denied = events(&c, "api.denied").await;
+    let denied = c.audit_events("api.denied").await;
     let create = denied
         .iter()
         .find(|(e, f)| e.actor == "joe" && f["method"] == "create")
@@ -388,7 +365,7 @@ async fn watches_end_when_their_user_loses_access() {
     assert!(msg.contains("read on app"), "{msg}");
 
     // Both endings are audited; the admin's watch goes on.
-    let denied = events(&c, "api.denied").await;
+    let denied = c.audit_events("api.denied").await;
     for who in ["wendy", "rita"] {
         assert!(
             denied.iter().any(|(e, f)| e.actor == who

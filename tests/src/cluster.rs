@@ -568,6 +568,29 @@ impl Cluster {
         self.auth_stop = stop;
     }
 
+    /// The audit events of one type (or family), oldest first, with their
+    /// fields parsed, as the local admin reads them.
+    pub async fn audit_events(&self, kind: &str) -> Vec<(v1::AuditEvent, serde_json::Value)> {
+        self.admin()
+            .await
+            .list_events(v1::ListEventsRequest {
+                r#type: kind.into(),
+                since_ms: 0,
+                limit: 0,
+                ..Default::default()
+            })
+            .await
+            .expect("list events")
+            .into_inner()
+            .events
+            .into_iter()
+            .map(|e| {
+                let f = serde_json::from_str(&e.fields_json).expect("fields are JSON");
+                (e, f)
+            })
+            .collect()
+    }
+
     /// Runs `pctl` against this cluster as the local admin.
     pub async fn pctl(&self, args: &[&str]) -> std::process::Output {
         self.pctl_with(args, &[], None).await
