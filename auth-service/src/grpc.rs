@@ -1597,8 +1597,6 @@ impl EventFilter<'_> {
     }
 }
 
-/// An emitted event's fields: a JSON object whose `actor` is the service
-/// that sent it, whatever the sender wrote there.
 /// Checks and stores a service's audit events under `actor`, its own name
 /// (whatever the fields claim): `EmitEvents`, and the hand-over from a
 /// service in this process (`LocalAudit`).
@@ -1631,6 +1629,8 @@ pub(crate) async fn store_events(
     s.backend.append_audit(&recs).await.map_err(to_status)
 }
 
+/// An emitted event's fields: a JSON object whose `actor` is the service
+/// that sent it, whatever the sender wrote there.
 fn event_fields(json: &str, actor: &str) -> Result<serde_json::Value, Status> {
     let mut fields = if json.is_empty() {
         serde_json::Map::new()

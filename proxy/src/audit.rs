@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use portico_proto::client::{AuthClient, LocalAudit};
 use portico_proto::v1::{EmitEventRequest, EmitEventsRequest};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 const QUEUE: usize = 10_000;
 const BATCH: usize = 500;
@@ -22,17 +22,17 @@ pub struct Auditor {
     /// The most events that waited in the queue at once
     /// (`portico_proxy_audit_queue_peak`).
     pub peak: Arc<AtomicU64>,
-    /// Events queued so far, and those since stored or counted as lost:
-    /// `flush` waits for the second to reach the first.
+    /// Events queued so far, and (from the sending task) those since
+    /// stored or counted as lost: `flush` waits for the second to reach
+    /// the first.
     accepted: Arc<AtomicU64>,
-    settled: Arc<AtomicU64>,
+    settled: watch::Receiver<u64>,
 }
 
 /// How long a session waits for room in a full queue before the event counts as lost.
 const QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Where the proxy's audit events are stored.
-#[derive(Clone)]
 pub enum Sink {
     /// `EmitEvents` on the auth-service.
     Remote(AuthClient),
@@ -60,8 +60,7 @@ impl Auditor {
         let (tx, mut rx) = mpsc::channel::<EmitEventRequest>(QUEUE);
         let dropped = Arc::new(AtomicU64::new(0));
         let lost_counter = dropped.clone();
-        let settled = Arc::new(AtomicU64::new(0));
-        let done = settled.clone();
+        let (done, settled) = watch::channel(0u64);
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(BATCH);
             // Lost events not yet reported in an `audit.lost` event.
@@ -114,7 +113,7 @@ impl Auditor {
                     lost_counter.fetch_add(real, Ordering::Relaxed);
                     tracing::error!(events = real, "audit events lost after retries");
                 }
-                done.fetch_add(taken, Ordering::Release);
+                done.send_modify(|n| *n += taken);
                 batch.clear();
             }
         });
@@ -133,14 +132,11 @@ impl Auditor {
     /// stopping does not go with the process.
     pub async fn flush(&self, within: std::time::Duration) -> bool {
         let target = self.accepted.load(Ordering::Acquire);
-        let deadline = tokio::time::Instant::now() + within;
-        while self.settled.load(Ordering::Acquire) < target {
-            if tokio::time::Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-        true
+        let mut settled = self.settled.clone();
+        matches!(
+            tokio::time::timeout(within, settled.wait_for(|n| *n >= target)).await,
+            Ok(Ok(_))
+        )
     }
 
     /// Events waiting in the queue now (`portico_proxy_audit_queued`).
