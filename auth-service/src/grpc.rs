@@ -1623,33 +1623,20 @@ pub(crate) async fn store_events(
             kind: e.r#type.clone(),
             actor: actor.to_string(),
             success: e.success,
-            fields: fields.to_string(),
+            fields,
         });
     }
     s.backend.append_audit(&recs).await.map_err(to_status)
 }
 
-/// An emitted event's fields: a JSON object whose `actor` is the service
-/// that sent it, whatever the sender wrote there.
-fn event_fields(json: &str, actor: &str) -> Result<serde_json::Value, Status> {
-    let mut fields = if json.is_empty() {
-        serde_json::Map::new()
-    } else {
-        match serde_json::from_str::<serde_json::Value>(json) {
-            Ok(serde_json::Value::Object(m)) => m,
-            Ok(_) => {
-                return Err(Status::invalid_argument(
-                    "fields_json: must be a JSON object",
-                ));
-            }
-            Err(e) => return Err(Status::invalid_argument(format!("fields_json: {e}"))),
+/// An emitted event's fields as stored (`fields::with_actor`).
+fn event_fields(json: &str, actor: &str) -> Result<String, Status> {
+    crate::fields::with_actor(json, actor).map_err(|e| match e {
+        crate::fields::Invalid::NotAnObject => {
+            Status::invalid_argument("fields_json: must be a JSON object")
         }
-    };
-    fields.insert(
-        "actor".to_string(),
-        serde_json::Value::String(actor.to_string()),
-    );
-    Ok(serde_json::Value::Object(fields))
+        crate::fields::Invalid::Json(e) => Status::invalid_argument(format!("fields_json: {e}")),
+    })
 }
 
 /// An open watch: whose, from where, over which kinds.

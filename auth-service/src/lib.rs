@@ -2,6 +2,7 @@
 //! join tokens, RBAC on every call, and the audit log, served over gRPC.
 
 pub mod ca;
+mod fields;
 pub mod grpc;
 pub mod hub;
 pub mod identity;

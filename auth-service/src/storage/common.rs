@@ -562,8 +562,16 @@ macro_rules! impl_backend {
                 }
                 let mut tx = self.pool.begin().await.map_err(db_error)?;
                 // Many rows per statement: one round trip to the database
-                // (for SQLite, to its worker thread) per 200 records.
-                for chunk in events.chunks(200) {
+                // (for SQLite, to its worker thread) per 256 records. The
+                // rest goes in statements of 128, 64, ... rows: a handful of
+                // statements, each prepared once per connection and then
+                // taken from its cache, where a statement of every other
+                // size would be prepared anew.
+                let mut rest = events;
+                while !rest.is_empty() {
+                    let n = if rest.len() >= 256 { 256 } else { 1 << rest.len().ilog2() };
+                    let (chunk, after) = rest.split_at(n);
+                    rest = after;
                     let mut q = sqlx::QueryBuilder::<$db>::new(
                         "INSERT INTO audit (time_ms, type, actor, success, fields) ",
                     );

@@ -166,16 +166,27 @@ async fn registration(storage: Storage) {
 
 /// A way of calling through the proxy: its name for `--only`, the app
 /// ("tm": agent in the proxy's process; "tp": an agent process), HTTP/1.1,
-/// SSE answers only.
-type Form = (&'static str, &'static str, bool, bool);
+/// SSE answers only, and the client: `Lean` drives one HTTP/1.1
+/// connection in the session's own task, as the direct client drives its
+/// pipes; `Pooled` is the tests' client (hyper-util's pooled client, whose
+/// connections run in tasks of their own, and a copy of every answer's
+/// headers), which costs the bench process more per call.
+type Form = (&'static str, &'static str, bool, bool, Client);
 
-const FORMS: [Form; 6] = [
-    ("tm-h2-json", "tm", false, false),
-    ("tm-h2-sse", "tm", false, true),
-    ("tm-h1-json", "tm", true, false),
-    ("tm-h1-sse", "tm", true, true),
-    ("tp-h2-sse", "tp", false, true),
-    ("tp-h1-json", "tp", true, false),
+#[derive(Clone, Copy, PartialEq)]
+enum Client {
+    Lean,
+    Pooled,
+}
+
+const FORMS: [Form; 7] = [
+    ("tm-h2-json", "tm", false, false, Client::Pooled),
+    ("tm-h2-sse", "tm", false, true, Client::Pooled),
+    ("tm-h1-json", "tm", true, false, Client::Lean),
+    ("tm-h1-json-pooled", "tm", true, false, Client::Pooled),
+    ("tm-h1-sse", "tm", true, true, Client::Lean),
+    ("tp-h2-sse", "tp", false, true, Client::Pooled),
+    ("tp-h1-json", "tp", true, false, Client::Lean),
 ];
 
 /// `proxy-tls`/`proxy-plain` options: `--sessions 1,8,16`, `--calls N`
@@ -423,7 +434,7 @@ async fn proxy_overhead(tls: bool, opts: &ProxyOpts) {
                 let token = token.clone();
                 phase.add(
                     measure(calls * sessions, || async move {
-                        proxied_calls(addr, f.1, &token, sessions, calls, f.2, f.3).await
+                        proxied_calls(addr, f.1, &token, sessions, calls, *f).await
                     })
                     .await,
                 );
@@ -441,13 +452,14 @@ async fn proxy_overhead(tls: bool, opts: &ProxyOpts) {
             let (p50, p99) = phase.latency();
             let rate = phase.rate();
             let form = format!(
-                "{}, client {}, {} answers",
+                "{}, client {}{}, {} answers",
                 if f.1 == "tm" {
                     "agent in-process"
                 } else {
                     "agent process   "
                 },
                 if f.2 { "HTTP/1.1" } else { "HTTP/2  " },
+                if f.4 == Client::Pooled { " pooled" } else { "" },
                 if f.3 { "SSE " } else { "JSON" },
             );
             println!(
@@ -479,9 +491,9 @@ async fn proxied_calls(
     token: &str,
     sessions: usize,
     calls: usize,
-    h1: bool,
-    sse_only: bool,
+    form: Form,
 ) -> (Vec<f64>, f64) {
+    let (_, _, h1, sse_only, client) = form;
     let mut proxied = Vec::new();
     let mut set = tokio::task::JoinSet::new();
     let mut clients = Vec::new();
@@ -494,16 +506,31 @@ async fn proxied_calls(
             s = s.sse_only();
         }
         s.initialize().await.expect("init");
-        clients.push(s);
+        let lean = match client {
+            Client::Lean => Some(LeanClient::connect(addr, &s, sse_only).await),
+            Client::Pooled => None,
+        };
+        clients.push((s, lean));
     }
     let t = Instant::now();
-    for mut s in clients {
+    for (mut s, lean) in clients {
         set.spawn(async move {
             let mut v = Vec::with_capacity(calls);
-            for i in 0..calls {
-                let t = Instant::now();
-                s.call("echo", json!({"message": format!("m{i}")})).await;
-                v.push(ms(t.elapsed()));
+            match lean {
+                Some(mut lean) => {
+                    for i in 0..calls {
+                        let t = Instant::now();
+                        lean.call("echo", json!({"message": format!("m{i}")})).await;
+                        v.push(ms(t.elapsed()));
+                    }
+                }
+                None => {
+                    for i in 0..calls {
+                        let t = Instant::now();
+                        s.call("echo", json!({"message": format!("m{i}")})).await;
+                        v.push(ms(t.elapsed()));
+                    }
+                }
             }
             s.delete().await;
             v
@@ -514,6 +541,110 @@ async fn proxied_calls(
     }
     let rate = proxied.len() as f64 / t.elapsed().as_secs_f64();
     (proxied, rate)
+}
+
+type LeanBody = http_body_util::Full<bytes::Bytes>;
+
+/// An MCP client on one HTTP/1.1 connection (hyper's `client::conn`),
+/// driven by the task that calls: what the direct client does with its
+/// pipes (a request written, its answer read and parsed, one timeout per
+/// call), over HTTP. It sends what `McpHttp` sends.
+struct LeanClient {
+    send: hyper::client::conn::http1::SendRequest<LeanBody>,
+    conn: std::pin::Pin<
+        Box<
+            hyper::client::conn::http1::Connection<
+                hyper_util::rt::TokioIo<Box<dyn portico_tls::net::TokioStream>>,
+                LeanBody,
+            >,
+        >,
+    >,
+    headers: http::HeaderMap,
+    path: http::Uri,
+    next_id: i64,
+}
+
+impl LeanClient {
+    /// A connection of its own to the proxy, for the session `s` opened.
+    async fn connect(addr: std::net::SocketAddr, s: &McpHttp, sse_only: bool) -> LeanClient {
+        use http::HeaderValue;
+        let io = hyper_util::rt::TokioIo::new(portico_tests::web::stream(addr).await);
+        let (send, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .expect("HTTP/1.1 handshake");
+        let mut headers = http::HeaderMap::new();
+        let value = |v: &str| HeaderValue::from_str(v).expect("header value");
+        headers.insert(http::header::HOST, value(&addr.to_string()));
+        headers.insert(
+            http::header::AUTHORIZATION,
+            value(&format!("Bearer {}", s.token)),
+        );
+        headers.insert(
+            "mcp-session-id",
+            value(s.session.as_deref().expect("a session")),
+        );
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(
+            http::header::ACCEPT,
+            HeaderValue::from_static(if sse_only {
+                "text/event-stream"
+            } else {
+                "application/json, text/event-stream"
+            }),
+        );
+        let path = s
+            .url
+            .parse::<http::Uri>()
+            .expect("url")
+            .path()
+            .parse()
+            .expect("path");
+        LeanClient {
+            send,
+            conn: Box::pin(conn),
+            headers,
+            path,
+            next_id: 1000,
+        }
+    }
+
+    /// Calls a tool and returns its response message.
+    async fn call(&mut self, tool: &str, args: serde_json::Value) -> serde_json::Value {
+        use http_body_util::BodyExt;
+        self.next_id += 1;
+        let id = self.next_id;
+        let body = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": tool, "arguments": args}});
+        let mut req = http::Request::new(LeanBody::new(bytes::Bytes::from(body.to_string())));
+        *req.method_mut() = http::Method::POST;
+        *req.uri_mut() = self.path.clone();
+        *req.headers_mut() = self.headers.clone();
+        let send = &mut self.send;
+        let exchange = async move {
+            send.ready().await.expect("connection ready");
+            let resp = send.send_request(req).await.expect("answer");
+            let (parts, body) = resp.into_parts();
+            let body = body.collect().await.expect("body").to_bytes();
+            (parts, body)
+        };
+        let within = tokio::time::timeout(Duration::from_secs(30), async {
+            tokio::select! {
+                biased;
+                r = exchange => r,
+                c = self.conn.as_mut() => panic!("the connection to the proxy ended: {c:?}"),
+            }
+        });
+        let (parts, body) = within.await.expect("answer in 30 s");
+        assert_eq!(parts.status, http::StatusCode::OK, "{:?}", body);
+        portico_tests::mcp_http::Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+        .response(id)
+    }
 }
 
 async fn ls_scale() {
