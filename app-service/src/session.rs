@@ -11,14 +11,14 @@ use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use hyper::body::Frame;
 use portico_core::resource::Transport;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Child;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
 use crate::AgentState;
 use crate::spawn::{self, SIGINT, SIGKILL};
 use portico_mcp::LineReader;
-use portico_tunnel::{H_APP, H_SESSION, H_USER, T_END, TunnelBody};
+use portico_tunnel::{H_APP, H_SESSION, H_USER, T_END, TunnelBody, direct};
 
 /// What a session sends up its tunnel stream: lines, then why it ended.
 /// Kept small (a `Bytes`, or a pointer): the queue holds the pieces waiting.
@@ -214,10 +214,20 @@ pub async fn handle(
     state.metrics.live.fetch_add(1, Ordering::Relaxed);
     let (tx, body) = piece_queue();
     let st = state.clone();
+    // A proxy in this process takes the server's lines itself, and is
+    // given its input to write to (`portico_tunnel::direct`).
+    let output = req.extensions().get::<direct::OutputRef>().cloned();
+    let input = child
+        .stdin
+        .take()
+        .map(|w| direct::Input::new(w, state.max_message));
+    let direct_input = input.clone().filter(|_| output.is_some());
     tokio::spawn(async move {
         let reason = relay(
             &st,
             &mut child,
+            input,
+            output,
             req.into_body(),
             tx.clone(),
             end,
@@ -253,6 +263,9 @@ pub async fn handle(
         "content-type",
         http::HeaderValue::from_static("application/x-ndjson"),
     );
+    if let Some(input) = direct_input {
+        resp.extensions_mut().insert(input);
+    }
     resp
 }
 
@@ -297,9 +310,12 @@ fn sanitize(s: &str) -> String {
         .collect()
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn relay(
     state: &AgentState,
     child: &mut Child,
+    stdin: Option<direct::Input>,
+    output: Option<direct::OutputRef>,
     body: TunnelBody,
     tx: PieceTx,
     mut end: tokio::sync::watch::Receiver<Option<String>>,
@@ -307,10 +323,32 @@ async fn relay(
     session: &str,
 ) -> End {
     let (Some(stdin), Some(stdout), Some(stderr)) =
-        (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        (stdin, child.stdout.take(), child.stderr.take())
     else {
         return End::Other("the MCP server's standard streams are not available".into());
     };
+    let result = relay_streams(
+        state, &stdin, stdout, stderr, output, body, tx, &mut end, app, session,
+    )
+    .await;
+    // Whatever still holds the input (a proxy's handler) writes no more.
+    stdin.try_close();
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn relay_streams(
+    state: &AgentState,
+    stdin: &direct::Input,
+    stdout: tokio::process::ChildStdout,
+    stderr: tokio::process::ChildStderr,
+    output: Option<direct::OutputRef>,
+    body: TunnelBody,
+    tx: PieceTx,
+    end: &mut tokio::sync::watch::Receiver<Option<String>>,
+    app: &str,
+    session: &str,
+) -> End {
     let last_err = Arc::new(std::sync::Mutex::new(String::new()));
     let stderr_task = tokio::spawn(log_stderr(
         stderr,
@@ -319,8 +357,8 @@ async fn relay(
         last_err.clone(),
     ));
     // Both directions are polled by this one task: fewer wake-ups per message.
-    let stdin_fut = pump_in(body, stdin, state.max_message);
-    let stdout_fut = pump_out(stdout, tx.clone(), state.max_message);
+    let stdin_fut = pump_in(body, stdin);
+    let stdout_fut = pump_out(stdout, tx.clone(), output, state.max_message);
     tokio::pin!(stdin_fut, stdout_fut);
     let mut stderr_task = stderr_task;
     let exited = async |stderr_task: &mut tokio::task::JoinHandle<()>| {
@@ -360,34 +398,37 @@ async fn relay(
     exited(&mut stderr_task).await
 }
 
-/// Client → server: request body frames to the process's stdin, byte for byte.
-async fn pump_in(
-    mut body: TunnelBody,
-    mut stdin: tokio::process::ChildStdin,
-    max: usize,
-) -> Result<(), String> {
-    while let Some(frame) = body.frame().await {
+/// Client → server: request body frames to the process's stdin, byte for
+/// byte, and its end as the input's end. (A proxy in this process writes
+/// to the input itself; its body then carries only the end.)
+async fn pump_in(mut body: TunnelBody, stdin: &direct::Input) -> Result<(), String> {
+    loop {
+        let frame = tokio::select! {
+            f = body.frame() => f,
+            // A write of the proxy's failed.
+            () = stdin.failed() => return Err("the MCP server closed its input".into()),
+        };
+        let Some(frame) = frame else { break };
         let frame = frame.map_err(|e| format!("the tunnel stream failed: {e}"))?;
         if let Ok(data) = frame.into_data() {
-            if data.len() > max {
-                return Err(format!("a client message exceeded {max} bytes"));
-            }
-            stdin
-                .write_all(&data)
-                .await
-                .map_err(|_| "the MCP server closed its input".to_string())?;
-            stdin
-                .flush()
-                .await
-                .map_err(|_| "the MCP server closed its input".to_string())?;
+            stdin.write(data).await.map_err(|e| match e.kind() {
+                std::io::ErrorKind::InvalidInput => e.to_string(),
+                _ => "the MCP server closed its input".to_string(),
+            })?;
         }
     }
-    drop(stdin);
+    stdin.close().await;
     Ok(())
 }
 
-/// Server → client: stdout split into lines of at most `max` bytes, one frame per line.
-async fn pump_out<R: AsyncRead + Unpin>(stdout: R, tx: PieceTx, max: usize) -> Result<(), String> {
+/// Server → client: stdout split into lines of at most `max` bytes, one
+/// frame per line, or each line handed to the proxy in this process.
+async fn pump_out<R: AsyncRead + Unpin>(
+    stdout: R,
+    tx: PieceTx,
+    output: Option<direct::OutputRef>,
+    max: usize,
+) -> Result<(), String> {
     let mut lines = LineReader::new(stdout, max);
     loop {
         let line = match lines.next_line().await {
@@ -400,6 +441,10 @@ async fn pump_out<R: AsyncRead + Unpin>(stdout: R, tx: PieceTx, max: usize) -> R
             }
             Err(e) => return Err(format!("reading the MCP server failed: {e}")),
         };
+        if let Some(out) = &output {
+            out.0.line(line).await?;
+            continue;
+        }
         let mut framed = BytesMut::with_capacity(line.len() + 1);
         framed.extend_from_slice(&line);
         framed.extend_from_slice(b"\n");

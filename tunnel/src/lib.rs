@@ -10,7 +10,8 @@
 //! authenticate this way, and the tunnel still tells whether the agent is
 //! there; but the proxy then opens sessions by calling the agent's handler
 //! directly (`Route::Local`), so that no message pays for HTTP/2, TLS and
-//! TCP twice in one process. See `local`.
+//! TCP twice in one process. See `local`, and `direct` for how a stdio
+//! session's messages then pass.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -131,6 +132,8 @@ pub fn boxed(body: Incoming) -> TunnelBody {
 /// claimed from outside the process: an address is only found while this
 /// process holds the socket bound to it.
 pub mod queue;
+
+pub mod direct;
 
 mod local {
     use std::collections::HashMap;

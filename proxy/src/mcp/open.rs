@@ -8,12 +8,12 @@ use axum::response::Response;
 use http::StatusCode;
 use http_body_util::BodyExt;
 use portico_mcp::jsonrpc::SERVER_ERROR;
-use portico_tunnel::{H_APP, H_SESSION, H_USER, Route};
+use portico_tunnel::{H_APP, H_SESSION, H_USER, Route, direct};
 use rand::seq::SliceRandom;
 
 use super::Who;
 use super::http::rpc_error;
-use super::session::Session;
+use super::session::{DirectOutput, Session};
 use crate::ProxyState;
 
 /// How long an agent may take to accept a session.
@@ -87,7 +87,7 @@ async fn dial(state: &Arc<ProxyState>, who: &Who, app: &str) -> Result<Arc<Sessi
         };
         let (tx, lines) = portico_tunnel::queue::channel(256);
         let body = lines.boxed();
-        let Ok(req) = http::Request::post("http://agent/v1/session")
+        let Ok(mut req) = http::Request::post("http://agent/v1/session")
             .header(H_APP, app)
             .header(H_SESSION, &id)
             .header(H_USER, &who.name)
@@ -95,8 +95,25 @@ async fn dial(state: &Arc<ProxyState>, who: &Who, app: &str) -> Result<Arc<Sessi
         else {
             continue;
         };
+        let s = Session::new(
+            id.clone(),
+            who.name.clone(),
+            app.to_string(),
+            host.clone(),
+            who.admin,
+            tx,
+        );
         let gone = match &route {
-            Route::Local(_, gone) => Some(gone.clone()),
+            Route::Local(_, gone) => {
+                // A stdio server of an agent in this process hands its
+                // lines to the session directly (`portico_tunnel::direct`).
+                req.extensions_mut()
+                    .insert(direct::OutputRef(Arc::new(DirectOutput {
+                        session: s.clone(),
+                        state: state.clone(),
+                    })));
+                Some(gone.clone())
+            }
             Route::Remote(_) => None,
         };
         let attempt = async {
@@ -110,15 +127,10 @@ async fn dial(state: &Arc<ProxyState>, who: &Who, app: &str) -> Result<Arc<Sessi
             }
         };
         match tokio::time::timeout(OPEN_TIMEOUT, attempt).await {
-            Ok(Ok(resp)) if resp.status() == StatusCode::OK => {
-                let s = Session::new(
-                    id.clone(),
-                    who.name.clone(),
-                    app.to_string(),
-                    host.clone(),
-                    who.admin,
-                    tx,
-                );
+            Ok(Ok(mut resp)) if resp.status() == StatusCode::OK => {
+                if let Some(input) = resp.extensions_mut().remove::<direct::Input>() {
+                    s.write_to(input);
+                }
                 state.sessions.insert(s.clone());
                 state
                     .metrics

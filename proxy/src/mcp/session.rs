@@ -16,7 +16,7 @@ use http_body_util::BodyExt;
 use portico_core::time::now_ms;
 use portico_mcp::LineBuffer;
 use portico_mcp::jsonrpc::{self, Id, Message, SERVER_ERROR};
-use portico_tunnel::{T_END, TunnelBody};
+use portico_tunnel::{T_END, TunnelBody, direct};
 use tokio::sync::mpsc;
 
 use super::rbac::{self, Asked};
@@ -157,6 +157,9 @@ struct Inner {
     backlog: VecDeque<Bytes>,
     next_stream: u64,
     to_agent: Option<AgentTx>,
+    /// The server's standard input, when its agent is in this process and
+    /// gave it (`portico_tunnel::direct`): lines go there, not to `to_agent`.
+    input: Option<direct::Input>,
     closed: Option<String>,
 }
 
@@ -185,6 +188,12 @@ fn new_replay(g: &mut Inner, id: u64) -> ReplayRef {
 enum Target {
     Stream(StreamTx),
     Backlog,
+}
+
+/// Where an answer goes (`Session::take_pending`).
+struct AnswerTo {
+    tx: Option<StreamTx>,
+    last: bool,
 }
 
 impl Session {
@@ -326,24 +335,46 @@ impl Session {
         (id, rx, replay)
     }
 
-    fn agent_tx(&self) -> Option<AgentTx> {
-        self.lock().to_agent.clone()
+    fn agent_tx(&self) -> (Option<AgentTx>, Option<direct::Input>) {
+        let g = self.lock();
+        (g.to_agent.clone(), g.input.clone())
+    }
+
+    /// Where this session's messages go from now on: straight to the
+    /// server's input, given by an agent in this process.
+    pub fn write_to(&self, input: direct::Input) {
+        let mut g = self.lock();
+        if g.closed.is_none() {
+            g.input = Some(input);
+        }
     }
 
     /// Sends one message, in its canonical form, to the MCP server. A server
     /// that does not take it within `STALL` ends nothing, but the caller
     /// gets an error rather than waiting on it.
     pub async fn send_to_agent(&self, msg: &Message) -> Result<(), String> {
-        let Some(tx) = self.agent_tx() else {
-            return Err(self
-                .closed()
-                .unwrap_or_else(|| "the session has ended".into()));
+        let ended = || {
+            self.closed()
+                .unwrap_or_else(|| "the session has ended".into())
         };
+        let (Some(tx), input) = self.agent_tx() else {
+            return Err(ended());
+        };
+        if let Some(input) = input {
+            return match tokio::time::timeout(STALL, input.write(msg.to_line())).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidInput => Err(e.to_string()),
+                // The server's input is closed: its session is ending (the
+                // agent was told, or has ended it), and that end answers
+                // every request still waiting with its reason, as it does
+                // those a queued line carried.
+                Ok(Err(_)) => Ok(()),
+                Err(_) => Err("the MCP server is not reading its input".into()),
+            };
+        }
         match tokio::time::timeout(STALL, tx.send(msg.to_line())).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(self
-                .closed()
-                .unwrap_or_else(|| "the session has ended".into())),
+            Ok(Err(_)) => Err(ended()),
             Err(_) => Err("the MCP server is not reading its input".into()),
         }
     }
@@ -438,14 +469,14 @@ impl Session {
         let Some(id) = msg.id().cloned() else {
             return Ok(());
         };
-        let Some(pend) = self.lock().pending.remove(&id) else {
+        let Some((pend, to)) = self.take_pending(&id) else {
             tracing::warn!(session = %self.id, app = %self.app, id = %id, "the MCP server answered a request nobody is waiting for; dropped");
             return Ok(());
         };
         let out = rbac::on_response(state, self, &pend, &mut msg).await;
         let out =
             out.unwrap_or_else(|why| jsonrpc::error(Some(&id), jsonrpc::INTERNAL_ERROR, &why));
-        self.answer(&pend, out).await
+        self.answer(to, out).await
     }
 
     /// An invalid message whose id (read leniently) names a pending request
@@ -466,7 +497,7 @@ impl Session {
         else {
             return Ok(());
         };
-        let Some(pend) = self.lock().pending.remove(&id) else {
+        let Some((pend, to)) = self.take_pending(&id) else {
             return Ok(());
         };
         rbac::unanswered(
@@ -482,25 +513,33 @@ impl Session {
             jsonrpc::INTERNAL_ERROR,
             &format!("the MCP server sent an invalid answer ({why})"),
         );
-        self.answer(&pend, out).await
+        self.answer(to, out).await
+    }
+
+    /// Takes request `id` off the waiting list, with where its answer goes:
+    /// the stream of the POST that asked, and whether this is the last
+    /// answer that stream awaits (it is then released at once, so that no
+    /// server message goes there after it). Both are taken under the lock
+    /// that takes the request: the POST that asked may be finishing at
+    /// this moment, and it closes its stream if it sees nothing waiting on
+    /// it; the sender taken here keeps the stream open for the answer.
+    fn take_pending(&self, id: &Id) -> Option<(Pending, AnswerTo)> {
+        let mut g = self.lock();
+        let pend = g.pending.remove(id)?;
+        let tx = g.streams.get(&pend.stream).cloned();
+        let last = !g.pending.values().any(|p| p.stream == pend.stream);
+        if last {
+            g.streams.remove(&pend.stream);
+            g.order.retain(|s| *s != pend.stream);
+        }
+        Some((pend, AnswerTo { tx, last }))
     }
 
     /// Delivers the answer to a request on the stream of the POST that
-    /// asked (or, if that is gone, as a server message), and closes that
-    /// stream once nothing else is awaited on it.
-    async fn answer(&self, pend: &Pending, out: Bytes) -> Result<(), &'static str> {
-        // The stream, and whether this is the last answer it awaits: then
-        // it is released first, under the same lock, and says so.
-        let (tx, last) = {
-            let mut g = self.lock();
-            let tx = g.streams.get(&pend.stream).cloned();
-            let last = !g.pending.values().any(|p| p.stream == pend.stream);
-            if last {
-                g.streams.remove(&pend.stream);
-                g.order.retain(|s| *s != pend.stream);
-            }
-            (tx, last)
-        };
+    /// asked (or, if that is gone, as a server message); the stream closes
+    /// after it if it was the last it awaited.
+    async fn answer(&self, to: AnswerTo, out: Bytes) -> Result<(), &'static str> {
+        let AnswerTo { tx, last } = to;
         let undelivered = match tx {
             Some(tx) => {
                 let mut o = Out::answer(out);
@@ -540,6 +579,7 @@ impl Session {
             }
             g.closed = Some(reason.to_string());
             g.to_agent = None;
+            g.input = None;
             let pending: Vec<(Id, Pending)> = g.pending.drain().collect();
             let streams = std::mem::take(&mut g.streams);
             g.order.clear();
@@ -631,6 +671,40 @@ impl Session {
         }
         let reason = reason.unwrap_or_else(|| "the MCP server closed the session".into());
         self.end(&state, &reason).await;
+    }
+}
+
+/// Takes the lines of a stdio server whose agent runs in this process,
+/// called by the agent's session task (`portico_tunnel::direct`): what
+/// `Session::pump_from_agent` does with each line of the agent's stream,
+/// one task hop sooner.
+pub struct DirectOutput {
+    pub session: Arc<Session>,
+    pub state: Arc<ProxyState>,
+}
+
+impl direct::Output for DirectOutput {
+    fn line(
+        &self,
+        line: Bytes,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(async move {
+            let max = self.state.max_message;
+            let why = if line.len() > max {
+                format!("the MCP server sent a message larger than {max} bytes")
+            } else if line.iter().all(u8::is_ascii_whitespace) {
+                return Ok(());
+            } else {
+                match self.session.route(&self.state, &line).await {
+                    Ok(()) => return Ok(()),
+                    Err(why) => why.to_string(),
+                }
+            };
+            // The session ends now, as when the proxy's pump stops; the
+            // agent ends the process on the error.
+            self.session.end(&self.state, &why).await;
+            Err(why)
+        })
     }
 }
 
