@@ -769,3 +769,32 @@ impl Sessions {
         self.lock().map.values().cloned().collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The POST that asked may finish (and close its stream if nothing
+    /// waits on it) between the moment its request is taken off the
+    /// waiting list and the moment the answer is sent: the answer still
+    /// reaches that stream, and ends it.
+    #[tokio::test]
+    async fn an_answer_taken_reaches_a_stream_its_post_released() {
+        let (tx, _body) = portico_tunnel::queue::channel::<Bytes>(4);
+        let s = Session::new("s".into(), "u".into(), "a".into(), "h".into(), false, tx);
+        let (sid, mut rx, _replay) = s.open_stream();
+        let id = Id::Int(7);
+        assert!(s.expect(id.clone(), sid, Asked::Other).is_ok());
+        let (_pend, to) = s.take_pending(&id).expect("waiting");
+        // The POST finishes now: nothing waits on its stream any more.
+        s.release_stream_if_done(sid);
+        s.offer(sid);
+        let answer = Bytes::from_static(br#"{"jsonrpc":"2.0","id":7,"result":{}}"#);
+        s.answer(to, answer.clone()).await.expect("delivered");
+        let got = rx.recv().await.expect("the answer, on the POST's stream");
+        assert_eq!(got.msg, answer);
+        assert!(got.answer && got.last);
+        assert!(rx.recv().await.is_none(), "the stream ends with its answer");
+        assert!(s.lock().backlog.is_empty(), "nothing went elsewhere");
+    }
+}
