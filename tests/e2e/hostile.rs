@@ -1503,9 +1503,12 @@ async fn a_server_that_stops_reading_does_not_hang_its_clients() {
         .wildcard_agent("a1")
         .start()
         .await;
-    // Answers initialize, then never reads its input again.
+    // Answers initialize, then never reads its input again. The marker
+    // finds its process.
+    let marker = format!("deaf-{}", std::process::id());
     let script = "import json,sys,time\nfor l in sys.stdin:\n    m = json.loads(l)\n    if m.get('method') == 'initialize':\n        print(json.dumps({'jsonrpc':'2.0','id':m['id'],'result':{'protocolVersion':m['params']['protocolVersion'],'capabilities':{},'serverInfo':{'name':'deaf','version':'1'}}}), flush=True)\n    if m.get('method') == 'notifications/initialized':\n        time.sleep(600)\n";
-    python_app(&c, "deaf", script).await;
+    let script = format!("{script}# {marker}\n");
+    python_app(&c, "deaf", &script).await;
     c.add_user("una", &["admin"], PW).await;
     let t = c.login("una", PW).await;
     let mut s = McpHttp::new(c.proxy_addr(), "deaf", &t);
@@ -1544,6 +1547,26 @@ async fn a_server_that_stops_reading_does_not_hang_its_clients() {
             .is_some_and(|m| m.contains("not reading its input")),
         "{outcome:?}"
     );
+    // The client gives up: the server goes, with the write it never took.
+    let running = || {
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| {
+                std::fs::read(e.path().join("cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&marker))
+            })
+            .count()
+    };
+    // This session's server and the probe's (which stays open).
+    let before = running();
+    assert!(before >= 2, "the deaf servers run: {before}");
+    assert_eq!(s.delete().await.status, StatusCode::OK);
+    eventually(Duration::from_secs(30), "the deaf server ended", || async {
+        (running() < before).then_some(())
+    })
+    .await;
     c.shutdown().await;
 }
 

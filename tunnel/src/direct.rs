@@ -34,6 +34,9 @@ pub struct Input {
     writer: Arc<Mutex<Option<Writer>>>,
     /// Signalled when a write fails: the server closed its input (or died).
     failed: Arc<tokio::sync::Notify>,
+    /// The write left to a task of its own, if one was (writes go one at
+    /// a time, so there is at most one): closing the input stops it.
+    left: Arc<std::sync::Mutex<Option<tokio::task::AbortHandle>>>,
     max: usize,
 }
 
@@ -43,6 +46,7 @@ impl Input {
         Input {
             writer: Arc::new(Mutex::new(Some(Box::pin(writer)))),
             failed: Arc::new(tokio::sync::Notify::new()),
+            left: Arc::default(),
             max,
         }
     }
@@ -77,7 +81,23 @@ impl Input {
         // Most lines fit in the pipe at once: written here, with no task.
         match std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
             Poll::Ready(r) => r,
-            Poll::Pending => tokio::spawn(write).await.unwrap_or_else(|_| Err(closed())),
+            Poll::Pending => {
+                let task = tokio::spawn(write);
+                *self.left() = Some(task.abort_handle());
+                task.await.unwrap_or_else(|_| Err(closed()))
+            }
+        }
+    }
+
+    fn left(&self) -> std::sync::MutexGuard<'_, Option<tokio::task::AbortHandle>> {
+        self.left.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stops a write left to its own task (a server that does not read
+    /// would hold the input with it for ever).
+    fn stop_left(&self) {
+        if let Some(task) = self.left().take() {
+            task.abort();
         }
     }
 
@@ -86,15 +106,18 @@ impl Input {
         self.failed.notified().await
     }
 
-    /// Closes the input once the writes under way are done: the server
-    /// reads the end of its input.
+    /// Closes the input: the server reads the end of its input. A line
+    /// still being written that the server does not take is cut short,
+    /// since nothing will follow it.
     pub async fn close(&self) {
+        self.stop_left();
         self.writer.lock().await.take();
     }
 
     /// Closes the input now unless a write holds it (a write in progress
     /// ends when the process does).
     pub fn try_close(&self) {
+        self.stop_left();
         if let Ok(mut w) = self.writer.try_lock() {
             w.take();
         }
@@ -146,6 +169,23 @@ mod tests {
         third.await.expect("task").expect("third line");
         let want = [a.as_ref(), b.as_ref(), b"c\n"].concat();
         assert_eq!(got, want, "whole lines, in order");
+    }
+
+    #[tokio::test]
+    async fn closing_stops_a_write_the_server_does_not_take() {
+        let (w, mut r) = tokio::io::duplex(64);
+        let input = Input::new(w, 1024);
+        let long = Bytes::from(format!("{}\n", "x".repeat(200)));
+        let gave_up =
+            tokio::time::timeout(std::time::Duration::from_millis(50), input.write(long)).await;
+        assert!(gave_up.is_err(), "the pipe was full");
+        // Nothing reads: closing must not wait for the write.
+        tokio::time::timeout(std::time::Duration::from_secs(5), input.close())
+            .await
+            .expect("closed at once");
+        let mut all = Vec::new();
+        r.read_to_end(&mut all).await.expect("read to the end");
+        assert_eq!(all.len(), 64, "what went in before the end");
     }
 
     #[tokio::test]

@@ -544,6 +544,10 @@ async fn proxied_calls(
 }
 
 type LeanBody = http_body_util::Full<bytes::Bytes>;
+type LeanConn = hyper::client::conn::http1::Connection<
+    hyper_util::rt::TokioIo<Box<dyn portico_tls::net::TokioStream>>,
+    LeanBody,
+>;
 
 /// An MCP client on one HTTP/1.1 connection (hyper's `client::conn`),
 /// driven by the task that calls: what the direct client does with its
@@ -551,14 +555,7 @@ type LeanBody = http_body_util::Full<bytes::Bytes>;
 /// call), over HTTP. It sends what `McpHttp` sends.
 struct LeanClient {
     send: hyper::client::conn::http1::SendRequest<LeanBody>,
-    conn: std::pin::Pin<
-        Box<
-            hyper::client::conn::http1::Connection<
-                hyper_util::rt::TokioIo<Box<dyn portico_tls::net::TokioStream>>,
-                LeanBody,
-            >,
-        >,
-    >,
+    conn: std::pin::Pin<Box<LeanConn>>,
     headers: http::HeaderMap,
     path: http::Uri,
     next_id: i64,
