@@ -432,9 +432,10 @@ async fn proxy_overhead(tls: bool, opts: &ProxyOpts) {
             );
             for (f, phase) in forms.iter().zip(proxied.iter_mut()) {
                 let token = token.clone();
+                let audit = c.proxy.as_ref().expect("proxy").state.clone();
                 phase.add(
                     measure(calls * sessions, || async move {
-                        proxied_calls(addr, f.1, &token, sessions, calls, *f).await
+                        proxied_calls(addr, f.1, &token, sessions, calls, *f, &audit).await
                     })
                     .await,
                 );
@@ -474,11 +475,12 @@ async fn proxy_overhead(tls: bool, opts: &ProxyOpts) {
     }
     let state = c.proxy.as_ref().expect("proxy").state.clone();
     println!(
-        "web connections accepted during the run ({mode}): {} (keep-alive reuse: one per client, not one per call)",
+        "web connections accepted during the run ({mode}): {} (keep-alive reuse: one per client, not one per call); most audit events queued at once: {}",
         state
             .metrics
             .web_connections
-            .load(std::sync::atomic::Ordering::Relaxed)
+            .load(std::sync::atomic::Ordering::Relaxed),
+        state.audit.peak.load(std::sync::atomic::Ordering::Relaxed)
     );
     c.shutdown().await;
 }
@@ -492,6 +494,7 @@ async fn proxied_calls(
     sessions: usize,
     calls: usize,
     form: Form,
+    proxy: &portico_proxy::ProxyState,
 ) -> (Vec<f64>, f64) {
     let (_, _, h1, sse_only, client) = form;
     let mut proxied = Vec::new();
@@ -539,6 +542,12 @@ async fn proxied_calls(
     while let Some(r) = set.join_next().await {
         proxied.extend(r.expect("task"));
     }
+    // The run is over when its audit records are stored: what is still
+    // queued would otherwise be stored on the next phase's time.
+    assert!(
+        proxy.audit.flush(Duration::from_secs(60)).await,
+        "the audit records were not stored within 60 s"
+    );
     let rate = proxied.len() as f64 / t.elapsed().as_secs_f64();
     (proxied, rate)
 }
