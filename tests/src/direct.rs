@@ -69,6 +69,20 @@ impl Direct {
         }
     }
 
+    /// Writes `request` (one JSON-RPC message, without its newline) as it
+    /// is and returns the next line the server writes, unread: a relay.
+    pub async fn exchange(&mut self, request: &[u8]) -> bytes::Bytes {
+        let mut line = Vec::with_capacity(request.len() + 1);
+        line.extend_from_slice(request);
+        line.push(b'\n');
+        self.stdin.write_all(&line).await.expect("write");
+        tokio::time::timeout(Duration::from_secs(30), self.lines.next_line())
+            .await
+            .expect("answer in 30 s")
+            .expect("read")
+            .expect("a line")
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.start_kill();
     }

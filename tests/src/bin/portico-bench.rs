@@ -1,7 +1,7 @@
 //! `portico-bench`: the figures the issues ask for, each with a baseline
 //! measured in the same run. Timings are printed, never asserted.
 //!
-//! cargo run --release -p portico-tests --bin portico-bench -- [all|store|registration|proxy|proxy-tls|proxy-plain [--sessions 1,8,16] [--calls N] [--rounds R] [--only FORM]|ls|memory|chaos [MINUTES]|scale [REST_SECONDS] [--quick [--pg]] [--agents N]|churn [MINUTES]|soak [MINUTES] [SESSIONS] [PERIOD_SECONDS] [--h1]]
+//! cargo run --release -p portico-tests --bin portico-bench -- [all|store|registration|proxy|proxy-tls|proxy-plain [--sessions 1,8,16] [--calls N] [--rounds R] [--only FORM,...]|ls|memory|chaos [MINUTES]|scale [REST_SECONDS] [--quick [--pg]] [--agents N]|churn [MINUTES]|soak [MINUTES] [SESSIONS] [PERIOD_SECONDS] [--h1]]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -170,16 +170,19 @@ async fn registration(storage: Storage) {
 /// connection in the session's own task, as the direct client drives its
 /// pipes; `Pooled` is the tests' client (hyper-util's pooled client, whose
 /// connections run in tasks of their own, and a copy of every answer's
-/// headers), which costs the bench process more per call.
+/// headers), which costs the bench process more per call. `Floor` is the
+/// lean client against `floor_server`, not Portico: what the transport
+/// alone costs on this machine.
 type Form = (&'static str, &'static str, bool, bool, Client);
 
 #[derive(Clone, Copy, PartialEq)]
 enum Client {
     Lean,
     Pooled,
+    Floor,
 }
 
-const FORMS: [Form; 7] = [
+const FORMS: [Form; 8] = [
     ("tm-h2-json", "tm", false, false, Client::Pooled),
     ("tm-h2-sse", "tm", false, true, Client::Pooled),
     ("tm-h1-json", "tm", true, false, Client::Lean),
@@ -187,10 +190,11 @@ const FORMS: [Form; 7] = [
     ("tm-h1-sse", "tm", true, true, Client::Lean),
     ("tp-h2-sse", "tp", false, true, Client::Pooled),
     ("tp-h1-json", "tp", true, false, Client::Lean),
+    ("floor-h1", "", true, false, Client::Floor),
 ];
 
 /// `proxy-tls`/`proxy-plain` options: `--sessions 1,8,16`, `--calls N`
-/// (per session), `--rounds R`, `--only FORM`.
+/// (per session), `--rounds R`, `--only FORM,...`.
 struct ProxyOpts {
     sessions: Vec<usize>,
     calls: Option<usize>,
@@ -223,12 +227,14 @@ impl ProxyOpts {
                 "--calls" => o.calls = Some(value("calls per session").parse().expect("--calls N")),
                 "--rounds" => o.rounds = value("a number of rounds").parse().expect("--rounds R"),
                 "--only" => {
-                    let f = value("a form");
-                    assert!(
-                        FORMS.iter().any(|x| x.0 == f),
-                        "--only takes one of: {}",
-                        FORMS.map(|x| x.0).join(", ")
-                    );
+                    let f = value("forms, as tm-h1-json,floor-h1");
+                    for one in f.split(',') {
+                        assert!(
+                            FORMS.iter().any(|x| x.0 == one),
+                            "--only takes forms among: {}",
+                            FORMS.map(|x| x.0).join(", ")
+                        );
+                    }
                     o.only = Some(f);
                 }
                 other => panic!("unknown option {other}"),
@@ -386,6 +392,7 @@ async fn proxy_overhead(tls: bool, opts: &ProxyOpts) {
     c.wait_servers("tp", &["a2"]).await;
     c.wait_tunnel("a2").await;
     let addr = c.proxy_addr();
+    let floor = floor_server().await;
 
     // Session start: spawn to first response.
     let (mut direct_start, mut proxied_start) = (Vec::new(), Vec::new());
@@ -416,7 +423,7 @@ async fn proxy_overhead(tls: bool, opts: &ProxyOpts) {
         let forms: Vec<Form> = FORMS
             .iter()
             .copied()
-            .filter(|f| opts.only.as_ref().is_none_or(|o| o == f.0))
+            .filter(|f| opts.only.as_ref().is_none_or(|o| o.split(',').any(|x| x == f.0)))
             .collect();
         // Each round measures direct stdio, then every form; a figure is
         // the median over the rounds, so a slow moment of the machine
@@ -433,6 +440,12 @@ async fn proxy_overhead(tls: bool, opts: &ProxyOpts) {
             for (f, phase) in forms.iter().zip(proxied.iter_mut()) {
                 let token = token.clone();
                 let audit = c.proxy.as_ref().expect("proxy").state.clone();
+                if f.4 == Client::Floor {
+                    phase.add(
+                        measure(calls * sessions, || floor_calls(floor, sessions, calls)).await,
+                    );
+                    continue;
+                }
                 phase.add(
                     measure(calls * sessions, || async move {
                         proxied_calls(addr, f.1, &token, sessions, calls, *f, &audit).await
@@ -452,7 +465,10 @@ async fn proxy_overhead(tls: bool, opts: &ProxyOpts) {
         for (f, phase) in forms.iter().zip(proxied.iter()) {
             let (p50, p99) = phase.latency();
             let rate = phase.rate();
-            let form = format!(
+            let form = if f.4 == Client::Floor {
+                "not Portico: a bare HTTP/1.1 relay (floor), no TLS".to_string()
+            } else {
+                format!(
                 "{}, client {}{}, {} answers",
                 if f.1 == "tm" {
                     "agent in-process"
@@ -462,7 +478,8 @@ async fn proxy_overhead(tls: bool, opts: &ProxyOpts) {
                 if f.2 { "HTTP/1.1" } else { "HTTP/2  " },
                 if f.4 == Client::Pooled { " pooled" } else { "" },
                 if f.3 { "SSE " } else { "JSON" },
-            );
+                )
+            };
             println!(
                 "  proxied, {form}: p50 {p50:.3} ms p99 {p99:.3} ms {rate:.0} calls/s, {:.0} µs CPU per call ({:.0} in clients and Portico); added p50 {:.3} ms; throughput kept {:.0}% [{}]",
                 phase.cpu_us(),
@@ -510,7 +527,7 @@ async fn proxied_calls(
         }
         s.initialize().await.expect("init");
         let lean = match client {
-            Client::Lean => Some(LeanClient::connect(addr, &s, sse_only).await),
+            Client::Lean | Client::Floor => Some(LeanClient::connect(addr, &s, sse_only).await),
             Client::Pooled => None,
         };
         clients.push((s, lean));
@@ -573,6 +590,18 @@ struct LeanClient {
 impl LeanClient {
     /// A connection of its own to the proxy, for the session `s` opened.
     async fn connect(addr: std::net::SocketAddr, s: &McpHttp, sse_only: bool) -> LeanClient {
+        let session = s.session.as_deref().expect("a session");
+        LeanClient::open(addr, &s.url, &s.token, session, sse_only).await
+    }
+
+    /// A connection to `addr`, whose requests go to the path of `url`.
+    async fn open(
+        addr: std::net::SocketAddr,
+        url: &str,
+        token: &str,
+        session: &str,
+        sse_only: bool,
+    ) -> LeanClient {
         use http::HeaderValue;
         let io = hyper_util::rt::TokioIo::new(portico_tests::web::stream(addr).await);
         let (send, conn) = hyper::client::conn::http1::handshake(io)
@@ -583,12 +612,9 @@ impl LeanClient {
         headers.insert(http::header::HOST, value(&addr.to_string()));
         headers.insert(
             http::header::AUTHORIZATION,
-            value(&format!("Bearer {}", s.token)),
+            value(&format!("Bearer {token}")),
         );
-        headers.insert(
-            "mcp-session-id",
-            value(s.session.as_deref().expect("a session")),
-        );
+        headers.insert("mcp-session-id", value(session));
         headers.insert(
             http::header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
@@ -601,8 +627,7 @@ impl LeanClient {
                 "application/json, text/event-stream"
             }),
         );
-        let path = s
-            .url
+        let path = url
             .parse::<http::Uri>()
             .expect("url")
             .path()
@@ -651,6 +676,84 @@ impl LeanClient {
         }
         .response(id)
     }
+}
+
+/// The floor of any HTTP front on this machine, for comparison: a hyper
+/// HTTP/1.1 server in this process, plain TCP, that starts an MCP server
+/// per connection and relays each POST's body to it over stdio, answering
+/// with the line the server writes back as `application/json`, from the
+/// connection's own task. No parsing, no checks, no audit, no session, no
+/// task between the connection and the pipes: what the client's HTTP, the
+/// loopback TCP and one relay cost, and no more.
+async fn floor_server() -> std::net::SocketAddr {
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let _ = tcp.set_nodelay(true);
+            tokio::spawn(async move {
+                let server = Arc::new(tokio::sync::Mutex::new(
+                    Direct::start(&test_mcp_server(), &[]).await,
+                ));
+                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let server = server.clone();
+                    async move {
+                        let body = req.into_body().collect().await?.to_bytes();
+                        let answer = server.lock().await.exchange(&body).await;
+                        let mut r = http::Response::new(LeanBody::new(answer));
+                        r.headers_mut().insert(
+                            http::header::CONTENT_TYPE,
+                            http::HeaderValue::from_static("application/json"),
+                        );
+                        Ok::<_, hyper::Error>(r)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// `calls` echo calls on each of `sessions` connections to `floor_server`,
+/// with the client the proxied runs use; each connection's server is
+/// started, and called once, before the clock starts.
+async fn floor_calls(
+    addr: std::net::SocketAddr,
+    sessions: usize,
+    calls: usize,
+) -> (Vec<f64>, f64) {
+    let url = format!("http://{addr}/mcp/floor");
+    let mut clients = Vec::new();
+    for _ in 0..sessions {
+        let mut c = LeanClient::open(addr, &url, "floor-token", "floor-session", false).await;
+        c.call("echo", json!({"message": "warm-up"})).await;
+        clients.push(c);
+    }
+    let t = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for mut c in clients {
+        set.spawn(async move {
+            let mut v = Vec::with_capacity(calls);
+            for i in 0..calls {
+                let t = Instant::now();
+                c.call("echo", json!({"message": format!("m{i}")})).await;
+                v.push(ms(t.elapsed()));
+            }
+            v
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(r) = set.join_next().await {
+        all.extend(r.expect("task"));
+    }
+    let rate = all.len() as f64 / t.elapsed().as_secs_f64();
+    (all, rate)
 }
 
 async fn ls_scale() {
