@@ -423,7 +423,11 @@ async fn proxy_overhead(tls: bool, opts: &ProxyOpts) {
         let forms: Vec<Form> = FORMS
             .iter()
             .copied()
-            .filter(|f| opts.only.as_ref().is_none_or(|o| o.split(',').any(|x| x == f.0)))
+            .filter(|f| {
+                opts.only
+                    .as_ref()
+                    .is_none_or(|o| o.split(',').any(|x| x == f.0))
+            })
             .collect();
         // Each round measures direct stdio, then every form; a figure is
         // the median over the rounds, so a slow moment of the machine
@@ -469,15 +473,15 @@ async fn proxy_overhead(tls: bool, opts: &ProxyOpts) {
                 "not Portico: a bare HTTP/1.1 relay (floor), no TLS".to_string()
             } else {
                 format!(
-                "{}, client {}{}, {} answers",
-                if f.1 == "tm" {
-                    "agent in-process"
-                } else {
-                    "agent process   "
-                },
-                if f.2 { "HTTP/1.1" } else { "HTTP/2  " },
-                if f.4 == Client::Pooled { " pooled" } else { "" },
-                if f.3 { "SSE " } else { "JSON" },
+                    "{}, client {}{}, {} answers",
+                    if f.1 == "tm" {
+                        "agent in-process"
+                    } else {
+                        "agent process   "
+                    },
+                    if f.2 { "HTTP/1.1" } else { "HTTP/2  " },
+                    if f.4 == Client::Pooled { " pooled" } else { "" },
+                    if f.3 { "SSE " } else { "JSON" },
                 )
             };
             println!(
@@ -698,19 +702,20 @@ async fn floor_server() -> std::net::SocketAddr {
                 let server = Arc::new(tokio::sync::Mutex::new(
                     Direct::start(&test_mcp_server(), &[]).await,
                 ));
-                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let server = server.clone();
-                    async move {
-                        let body = req.into_body().collect().await?.to_bytes();
-                        let answer = server.lock().await.exchange(&body).await;
-                        let mut r = http::Response::new(LeanBody::new(answer));
-                        r.headers_mut().insert(
-                            http::header::CONTENT_TYPE,
-                            http::HeaderValue::from_static("application/json"),
-                        );
-                        Ok::<_, hyper::Error>(r)
-                    }
-                });
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let server = server.clone();
+                        async move {
+                            let body = req.into_body().collect().await?.to_bytes();
+                            let answer = server.lock().await.exchange(&body).await;
+                            let mut r = http::Response::new(LeanBody::new(answer));
+                            r.headers_mut().insert(
+                                http::header::CONTENT_TYPE,
+                                http::HeaderValue::from_static("application/json"),
+                            );
+                            Ok::<_, hyper::Error>(r)
+                        }
+                    });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
                     .await;
@@ -723,11 +728,7 @@ async fn floor_server() -> std::net::SocketAddr {
 /// `calls` echo calls on each of `sessions` connections to `floor_server`,
 /// with the client the proxied runs use; each connection's server is
 /// started, and called once, before the clock starts.
-async fn floor_calls(
-    addr: std::net::SocketAddr,
-    sessions: usize,
-    calls: usize,
-) -> (Vec<f64>, f64) {
+async fn floor_calls(addr: std::net::SocketAddr, sessions: usize, calls: usize) -> (Vec<f64>, f64) {
     let url = format!("http://{addr}/mcp/floor");
     let mut clients = Vec::new();
     for _ in 0..sessions {
