@@ -70,7 +70,7 @@ impl Direct {
     }
 
     /// Writes `request` (one JSON-RPC message, without its newline) as it
-    /// is and returns the next line the server writes, unread: a relay.
+    /// is and returns the next line the server writes, unparsed: a relay.
     pub async fn exchange(&mut self, request: &[u8]) -> bytes::Bytes {
         let mut line = Vec::with_capacity(request.len() + 1);
         line.extend_from_slice(request);

@@ -442,14 +442,14 @@ async fn proxy_overhead(tls: bool, opts: &ProxyOpts) {
                 .await,
             );
             for (f, phase) in forms.iter().zip(proxied.iter_mut()) {
-                let token = token.clone();
-                let audit = c.proxy.as_ref().expect("proxy").state.clone();
                 if f.4 == Client::Floor {
                     phase.add(
                         measure(calls * sessions, || floor_calls(floor, sessions, calls)).await,
                     );
                     continue;
                 }
+                let token = token.clone();
+                let audit = c.proxy.as_ref().expect("proxy").state.clone();
                 phase.add(
                     measure(calls * sessions, || async move {
                         proxied_calls(addr, f.1, &token, sessions, calls, *f, &audit).await
@@ -706,7 +706,14 @@ async fn floor_server() -> std::net::SocketAddr {
                     hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                         let server = server.clone();
                         async move {
-                            let body = req.into_body().collect().await?.to_bytes();
+                            // Bounded as Portico bounds a body (its default, 4 MiB).
+                            let body = http_body_util::Limited::new(req.into_body(), 4 << 20);
+                            let Ok(body) = body.collect().await else {
+                                let mut r = http::Response::new(LeanBody::default());
+                                *r.status_mut() = http::StatusCode::PAYLOAD_TOO_LARGE;
+                                return Ok::<_, hyper::Error>(r);
+                            };
+                            let body = body.to_bytes();
                             let answer = server.lock().await.exchange(&body).await;
                             let mut r = http::Response::new(LeanBody::new(answer));
                             r.headers_mut().insert(
