@@ -531,8 +531,9 @@ async fn proxied_calls(
         }
         s.initialize().await.expect("init");
         let lean = match client {
-            Client::Lean | Client::Floor => Some(LeanClient::connect(addr, &s, sse_only).await),
+            Client::Lean => Some(LeanClient::connect(addr, &s, sse_only).await),
             Client::Pooled => None,
+            Client::Floor => unreachable!("the floor is measured by floor_calls, not Portico"),
         };
         clients.push((s, lean));
     }
