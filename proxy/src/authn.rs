@@ -3,7 +3,7 @@
 //! live cache, so deletions and role changes apply to the next request.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use portico_core::time::now_ms;
@@ -26,7 +26,7 @@ pub struct Caller {
 
 pub struct Authenticator {
     channel: Channel,
-    cache: Mutex<HashMap<String, (Caller, Instant)>>,
+    cache: Mutex<HashMap<String, (Arc<Caller>, Instant)>>,
 }
 
 impl Authenticator {
@@ -37,7 +37,8 @@ impl Authenticator {
         }
     }
 
-    pub async fn resolve(&self, token: &str) -> Result<Caller, Error> {
+    /// The caller a token names (shared: one copy per cached token).
+    pub async fn resolve(&self, token: &str) -> Result<Arc<Caller>, Error> {
         {
             let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
             if let Some((c, at)) = cache.get(token)
@@ -54,14 +55,14 @@ impl Authenticator {
             .map_err(|_| Error::unavailable("the auth service did not answer in time"))?
             .map_err(|s| portico_proto::convert::from_status(&s))?
             .into_inner();
-        let caller = Caller {
+        let caller = Arc::new(Caller {
             name: resp.name,
             ptype: PrincipalType::parse(&resp.principal_type).ok_or_else(|| {
                 Error::unauthenticated("the auth service named an unknown kind of caller")
             })?,
             roles: resp.roles,
             expires_ms: resp.expires_ms,
-        };
+        });
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() >= MAX_ENTRIES {
             cache.retain(|_, (_, at)| at.elapsed() < TOKEN_TTL);

@@ -130,7 +130,7 @@ pub async fn resolve(state: &ProxyState, token: &str) -> Result<Who, (StatusCode
         }
     };
     Ok(Who {
-        name: caller.name,
+        name: caller.name.clone(),
         admin,
         checker,
     })

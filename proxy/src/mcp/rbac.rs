@@ -3,7 +3,6 @@
 //! record of each decision and its outcome. Decisions use the caller's
 //! permissions as they are now (the live cache), and fail closed.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -118,9 +117,10 @@ pub fn live_checker(state: &ProxyState, s: &Session) -> Option<Arc<AccessChecker
     state.cache.checker(&s.user)
 }
 
-/// The labels of the session's app right now (none if it was removed).
-fn app_labels(state: &ProxyState, app: &str) -> Option<BTreeMap<String, String>> {
-    state.cache.app(app).map(|a| a.metadata.labels.clone())
+/// The session's app as it is now (none if it was removed): its labels
+/// decide, read in place.
+fn app_now(state: &ProxyState, app: &str) -> Option<Arc<portico_core::App>> {
+    state.cache.app(app)
 }
 
 /// Decides one client message before it is forwarded, and audits gated
@@ -146,8 +146,8 @@ pub async fn check(state: &ProxyState, s: &Session, msg: &Message) -> Result<Ask
         }
     };
     let (f, name) = feature(&target);
-    let decision = match (live_checker(state, s), app_labels(state, &s.app)) {
-        (Some(checker), Some(labels)) => checker.mcp_allowed(&labels, f, name),
+    let decision = match (live_checker(state, s), app_now(state, &s.app)) {
+        (Some(checker), Some(app)) => checker.mcp_allowed(&app.metadata.labels, f, name),
         (None, _) => Err(format!(
             "RBAC denied {} {name:?}: your user no longer exists",
             f.as_str()
@@ -215,16 +215,17 @@ pub async fn on_response(
 ) -> Result<Bytes, String> {
     match &pend.asked {
         Asked::List(kind) if !msg.is_error() => {
-            let labels = app_labels(state, &s.app).ok_or_else(|| {
+            let app = app_now(state, &s.app).ok_or_else(|| {
                 "the MCP server was removed; its list cannot be filtered".to_string()
             })?;
+            let labels = &app.metadata.labels;
             let checker = live_checker(state, s);
             let f = feature_of(*kind);
             let seen = std::cell::RefCell::new(Vec::new());
             lists::filter(msg, *kind, |name| {
                 let ok = checker
                     .as_ref()
-                    .is_some_and(|c| c.mcp_allowed(&labels, f, name).is_ok());
+                    .is_some_and(|c| c.mcp_allowed(labels, f, name).is_ok());
                 seen.borrow_mut().push((name.to_string(), ok));
                 ok
             })
@@ -294,14 +295,15 @@ fn feature_of(kind: ListKind) -> Feature {
 /// under the roles as they are (`notifications/*/list_changed`), so that it
 /// asks again without reconnecting.
 pub async fn notify_list_changes(state: &ProxyState, s: &Session) {
-    let Some(labels) = app_labels(state, &s.app) else {
+    let Some(app) = app_now(state, &s.app) else {
         return;
     };
+    let labels = &app.metadata.labels;
     let checker = live_checker(state, s);
     let changed = s.relist(|kind, name| {
         checker
             .as_ref()
-            .is_some_and(|c| c.mcp_allowed(&labels, feature_of(kind), name).is_ok())
+            .is_some_and(|c| c.mcp_allowed(labels, feature_of(kind), name).is_ok())
     });
     let mut sent = Vec::new();
     for kind in changed {
