@@ -99,6 +99,10 @@ pub struct AgentMcpConfig {
     /// RLIMIT_AS (address space, bytes) of every MCP process (default: not set).
     #[serde(default)]
     pub max_memory_bytes: Option<u64>,
+    /// Added to the agent's own niceness for every MCP process, capped at
+    /// 19 (0 to 19, default 10): the servers yield the CPU to Portico.
+    #[serde(default)]
+    pub nice: Option<u8>,
     /// CA certificates (PEM) that vouch for `mcp+https://` upstream servers
     /// (default: the system's root certificates).
     #[serde(default)]
@@ -299,12 +303,22 @@ impl AgentConfig {
                 Error::bad_request(format!("app_service.mcp.max_memory_bytes: {m}"))
             })?;
         }
+        let nice = match mcp.nice {
+            None => spawn::DEFAULT_NICE,
+            Some(n) if n > 19 => {
+                return Err(Error::bad_request(format!(
+                    "app_service.mcp.nice: {n} is out of range (0 to 19)"
+                )));
+            }
+            Some(n) => n,
+        };
         Ok(spawn::Policy {
             allowed_host_users: mcp.allowed_host_users,
             allow_agent_account: mcp.allow_agent_account,
             secrets,
             max_open_files,
             max_memory_bytes: mcp.max_memory_bytes,
+            nice,
         })
     }
 
@@ -519,6 +533,25 @@ pub(crate) fn heartbeat_every() -> Duration {
     HEARTBEAT_EVERY
 }
 
+/// Worker threads for the runtime of a Portico process: one per core,
+/// or half the cores (at least one) when the process runs an agent, whose
+/// MCP servers run on the same machine and need the rest. On a small
+/// machine this is what keeps a proxied call cheap: two workers sharing
+/// two cores with the servers spend their time waking and stealing from
+/// each other (`docs/perf/README.md`). `TOKIO_WORKER_THREADS` in the
+/// environment decides instead (`None`: the runtime reads it).
+pub fn worker_threads(runs_agent: bool) -> Option<usize> {
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_some() {
+        return None;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Some(if runs_agent {
+        (cores / 2).max(1)
+    } else {
+        cores
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -530,7 +563,7 @@ mod tests {
     #[test]
     fn the_mcp_section() {
         let cfg = parse(
-            "max_sessions: 2\nmcp:\n  allowed_host_users: [mcp]\n  max_open_files: 64\n  max_memory_bytes: 1073741824\n  secrets:\n  - name: GH_TOKEN\n    labels: {env: prod}\n",
+            "max_sessions: 2\nmcp:\n  allowed_host_users: [mcp]\n  max_open_files: 64\n  max_memory_bytes: 1073741824\n  nice: 0\n  secrets:\n  - name: GH_TOKEN\n    labels: {env: prod}\n",
         )
         .expect("parses");
         assert_eq!(cfg.session_cap().expect("cap"), 2);
@@ -538,6 +571,7 @@ mod tests {
         assert_eq!(p.allowed_host_users, Some(vec!["mcp".to_string()]));
         assert_eq!(p.max_open_files, 64);
         assert_eq!(p.max_memory_bytes, Some(1 << 30));
+        assert_eq!(p.nice, 0);
         assert_eq!(p.secrets.len(), 1);
 
         let defaults = parse("enabled: true\n").expect("parses");
@@ -545,6 +579,7 @@ mod tests {
         let p = defaults.policy().expect("policy");
         assert!(p.allowed_host_users.is_none() && p.secrets.is_empty());
         assert!(p.max_open_files <= spawn::DEFAULT_OPEN_FILES && p.max_memory_bytes.is_none());
+        assert_eq!(p.nice, spawn::DEFAULT_NICE);
 
         for unknown in [
             "mcp: {allowed_users: [x]}\n",
@@ -556,6 +591,7 @@ mod tests {
             ("max_sessions: 0\n", "app_service.max_sessions"),
             ("mcp: {max_open_files: 3}\n", "max_open_files"),
             ("mcp: {max_memory_bytes: 1000}\n", "max_memory_bytes"),
+            ("mcp: {nice: 20}\n", "app_service.mcp.nice"),
             (
                 "mcp: {allowed_host_users: [' root']}\n",
                 "allowed_host_users[0]",

@@ -34,7 +34,14 @@ pub struct Policy {
     pub max_open_files: u64,
     /// RLIMIT_AS (soft and hard) of every process, when set.
     pub max_memory_bytes: Option<u64>,
+    /// Added to the agent's own niceness for every process (capped at 19),
+    /// so that the MCP servers it runs wait behind Portico for a CPU, not
+    /// the other way round; 0 leaves them at the agent's.
+    pub nice: u8,
 }
+
+/// `app_service.mcp.nice` unless the config says otherwise.
+pub const DEFAULT_NICE: u8 = 10;
 
 impl Default for Policy {
     fn default() -> Self {
@@ -44,6 +51,7 @@ impl Default for Policy {
             secrets: Vec::new(),
             max_open_files: default_open_files(),
             max_memory_bytes: None,
+            nice: DEFAULT_NICE,
         }
     }
 }
@@ -307,6 +315,9 @@ struct InChild {
     cdir: CString,
     open_files: libc::rlim_t,
     memory: Option<libc::rlim_t>,
+    /// The niceness to take, never below the agent's own (no privilege
+    /// needed); `None`: the agent's.
+    nice: Option<libc::c_int>,
     /// The session's `cgroup.procs`, which the child moves itself into.
     cgroup: Option<CString>,
 }
@@ -355,6 +366,7 @@ impl InChild {
             cdir,
             open_files: policy.max_open_files as libc::rlim_t,
             memory: policy.max_memory_bytes.map(|m| m as libc::rlim_t),
+            nice: (policy.nice > 0).then(|| (own_nice() + libc::c_int::from(policy.nice)).min(19)),
             cgroup: None,
         })
     }
@@ -365,13 +377,14 @@ impl InChild {
             cdir,
             open_files,
             memory,
+            nice,
             cgroup,
         } = self;
         // The agent, whose death must take the process with it.
         let agent_pid = std::process::id() as libc::pid_t;
         // SAFETY: the closure runs between fork and exec and calls only
         // async-signal-safe functions (open, write, close, setgroups,
-        // setgid, setuid, chdir, setrlimit, prctl, getppid) on memory
+        // setgid, setuid, chdir, setrlimit, setpriority, prctl, getppid) on memory
         // allocated before the fork. The process enters its cgroup first,
         // with the agent's rights, before it can start anything; then users
         // are switched and the directory is entered with the user's rights;
@@ -417,6 +430,13 @@ impl InChild {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
+                // Only ever raised from the agent's own, which needs no
+                // privilege: a failure fails the spawn.
+                if let Some(n) = nice
+                    && libc::setpriority(libc::PRIO_PROCESS, 0, n) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
                 // Killed with the agent, even by SIGKILL. Set after the user
                 // switch, which clears it; an agent that died before this
                 // line is caught by the parent check.
@@ -437,6 +457,18 @@ impl InChild {
             });
         }
     }
+}
+
+/// The agent's own niceness (0 if it cannot be read): field 19 of
+/// `/proc/self/stat`, after the command name, which may hold anything.
+pub fn own_nice() -> libc::c_int {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1;
+            rest.split_whitespace().nth(16)?.parse().ok()
+        })
+        .unwrap_or(0)
 }
 
 /// Spawns `command` + `args` exactly as given, with piped stdio, if `policy`

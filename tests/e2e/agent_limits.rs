@@ -15,8 +15,8 @@ const PW: &str = "limits-password-1";
 
 /// A stdio MCP server that answers initialize with what it was given: the
 /// `PT_SECRET` variable as its name, its RLIMIT_NOFILE and RLIMIT_AS
-/// (soft:hard) as its version.
-const REPORT: &str = "import json,os,resource,sys\nfor l in sys.stdin:\n    m = json.loads(l)\n    if m.get('method') == 'initialize':\n        lim = resource.getrlimit(resource.RLIMIT_NOFILE) + resource.getrlimit(resource.RLIMIT_AS)\n        info = {'name': os.environ.get('PT_SECRET', '-'), 'version': '%d:%d %d:%d' % lim}\n        print(json.dumps({'jsonrpc':'2.0','id':m['id'],'result':{'protocolVersion':m['params']['protocolVersion'],'capabilities':{},'serverInfo':info}}), flush=True)\n";
+/// (soft:hard) and its niceness as its version.
+const REPORT: &str = "import json,os,resource,sys\nfor l in sys.stdin:\n    m = json.loads(l)\n    if m.get('method') == 'initialize':\n        lim = resource.getrlimit(resource.RLIMIT_NOFILE) + resource.getrlimit(resource.RLIMIT_AS)\n        info = {'name': os.environ.get('PT_SECRET', '-'), 'version': '%d:%d %d:%d nice %d' % (lim + (os.nice(0),))}\n        print(json.dumps({'jsonrpc':'2.0','id':m['id'],'result':{'protocolVersion':m['params']['protocolVersion'],'capabilities':{},'serverInfo':info}}), flush=True)\n";
 
 /// The system interpreter: a version-manager shim would add its own variables.
 fn python() -> &'static str {
@@ -373,7 +373,7 @@ async fn processes_run_under_the_configured_rlimits() {
         .agent_yaml(
             "limited",
             &format!(
-                "app_service:\n  resources:\n  - labels: {{team: limited}}\n  mcp:\n    allowed_host_users: [{}]\n    max_open_files: 64\n    max_memory_bytes: 1073741824\n",
+                "app_service:\n  resources:\n  - labels: {{team: limited}}\n  mcp:\n    allowed_host_users: [{}]\n    max_open_files: 64\n    max_memory_bytes: 1073741824\n    nice: 7\n",
                 me()
             ),
         )
@@ -393,11 +393,15 @@ async fn processes_run_under_the_configured_rlimits() {
     c.wait_servers("lim", &["limited"]).await;
     c.wait_servers("dfl", &["dflt"]).await;
 
+    // The agents run in this process: their servers' niceness is this
+    // process's plus the configured step, at most 19.
+    let own = portico_agent::spawn::own_nice();
     let mut s = McpHttp::new(c.proxy_addr(), "lim", &token);
     let info = s.initialize().await.expect("initialize")["serverInfo"].clone();
     assert_eq!(
-        info["version"], "64:64 1073741824:1073741824",
-        "RLIMIT_NOFILE and RLIMIT_AS, soft and hard: {info}"
+        info["version"],
+        format!("64:64 1073741824:1073741824 nice {}", (own + 7).min(19)),
+        "RLIMIT_NOFILE and RLIMIT_AS, soft and hard, and the niceness: {info}"
     );
 
     // No limits configured: 1024 open files (or the agent's own lower hard
@@ -409,6 +413,13 @@ async fn processes_run_under_the_configured_rlimits() {
     assert!(
         version.starts_with(&format!("{files}:{files} ")),
         "default RLIMIT_NOFILE: {info}"
+    );
+    assert!(
+        version.ends_with(&format!(
+            " nice {}",
+            (own + i32::from(portico_agent::spawn::DEFAULT_NICE)).min(19)
+        )),
+        "default niceness: {info}"
     );
     c.shutdown().await;
 }

@@ -323,6 +323,21 @@ where
     }
 }
 
+/// `direct_calls` on a runtime of its own, with a worker per core as a
+/// client program would have: this process's runtime has the workers of
+/// a Portico process that runs an agent (`portico_agent::worker_threads`).
+async fn direct_calls_apart(sessions: usize, calls: usize) -> (Vec<f64>, f64) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let _ = tx.send(rt.block_on(direct_calls(sessions, calls)));
+    });
+    rx.await.expect("the direct run")
+}
+
 /// `calls` echo calls on each of `sessions` MCP server processes over stdio,
 /// no Portico: every latency, and calls per second.
 async fn direct_calls(sessions: usize, calls: usize) -> (Vec<f64>, f64) {
@@ -437,7 +452,7 @@ async fn proxy_overhead(tls: bool, opts: &ProxyOpts) {
         for _ in 0..opts.rounds {
             direct.add(
                 measure(calls * sessions, || async move {
-                    direct_calls(sessions, calls).await
+                    direct_calls_apart(sessions, calls).await
                 })
                 .await,
             );
@@ -924,9 +939,24 @@ async fn memory() {
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let what = std::env::args().nth(1).unwrap_or_else(|| "all".into());
+    // Portico runs in this process with an agent, as the all-in-one does:
+    // the proxy forms get the workers `portico start` gives such a process.
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if matches!(what.as_str(), "proxy" | "proxy-tls" | "proxy-plain")
+        && let Some(n) = portico_agent::worker_threads(true)
+    {
+        builder.worker_threads(n);
+    }
+    builder
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(run(what));
+}
+
+async fn run(what: String) {
     let all = what == "all";
     if all || what == "store" {
         store(Storage::Sqlite).await;
