@@ -3,7 +3,7 @@
 //! explicit environment (secrets only where a grant covers the app), under
 //! resource limits, in their own process group so that signals reach every
 //! process they start.
-#![allow(unsafe_code)] // getpwnam_r, get/setrlimit, initgroups/setgid/setuid after fork, kill(2).
+#![allow(unsafe_code)] // getpwnam_r, get/setrlimit, get/setpriority, initgroups/setgid/setuid after fork, kill(2).
 
 use std::collections::BTreeMap;
 use std::ffi::{CStr, CString};
@@ -459,16 +459,21 @@ impl InChild {
     }
 }
 
-/// The agent's own niceness (0 if it cannot be read): field 19 of
-/// `/proc/self/stat`, after the command name, which may hold anything.
+/// The niceness of the calling thread, which a process it forks inherits
+/// (Linux keeps one per thread).
 pub fn own_nice() -> libc::c_int {
-    std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|s| {
-            let rest = s.rsplit_once(')')?.1;
-            rest.split_whitespace().nth(16)?.parse().ok()
-        })
-        .unwrap_or(0)
+    // SAFETY: getpriority only reads. -1 is a valid niceness as well as
+    // the error return, so errno is cleared first and read after; for the
+    // calling thread (`who` 0) it does not fail on Linux.
+    unsafe {
+        *libc::__errno_location() = 0;
+        let n = libc::getpriority(libc::PRIO_PROCESS, 0);
+        if n == -1 && *libc::__errno_location() != 0 {
+            0
+        } else {
+            n
+        }
+    }
 }
 
 /// Spawns `command` + `args` exactly as given, with piped stdio, if `policy`
