@@ -539,16 +539,34 @@ pub(crate) fn heartbeat_every() -> Duration {
 /// machine this is what keeps a proxied call cheap: two workers sharing
 /// two cores with the servers spend their time waking and stealing from
 /// each other (`docs/perf/README.md`). `TOKIO_WORKER_THREADS` in the
-/// environment decides instead (`None`: the runtime reads it).
-pub fn worker_threads(runs_agent: bool) -> Option<usize> {
-    if std::env::var_os("TOKIO_WORKER_THREADS").is_some() {
-        return None;
-    }
+/// environment, a positive number, decides instead.
+pub fn worker_threads(runs_agent: bool) -> Result<usize, String> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    Some(if runs_agent {
+    workers_for(
+        std::env::var_os("TOKIO_WORKER_THREADS").as_deref(),
+        cores,
+        runs_agent,
+    )
+}
+
+fn workers_for(
+    env: Option<&std::ffi::OsStr>,
+    cores: usize,
+    runs_agent: bool,
+) -> Result<usize, String> {
+    if let Some(v) = env {
+        return v
+            .to_str()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .filter(|n| *n > 0)
+            .ok_or_else(|| {
+                format!("TOKIO_WORKER_THREADS: expected a positive number of threads, got {v:?}")
+            });
+    }
+    Ok(if runs_agent {
         (cores / 2).max(1)
     } else {
-        cores
+        cores.max(1)
     })
 }
 
@@ -558,6 +576,20 @@ mod tests {
 
     fn parse(yaml: &str) -> Result<AgentConfig, String> {
         yaml_serde::from_str::<AgentConfig>(yaml).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn workers_leave_cores_to_the_mcp_servers() {
+        use std::ffi::OsStr;
+        assert_eq!(workers_for(None, 2, true), Ok(1));
+        assert_eq!(workers_for(None, 1, true), Ok(1));
+        assert_eq!(workers_for(None, 8, true), Ok(4));
+        assert_eq!(workers_for(None, 2, false), Ok(2));
+        assert_eq!(workers_for(Some(OsStr::new("3")), 2, true), Ok(3));
+        for bad in ["0", "two", "", "-1"] {
+            let e = workers_for(Some(OsStr::new(bad)), 2, true).expect_err(bad);
+            assert!(e.starts_with("TOKIO_WORKER_THREADS:"), "{e}");
+        }
     }
 
     #[test]

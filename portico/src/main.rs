@@ -121,11 +121,18 @@ fn start(config: Option<PathBuf>, data_dir: Option<PathBuf>, format: LogFormat, 
     if let Some(d) = data_dir {
         cfg.data_dir = d;
     }
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = portico_agent::worker_threads(cfg.agent.is_some()) {
-        builder.worker_threads(n);
-    }
-    let rt = match builder.enable_all().build() {
+    let workers = match portico_agent::worker_threads(cfg.agent.is_some()) {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

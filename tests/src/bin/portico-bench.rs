@@ -944,10 +944,8 @@ fn main() {
     // Portico runs in this process with an agent, as the all-in-one does:
     // the proxy forms get the workers `portico start` gives such a process.
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if matches!(what.as_str(), "proxy" | "proxy-tls" | "proxy-plain")
-        && let Some(n) = portico_agent::worker_threads(true)
-    {
-        builder.worker_threads(n);
+    if matches!(what.as_str(), "proxy" | "proxy-tls" | "proxy-plain") {
+        builder.worker_threads(portico_agent::worker_threads(true).expect("worker threads"));
     }
     builder
         .enable_all()
