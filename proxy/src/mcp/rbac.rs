@@ -117,12 +117,6 @@ pub fn live_checker(state: &ProxyState, s: &Session) -> Option<Arc<AccessChecker
     state.cache.checker(&s.user)
 }
 
-/// The session's app as it is now (none if it was removed): its labels
-/// decide, read in place.
-fn app_now(state: &ProxyState, app: &str) -> Option<Arc<portico_core::App>> {
-    state.cache.app(app)
-}
-
 /// Decides one client message before it is forwarded, and audits gated
 /// requests. Notifications that name a gated method are checked too: a
 /// server might act on them.
@@ -146,7 +140,7 @@ pub async fn check(state: &ProxyState, s: &Session, msg: &Message) -> Result<Ask
         }
     };
     let (f, name) = feature(&target);
-    let decision = match (live_checker(state, s), app_now(state, &s.app)) {
+    let decision = match (live_checker(state, s), state.cache.app(&s.app)) {
         (Some(checker), Some(app)) => checker.mcp_allowed(&app.metadata.labels, f, name),
         (None, _) => Err(format!(
             "RBAC denied {} {name:?}: your user no longer exists",
@@ -215,7 +209,7 @@ pub async fn on_response(
 ) -> Result<Bytes, String> {
     match &pend.asked {
         Asked::List(kind) if !msg.is_error() => {
-            let app = app_now(state, &s.app).ok_or_else(|| {
+            let app = state.cache.app(&s.app).ok_or_else(|| {
                 "the MCP server was removed; its list cannot be filtered".to_string()
             })?;
             let labels = &app.metadata.labels;
@@ -295,7 +289,7 @@ fn feature_of(kind: ListKind) -> Feature {
 /// under the roles as they are (`notifications/*/list_changed`), so that it
 /// asks again without reconnecting.
 pub async fn notify_list_changes(state: &ProxyState, s: &Session) {
-    let Some(app) = app_now(state, &s.app) else {
+    let Some(app) = state.cache.app(&s.app) else {
         return;
     };
     let labels = &app.metadata.labels;

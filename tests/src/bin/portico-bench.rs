@@ -363,6 +363,12 @@ async fn direct_calls(sessions: usize, calls: usize) -> (Vec<f64>, f64) {
             v
         });
     }
+    gather(set, t).await
+}
+
+/// Every latency the sessions' tasks measured, and the calls per second
+/// since `t`.
+async fn gather(mut set: tokio::task::JoinSet<Vec<f64>>, t: Instant) -> (Vec<f64>, f64) {
     let mut all = Vec::new();
     while let Some(r) = set.join_next().await {
         all.extend(r.expect("task"));
@@ -772,12 +778,7 @@ async fn floor_calls(addr: std::net::SocketAddr, sessions: usize, calls: usize) 
             v
         });
     }
-    let mut all = Vec::new();
-    while let Some(r) = set.join_next().await {
-        all.extend(r.expect("task"));
-    }
-    let rate = all.len() as f64 / t.elapsed().as_secs_f64();
-    (all, rate)
+    gather(set, t).await
 }
 
 async fn ls_scale() {
