@@ -65,6 +65,17 @@ pub fn filter(
     Ok(before - items.len())
 }
 
+/// The methods whose requests name a tool, resource or prompt
+/// ([`target`]) and are checked before they are forwarded.
+pub const GATED: [&str; 6] = [
+    "tools/call",
+    "resources/read",
+    "resources/subscribe",
+    "resources/unsubscribe",
+    "prompts/get",
+    "completion/complete",
+];
+
 /// What a request asks to use, for the checks that gate it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
@@ -176,6 +187,26 @@ mod tests {
         let mut bad =
             Message::parse(br#"{"jsonrpc":"2.0","id":1,"result":{"tools":{}}}"#).expect("msg");
         assert!(filter(&mut bad, ListKind::Tools, |_| true).is_err());
+    }
+
+    #[test]
+    fn gated_names_every_method_target_checks() {
+        let m = |method: &str| {
+            Message::parse(format!(r#"{{"jsonrpc":"2.0","id":1,"method":"{method}"}}"#).as_bytes())
+                .expect("msg")
+        };
+        // A gated method without its target is refused; any other is not gated.
+        for method in GATED {
+            assert!(target(&m(method)).is_err(), "{method}");
+        }
+        for method in [
+            "tools/list",
+            "ping",
+            "resources/templates/list",
+            "logging/setLevel",
+        ] {
+            assert_eq!(target(&m(method)), Ok(None), "{method}");
+        }
     }
 
     #[test]

@@ -331,6 +331,7 @@ pub async fn start(
         stop_rx.clone(),
     ));
     tokio::spawn(idle_sweeper(state.clone(), stop_rx.clone()));
+    tokio::spawn(waiting_auditor(state.clone(), stop_rx.clone()));
     tokio::spawn(access_sweeper(state.clone(), stop_rx.clone()));
     let router = routes::router(state.clone());
     let limits = serve::WebLimits {
@@ -588,6 +589,18 @@ async fn access_sweeper(state: Arc<ProxyState>, mut stop: watch::Receiver<bool>)
                 None => {}
             }
         }
+    }
+}
+
+/// Audits the decision on allowed requests still waiting for their answer
+/// after `rbac::DECIDED_AFTER` (`rbac::audit_waiting`), every quarter of it.
+async fn waiting_auditor(state: Arc<ProxyState>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(mcp::rbac::DECIDED_AFTER / 4) => {}
+            _ = stop.changed() => return,
+        }
+        mcp::rbac::audit_waiting(&state).await;
     }
 }
 

@@ -20,9 +20,16 @@ use crate::ProxyState;
 pub enum Asked {
     Initialize,
     List(ListKind),
-    Gated(Target),
+    /// An allowed request that names a tool, resource or prompt, and its
+    /// method (one of `lists::GATED`).
+    Gated(Target, &'static str),
     Other,
 }
+
+/// How long an allowed request may wait for its answer before its decision
+/// is audited on its own (`phase: decided`). One answered sooner is
+/// audited once, when it completes, with its decision in the same record.
+pub const DECIDED_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A refused request: the JSON-RPC error it is answered with.
 pub struct Denied {
@@ -86,12 +93,14 @@ struct Decided<'a> {
     prompt: Option<&'a str>,
 }
 
-/// The fields of `mcp.session.request` when a gated request is answered.
+/// The fields of `mcp.session.request` when an allowed request is
+/// answered: its decision and its outcome in one record.
 #[derive(serde::Serialize)]
 struct Completed<'a> {
     user: &'a str,
     app: &'a str,
     session: &'a str,
+    method: &'a str,
     #[serde(serialize_with = "id_field")]
     id: Option<&'a Id>,
     phase: &'static str,
@@ -117,9 +126,12 @@ pub fn live_checker(state: &ProxyState, s: &Session) -> Option<Arc<AccessChecker
     state.cache.checker(&s.user)
 }
 
-/// Decides one client message before it is forwarded, and audits gated
-/// requests. Notifications that name a gated method are checked too: a
-/// server might act on them.
+/// Decides one client message before it is forwarded. Refusals are
+/// audited here; an allowed request when it completes (`on_response`,
+/// `unanswered`), or, if it is still waiting after `DECIDED_AFTER`, also
+/// then (`audit_waiting`). Notifications that name a gated method are
+/// checked too, and audited here either way: a server might act on them,
+/// and nothing completes them.
 pub async fn check(state: &ProxyState, s: &Session, msg: &Message) -> Result<Asked, Denied> {
     let method = msg.method().unwrap_or("");
     if method == "initialize" {
@@ -132,7 +144,7 @@ pub async fn check(state: &ProxyState, s: &Session, msg: &Message) -> Result<Ask
         Ok(None) => return Ok(Asked::Other),
         Ok(Some(t)) => t,
         Err(why) => {
-            audit_decision(state, s, msg, None, Err(&why)).await;
+            audit_decision(state, s, msg.method(), msg.id(), None, Err(&why)).await;
             return Err(Denied {
                 code: INVALID_PARAMS,
                 message: why,
@@ -151,16 +163,15 @@ pub async fn check(state: &ProxyState, s: &Session, msg: &Message) -> Result<Ask
             f.as_str()
         )),
     };
-    audit_decision(
-        state,
-        s,
-        msg,
-        Some(&target),
-        decision.as_ref().map(|_| ()).map_err(String::as_str),
-    )
-    .await;
+    if decision.is_err() || !msg.is_request() {
+        let d = decision.as_ref().map(|_| ()).map_err(String::as_str);
+        audit_decision(state, s, msg.method(), msg.id(), Some(&target), d).await;
+    }
     match decision {
-        Ok(()) => Ok(Asked::Gated(target)),
+        Ok(()) => {
+            let gated = lists::GATED.into_iter().find(|g| *g == method);
+            Ok(Asked::Gated(target, gated.unwrap_or("unknown")))
+        }
         Err(why) => Err(Denied {
             code: INVALID_PARAMS,
             message: why,
@@ -168,10 +179,23 @@ pub async fn check(state: &ProxyState, s: &Session, msg: &Message) -> Result<Ask
     }
 }
 
+/// Audits the decision on every allowed request that has waited
+/// `DECIDED_AFTER` for its answer, once: a long call is in the audit log
+/// while it runs, not only when it ends.
+pub async fn audit_waiting(state: &ProxyState) {
+    for s in state.sessions.all() {
+        for (id, target, method) in s.waiting_unaudited(DECIDED_AFTER) {
+            audit_decision(state, &s, Some(method), Some(&id), Some(&target), Ok(())).await;
+        }
+    }
+}
+
+/// One `phase: decided` record.
 async fn audit_decision(
     state: &ProxyState,
     s: &Session,
-    msg: &Message,
+    method: Option<&str>,
+    id: Option<&Id>,
     target: Option<&Target>,
     decision: Result<(), &str>,
 ) {
@@ -180,8 +204,8 @@ async fn audit_decision(
         user: &s.user,
         app: &s.app,
         session: &s.id,
-        method: msg.method(),
-        id: msg.id(),
+        method,
+        id,
         phase: "decided",
         allowed: decision.is_ok(),
         error: decision.err(),
@@ -226,7 +250,7 @@ pub async fn on_response(
             .map_err(|e| format!("{e}; the answer was withheld because it cannot be filtered"))?;
             s.saw_list(*kind, seen.into_inner());
         }
-        Asked::Gated(target) => {
+        Asked::Gated(target, method) => {
             let tool_error = msg
                 .result()
                 .and_then(|r| r.get("isError"))
@@ -244,6 +268,7 @@ pub async fn on_response(
                 user: &s.user,
                 app: &s.app,
                 session: &s.id,
+                method,
                 id: msg.id(),
                 phase: "completed",
                 allowed: true,
@@ -316,9 +341,9 @@ pub async fn notify_list_changes(state: &ProxyState, s: &Session) {
 
 /// Audits a gated request that was still waiting when its session ended.
 pub async fn unanswered(state: &ProxyState, s: &Session, id: &Id, pend: &Pending, reason: &str) {
-    if let Asked::Gated(target) = &pend.asked {
+    if let Asked::Gated(target, method) = &pend.asked {
         let mut fields = json!({
-            "user": s.user, "app": s.app, "session": s.id, "id": id.to_value(),
+            "user": s.user, "app": s.app, "session": s.id, "method": method, "id": id.to_value(),
             "phase": "completed", "allowed": true, "outcome": "unanswered", "error": reason,
             "ms": pend.started.elapsed().as_millis() as u64,
         });
@@ -392,6 +417,7 @@ mod tests {
             user: "u",
             app: "a",
             session: "s",
+            method: "resources/read",
             id: Some(&id),
             phase: "completed",
             allowed: true,
@@ -405,7 +431,8 @@ mod tests {
         };
         assert_eq!(
             fields(&completed),
-            json!({"user": "u", "app": "a", "session": "s", "id": -7, "phase": "completed",
+            json!({"user": "u", "app": "a", "session": "s", "method": "resources/read",
+                   "id": -7, "phase": "completed",
                    "allowed": true, "outcome": "tool_error", "error": null,
                    "tool_error": true, "ms": 12, "resource": "file:///x"})
         );

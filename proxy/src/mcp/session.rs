@@ -16,6 +16,7 @@ use http_body_util::BodyExt;
 use portico_core::time::now_ms;
 use portico_mcp::LineBuffer;
 use portico_mcp::jsonrpc::{self, Id, Message, SERVER_ERROR};
+use portico_mcp::lists;
 use portico_tunnel::{T_END, TunnelBody, direct};
 use tokio::sync::mpsc;
 
@@ -130,6 +131,9 @@ pub struct Pending {
     pub stream: u64,
     pub asked: Asked,
     pub started: Instant,
+    /// Whether its decision was audited while it waited
+    /// (`rbac::audit_waiting`).
+    pub decided_audited: bool,
 }
 
 /// What a client was shown of one list: every name the server listed (up
@@ -290,9 +294,30 @@ impl Session {
                 stream,
                 asked,
                 started: Instant::now(),
+                decided_audited: false,
             },
         );
         Ok(())
+    }
+
+    /// Allowed gated requests that have waited at least `after` and whose
+    /// decision was not audited yet; they are marked as audited.
+    pub fn waiting_unaudited(
+        &self,
+        after: std::time::Duration,
+    ) -> Vec<(Id, lists::Target, &'static str)> {
+        let mut g = self.lock();
+        let mut out = Vec::new();
+        for (id, p) in g.pending.iter_mut() {
+            if let Asked::Gated(target, method) = &p.asked
+                && !p.decided_audited
+                && p.started.elapsed() >= after
+            {
+                p.decided_audited = true;
+                out.push((id.clone(), target.clone(), *method));
+            }
+        }
+        out
     }
 
     /// Closes a POST stream once nothing it waits for is left.
