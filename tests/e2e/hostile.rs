@@ -1064,6 +1064,28 @@ async fn slow_headers_and_bodies_are_cut_off() {
     c.shutdown().await;
 }
 
+/// The `mcp.session.request` records of `tool` in `phase`.
+fn records_of(evs: &[Value], tool: &str, phase: &str) -> Vec<Value> {
+    evs.iter()
+        .filter(|e| e["fields"]["tool"] == tool && e["fields"]["phase"] == phase)
+        .map(|e| e["fields"].clone())
+        .collect()
+}
+
+/// Waits for a record of `tool` in `phase`: its fields, and every record then.
+async fn record_of(c: &Cluster, tool: &str, phase: &str) -> (Value, Vec<Value>) {
+    eventually(
+        Duration::from_secs(10),
+        &format!("a {phase} record of {tool}"),
+        || async {
+            let evs = request_events(c).await?;
+            let one = records_of(&evs, tool, phase).pop()?;
+            Some((one, evs))
+        },
+    )
+    .await
+}
+
 /// An allowed call answered within `rbac::DECIDED_AFTER` is audited once,
 /// its decision and outcome in one record; a longer one also while it
 /// runs; one still waiting when its session ends, as unanswered.
@@ -1073,64 +1095,31 @@ async fn tool_calls_are_audited_once_and_long_ones_while_they_run() {
     let mut t = open(&c, "trent").await;
     let r = t.call("echo", json!({"message": "audited once"})).await;
     assert!(r["result"].is_object(), "{r}");
-    let of = |evs: &[Value], tool: &str, phase: &str| -> Vec<Value> {
-        evs.iter()
-            .filter(|e| e["fields"]["tool"] == tool && e["fields"]["phase"] == phase)
-            .map(|e| e["fields"].clone())
-            .collect()
-    };
-    let (evs, done) = eventually(Duration::from_secs(10), "the echo audited", || async {
-        let evs = request_events(&c).await?;
-        let done = of(&evs, "echo", "completed").pop()?;
-        Some((evs, done))
-    })
-    .await;
+    let (done, evs) = record_of(&c, "echo", "completed").await;
+    let fields = |f: &Value| json!([f["method"], f["allowed"], f["outcome"], f["user"]]);
     assert_eq!(
-        (
-            &done["method"],
-            &done["allowed"],
-            &done["outcome"],
-            &done["user"]
-        ),
-        (
-            &json!("tools/call"),
-            &json!(true),
-            &json!("ok"),
-            &json!("trent")
-        ),
+        fields(&done),
+        json!(["tools/call", true, "ok", "trent"]),
         "{done}"
     );
     // No decision of its own: an answer before one second leaves none
     // (a slower one, on a loaded machine, would have one; its `ms` says so).
     if done["ms"].as_u64().is_some_and(|ms| ms < 1000) {
-        assert!(of(&evs, "echo", "decided").is_empty(), "{evs:?}");
+        assert!(records_of(&evs, "echo", "decided").is_empty(), "{evs:?}");
     }
 
     let slow = tokio::spawn(async move { t.call("slow", json!({"ms": 30000})).await });
     c.wait_pending(1).await;
     // Still running, and already in the audit log.
-    let decided = eventually(
-        Duration::from_secs(10),
-        "the running call audited",
-        || async { of(&request_events(&c).await?, "slow", "decided").pop() },
-    )
-    .await;
+    let (decided, _) = record_of(&c, "slow", "decided").await;
     assert_eq!(
-        (&decided["method"], &decided["allowed"], &decided["user"]),
-        (&json!("tools/call"), &json!(true), &json!("trent")),
+        fields(&decided),
+        json!(["tools/call", true, null, "trent"]),
         "{decided}"
     );
     let state = c.proxy.as_ref().expect("proxy").state.clone();
-    assert_eq!(
-        state
-            .sessions
-            .all()
-            .iter()
-            .map(|s| s.pending_count())
-            .sum::<usize>(),
-        1,
-        "the slow call is still waiting"
-    );
+    let waiting: usize = state.sessions.all().iter().map(|s| s.pending_count()).sum();
+    assert_eq!(waiting, 1, "the slow call is still waiting");
     for s in state.sessions.all() {
         s.end(&state, "ended by the test").await;
     }
@@ -1144,24 +1133,14 @@ async fn tool_calls_are_audited_once_and_long_ones_while_they_run() {
             .is_some_and(|m| m.contains("ended by the test")),
         "{r}"
     );
-    let unanswered = eventually(
-        Duration::from_secs(10),
-        "unanswered call audited",
-        || async { of(&request_events(&c).await?, "slow", "completed").pop() },
-    )
-    .await;
+    let (unanswered, evs) = record_of(&c, "slow", "completed").await;
     assert_eq!(
-        (
-            &unanswered["outcome"],
-            &unanswered["method"],
-            &unanswered["allowed"]
-        ),
-        (&json!("unanswered"), &json!("tools/call"), &json!(true)),
+        fields(&unanswered),
+        json!(["tools/call", true, "unanswered", "trent"]),
         "{unanswered}"
     );
-    let evs = request_events(&c).await.expect("events");
     assert_eq!(
-        of(&evs, "slow", "decided").len(),
+        records_of(&evs, "slow", "decided").len(),
         1,
         "decided once: {evs:?}"
     );

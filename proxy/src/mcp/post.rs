@@ -247,20 +247,22 @@ async fn relay(
             let _ = tx.try_send(Out::answer(a));
         }
     }
-    // Requests registered but not yet sent are forgotten if the client goes
-    // away mid-way (this future is dropped) or a send fails.
+    // Requests registered but not yet sent are forgotten, and audited as
+    // unanswered, if the client goes away mid-way (this future is
+    // dropped) or a send fails.
     let mut unsent = Unsent {
-        session,
+        state: state.clone(),
+        session: session.clone(),
         ids: waiting,
     };
     for m in &forward {
         if let Err(why) = session.send_to_agent(m).await {
             // Nothing will answer these now: answer them here and stop waiting.
-            let failed: Vec<Bytes> = session
-                .forget(&std::mem::take(&mut unsent.ids))
-                .into_iter()
-                .map(|(id, _)| jsonrpc::error(Some(&id), SERVER_ERROR, &why))
-                .collect();
+            let mut failed = Vec::new();
+            for (id, pend) in session.forget(&std::mem::take(&mut unsent.ids)) {
+                rbac::unanswered(state, session, &id, &pend, &why).await;
+                failed.push(jsonrpc::error(Some(&id), SERVER_ERROR, &why));
+            }
             if stream.is_none() {
                 return rpc_error(StatusCode::NOT_FOUND, SERVER_ERROR, &why);
             }
@@ -290,15 +292,29 @@ async fn relay(
 }
 
 /// Requests registered as pending but not yet sent to the agent.
-struct Unsent<'a> {
-    session: &'a Session,
+struct Unsent {
+    state: Arc<ProxyState>,
+    session: Arc<Session>,
     ids: Vec<Id>,
 }
 
-impl Drop for Unsent<'_> {
+impl Drop for Unsent {
     fn drop(&mut self) {
-        if !self.ids.is_empty() {
-            self.session.forget(&self.ids);
+        if self.ids.is_empty() {
+            return;
         }
+        let forgotten = self.session.forget(&self.ids);
+        if forgotten.is_empty() {
+            return;
+        }
+        // Dropped with the POST: the audit, which may wait for room in its
+        // queue, goes on in a task of its own.
+        let (state, session) = (self.state.clone(), self.session.clone());
+        tokio::spawn(async move {
+            for (id, pend) in forgotten {
+                let why = "the client went away before the request was forwarded";
+                rbac::unanswered(&state, &session, &id, &pend, why).await;
+            }
+        });
     }
 }
