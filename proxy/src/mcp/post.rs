@@ -308,9 +308,13 @@ impl Drop for Unsent {
             return;
         }
         // Dropped with the POST: the audit, which may wait for room in its
-        // queue, goes on in a task of its own.
+        // queue, goes on in a task of its own (none when the runtime is
+        // already gone: the process is ending).
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         let (state, session) = (self.state.clone(), self.session.clone());
-        tokio::spawn(async move {
+        rt.spawn(async move {
             for (id, pend) in forgotten {
                 let why = "the client went away before the request was forwarded";
                 rbac::unanswered(&state, &session, &id, &pend, why).await;
