@@ -177,10 +177,25 @@ async fn cancelled(state: &Arc<ProxyState>, session: &Arc<Session>, m: &Message)
     else {
         return;
     };
-    for (id, pend) in session.forget(std::slice::from_ref(&id)) {
-        rbac::unanswered(state, session, &id, &pend, "cancelled by the client").await;
+    let why = "cancelled by the client";
+    for (_, pend) in forget_unanswered(state, session, std::slice::from_ref(&id), why).await {
         session.release_stream_if_done(pend.stream);
     }
+}
+
+/// Stops waiting for these requests and audits each as unanswered, for
+/// `why`; returns what they asked.
+async fn forget_unanswered(
+    state: &ProxyState,
+    session: &Session,
+    ids: &[Id],
+    why: &str,
+) -> Vec<(Id, super::session::Pending)> {
+    let forgotten = session.forget(ids);
+    for (id, pend) in &forgotten {
+        rbac::unanswered(state, session, id, pend, why).await;
+    }
+    forgotten
 }
 
 /// Decides each message, forwards the allowed ones in order, and answers.
@@ -251,18 +266,19 @@ async fn relay(
     // unanswered, if the client goes away mid-way (this future is
     // dropped) or a send fails.
     let mut unsent = Unsent {
-        state: state.clone(),
-        session: session.clone(),
+        state,
+        session,
         ids: waiting,
     };
     for m in &forward {
         if let Err(why) = session.send_to_agent(m).await {
             // Nothing will answer these now: answer them here and stop waiting.
-            let mut failed = Vec::new();
-            for (id, pend) in session.forget(&std::mem::take(&mut unsent.ids)) {
-                rbac::unanswered(state, session, &id, &pend, &why).await;
-                failed.push(jsonrpc::error(Some(&id), SERVER_ERROR, &why));
-            }
+            let failed: Vec<Bytes> =
+                forget_unanswered(state, session, &std::mem::take(&mut unsent.ids), &why)
+                    .await
+                    .into_iter()
+                    .map(|(id, _)| jsonrpc::error(Some(&id), SERVER_ERROR, &why))
+                    .collect();
             if stream.is_none() {
                 return rpc_error(StatusCode::NOT_FOUND, SERVER_ERROR, &why);
             }
@@ -292,13 +308,13 @@ async fn relay(
 }
 
 /// Requests registered as pending but not yet sent to the agent.
-struct Unsent {
-    state: Arc<ProxyState>,
-    session: Arc<Session>,
+struct Unsent<'a> {
+    state: &'a Arc<ProxyState>,
+    session: &'a Arc<Session>,
     ids: Vec<Id>,
 }
 
-impl Drop for Unsent {
+impl Drop for Unsent<'_> {
     fn drop(&mut self) {
         if self.ids.is_empty() {
             return;
