@@ -356,6 +356,7 @@ pub async fn start(
         listeners.web,
         server_config,
         state.metrics.web_connections.clone(),
+        state.clone(),
         router,
         limits,
         stop_rx.clone(),

@@ -58,6 +58,11 @@ async fn until_synced(
     if !needs_cache || state.cache.synced() {
         return next.run(req).await;
     }
+    not_synced()
+}
+
+/// The answer of an MCP or API route before the first sync.
+pub fn not_synced() -> Response {
     crate::mcp::http::rpc_error(
         StatusCode::SERVICE_UNAVAILABLE,
         portico_mcp::jsonrpc::SERVER_ERROR,

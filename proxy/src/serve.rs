@@ -43,11 +43,16 @@ impl Default for WebLimits {
 
 /// Serves `router` on `listener` (over TLS when `tls` is given) until
 /// `stop` turns true, then waits up to `drain` for open connections to
-/// finish.
+/// finish. MCP requests on a plain `/mcp/{app}` path go from the
+/// connection to `mcp::serve_request` without the router: the router's
+/// matching, its middleware and its extractors were a twentieth of the
+/// proxy's CPU per relayed call (`docs/perf/README.md`).
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
     accepted: Arc<std::sync::atomic::AtomicU64>,
+    state: Arc<crate::ProxyState>,
     router: Router,
     limits: WebLimits,
     mut stop: watch::Receiver<bool>,
@@ -111,11 +116,21 @@ pub async fn serve(
         // Small JSON-RPC messages must not wait for Nagle's algorithm.
         let _ = tcp.set_nodelay(true);
         let app = router.clone();
-        let svc = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
-            req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
-            let answer = app.clone().oneshot(req.map(axum::body::Body::new));
+        let state = state.clone();
+        let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+            let mcp = crate::mcp::plain_app(req.uri().path())
+                .map(|name| (state.clone(), name.to_string()));
+            let router = app.clone();
             async move {
-                let mut resp = answer.await?;
+                let req = req.map(axum::body::Body::new);
+                let mut resp = match mcp {
+                    Some((state, name)) => crate::mcp::serve_request(state, peer, name, req).await,
+                    None => {
+                        let mut req = req;
+                        req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+                        router.oneshot(req).await?
+                    }
+                };
                 resp.headers_mut()
                     .entry(http::header::DATE)
                     .or_insert_with(date_header);

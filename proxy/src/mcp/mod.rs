@@ -167,12 +167,37 @@ fn find_session(
     }
 }
 
+/// The app a request path names when it is `/mcp/{app}` with a plain
+/// segment (no `/`, no percent-encoding): such requests are served by
+/// [`serve_request`] straight from the connection, without the router.
+/// Any other path, an encoded one included, goes through the router, whose
+/// `/mcp/{app}` route decodes it; both end in `serve_request`.
+pub fn plain_app(path: &str) -> Option<&str> {
+    let app = path.strip_prefix("/mcp/")?;
+    (!app.is_empty() && !app.contains(['/', '%'])).then_some(app)
+}
+
+/// `/mcp/{app}` as a route of the router (for paths `plain_app` leaves to it).
 pub async fn handle(
     State(state): State<Arc<ProxyState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(app): Path<String>,
     req: axum::extract::Request,
 ) -> Response {
+    serve_request(state, peer, app, req).await
+}
+
+/// An MCP request on `/mcp/{app}`: until the proxy's first sync with the
+/// auth-service it knows no app, role or user, and answers 503.
+pub async fn serve_request(
+    state: Arc<ProxyState>,
+    peer: SocketAddr,
+    app: String,
+    req: axum::extract::Request,
+) -> Response {
+    if !state.cache.synced() {
+        return crate::routes::not_synced();
+    }
     let method = req.method().clone();
     if !matches!(method, Method::POST | Method::GET | Method::DELETE) {
         let mut r = rpc_error(
