@@ -616,6 +616,59 @@ async fn another_users_session_id_is_not_found() {
     c.shutdown().await;
 }
 
+/// `/mcp/{app}` spelled other ways. A plain name goes from the connection
+/// to the MCP handler and a percent-encoded one through the router, which
+/// decodes it: both are the same app, under the same checks. Other shapes
+/// of the path are not the endpoint, and nothing sent there runs.
+#[tokio::test]
+async fn app_names_spelled_other_ways_meet_the_same_checks() {
+    let c = cluster_with_app(ClusterBuilder::new()).await;
+    let marks = Marks::new();
+    let t = token(&c, "mallory").await;
+    let addr = c.proxy_addr();
+    let touch = marks.fill(
+        r#"{"jsonrpc":"2.0","id":81,"method":"tools/call","params":{"name":"touch","arguments":{"path":$PATH}}}"#,
+    );
+    // An encoded name opens a session of `tm`, whose rules hold there...
+    let mut enc = McpHttp::new(addr, "%74%6D", &t);
+    enc.initialize()
+        .await
+        .expect("initialize through an encoded name");
+    let r = raw(&enc, &touch).await;
+    assert_rbac_denied(&answer(&r, &json!(81)), "touch through an encoded name");
+    // ...and which the plain name reaches as the same session.
+    let mut plain = McpHttp::new(addr, "tm", &t);
+    plain.session = enc.session.clone();
+    let r = raw(&plain, &touch).await;
+    assert_rbac_denied(&answer(&r, &json!(81)), "touch through the plain name");
+    assert_untouched(&mut plain, &marks, "an encoded app name").await;
+    // A session of `tm` is not another app's, however that is spelled.
+    for other in ["nope", "%6Eope", "TM"] {
+        let mut s = McpHttp::new(addr, other, &t);
+        s.session = enc.session.clone();
+        let r = raw(&s, &touch).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{other}: {r:?}");
+        let e = s.initialize().await.expect_err("no such app");
+        assert_eq!(e.status, StatusCode::NOT_FOUND, "{other}: {e:?}");
+    }
+    // Without a token, either spelling is refused the same way.
+    for name in ["tm", "%74m"] {
+        let mut s = McpHttp::new(addr, name, "");
+        let e = s.initialize().await.expect_err("no token");
+        assert_eq!(e.status, StatusCode::UNAUTHORIZED, "{name}: {e:?}");
+    }
+    // Not the endpoint: a trailing slash, an empty name, a deeper path.
+    for name in ["tm/", "", "tm/x", "/tm", "tm%2Fx"] {
+        let mut s = McpHttp::new(addr, name, &t);
+        s.session = enc.session.clone();
+        let r = raw(&s, &touch).await;
+        assert!(r.status == StatusCode::NOT_FOUND, "/mcp/{name}: {r:?}");
+    }
+    assert_untouched(&mut plain, &marks, "paths that are not the endpoint").await;
+    assert_touch_runs(&c, &marks).await;
+    c.shutdown().await;
+}
+
 #[tokio::test]
 async fn oversize_body_is_refused() {
     let c = cluster_with_app(ClusterBuilder::new()).await;

@@ -2,6 +2,7 @@
 //! request passes (Origin, Accept), and SSE responses.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -12,7 +13,7 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use portico_mcp::jsonrpc;
 use tokio::sync::mpsc;
 
-use super::session::{Out, ReplayRef};
+use super::session::{Out, ReplayRef, Session};
 use crate::ProxyState;
 
 pub const SESSION_HEADER: &str = "mcp-session-id";
@@ -98,7 +99,12 @@ struct Feed {
     /// Taken from the stream before the response started, sent first.
     first: std::collections::VecDeque<Bytes>,
     rx: mpsc::Receiver<Out>,
-    replay: ReplayRef,
+    /// The stream's replay: a GET stream's is made with it; a POST
+    /// stream's is asked of the session when it is first needed, so that
+    /// a POST answered as plain JSON makes none.
+    replay: Option<ReplayRef>,
+    session: Arc<Session>,
+    stream: u64,
 }
 
 impl Feed {
@@ -108,17 +114,26 @@ impl Feed {
             None => self.rx.recv().await.map(|o| o.msg),
         }
     }
+
+    fn replay(&mut self) -> &ReplayRef {
+        let (session, stream) = (&self.session, self.stream);
+        self.replay.get_or_insert_with(|| session.replay(stream))
+    }
 }
 
 impl Drop for Feed {
     fn drop(&mut self) {
         self.rx.close();
-        let mut r = self.replay.lock().unwrap_or_else(|p| p.into_inner());
-        for m in self.first.drain(..) {
-            r.record(m);
-        }
+        let mut left: Vec<Bytes> = self.first.drain(..).collect();
         while let Ok(o) = self.rx.try_recv() {
-            r.record(o.msg);
+            left.push(o.msg);
+        }
+        if left.is_empty() {
+            return;
+        }
+        let mut r = self.replay().lock().unwrap_or_else(|p| p.into_inner());
+        for m in left {
+            r.record(m);
         }
     }
 }
@@ -138,15 +153,16 @@ const JSON_WAIT: Duration = Duration::from_secs(2);
 /// carries what was taken and everything after it, as before.
 pub async fn stream_response(
     rx: mpsc::Receiver<Out>,
-    session: &str,
+    session: &Arc<Session>,
     stream: u64,
-    replay: ReplayRef,
     json: bool,
 ) -> Response {
     let mut feed = Feed {
         first: Default::default(),
         rx,
-        replay,
+        replay: None,
+        session: session.clone(),
+        stream,
     };
     if json {
         let deadline = tokio::time::Instant::now() + JSON_WAIT;
@@ -178,12 +194,12 @@ pub async fn stream_response(
                 };
                 if ended {
                     let msg = feed.first.pop_front().unwrap_or_default();
-                    return json_response(msg, session);
+                    return json_response(msg, &session.id);
                 }
             }
         }
     }
-    sse_from(feed, session, stream)
+    sse_from(feed)
 }
 
 fn json_response(msg: Bytes, session: &str) -> Response {
@@ -200,23 +216,26 @@ fn json_response(msg: Bytes, session: &str) -> Response {
 /// resumes from) and keep-alive comments.
 pub fn sse_response(
     rx: mpsc::Receiver<Out>,
-    session: &str,
+    session: &Arc<Session>,
     stream: u64,
     replay: ReplayRef,
 ) -> Response {
     let feed = Feed {
         first: Default::default(),
         rx,
-        replay,
+        replay: Some(replay),
+        session: session.clone(),
+        stream,
     };
-    sse_from(feed, session, stream)
+    sse_from(feed)
 }
 
-fn sse_from(feed: Feed, session: &str, stream: u64) -> Response {
+fn sse_from(feed: Feed) -> Response {
+    let (session, stream) = (feed.session.id.clone(), feed.stream);
     let events = futures_util::stream::unfold(feed, move |mut feed| async move {
         let m = feed.next().await?;
         let seq = feed
-            .replay
+            .replay()
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .record(m.clone());
@@ -236,5 +255,5 @@ fn sse_from(feed: Feed, session: &str, stream: u64) -> Response {
     let mut r = sse.into_response();
     r.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    with_session(r, session)
+    with_session(r, &session)
 }

@@ -260,7 +260,7 @@ fn get(state: Arc<ProxyState>, who: Who, app: String, headers: &HeaderMap) -> Re
         .and_then(|v| v.to_str().ok())
         .and_then(session::parse_event_id);
     let (stream, rx, replay) = s.open_get(resume);
-    sse_response(rx, &s.id, stream, replay)
+    sse_response(rx, &s, stream, replay)
 }
 
 async fn delete(state: Arc<ProxyState>, who: Who, app: String, headers: &HeaderMap) -> Response {

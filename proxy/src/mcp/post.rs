@@ -211,14 +211,14 @@ async fn relay(
     // requests are answered, and the proxy's own answers must still reach it.
     let stream_tx = stream
         .as_ref()
-        .and_then(|(sid, _, _)| session.stream_sender(*sid));
+        .and_then(|(sid, _)| session.stream_sender(*sid));
     let mut answers: Vec<Bytes> = Vec::new();
     let mut forward = Vec::with_capacity(msgs.len());
     let mut waiting: Vec<Id> = Vec::new();
     for msg in msgs {
         match msg.shape() {
             Shape::Request => {
-                let (Some((sid, _, _)), Some(id)) = (stream.as_ref(), msg.id().cloned()) else {
+                let (Some((sid, _)), Some(id)) = (stream.as_ref(), msg.id().cloned()) else {
                     continue;
                 };
                 if session.is_pending(&id) {
@@ -296,7 +296,7 @@ async fn relay(
             cancelled(state, session, m).await;
         }
     }
-    let Some((sid, rx, replay)) = stream else {
+    let Some((sid, rx)) = stream else {
         let mut r = Response::new(Body::empty());
         *r.status_mut() = StatusCode::ACCEPTED;
         return with_session(r, &session.id);
@@ -304,7 +304,7 @@ async fn relay(
     drop(stream_tx);
     session.release_stream_if_done(sid);
     session.offer(sid);
-    stream_response(rx, &session.id, sid, replay, json).await
+    stream_response(rx, session, sid, json).await
 }
 
 /// Requests registered as pending but not yet sent to the agent.

@@ -59,7 +59,10 @@ const BACKLOG: usize = 1000;
 pub const STREAM_BUFFER: usize = 256;
 /// What each stream keeps of the messages it carried, for a client that
 /// reconnects with `Last-Event-ID`: at most this many, of at most this
-/// many bytes in all, for the session's newest `REPLAY_STREAMS` streams.
+/// many bytes in all, for the session's GET stream and its newest
+/// `REPLAY_STREAMS` POST streams that carried events. A POST answered as
+/// plain JSON carries none and keeps nothing, so it pushes no stream's
+/// replay out.
 const REPLAY_MESSAGES: usize = 4096;
 const REPLAY_BYTES: usize = 512 * 1024;
 const REPLAY_STREAMS: usize = 4;
@@ -150,8 +153,10 @@ const MAX_SEEN: usize = 10_000;
 
 #[derive(Default)]
 struct Inner {
-    /// The newest streams' replays, by stream id.
+    /// The newest POST streams' replays, by stream id.
     replays: std::collections::BTreeMap<u64, ReplayRef>,
+    /// The GET stream's, apart: POST streams never push it out.
+    get_replay: Option<(u64, ReplayRef)>,
     seen: HashMap<portico_mcp::lists::ListKind, SeenList>,
     pending: HashMap<Id, Pending>,
     streams: HashMap<u64, StreamTx>,
@@ -179,8 +184,12 @@ pub struct Session {
     inner: Mutex<Inner>,
 }
 
-/// A fresh replay for stream `id`; only the newest streams keep theirs.
-fn new_replay(g: &mut Inner, id: u64) -> ReplayRef {
+/// The replay of POST stream `id`, made when first asked for; only the
+/// newest streams keep theirs.
+fn post_replay(g: &mut Inner, id: u64) -> ReplayRef {
+    if let Some(r) = g.replays.get(&id) {
+        return r.clone();
+    }
     let r = ReplayRef::default();
     g.replays.insert(id, r.clone());
     while g.replays.len() > REPLAY_STREAMS {
@@ -242,17 +251,21 @@ impl Session {
         g.streams.values().any(|s| !s.is_closed()) || g.get.as_ref().is_some_and(|s| !s.is_closed())
     }
 
-    /// Opens a POST stream for the answers to its requests; returns its id,
-    /// receiver and replay. It takes server-initiated messages only once
-    /// `offer`ed.
-    pub fn open_stream(&self) -> (u64, mpsc::Receiver<Out>, ReplayRef) {
+    /// Opens a POST stream for the answers to its requests; returns its id
+    /// and receiver. It takes server-initiated messages only once
+    /// `offer`ed; its replay is made by `replay` when it carries events.
+    pub fn open_stream(&self) -> (u64, mpsc::Receiver<Out>) {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let mut g = self.lock();
         g.next_stream += 1;
         let id = g.next_stream;
         g.streams.insert(id, tx);
-        let replay = new_replay(&mut g, id);
-        (id, rx, replay)
+        (id, rx)
+    }
+
+    /// The replay of POST stream `stream`, made now if it has none.
+    pub fn replay(&self, stream: u64) -> ReplayRef {
+        post_replay(&mut self.lock(), stream)
     }
 
     /// Lets a POST stream, now handed to its client, carry server-initiated
@@ -341,7 +354,10 @@ impl Session {
         let mut g = self.lock();
         let replayed = resume
             .and_then(|(stream, seq)| {
-                let r = g.replays.get(&stream)?;
+                let r = match &g.get_replay {
+                    Some((id, r)) if *id == stream => r,
+                    _ => g.replays.get(&stream)?,
+                };
                 let r = r.lock().unwrap_or_else(|p| p.into_inner());
                 Some(r.after(seq))
             })
@@ -356,7 +372,9 @@ impl Session {
         g.get = Some(tx);
         g.next_stream += 1;
         let id = g.next_stream;
-        let replay = new_replay(&mut g, id);
+        // What the GET stream it replaces carried was taken above if asked for.
+        let replay = ReplayRef::default();
+        g.get_replay = Some((id, replay.clone()));
         (id, rx, replay)
     }
 
@@ -808,7 +826,7 @@ mod tests {
     async fn an_answer_taken_reaches_a_stream_its_post_released() {
         let (tx, _body) = portico_tunnel::queue::channel::<Bytes>(4);
         let s = Session::new("s".into(), "u".into(), "a".into(), "h".into(), false, tx);
-        let (sid, mut rx, _replay) = s.open_stream();
+        let (sid, mut rx) = s.open_stream();
         let id = Id::Int(7);
         assert!(s.expect(id.clone(), sid, Asked::Other).is_ok());
         let (_pend, to) = s.take_pending(&id).expect("waiting");
@@ -822,5 +840,40 @@ mod tests {
         assert!(got.answer && got.last);
         assert!(rx.recv().await.is_none(), "the stream ends with its answer");
         assert!(s.lock().backlog.is_empty(), "nothing went elsewhere");
+    }
+
+    /// A client cut off its GET stream resumes it after any number of
+    /// POSTs, those whose answers were SSE events included; of POST
+    /// streams, only the newest that carried events keep theirs.
+    #[test]
+    fn the_get_streams_replay_outlives_any_number_of_posts() {
+        let (tx, _body) = portico_tunnel::queue::channel::<Bytes>(4);
+        let s = Session::new("s".into(), "u".into(), "a".into(), "h".into(), false, tx);
+        let (get, _rx, replay) = s.open_get(None);
+        for m in ["g0", "g1", "g2"] {
+            replay
+                .lock()
+                .expect("replay")
+                .record(Bytes::from_static(m.as_bytes()));
+        }
+        let mut posts = Vec::new();
+        for _ in 0..2 * REPLAY_STREAMS {
+            let (id, _rx) = s.open_stream();
+            s.replay(id)
+                .lock()
+                .expect("replay")
+                .record(Bytes::from_static(b"p0"));
+            // Answered as plain JSON: no replay made.
+            let _ = s.open_stream();
+            posts.push(id);
+        }
+        let (_, mut rx, _) = s.open_get(Some((get, 0)));
+        let got: Vec<Bytes> = std::iter::from_fn(|| rx.try_recv().ok().map(|o| o.msg)).collect();
+        assert_eq!(
+            got,
+            vec![Bytes::from_static(b"g1"), Bytes::from_static(b"g2")]
+        );
+        let kept: Vec<u64> = s.lock().replays.keys().copied().collect();
+        assert_eq!(kept, posts[posts.len() - REPLAY_STREAMS..].to_vec());
     }
 }
