@@ -59,13 +59,14 @@ const BACKLOG: usize = 1000;
 pub const STREAM_BUFFER: usize = 256;
 /// What each stream keeps of the messages it carried, for a client that
 /// reconnects with `Last-Event-ID`: at most this many, of at most this
-/// many bytes in all, for the session's GET stream and its newest
-/// `REPLAY_STREAMS` POST streams that carried events. A POST answered as
-/// plain JSON carries none and keeps nothing, so it pushes no stream's
-/// replay out.
+/// many bytes in all, for the session's newest `REPLAY_GETS` GET streams
+/// and its newest `REPLAY_STREAMS` POST streams that carried events. A
+/// POST answered as plain JSON carries none and keeps nothing, so it
+/// pushes no stream's replay out.
 const REPLAY_MESSAGES: usize = 4096;
 const REPLAY_BYTES: usize = 512 * 1024;
 const REPLAY_STREAMS: usize = 4;
+const REPLAY_GETS: usize = 2;
 
 /// The messages one SSE stream carried (or held when its client went
 /// away), numbered as its events are.
@@ -155,8 +156,9 @@ const MAX_SEEN: usize = 10_000;
 struct Inner {
     /// The newest POST streams' replays, by stream id.
     replays: std::collections::BTreeMap<u64, ReplayRef>,
-    /// The GET stream's, apart: POST streams never push it out.
-    get_replay: Option<(u64, ReplayRef)>,
+    /// The newest GET streams' replays, oldest first, apart: POST streams
+    /// never push them out.
+    get_replays: VecDeque<(u64, ReplayRef)>,
     seen: HashMap<portico_mcp::lists::ListKind, SeenList>,
     pending: HashMap<Id, Pending>,
     streams: HashMap<u64, StreamTx>,
@@ -354,9 +356,9 @@ impl Session {
         let mut g = self.lock();
         let replayed = resume
             .and_then(|(stream, seq)| {
-                let r = match &g.get_replay {
-                    Some((id, r)) if *id == stream => r,
-                    _ => g.replays.get(&stream)?,
+                let r = match g.get_replays.iter().find(|(id, _)| *id == stream) {
+                    Some((_, r)) => r,
+                    None => g.replays.get(&stream)?,
                 };
                 let r = r.lock().unwrap_or_else(|p| p.into_inner());
                 Some(r.after(seq))
@@ -372,9 +374,11 @@ impl Session {
         g.get = Some(tx);
         g.next_stream += 1;
         let id = g.next_stream;
-        // What the GET stream it replaces carried was taken above if asked for.
         let replay = ReplayRef::default();
-        g.get_replay = Some((id, replay.clone()));
+        g.get_replays.push_back((id, replay.clone()));
+        while g.get_replays.len() > REPLAY_GETS {
+            g.get_replays.pop_front();
+        }
         (id, rx, replay)
     }
 
@@ -843,8 +847,9 @@ mod tests {
     }
 
     /// A client cut off its GET stream resumes it after any number of
-    /// POSTs, those whose answers were SSE events included; of POST
-    /// streams, only the newest that carried events keep theirs.
+    /// POSTs, those whose answers were SSE events included, and after one
+    /// newer GET stream; of POST streams, only the newest that carried
+    /// events keep theirs.
     #[test]
     fn the_get_streams_replay_outlives_any_number_of_posts() {
         let (tx, _body) = portico_tunnel::queue::channel::<Bytes>(4);
@@ -856,6 +861,8 @@ mod tests {
                 .expect("replay")
                 .record(Bytes::from_static(m.as_bytes()));
         }
+        // Another GET, which does not resume: the first stays resumable.
+        let _second = s.open_get(None);
         let mut posts = Vec::new();
         for _ in 0..2 * REPLAY_STREAMS {
             let (id, _rx) = s.open_stream();
@@ -875,5 +882,9 @@ mod tests {
         );
         let kept: Vec<u64> = s.lock().replays.keys().copied().collect();
         assert_eq!(kept, posts[posts.len() - REPLAY_STREAMS..].to_vec());
+        // Two newer GET streams later, the first's replay is gone: a
+        // resumption from it starts fresh.
+        let (_, mut rx, _) = s.open_get(Some((get, 0)));
+        assert!(rx.try_recv().is_err(), "nothing replayed");
     }
 }
