@@ -662,7 +662,7 @@ async fn app_names_spelled_other_ways_meet_the_same_checks() {
         let mut s = McpHttp::new(addr, name, &t);
         s.session = enc.session.clone();
         let r = raw(&s, &touch).await;
-        assert!(r.status == StatusCode::NOT_FOUND, "/mcp/{name}: {r:?}");
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "/mcp/{name}: {r:?}");
     }
     assert_untouched(&mut plain, &marks, "paths that are not the endpoint").await;
     assert_touch_runs(&c, &marks).await;

@@ -186,20 +186,6 @@ pub struct Session {
     inner: Mutex<Inner>,
 }
 
-/// The replay of POST stream `id`, made when first asked for; only the
-/// newest streams keep theirs.
-fn post_replay(g: &mut Inner, id: u64) -> ReplayRef {
-    if let Some(r) = g.replays.get(&id) {
-        return r.clone();
-    }
-    let r = ReplayRef::default();
-    g.replays.insert(id, r.clone());
-    while g.replays.len() > REPLAY_STREAMS {
-        g.replays.pop_first();
-    }
-    r
-}
-
 enum Target {
     Stream(StreamTx),
     Backlog,
@@ -265,9 +251,19 @@ impl Session {
         (id, rx)
     }
 
-    /// The replay of POST stream `stream`, made now if it has none.
+    /// The replay of POST stream `stream`, made now if it has none; only
+    /// the newest `REPLAY_STREAMS` keep theirs.
     pub fn replay(&self, stream: u64) -> ReplayRef {
-        post_replay(&mut self.lock(), stream)
+        let mut g = self.lock();
+        if let Some(r) = g.replays.get(&stream) {
+            return r.clone();
+        }
+        let r = ReplayRef::default();
+        g.replays.insert(stream, r.clone());
+        while g.replays.len() > REPLAY_STREAMS {
+            g.replays.pop_first();
+        }
+        r
     }
 
     /// Lets a POST stream, now handed to its client, carry server-initiated
