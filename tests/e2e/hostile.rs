@@ -669,6 +669,88 @@ async fn app_names_spelled_other_ways_meet_the_same_checks() {
     c.shutdown().await;
 }
 
+/// A proxy that has not synced with the auth-service knows no app, role or
+/// user: every spelling of an MCP path (the plain one served from the
+/// connection, the encoded one through the router) and the API answer 503,
+/// never a 404 or 403 from an empty cache. Its auth-service here accepts
+/// connections and never answers, so the first sync never comes.
+#[tokio::test]
+async fn before_its_first_sync_the_proxy_answers_503_on_every_path() {
+    let c = cluster_with_app(ClusterBuilder::new()).await;
+    let t = token(&c, "trent").await;
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let silent_addr = silent.local_addr().expect("addr");
+    // Holds what it accepts, open and unanswered.
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let data = TempDir::new("unsynced-proxy");
+    let cfg = portico_proxy::ProxyConfig {
+        auth_servers: vec![silent_addr.to_string()],
+        plain_http: true,
+        ..Default::default()
+    };
+    let creds = portico_proxy::Credentials {
+        issued: Some(c.proxy.as_ref().expect("proxy").identity.clone()),
+        data_dir: data.path().to_path_buf(),
+        local_audit: None,
+    };
+    let listeners = portico_proxy::Listeners {
+        web: tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind web"),
+        tunnel: tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind tunnel"),
+    };
+    let p = portico_proxy::start(&cfg, creds, listeners)
+        .await
+        .expect("an unsynced proxy starts");
+    let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "portico-hostile", "version": "1"}}});
+    for name in ["tm", "%74m", "nope"] {
+        for token in [t.as_str(), "", "not-a-token"] {
+            let s = McpHttp::new(p.web_addr, name, token);
+            let r = s.post(&init).await;
+            assert_eq!(
+                r.status,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "/mcp/{name}, token {:?}: {r:?}",
+                !token.is_empty()
+            );
+            assert!(
+                String::from_utf8_lossy(&r.body).contains("not synced"),
+                "/mcp/{name}: {r:?}"
+            );
+            let g = s
+                .send(http::Method::GET, &[("accept", "text/event-stream")], None)
+                .await;
+            assert_eq!(
+                g.status,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "GET /mcp/{name}: {g:?}"
+            );
+        }
+    }
+    let mut api = McpHttp::new(p.web_addr, "tm", &t);
+    api.url = format!("http://{}/v1/apps", p.web_addr);
+    let r = api.send(http::Method::GET, &[], None).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "/v1/apps: {r:?}");
+    // Still not synced: the answers above were the unsynced proxy's.
+    assert!(!p.state.cache.synced());
+    // The same requests, to the synced proxy of the same cluster, are served.
+    let s = McpHttp::new(c.proxy_addr(), "%74m", &t);
+    assert_eq!(s.post(&init).await.status, StatusCode::OK);
+    p.shutdown().await;
+    holder.abort();
+    c.shutdown().await;
+}
+
 #[tokio::test]
 async fn oversize_body_is_refused() {
     let c = cluster_with_app(ClusterBuilder::new()).await;
