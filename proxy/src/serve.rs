@@ -88,8 +88,10 @@ pub async fn serve(
     // buffer and took a second one after some 45 requests: 4 MiB for 1,000
     // connections, reached minutes into a run. Without the table a client
     // sends those headers in full each time, as over HTTP/1.1, and the
-    // buffer is reused. A TLS client that chose no ALPN still reaches the
-    // builder above, which tells the two protocols apart by their bytes.
+    // buffer is reused. A plain connection that opens with HTTP/2's preface
+    // (prior knowledge, behind a TLS terminator) is served by it too. A TLS
+    // client that chose no ALPN still reaches the builder above, which
+    // tells the two protocols apart by their bytes.
     let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     http2_settings!(h2).header_table_size(0);
     loop {
@@ -141,13 +143,23 @@ pub async fn serve(
         let builder = builder.clone();
         let h2 = h2.clone();
         let tls = tls.clone();
+        let header_timeout = limits.header_timeout;
         tokio::spawn(async move {
             let _held = (slot, mine);
             let result: Result<(), Box<dyn std::error::Error + Send + Sync>> = match tls {
-                None => {
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
-                    watcher.watch(conn.into_owned()).await
-                }
+                None => match opens_h2(tcp, header_timeout).await {
+                    // Nothing in time: the connection is closed.
+                    None => return,
+                    Some((true, stream)) => {
+                        let conn = h2.serve_connection(TokioIo::new(stream), svc);
+                        watcher.watch(conn).await.map_err(Into::into)
+                    }
+                    Some((false, stream)) => {
+                        let conn =
+                            builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                        watcher.watch(conn.into_owned()).await
+                    }
+                },
                 Some(cfg) => {
                     let stream = match portico_tls::net::accept(
                         tcp,
@@ -182,6 +194,104 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("some web connections were still open at shutdown");
+    }
+}
+
+/// Reads the first bytes of a plain connection, as far as needed to tell
+/// whether they open HTTP/2's connection preface (`PRI * HTTP/2.0`, sent
+/// by a client with prior knowledge); `None` if they do not come within
+/// `within`. The bytes read are given back to whoever reads the returned
+/// stream.
+async fn opens_h2(
+    mut tcp: tokio::net::TcpStream,
+    within: Duration,
+) -> Option<(bool, Prefixed<tokio::net::TcpStream>)> {
+    use tokio::io::AsyncReadExt;
+    const PRI: &[u8] = b"PRI ";
+    let mut first = [0u8; 4];
+    let mut n = 0;
+    let h2 = tokio::time::timeout(within, async {
+        loop {
+            let got = tcp.read(&mut first[n..]).await.ok()?;
+            n += got;
+            // The end of the stream, or a request line that is not the
+            // preface: the HTTP/1 server answers either.
+            if got == 0 || first[..n] != PRI[..n] {
+                return Some(false);
+            }
+            if n == PRI.len() {
+                return Some(true);
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten()?;
+    Some((
+        h2,
+        Prefixed {
+            head: first,
+            at: 0,
+            len: n,
+            inner: tcp,
+        },
+    ))
+}
+
+/// A stream whose first bytes, already read, are read again first.
+struct Prefixed<S> {
+    head: [u8; 4],
+    at: usize,
+    len: usize,
+    inner: S,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Prefixed<S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let me = self.get_mut();
+        if me.at < me.len {
+            let take = (me.len - me.at).min(buf.remaining());
+            buf.put_slice(&me.head[me.at..me.at + take]);
+            me.at += take;
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut me.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 

@@ -751,6 +751,76 @@ async fn before_its_first_sync_the_proxy_answers_503_on_every_path() {
     c.shutdown().await;
 }
 
+/// A proxy on plain HTTP (behind a TLS terminator) tells HTTP/2 with prior
+/// knowledge from HTTP/1.1 by the first bytes, however they are cut: an
+/// h2c client is served, under the same checks, and an HTTP/1.1 request
+/// whose first byte comes alone is answered as HTTP/1.1. A connection that
+/// stops inside the preface is closed after the header timeout.
+#[tokio::test]
+async fn plain_http_serves_h2c_and_http1_cut_anywhere() {
+    use tokio::io::AsyncWriteExt;
+    let c = cluster_with_app(
+        ClusterBuilder::new()
+            .plain_http()
+            .request_timeouts("1s", "1s"),
+    )
+    .await;
+    let marks = Marks::new();
+    let addr = c.proxy_addr();
+    let t = token(&c, "mallory").await;
+    let mut h2c = McpHttp::new(addr, "tm", &t).http2(addr);
+    h2c.initialize().await.expect("initialize over h2c");
+    let r = h2c.call("echo", json!({"message": "over h2c"})).await;
+    assert!(r["result"].is_object(), "{r}");
+    let touch = marks.fill(
+        r#"{"jsonrpc":"2.0","id":91,"method":"tools/call","params":{"name":"touch","arguments":{"path":$PATH}}}"#,
+    );
+    let r = raw(&h2c, &touch).await;
+    assert_rbac_denied(&answer(&r, &json!(91)), "touch over h2c");
+    assert_untouched(&mut h2c, &marks, "h2c").await;
+
+    // HTTP/1.1, its first byte alone: not taken for a preface.
+    let mut cut = portico_tests::web::stream(addr).await;
+    cut.write_all(b"P").await.expect("first byte");
+    cut.flush().await.expect("flush");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    cut.write_all(b"OST /mcp/tm HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nContent-Length: 2\r\n\r\n{}")
+        .await
+        .expect("the rest");
+    let r = read_reply(&mut cut, Duration::from_secs(10))
+        .await
+        .expect("an answer");
+    assert!(r.starts_with("HTTP/1.1 401"), "{r}");
+
+    // The preface cut in two reaches the HTTP/2 server that keeps no HPACK
+    // table for what clients send: its SETTINGS say a table size of 0.
+    let mut pri = portico_tests::web::stream(addr).await;
+    pri.write_all(b"PR").await.expect("half the preface");
+    pri.flush().await.expect("flush");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    pri.write_all(b"I * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .expect("the rest, and empty SETTINGS");
+    let settings = read_h2_frame(&mut pri).await;
+    assert_eq!(settings.0, 4, "the server's first frame is SETTINGS");
+    let table_size = settings
+        .1
+        .chunks(6)
+        .find(|e| e[..2] == [0, 1])
+        .map(|e| u32::from_be_bytes([e[2], e[3], e[4], e[5]]));
+    assert_eq!(table_size, Some(0), "SETTINGS_HEADER_TABLE_SIZE");
+
+    // The preface's first bytes, then nothing: closed, nothing answered.
+    let mut stalled = portico_tests::web::stream(addr).await;
+    stalled.write_all(b"PRI").await.expect("part of a preface");
+    let r = read_reply(&mut stalled, Duration::from_secs(10))
+        .await
+        .expect("closed after the header timeout");
+    assert_eq!(r, "", "{r}");
+    assert_touch_runs(&c, &marks).await;
+    c.shutdown().await;
+}
+
 #[tokio::test]
 async fn oversize_body_is_refused() {
     let c = cluster_with_app(ClusterBuilder::new()).await;
@@ -1141,6 +1211,21 @@ async fn denials_are_audited() {
         "the server refused TOUCH: {upper}"
     );
     c.shutdown().await;
+}
+
+/// Reads one HTTP/2 frame (within 10 s): its type and payload.
+async fn read_h2_frame(tcp: &mut (impl tokio::io::AsyncRead + Unpin)) -> (u8, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        let mut head = [0u8; 9];
+        tcp.read_exact(&mut head).await.expect("a frame header");
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        tcp.read_exact(&mut payload).await.expect("a frame payload");
+        (head[3], payload)
+    })
+    .await
+    .expect("a frame within 10 s")
 }
 
 /// Reads from a raw connection until the peer answers or closes, for at most `limit`.

@@ -87,6 +87,15 @@ impl McpHttp {
         self
     }
 
+    /// Speaks HTTP/2 to the proxy at `proxy`: chosen by ALPN over TLS, with
+    /// prior knowledge (h2c) over plain HTTP.
+    pub fn http2(mut self, proxy: std::net::SocketAddr) -> McpHttp {
+        self.client = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build(crate::web::connector(proxy));
+        self
+    }
+
     /// POSTs accept only `text/event-stream`: every answer comes as SSE.
     pub fn sse_only(mut self) -> McpHttp {
         self.accept = "text/event-stream";

@@ -544,9 +544,7 @@ async fn proxied_calls(
     let mut clients = Vec::new();
     for _ in 0..sessions {
         let mut s = McpHttp::new(addr, app, token);
-        if h1 {
-            s = s.http1(addr);
-        }
+        s = if h1 { s.http1(addr) } else { s.http2(addr) };
         if sse_only {
             s = s.sse_only();
         }
