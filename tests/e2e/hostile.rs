@@ -700,14 +700,7 @@ async fn before_its_first_sync_the_proxy_answers_503_on_every_path() {
         data_dir: data.path().to_path_buf(),
         local_audit: None,
     };
-    let listeners = portico_proxy::Listeners {
-        web: tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind web"),
-        tunnel: tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind tunnel"),
-    };
+    let listeners = portico_tests::cluster::loopback_listeners().await;
     let p = portico_proxy::start(&cfg, creds, listeners)
         .await
         .expect("an unsynced proxy starts");
@@ -780,13 +773,7 @@ async fn plain_http_serves_h2c_and_http1_cut_anywhere() {
     assert_untouched(&mut h2c, &marks, "h2c").await;
 
     // HTTP/1.1, its first byte alone: not taken for a preface.
-    let mut cut = portico_tests::web::stream(addr).await;
-    cut.write_all(b"P").await.expect("first byte");
-    cut.flush().await.expect("flush");
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    cut.write_all(b"OST /mcp/tm HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nContent-Length: 2\r\n\r\n{}")
-        .await
-        .expect("the rest");
+    let mut cut = send_in_two(addr, b"P", b"OST /mcp/tm HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nContent-Length: 2\r\n\r\n{}").await;
     let r = read_reply(&mut cut, Duration::from_secs(10))
         .await
         .expect("an answer");
@@ -794,13 +781,12 @@ async fn plain_http_serves_h2c_and_http1_cut_anywhere() {
 
     // The preface cut in two reaches the HTTP/2 server that keeps no HPACK
     // table for what clients send: its SETTINGS say a table size of 0.
-    let mut pri = portico_tests::web::stream(addr).await;
-    pri.write_all(b"PR").await.expect("half the preface");
-    pri.flush().await.expect("flush");
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    pri.write_all(b"I * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
-        .await
-        .expect("the rest, and empty SETTINGS");
+    let mut pri = send_in_two(
+        addr,
+        b"PR",
+        b"I * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0",
+    )
+    .await;
     let settings = read_h2_frame(&mut pri).await;
     assert_eq!(settings.0, 4, "the server's first frame is SETTINGS");
     let table_size = settings
@@ -1211,6 +1197,22 @@ async fn denials_are_audited() {
         "the server refused TOUCH: {upper}"
     );
     c.shutdown().await;
+}
+
+/// A raw connection to the proxy at `addr` that has sent `first`, then,
+/// 200 ms later, `rest`.
+async fn send_in_two(
+    addr: std::net::SocketAddr,
+    first: &[u8],
+    rest: &[u8],
+) -> Box<dyn portico_tls::net::TokioStream> {
+    use tokio::io::AsyncWriteExt;
+    let mut s = portico_tests::web::stream(addr).await;
+    s.write_all(first).await.expect("the first part");
+    s.flush().await.expect("flush");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.write_all(rest).await.expect("the rest");
+    s
 }
 
 /// Reads one HTTP/2 frame (within 10 s): its type and payload.

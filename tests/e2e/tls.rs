@@ -571,14 +571,7 @@ async fn operator_certificates_are_served_and_reloaded() {
         }],
         ..Default::default()
     };
-    let listeners = portico_proxy::Listeners {
-        web: tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind"),
-        tunnel: tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind"),
-    };
+    let listeners = portico_tests::cluster::loopback_listeners().await;
     let p = portico_proxy::start(
         &cfg,
         portico_proxy::Credentials::join(c.data_dir().join("op-proxy")),

@@ -216,6 +216,14 @@ impl ClusterBuilder {
     }
 }
 
+/// A proxy's web and tunnel listeners, on free loopback ports.
+pub async fn loopback_listeners() -> portico_proxy::Listeners {
+    portico_proxy::Listeners {
+        web: TcpListener::bind("127.0.0.1:0").await.expect("bind web"),
+        tunnel: TcpListener::bind("127.0.0.1:0").await.expect("bind tunnel"),
+    }
+}
+
 /// An agent config serving the apps with these labels (`*: *` for all).
 pub fn selector_agent_config(labels: &[(&str, &str)]) -> AgentConfig {
     AgentConfig {
@@ -392,10 +400,7 @@ impl Cluster {
 
     pub async fn start_proxy(&mut self, mut cfg: ProxyConfig) {
         cfg.join_token = Some(self.join_token("proxy").await);
-        let listeners = portico_proxy::Listeners {
-            web: TcpListener::bind("127.0.0.1:0").await.expect("bind web"),
-            tunnel: TcpListener::bind("127.0.0.1:0").await.expect("bind tunnel"),
-        };
+        let listeners = loopback_listeners().await;
         let dir = self.dir.path().join("proxy");
         let mut creds = portico_proxy::Credentials::join(dir);
         if !self.audit_over_grpc {
