@@ -138,19 +138,21 @@ impl Drop for Feed {
     }
 }
 
-/// How long a POST that may be answered with plain JSON waits for its
-/// answer before it starts an SSE stream instead (whose keep-alives then
-/// hold the connection): fast calls get one small response, slow ones
-/// see the headers soon, as before.
-const JSON_WAIT: Duration = Duration::from_secs(2);
+/// How long a POST waits for the first message of its stream before the
+/// response starts without it (and its keep-alives then hold the
+/// connection): a fast call's response goes out whole, head and answer in
+/// one write, and a slow one's head is seen soon.
+const FIRST_WAIT: Duration = Duration::from_secs(2);
 
-/// The response to a POST stream. With `json` (the client accepts
-/// `application/json` and the POST carries one request), the proxy waits
-/// for the stream's first message: when that is the request's answer and
-/// the stream ends with it, the answer goes back alone, as
-/// `application/json`, in one write. Anything else (a server message
-/// first, no answer within `JSON_WAIT`) starts the SSE stream, which
-/// carries what was taken and everything after it, as before.
+/// The response to a POST stream. The proxy waits, at most `FIRST_WAIT`,
+/// for the stream's first message, so that the response's head and that
+/// message leave together rather than in two writes. With `json` (the
+/// client accepts `application/json` and the POST carries one request),
+/// when that message is the request's answer and the stream ends with it,
+/// the answer goes back alone, as `application/json`. Anything else (an
+/// SSE-only client, a server message first, nothing within `FIRST_WAIT`)
+/// is the SSE stream, which carries what was taken and everything after
+/// it.
 pub async fn stream_response(
     rx: mpsc::Receiver<Out>,
     session: &Arc<Session>,
@@ -164,39 +166,38 @@ pub async fn stream_response(
         session: session.clone(),
         stream,
     };
-    if json {
-        let deadline = tokio::time::Instant::now() + JSON_WAIT;
-        if let Ok(Some(first)) = tokio::time::timeout_at(deadline, feed.rx.recv()).await {
-            let (answer, last) = (first.answer, first.last);
-            feed.first.push_back(first.msg);
-            if answer {
-                // The stream ends with its answer; a server message that
-                // raced onto it keeps it a stream. After `close`, any
-                // later one goes where server messages go.
-                let ended = if last {
-                    feed.rx.close();
-                    match feed.rx.try_recv() {
-                        Ok(next) => {
-                            feed.first.push_back(next.msg);
-                            false
-                        }
-                        Err(_) => true,
-                    }
-                } else {
-                    match tokio::time::timeout_at(deadline, feed.rx.recv()).await {
-                        Ok(None) => true,
-                        Ok(Some(next)) => {
-                            feed.first.push_back(next.msg);
-                            false
-                        }
-                        Err(_) => false,
-                    }
-                };
-                if ended {
-                    let msg = feed.first.pop_front().unwrap_or_default();
-                    return json_response(msg, &session.id);
+    let deadline = tokio::time::Instant::now() + FIRST_WAIT;
+    let Ok(Some(first)) = tokio::time::timeout_at(deadline, feed.rx.recv()).await else {
+        return sse_from(feed);
+    };
+    let (answer, last) = (first.answer, first.last);
+    feed.first.push_back(first.msg);
+    if json && answer {
+        // The stream ends with its answer; a server message that raced
+        // onto it keeps it a stream. After `close`, any later one goes
+        // where server messages go.
+        let ended = if last {
+            feed.rx.close();
+            match feed.rx.try_recv() {
+                Ok(next) => {
+                    feed.first.push_back(next.msg);
+                    false
                 }
+                Err(_) => true,
             }
+        } else {
+            match tokio::time::timeout_at(deadline, feed.rx.recv()).await {
+                Ok(None) => true,
+                Ok(Some(next)) => {
+                    feed.first.push_back(next.msg);
+                    false
+                }
+                Err(_) => false,
+            }
+        };
+        if ended {
+            let msg = feed.first.pop_front().unwrap_or_default();
+            return json_response(msg, &session.id);
         }
     }
     sse_from(feed)
