@@ -197,15 +197,18 @@ pub async fn serve(
     }
 }
 
+/// A plain connection after `opens_h2`: the bytes it read, then the rest
+/// of the stream; writes go to the stream.
+type Replayed = tokio::io::Join<
+    tokio::io::Chain<std::io::Cursor<Vec<u8>>, tokio::net::tcp::OwnedReadHalf>,
+    tokio::net::tcp::OwnedWriteHalf,
+>;
+
 /// Reads the first bytes of a plain connection, as far as needed to tell
 /// whether they open HTTP/2's connection preface (`PRI * HTTP/2.0`, sent
 /// by a client with prior knowledge); `None` if they do not come within
-/// `within`. The bytes read are given back to whoever reads the returned
-/// stream.
-async fn opens_h2(
-    mut tcp: tokio::net::TcpStream,
-    within: Duration,
-) -> Option<(bool, Prefixed<tokio::net::TcpStream>)> {
+/// `within`. The bytes read are read again first from the returned stream.
+async fn opens_h2(mut tcp: tokio::net::TcpStream, within: Duration) -> Option<(bool, Replayed)> {
     use tokio::io::AsyncReadExt;
     const PRI: &[u8] = b"PRI ";
     let mut first = [0u8; 4];
@@ -227,72 +230,9 @@ async fn opens_h2(
     .await
     .ok()
     .flatten()?;
-    Some((
-        h2,
-        Prefixed {
-            head: first,
-            at: 0,
-            len: n,
-            inner: tcp,
-        },
-    ))
-}
-
-/// A stream whose first bytes, already read, are read again first.
-struct Prefixed<S> {
-    head: [u8; 4],
-    at: usize,
-    len: usize,
-    inner: S,
-}
-
-impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Prefixed<S> {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let me = self.get_mut();
-        if me.at < me.len {
-            let take = (me.len - me.at).min(buf.remaining());
-            buf.put_slice(&me.head[me.at..me.at + take]);
-            me.at += take;
-            return std::task::Poll::Ready(Ok(()));
-        }
-        std::pin::Pin::new(&mut me.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Prefixed<S> {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-    fn poll_write_vectored(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
+    let (read, write) = tcp.into_split();
+    let read = std::io::Cursor::new(first[..n].to_vec()).chain(read);
+    Some((h2, tokio::io::join(read, write)))
 }
 
 /// One open connection counted against its address; uncounted on drop.
