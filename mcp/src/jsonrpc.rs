@@ -23,6 +23,12 @@ pub const SERVER_ERROR: i64 = -32000;
 /// nothing travels that was not checked.
 const MEMBERS: [&str; 6] = ["jsonrpc", "id", "method", "params", "result", "error"];
 
+/// The largest integer id taken, in size: 2^53 - 1, the largest integer a
+/// double holds exactly (JavaScript's `Number.MAX_SAFE_INTEGER`). Beyond it
+/// a server that parses ids as doubles would read `2^53 + 1` as `2^53` and
+/// answer one request with another's id.
+pub const MAX_SAFE_ID: u64 = (1 << 53) - 1;
+
 /// A request id: MCP allows a string or an integer, never null.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Id {
@@ -36,10 +42,24 @@ impl Id {
             Value::String(s) => Ok(Id::Str(s.clone())),
             Value::Number(n) => n
                 .as_i64()
+                .filter(|i| i.unsigned_abs() <= MAX_SAFE_ID)
                 .map(Id::Int)
-                .ok_or("\"id\" must be an integer or a string (no fractions, exponents or integers beyond 64 bits)"),
+                .ok_or("\"id\" must be a string or an integer of at most 2^53 - 1 in size (no fractions or exponents): a larger one reads as another in the many JSON parsers that hold numbers as doubles"),
             Value::Null => Err("\"id\" must not be null"),
             _ => Err("\"id\" must be an integer or a string"),
+        }
+    }
+
+    /// The id of the other type with the same text (`7` and `"7"`): a
+    /// server that reads ids loosely may take one for the other.
+    pub fn twin(&self) -> Option<Id> {
+        match self {
+            Id::Int(i) => Some(Id::Str(i.to_string())),
+            Id::Str(s) => s
+                .parse::<i64>()
+                .ok()
+                .filter(|i| i.to_string() == *s)
+                .map(Id::Int),
         }
     }
 

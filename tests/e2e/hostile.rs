@@ -334,6 +334,14 @@ async fn id_spellings() {
             "id beyond 64 bits",
             r#""jsonrpc":"2.0","id":9223372036854775808,"#,
         ),
+        (
+            "id beyond 2^53 - 1",
+            r#""jsonrpc":"2.0","id":9007199254740993,"#,
+        ),
+        (
+            "negative id beyond 2^53 - 1",
+            r#""jsonrpc":"2.0","id":-9007199254740992,"#,
+        ),
         ("no jsonrpc", r#""id":7,"#),
         ("jsonrpc 1.0", r#""jsonrpc":"1.0","id":7,"#),
         ("numeric jsonrpc", r#""jsonrpc":2.0,"id":7,"#),
@@ -936,6 +944,9 @@ async fn resource_and_prompt_rbac() {
         "test://allowed/%2e%2e/hello",
         "TEST://allowed/x",
         "test://allowed/.%2Fx",
+        "test://allowed:/x",
+        "test://allowed/x%2b",
+        "test://allowed/\u{e9}",
     ] {
         let r = ro.request("resources/read", json!({"uri": uri})).await;
         assert_eq!(r["error"]["code"], -32602, "{uri}: {r}");
@@ -2060,6 +2071,83 @@ async fn vanished_clients_and_cancelled_calls() {
             .sum::<usize>(),
         0
     );
+    c.shutdown().await;
+}
+
+/// A request the client cancels may still be answered by its server. Until
+/// that late answer comes, its id is not taken again, nor its twin of the
+/// other type (`5` and `"5"`): otherwise the late answer would pass for the
+/// answer to the new request and be checked against the wrong method (here
+/// an unfiltered `tools/list` as the answer to a `ping`). The late answer
+/// is dropped, and the id is free again.
+#[tokio::test]
+async fn a_cancelled_requests_late_answer_answers_nothing_else() {
+    let c = ClusterBuilder::new()
+        .proxy()
+        .wildcard_agent("a1")
+        .start()
+        .await;
+    // Holds each tools/list, ignores cancellations, and answers what it
+    // holds before it answers the next request: a cancelled list's answer
+    // comes late, just before the answer to whatever is sent next.
+    let script = "import json,sys\nheld=[]\ndef out(m):\n    print(json.dumps(m), flush=True)\nfor l in sys.stdin:\n    m = json.loads(l)\n    if 'id' not in m: continue\n    if m.get('method') == 'initialize':\n        out({'jsonrpc':'2.0','id':m['id'],'result':{'protocolVersion':m['params']['protocolVersion'],'capabilities':{'tools':{}},'serverInfo':{'name':'late','version':'1'}}})\n        continue\n    for i in held:\n        out({'jsonrpc':'2.0','id':i,'result':{'tools':[{'name':'echo','inputSchema':{'type':'object'}},{'name':'touch','inputSchema':{'type':'object'}}]}})\n    held.clear()\n    if m.get('method') == 'tools/list':\n        held.append(m['id'])\n    else:\n        out({'jsonrpc':'2.0','id':m['id'],'result':{}})\n";
+    python_app(&c, "late", script).await;
+    c.create_yaml(NO_TOUCH.replace("{env: dev}", "{'*': '*'}").as_str(), false)
+        .await
+        .expect("role");
+    c.add_user("mallory", &["no-touch"], PW).await;
+    let t = c.login("mallory", PW).await;
+    eventually(Duration::from_secs(10), "a session opens", || async {
+        let mut probe = McpHttp::new(c.proxy_addr(), "late", &t);
+        probe.initialize().await.ok().map(|_| ())
+    })
+    .await;
+    let mut s = McpHttp::new(c.proxy_addr(), "late", &t);
+    s.initialize().await.expect("initialize");
+    let mut t2 = McpHttp::new(c.proxy_addr(), "late", &t);
+    t2.session = s.session.clone();
+    let shows_touch = |r: &Reply| String::from_utf8_lossy(&r.body).contains("touch");
+    let refused = |r: &Reply, id: &Value, what: &str| {
+        let a = answer(r, id);
+        assert_eq!(a["error"]["code"], -32600, "{what}: {a}");
+        assert!(!shows_touch(r), "{what}: {r:?}");
+    };
+    let list =
+        tokio::spawn(
+            async move { raw(&s, r#"{"jsonrpc":"2.0","id":5,"method":"tools/list"}"#).await },
+        );
+    c.wait_pending(1).await;
+    let ping = |id: &Value| format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"ping"}}"#);
+    let r = raw(&t2, &ping(&json!("5"))).await;
+    refused(&r, &json!("5"), "ping \"5\" while 5 waits");
+    let r = raw(
+        &t2,
+        r#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":5,"reason":"gave up"}}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{r:?}");
+    let r = tokio::time::timeout(Duration::from_secs(10), list)
+        .await
+        .expect("the cancelled list's stream closes")
+        .expect("task");
+    assert!(
+        r.messages().iter().all(|m| m.get("id") != Some(&json!(5))),
+        "no answer for a cancelled request: {r:?}"
+    );
+    // Cancelled, not answered: a ping with 5 or "5" now would be given the
+    // list. Refused before it reaches the server.
+    for id in [json!(5), json!("5")] {
+        let r = raw(&t2, &ping(&id)).await;
+        refused(&r, &id, &format!("ping {id} after the cancel"));
+    }
+    // The next request draws the late answer out first: it is dropped, and
+    // 5 is free again.
+    let r = raw(&t2, &ping(&json!(6))).await;
+    assert_eq!(answer(&r, &json!(6))["result"], json!({}), "{r:?}");
+    assert!(!shows_touch(&r), "{r:?}");
+    let r = raw(&t2, &ping(&json!(5))).await;
+    assert_eq!(answer(&r, &json!(5))["result"], json!({}), "{r:?}");
+    assert!(!shows_touch(&r), "{r:?}");
     c.shutdown().await;
 }
 

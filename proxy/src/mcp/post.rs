@@ -167,8 +167,9 @@ async fn read_body(state: &ProxyState, body: Body) -> Result<Bytes, Response> {
 
 /// The client gave up on a request it sent (`notifications/cancelled`, now
 /// forwarded to the server): the proxy stops waiting for its answer, which
-/// the server should not send, audits the call as unanswered, and closes
-/// the POST stream it held if nothing else is awaited there.
+/// the server should not send (one that comes is dropped:
+/// `Session::cancel`), audits the call as unanswered, and closes the POST
+/// stream it held if nothing else is awaited there.
 async fn cancelled(state: &Arc<ProxyState>, session: &Arc<Session>, m: &Message) {
     let Some(id) = m
         .params()
@@ -177,10 +178,11 @@ async fn cancelled(state: &Arc<ProxyState>, session: &Arc<Session>, m: &Message)
     else {
         return;
     };
-    let why = "cancelled by the client";
-    for (_, pend) in forget_unanswered(state, session, std::slice::from_ref(&id), why).await {
-        session.release_stream_if_done(pend.stream);
-    }
+    let Some(pend) = session.cancel(&id) else {
+        return;
+    };
+    rbac::unanswered(state, session, &id, &pend, "cancelled by the client").await;
+    session.release_stream_if_done(pend.stream);
 }
 
 /// Stops waiting for these requests and audits each as unanswered, for

@@ -7,7 +7,7 @@
 //! the canonical id, and one that matches nothing is dropped, never relayed.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -36,6 +36,24 @@ pub struct Out {
     /// The last answer its stream awaits; the stream was released before
     /// it was sent, so no server message can follow it there.
     pub last: bool,
+    /// Counts a server message against its session's `QUEUED_BYTES` until
+    /// the stream takes it.
+    held: Option<Held>,
+}
+
+/// Bytes of server messages queued for one session's client streams and
+/// not yet taken by them. Beyond this the client is not reading (a stream
+/// whose connection no longer reads, or many POSTs left unread at once),
+/// and the session ends, as for a stream that stalls: what a session may
+/// hold does not grow with what its server sends.
+const QUEUED_BYTES: usize = 64 * 1024 * 1024;
+
+struct Held(Arc<AtomicUsize>, usize);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.fetch_sub(self.1, Ordering::Relaxed);
+    }
 }
 
 impl Out {
@@ -44,6 +62,7 @@ impl Out {
             msg,
             answer: true,
             last: false,
+            held: None,
         }
     }
     pub fn other(msg: Bytes) -> Out {
@@ -51,11 +70,18 @@ impl Out {
             msg,
             answer: false,
             last: false,
+            held: None,
         }
     }
 }
 
+/// Server messages kept for a client with no stream open, by count and
+/// bytes; the oldest go first.
 const BACKLOG: usize = 1000;
+const BACKLOG_BYTES: usize = 8 * 1024 * 1024;
+/// Cancelled requests remembered until their late answer comes (see
+/// `Session::cancel`).
+const MAX_CANCELLED: usize = 1024;
 pub const STREAM_BUFFER: usize = 256;
 /// What each stream keeps of the messages it carried, for a client that
 /// reconnects with `Last-Event-ID`: at most this many, of at most this
@@ -117,7 +143,17 @@ const STALLED: &str = "the client stopped reading its stream; the session was en
 
 /// Sends to a client stream, waiting at most `STALL` for room. `Ok(None)`:
 /// sent; `Ok(Some(msg))`: the stream is closed; `Err`: the client stalled.
-async fn send_bounded(tx: &StreamTx, msg: Out) -> Result<Option<Bytes>, ()> {
+async fn send_bounded(
+    tx: &StreamTx,
+    mut msg: Out,
+    queued: &Arc<AtomicUsize>,
+) -> Result<Option<Bytes>, ()> {
+    let len = msg.msg.len();
+    if queued.fetch_add(len, Ordering::Relaxed) + len > QUEUED_BYTES {
+        queued.fetch_sub(len, Ordering::Relaxed);
+        return Err(());
+    }
+    msg.held = Some(Held(queued.clone(), len));
     match tx.try_send(msg) {
         Ok(()) => Ok(None),
         Err(mpsc::error::TrySendError::Closed(m)) => Ok(Some(m.msg)),
@@ -161,11 +197,16 @@ struct Inner {
     get_replays: VecDeque<(u64, ReplayRef)>,
     seen: HashMap<portico_mcp::lists::ListKind, SeenList>,
     pending: HashMap<Id, Pending>,
+    /// Requests the client cancelled that the server has not answered: a
+    /// late answer is dropped, and their ids are not taken again until it
+    /// comes, so that it cannot pass for the answer to another request.
+    cancelled: std::collections::HashSet<Id>,
     streams: HashMap<u64, StreamTx>,
     /// Open POST streams, oldest first.
     order: Vec<u64>,
     get: Option<StreamTx>,
     backlog: VecDeque<Bytes>,
+    backlog_bytes: usize,
     next_stream: u64,
     to_agent: Option<AgentTx>,
     /// The server's standard input, when its agent is in this process and
@@ -183,6 +224,8 @@ pub struct Session {
     pub admin: bool,
     pub started: Instant,
     pub last_active: AtomicI64,
+    /// Bytes of server messages in its streams' queues (`QUEUED_BYTES`).
+    queued: Arc<AtomicUsize>,
     inner: Mutex<Inner>,
 }
 
@@ -214,6 +257,7 @@ impl Session {
             admin,
             started: Instant::now(),
             last_active: AtomicI64::new(now_ms()),
+            queued: Arc::default(),
             inner: Mutex::new(Inner {
                 to_agent: Some(to_agent),
                 ..Default::default()
@@ -275,7 +319,23 @@ impl Session {
         }
     }
 
-    /// Stops waiting for these requests; returns what they asked.
+    /// The client cancelled request `id`: the proxy stops waiting for its
+    /// answer and returns what it asked, but remembers the id until the
+    /// server answers it anyway, dropping that answer. With `MAX_CANCELLED`
+    /// such ids already remembered, it keeps waiting instead (`None`), so
+    /// that no id is forgotten while an answer to it may still come.
+    pub fn cancel(&self, id: &Id) -> Option<Pending> {
+        let mut g = self.lock();
+        if g.cancelled.len() >= MAX_CANCELLED {
+            return None;
+        }
+        let pend = g.pending.remove(id)?;
+        g.cancelled.insert(id.clone());
+        Some(pend)
+    }
+
+    /// Stops waiting for these requests, which were never sent; returns
+    /// what they asked.
     pub fn forget(&self, ids: &[Id]) -> Vec<(Id, Pending)> {
         let mut g = self.lock();
         ids.iter()
@@ -288,15 +348,25 @@ impl Session {
         self.lock().pending.len()
     }
 
+    /// Whether an answer with this id, or with its twin of the other type
+    /// (`7` and `"7"`), may still come: the id of a request waiting, or of
+    /// one cancelled and not answered yet.
     pub fn is_pending(&self, id: &Id) -> bool {
-        self.lock().pending.contains_key(id)
+        Self::in_use(&self.lock(), id)
     }
 
-    /// Registers a request as waiting on `stream`. An id already waiting
-    /// is refused: two answers could not be told apart.
+    fn in_use(g: &Inner, id: &Id) -> bool {
+        std::iter::once(id.clone())
+            .chain(id.twin())
+            .any(|i| g.pending.contains_key(&i) || g.cancelled.contains(&i))
+    }
+
+    /// Registers a request as waiting on `stream`. An id already in use
+    /// (`is_pending`) is refused: two answers could not be told apart, and
+    /// a server that reads ids loosely might answer one for the other.
     pub fn expect(&self, id: Id, stream: u64, asked: Asked) -> Result<(), Asked> {
         let mut g = self.lock();
-        if g.pending.contains_key(&id) {
+        if Self::in_use(&g, &id) {
             return Err(asked);
         }
         g.pending.insert(
@@ -367,6 +437,7 @@ impl Session {
         while let Some(m) = g.backlog.pop_front() {
             let _ = tx.try_send(Out::other(m));
         }
+        g.backlog_bytes = 0;
         g.get = Some(tx);
         g.next_stream += 1;
         let id = g.next_stream;
@@ -489,11 +560,19 @@ impl Session {
 
     fn push_backlog(&self, msg: Bytes) {
         let mut g = self.lock();
-        if g.backlog.len() >= BACKLOG {
-            g.backlog.pop_front();
-            tracing::warn!(session = %self.id, "server message backlog full; dropped the oldest");
-        }
+        g.backlog_bytes += msg.len();
         g.backlog.push_back(msg);
+        let mut dropped = 0;
+        while g.backlog.len() > BACKLOG || g.backlog_bytes > BACKLOG_BYTES {
+            let Some(old) = g.backlog.pop_front() else {
+                break;
+            };
+            g.backlog_bytes -= old.len();
+            dropped += 1;
+        }
+        if dropped > 0 {
+            tracing::warn!(session = %self.id, dropped, "server message backlog full; dropped the oldest");
+        }
     }
 
     /// Routes one message from the MCP server to the client; an error means
@@ -513,7 +592,11 @@ impl Session {
             return Ok(());
         };
         let Some((pend, to)) = self.take_pending(&id) else {
-            tracing::warn!(session = %self.id, app = %self.app, id = %id, "the MCP server answered a request nobody is waiting for; dropped");
+            if self.lock().cancelled.remove(&id) {
+                tracing::debug!(session = %self.id, app = %self.app, id = %id, "the MCP server answered a cancelled request; dropped");
+            } else {
+                tracing::warn!(session = %self.id, app = %self.app, id = %id, "the MCP server answered a request nobody is waiting for; dropped");
+            }
             return Ok(());
         };
         let out = rbac::on_response(state, self, &pend, &mut msg).await;
@@ -541,6 +624,7 @@ impl Session {
             return Ok(());
         };
         let Some((pend, to)) = self.take_pending(&id) else {
+            self.lock().cancelled.remove(&id);
             return Ok(());
         };
         rbac::unanswered(
@@ -587,7 +671,9 @@ impl Session {
             Some(tx) => {
                 let mut o = Out::answer(out);
                 o.last = last;
-                send_bounded(&tx, o).await.map_err(|()| STALLED)?
+                send_bounded(&tx, o, &self.queued)
+                    .await
+                    .map_err(|()| STALLED)?
             }
             None => Some(out),
         };
@@ -600,7 +686,7 @@ impl Session {
     async fn deliver_server(&self, msg: Bytes) -> Result<(), &'static str> {
         match self.server_target() {
             Target::Stream(tx) => {
-                if let Some(m) = send_bounded(&tx, Out::other(msg))
+                if let Some(m) = send_bounded(&tx, Out::other(msg), &self.queued)
                     .await
                     .map_err(|()| STALLED)?
                 {
@@ -840,6 +926,67 @@ mod tests {
         assert!(got.answer && got.last);
         assert!(rx.recv().await.is_none(), "the stream ends with its answer");
         assert!(s.lock().backlog.is_empty(), "nothing went elsewhere");
+    }
+
+    /// What a session holds for its client does not grow with what its
+    /// server sends: the backlog by bytes as well as count, and its
+    /// streams' queues by bytes, beyond which the client is not reading
+    /// and the session is ended.
+    #[tokio::test]
+    async fn what_a_session_holds_for_its_client_is_bounded_in_bytes() {
+        let (tx, _body) = portico_tunnel::queue::channel::<Bytes>(4);
+        let s = Session::new("s".into(), "u".into(), "a".into(), "h".into(), false, tx);
+        let big = Bytes::from(vec![b'x'; 1024 * 1024]);
+        for _ in 0..3 * BACKLOG_BYTES / big.len() {
+            s.deliver_from_proxy(big.clone())
+                .await
+                .expect("to the backlog");
+        }
+        {
+            let g = s.lock();
+            assert_eq!(g.backlog_bytes, BACKLOG_BYTES);
+            assert_eq!(
+                g.backlog.iter().map(Bytes::len).sum::<usize>(),
+                BACKLOG_BYTES
+            );
+        }
+        // A GET stream takes the backlog, and nobody reads it.
+        let (_, mut rx, _) = s.open_get(None);
+        assert_eq!(s.lock().backlog_bytes, 0);
+        let fit = QUEUED_BYTES / big.len();
+        for i in 0..fit {
+            s.deliver_from_proxy(big.clone())
+                .await
+                .unwrap_or_else(|e| panic!("{i}: {e}"));
+        }
+        assert_eq!(s.deliver_from_proxy(big.clone()).await, Err(STALLED));
+        // Taken by the stream, a message no longer counts.
+        for _ in 0..BACKLOG_BYTES / big.len() + 1 {
+            rx.try_recv().expect("queued");
+        }
+        s.deliver_from_proxy(big.clone()).await.expect("room again");
+    }
+
+    /// A cancelled request's id stays taken, with its twin, until its late
+    /// answer comes; with `MAX_CANCELLED` such ids, a cancellation leaves
+    /// its request waiting rather than forget an id still in flight.
+    #[test]
+    fn cancelled_ids_stay_taken_and_are_bounded() {
+        let (tx, _body) = portico_tunnel::queue::channel::<Bytes>(4);
+        let s = Session::new("s".into(), "u".into(), "a".into(), "h".into(), false, tx);
+        let (sid, _rx) = s.open_stream();
+        for i in 0..MAX_CANCELLED as i64 {
+            s.expect(Id::Int(i), sid, Asked::Other).expect("new id");
+            assert!(s.cancel(&Id::Int(i)).is_some());
+        }
+        assert_eq!(s.pending_count(), 0);
+        assert!(s.is_pending(&Id::Int(7)) && s.is_pending(&Id::Str("7".into())));
+        assert!(s.expect(Id::Str("7".into()), sid, Asked::Other).is_err());
+        assert!(!s.is_pending(&Id::Str("07".into())));
+        let last = Id::Int(MAX_CANCELLED as i64);
+        s.expect(last.clone(), sid, Asked::Other).expect("new id");
+        assert!(s.cancel(&last).is_none(), "no room: still waited for");
+        assert!(s.is_pending(&last) && s.pending_count() == 1);
     }
 
     /// A client cut off its GET stream resumes it after any number of
