@@ -390,8 +390,9 @@ impl Api {
     }
 
     /// A user may not take a name the system uses, nor get a role its
-    /// creator does not hold, unless the creator may write roles (and so
-    /// could grant itself any permission anyway).
+    /// creator does not hold, nor lack one of its creator's roles that deny
+    /// something, unless the creator may write roles (and so could grant
+    /// itself any permission anyway).
     fn user_allowed(&self, p: &Principal, name: &str, roles: &[String]) -> Result<(), Status> {
         if portico_core::principal::is_reserved_name(name) {
             return Err(Status::invalid_argument(format!(
@@ -403,12 +404,23 @@ impl Api {
         if writes_roles {
             return Ok(());
         }
-        match roles.iter().find(|r| !p.roles.contains(r)) {
-            None => Ok(()),
-            Some(r) => Err(Status::permission_denied(format!(
+        if let Some(r) = roles.iter().find(|r| !p.roles.contains(r)) {
+            return Err(Status::permission_denied(format!(
                 "access denied: you cannot grant the role {r:?}, which you do not hold; ask someone who may write roles"
-            ))),
+            )));
         }
+        // Roles that deny: a user holding some of the caller's roles but not
+        // these could do what the caller may not.
+        if let Some(r) = p
+            .checker
+            .denying_roles()
+            .find(|d| !roles.iter().any(|r| r == d))
+        {
+            return Err(Status::permission_denied(format!(
+                "access denied: the role {r:?}, which you hold, denies you something, so every user you create or change must hold it too; ask someone who may write roles"
+            )));
+        }
+        Ok(())
     }
 
     async fn refused(&self, c: &Caller, event: &str, name: &str, error: &str) {

@@ -94,6 +94,17 @@ impl Compiled {
         }
     }
 
+    /// As a deny side: does it deny anything at all?
+    fn denies_anything(&self) -> bool {
+        let says = |p: &Patterns| p.broken || p.list.as_ref().is_some_and(|l| !l.is_empty());
+        !self.rules.is_empty()
+            || self.apps_broken
+            || !self.apps.is_empty()
+            || says(&self.tools)
+            || says(&self.resources)
+            || says(&self.prompts)
+    }
+
     fn rule_covers(&self, kind: Kind, verb: Verb) -> bool {
         self.rules.iter().any(|r| {
             r.resources.iter().any(|k| k.covers(kind)) && r.verbs.iter().any(|v| v.covers(verb))
@@ -155,6 +166,17 @@ impl AccessChecker {
 
     pub fn role_names(&self) -> Vec<String> {
         self.roles.iter().map(|r| r.name.clone()).collect()
+    }
+
+    /// The caller's roles that deny something. Roles are not monotone: a
+    /// user given some of the caller's roles but not these could do what
+    /// the caller cannot, so whoever the caller gives roles to must hold
+    /// these as well.
+    pub fn denying_roles(&self) -> impl Iterator<Item = &str> {
+        self.roles
+            .iter()
+            .filter(|r| r.deny.denies_anything())
+            .map(|r| r.name.as_str())
     }
 
     /// May the caller perform `verb` on `kind`?

@@ -26,9 +26,13 @@ fn value() -> impl Strategy<Value = Value> {
     })
 }
 
+/// A valid id: a string, or an integer within 2^53 - 1 in size.
 fn id() -> impl Strategy<Value = Value> {
+    const MAX: i64 = portico_mcp::jsonrpc::MAX_SAFE_ID as i64;
     prop_oneof![
-        any::<i64>().prop_map(Value::from),
+        (-MAX..=MAX).prop_map(Value::from),
+        Just(Value::from(MAX)),
+        Just(Value::from(-MAX)),
         "[ -~]{0,10}".prop_map(Value::String),
     ]
 }
@@ -74,6 +78,17 @@ fn with_duplicate(msg: &Value, key: &str, escape: bool, nested: bool) -> String 
 }
 
 proptest! {
+    #[test]
+    fn ids_beyond_2_pow_53_are_refused(
+        n in prop_oneof![
+            (portico_mcp::jsonrpc::MAX_SAFE_ID as i64 + 1)..=i64::MAX,
+            i64::MIN..=-(portico_mcp::jsonrpc::MAX_SAFE_ID as i64 + 1),
+        ],
+    ) {
+        let body = format!(r#"{{"jsonrpc":"2.0","id":{n},"method":"ping"}}"#);
+        prop_assert!(Message::parse(body.as_bytes()).is_err());
+    }
+
     #[test]
     fn canonical_form_reparses_to_the_same_message(v in message()) {
         let bytes = serde_json::to_vec(&v).expect("serialise");

@@ -1421,6 +1421,37 @@ async fn users_cannot_grant_roles_they_do_not_hold() {
     api.add_user(add("helper", &["user-admin"]))
         .await
         .expect("her own role");
+    // A role that denies is not hers to leave out: dora, kept from prod
+    // apps, could otherwise make a user (or make herself) one who is not.
+    c.create_yaml(
+        "kind: role\nversion: v8\nmetadata: {name: no-prod}\nspec:\n  deny:\n    app_labels: {env: prod}\n",
+        false,
+    )
+    .await
+    .expect("role");
+    c.add_user("dora", &["user-admin", "no-prod"], PW).await;
+    let mut dora = c.client(&c.login("dora", PW).await).await;
+    let e = dora
+        .add_user(add("sock", &["user-admin"]))
+        .await
+        .expect_err("a user without no-prod reaches what dora may not");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("\"no-prod\""), "{}", e.message());
+    let me = portico_proto::v1::Resource {
+        kind: "user".into(),
+        json: r#"{"kind":"user","version":"v2","metadata":{"name":"dora"},"spec":{"roles":["user-admin"]}}"#.into(),
+    };
+    let e = dora
+        .create(portico_proto::v1::CreateRequest {
+            resources: vec![me],
+            overwrite: true,
+        })
+        .await
+        .expect_err("nor may she drop it from herself");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    dora.add_user(add("sock", &["user-admin", "no-prod"]))
+        .await
+        .expect("with no-prod, sock reaches no more than dora");
     // Names the system uses are nobody's, the admin's included.
     let mut admin = c.admin().await;
     for reserved in ["admin", "system", "root", "portico"] {
@@ -1767,6 +1798,42 @@ async fn connections_and_handshakes_are_capped_per_address() {
             "a silent handshake was kept"
         );
     }
+    drop(silent);
+
+    // The auth-service's listener, likewise: silent connections from one
+    // address take at most their share of handshakes, and one beyond is
+    // closed at once rather than left to wait on the accept loop.
+    let mut silent = Vec::new();
+    for _ in 0..portico_tls::net::MAX_HANDSHAKES_PER_ADDRESS {
+        silent.push(
+            tokio::net::TcpStream::connect(c.auth_addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    let mut over = tokio::net::TcpStream::connect(c.auth_addr)
+        .await
+        .expect("connect");
+    assert!(
+        closed_at_once(&mut over).await,
+        "a handshake beyond the address's share was waited on"
+    );
+    drop(silent);
+    eventually(
+        Duration::from_secs(10),
+        "the auth-service answers again",
+        || async {
+            let token = c.admin_token();
+            let mut api = portico_proto::client::connect(&c.auth_dial(), Some(&token))
+                .await
+                .ok()?;
+            api.who_am_i(portico_proto::v1::WhoAmIRequest::default())
+                .await
+                .ok()
+                .map(|_| ())
+        },
+    )
+    .await;
     p.shutdown().await;
     c.shutdown().await;
 }

@@ -2,11 +2,12 @@
 //! parallel, bounded in number and time, plaintext answered with a clear
 //! refusal) and a connector for tonic channels and hyper clients.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -23,8 +24,15 @@ use crate::pki::PeerId;
 
 /// A TLS handshake must finish within this.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshakes in progress at once on one listener; more wait their turn.
+/// Handshakes in progress at once on one listener; more are closed at accept.
 pub const MAX_HANDSHAKES: usize = 256;
+
+/// Handshakes in progress at once from one address (a /64 for IPv6); more
+/// are closed at accept, so that one party's silent connections cannot
+/// take every slot while they wait to time out. Clients of the
+/// auth-service open few connections, briefly; the all-in-one's proxy
+/// and agent share one loopback address with every local `pctl`.
+pub const MAX_HANDSHAKES_PER_ADDRESS: usize = 32;
 
 /// The first byte of every TLS connection (a handshake record).
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
@@ -206,8 +214,9 @@ pub async fn accept(
 }
 
 /// The accepted, handshaken connections of `listener`, as a stream for
-/// tonic. Handshakes run in parallel (at most `MAX_HANDSHAKES`); failed
-/// ones are logged and skipped. It ends when the stream is dropped.
+/// tonic. Handshakes run in parallel (at most `MAX_HANDSHAKES`, and
+/// `MAX_HANDSHAKES_PER_ADDRESS` from one network); failed ones are logged
+/// and skipped. It ends when the stream is dropped.
 pub fn incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
@@ -215,6 +224,7 @@ pub fn incoming(
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<TlsConn>> {
     let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<TlsConn>>(64);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let from = Arc::<Mutex<HashMap<String, usize>>>::default();
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -229,8 +239,17 @@ pub fn incoming(
                     continue;
                 }
             };
-            let Ok(slot) = slots.clone().acquire_owned().await else {
-                return;
+            // Beyond the bounds a connection is closed, not queued: the
+            // loop never waits, so silent peers cannot stop it accepting.
+            let Ok(global) = slots.clone().try_acquire_owned() else {
+                tracing::warn!(peer = %peer, max = MAX_HANDSHAKES, "too many TLS handshakes in progress; closed a new connection");
+                continue;
+            };
+            let Some(slot) =
+                HandshakeSlot::take(&from, peer.ip(), global, MAX_HANDSHAKES_PER_ADDRESS)
+            else {
+                tracing::warn!(peer = %peer, max = MAX_HANDSHAKES_PER_ADDRESS, "too many TLS handshakes from one address; closed a new connection");
+                continue;
             };
             let tx = tx.clone();
             let config = config.clone();
@@ -246,6 +265,60 @@ pub fn incoming(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// The network one party controls: an IPv4 address, or the /64 of an IPv6 one.
+pub fn network_of(ip: std::net::IpAddr) -> String {
+    match ip {
+        std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+        other => other.to_canonical().to_string(),
+    }
+}
+
+/// A handshake in progress, counted globally and against its address.
+pub struct HandshakeSlot {
+    _global: tokio::sync::OwnedSemaphorePermit,
+    table: Arc<Mutex<HashMap<String, usize>>>,
+    key: String,
+}
+
+impl HandshakeSlot {
+    /// Takes a slot for `ip` if its network has fewer than `max` in
+    /// progress; `global` is the listener's own bound.
+    pub fn take(
+        table: &Arc<Mutex<HashMap<String, usize>>>,
+        ip: std::net::IpAddr,
+        global: tokio::sync::OwnedSemaphorePermit,
+        max: usize,
+    ) -> Option<Self> {
+        let key = network_of(ip);
+        let mut t = table.lock().unwrap_or_else(|p| p.into_inner());
+        let n = t.entry(key.clone()).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(HandshakeSlot {
+            _global: global,
+            table: table.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = t.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                t.remove(&self.key);
+            }
+        }
+    }
 }
 
 // ---- client side ----

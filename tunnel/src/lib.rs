@@ -478,7 +478,12 @@ impl TunnelServer {
                 tracing::warn!(peer = %peer, max = MAX_HANDSHAKES, "too many tunnel handshakes in progress; closed a new connection");
                 continue;
             };
-            let Some(slot) = HandshakeSlot::take(&self.handshakes_from, peer.ip(), slot) else {
+            let Some(slot) = HandshakeSlot::take(
+                &self.handshakes_from,
+                peer.ip(),
+                slot,
+                MAX_HANDSHAKES_PER_ADDRESS,
+            ) else {
                 tracing::warn!(peer = %peer, max = MAX_HANDSHAKES_PER_ADDRESS, "too many tunnel handshakes from one address; closed a new connection");
                 continue;
             };
@@ -625,53 +630,4 @@ impl TunnelServer {
     }
 }
 
-/// The network one party controls: an IPv4 address, or the /64 of an IPv6 one.
-pub fn network_of(ip: std::net::IpAddr) -> String {
-    match ip {
-        std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
-            let s = v6.segments();
-            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
-        }
-        other => other.to_canonical().to_string(),
-    }
-}
-
-/// A handshake in progress, counted globally and against its address.
-pub struct HandshakeSlot {
-    _global: tokio::sync::OwnedSemaphorePermit,
-    table: Arc<Mutex<HashMap<String, usize>>>,
-    key: String,
-}
-
-impl HandshakeSlot {
-    fn take(
-        table: &Arc<Mutex<HashMap<String, usize>>>,
-        ip: std::net::IpAddr,
-        global: tokio::sync::OwnedSemaphorePermit,
-    ) -> Option<Self> {
-        let key = network_of(ip);
-        let mut t = table.lock().unwrap_or_else(|p| p.into_inner());
-        let n = t.entry(key.clone()).or_default();
-        if *n >= MAX_HANDSHAKES_PER_ADDRESS {
-            return None;
-        }
-        *n += 1;
-        Some(HandshakeSlot {
-            _global: global,
-            table: table.clone(),
-            key,
-        })
-    }
-}
-
-impl Drop for HandshakeSlot {
-    fn drop(&mut self) {
-        let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = t.get_mut(&self.key) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                t.remove(&self.key);
-            }
-        }
-    }
-}
+pub use portico_tls::net::{HandshakeSlot, network_of};

@@ -356,9 +356,11 @@ impl Session {
     }
 
     fn in_use(g: &Inner, id: &Id) -> bool {
-        std::iter::once(id.clone())
-            .chain(id.twin())
-            .any(|i| g.pending.contains_key(&i) || g.cancelled.contains(&i))
+        let taken = |i: &Id| g.pending.contains_key(i) || g.cancelled.contains(i);
+        if g.pending.is_empty() && g.cancelled.is_empty() {
+            return false;
+        }
+        taken(id) || id.twin().is_some_and(|t| taken(&t))
     }
 
     /// Registers a request as waiting on `stream`. An id already in use
