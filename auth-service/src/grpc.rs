@@ -15,7 +15,8 @@ use portico_core::labels::LabelSelector;
 use portico_core::resource::{app_server_name, validate_name};
 use portico_core::time::{format_rfc3339, now_ms};
 use portico_core::{
-    AppServerSpec, Code, Error, Kind, Metadata, Object, Resource, TokenSpec, UserSpec, Verb,
+    AccessChecker, AppServerSpec, Code, Error, Kind, Metadata, Object, Resource, TokenSpec,
+    UserSpec, Verb,
 };
 use portico_proto::convert::to_status;
 use portico_proto::v1::*;
@@ -1370,10 +1371,10 @@ impl AuthService for Api {
             .get(Kind::App, &req.app)
             .await
             .map_err(to_status)?;
-        let spec = match stored.map(|r| Resource::from_json(Kind::App, &r.value)) {
-            Some(Ok(Resource::App(a))) => a.spec,
+        let (spec, labels) = match stored.map(|r| Resource::from_json(Kind::App, &r.value)) {
+            Some(Ok(Resource::App(a))) => (a.spec, a.metadata.labels),
             _ => match server.spec.static_app {
-                Some(a) => a.spec,
+                Some(a) => (a.spec, a.metadata.labels),
                 None => return Err(Status::not_found(format!("no app named {:?}", req.app))),
             },
         };
@@ -1399,6 +1400,28 @@ impl AuthService for Api {
             }
             _ => return Err(Status::not_found(format!("no user named {:?}", req.user))),
         };
+        // Only for a user whose roles reach the app: an agent names the
+        // user of a session the proxy opened, and that proxy checked it.
+        let checker = AccessChecker::new(
+            &crate::identity::load_roles(self.s.backend.as_ref(), &roles)
+                .await
+                .map_err(to_status)?,
+        );
+        if !checker.app_allowed(&labels) {
+            let status = Status::permission_denied(format!(
+                "the user {:?} may not reach the app {:?}",
+                req.user, req.app
+            ));
+            return Err(self
+                .denied(
+                    &c,
+                    Some(Kind::App),
+                    Some(Verb::Read),
+                    Some(req.app.as_str()),
+                    status,
+                )
+                .await);
+        }
         let (token, expires_ms) = self
             .s
             .jwt

@@ -4,7 +4,7 @@
 //! and a graceful stop that lets answers in flight finish.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,6 +14,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use portico_tls::net::PerAddress;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tower::ServiceExt;
@@ -233,40 +234,6 @@ async fn opens_h2(mut tcp: tokio::net::TcpStream, within: Duration) -> Option<(b
     let (read, write) = tcp.into_split();
     let read = std::io::Cursor::new(first[..n].to_vec()).chain(read);
     Some((h2, tokio::io::join(read, write)))
-}
-
-/// One open connection counted against its address; uncounted on drop.
-struct PerAddress {
-    table: Arc<Mutex<HashMap<String, usize>>>,
-    key: String,
-}
-
-impl PerAddress {
-    fn take(table: &Arc<Mutex<HashMap<String, usize>>>, ip: IpAddr, max: usize) -> Option<Self> {
-        let key = portico_tunnel::network_of(ip);
-        let mut t = table.lock().unwrap_or_else(|p| p.into_inner());
-        let n = t.entry(key.clone()).or_default();
-        if max > 0 && *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(PerAddress {
-            table: table.clone(),
-            key,
-        })
-    }
-}
-
-impl Drop for PerAddress {
-    fn drop(&mut self) {
-        let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = t.get_mut(&self.key) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                t.remove(&self.key);
-            }
-        }
-    }
 }
 
 /// The `Date` header (RFC 9110 asks it of every answer), marked never to be

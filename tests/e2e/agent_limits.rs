@@ -687,6 +687,43 @@ async fn identity_jwt_names_the_user_and_verifies_with_the_proxy_keys() {
         .await
         .expect_err("the rogue agent serves nothing");
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    // Nor, claiming the app, for a user whose roles do not reach it.
+    c.create_yaml(
+        "kind: role\nversion: v8\nmetadata: {name: other-team}\nspec:\n  allow:\n    app_labels: {team: other}\n    mcp: {tools: ['*']}\n",
+        false,
+    )
+    .await
+    .expect("role");
+    c.add_user("outsider", &["other-team"], "outsider-pw-1")
+        .await;
+    let mut rogue_api = c.service_client(&rogue).await;
+    rogue_api
+        .heartbeat(portico_proto::v1::HeartbeatRequest {
+            ttl_ms: 30_000,
+            serve: vec![portico_proto::v1::ServedApp {
+                app: "up-jwt".into(),
+                static_app_json: String::new(),
+            }],
+            ..Default::default()
+        })
+        .await
+        .expect("heartbeat");
+    let e = rogue_api
+        .issue_app_jwt(portico_proto::v1::IssueAppJwtRequest {
+            app: "up-jwt".into(),
+            user: "outsider".into(),
+        })
+        .await
+        .expect_err("outsider may not reach up-jwt");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("may not reach"), "{}", e.message());
+    rogue_api
+        .heartbeat(portico_proto::v1::HeartbeatRequest {
+            release: true,
+            ..Default::default()
+        })
+        .await
+        .expect("release");
     let e = c
         .client(&token)
         .await

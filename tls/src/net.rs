@@ -278,11 +278,51 @@ pub fn network_of(ip: std::net::IpAddr) -> String {
     }
 }
 
+/// One thing in progress (a connection, a handshake) counted against its
+/// network (`network_of`); uncounted on drop.
+pub struct PerAddress {
+    table: Arc<Mutex<HashMap<String, usize>>>,
+    key: String,
+}
+
+impl PerAddress {
+    /// Counts one more for `ip`'s network, unless it has `max` already (0:
+    /// no bound).
+    pub fn take(
+        table: &Arc<Mutex<HashMap<String, usize>>>,
+        ip: std::net::IpAddr,
+        max: usize,
+    ) -> Option<Self> {
+        let key = network_of(ip);
+        let mut t = table.lock().unwrap_or_else(|p| p.into_inner());
+        let n = t.entry(key.clone()).or_default();
+        if max > 0 && *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(PerAddress {
+            table: table.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for PerAddress {
+    fn drop(&mut self) {
+        let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = t.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                t.remove(&self.key);
+            }
+        }
+    }
+}
+
 /// A handshake in progress, counted globally and against its address.
 pub struct HandshakeSlot {
     _global: tokio::sync::OwnedSemaphorePermit,
-    table: Arc<Mutex<HashMap<String, usize>>>,
-    key: String,
+    _address: PerAddress,
 }
 
 impl HandshakeSlot {
@@ -294,30 +334,10 @@ impl HandshakeSlot {
         global: tokio::sync::OwnedSemaphorePermit,
         max: usize,
     ) -> Option<Self> {
-        let key = network_of(ip);
-        let mut t = table.lock().unwrap_or_else(|p| p.into_inner());
-        let n = t.entry(key.clone()).or_default();
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
         Some(HandshakeSlot {
+            _address: PerAddress::take(table, ip, max)?,
             _global: global,
-            table: table.clone(),
-            key,
         })
-    }
-}
-
-impl Drop for HandshakeSlot {
-    fn drop(&mut self) {
-        let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = t.get_mut(&self.key) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                t.remove(&self.key);
-            }
-        }
     }
 }
 
