@@ -1325,17 +1325,20 @@ impl AuthService for Api {
     async fn issue_app_jwt(&self, req: Request<IssueAppJwtRequest>) -> Res<IssueAppJwtResponse> {
         let c = self.caller(&req, "issue_app_jwt").await?;
         let req = req.into_inner();
+        // Refusals are audited as denied reads of the app.
+        let refuse = async |status: Status| {
+            self.denied(
+                &c,
+                Some(Kind::App),
+                Some(Verb::Read),
+                Some(req.app.as_str()),
+                status,
+            )
+            .await
+        };
         if c.p.ptype != PrincipalType::Service || c.p.service_role != Some(SystemRole::App) {
             let status = Status::permission_denied("only agents ask for app JWTs");
-            return Err(self
-                .denied(
-                    &c,
-                    Some(Kind::App),
-                    Some(Verb::Read),
-                    Some(req.app.as_str()),
-                    status,
-                )
-                .await);
+            return Err(refuse(status).await);
         }
         validate_name(&req.app)
             .map_err(|e| Status::invalid_argument(e.within("app").to_string()))?;
@@ -1355,15 +1358,7 @@ impl AuthService for Api {
                 "this agent does not serve the app {:?}",
                 req.app
             ));
-            return Err(self
-                .denied(
-                    &c,
-                    Some(Kind::App),
-                    Some(Verb::Read),
-                    Some(req.app.as_str()),
-                    status,
-                )
-                .await);
+            return Err(refuse(status).await);
         };
         let stored = self
             .s
@@ -1412,15 +1407,7 @@ impl AuthService for Api {
                 "the user {:?} may not reach the app {:?}",
                 req.user, req.app
             ));
-            return Err(self
-                .denied(
-                    &c,
-                    Some(Kind::App),
-                    Some(Verb::Read),
-                    Some(req.app.as_str()),
-                    status,
-                )
-                .await);
+            return Err(refuse(status).await);
         }
         let (token, expires_ms) = self
             .s
