@@ -1717,6 +1717,22 @@ async fn a_server_answer_that_cannot_be_read_is_an_error_not_a_hang() {
     c.shutdown().await;
 }
 
+/// Opens `cap` silent connections to `addr` and keeps them; one more is
+/// closed at once (`what` says otherwise).
+async fn held_to_the_cap(
+    addr: std::net::SocketAddr,
+    cap: usize,
+    what: &str,
+) -> Vec<tokio::net::TcpStream> {
+    let mut held = Vec::new();
+    for _ in 0..cap {
+        held.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+    }
+    let mut over = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    assert!(closed_at_once(&mut over).await, "{what}");
+    held
+}
+
 /// Whether the proxy closes a fresh connection at once (read sees EOF or a reset).
 async fn closed_at_once(tcp: &mut tokio::net::TcpStream) -> bool {
     use tokio::io::AsyncReadExt;
@@ -1736,21 +1752,7 @@ async fn connections_and_handshakes_are_capped_per_address() {
     };
     let p = own_proxy(&c, "127.0.0.1:0", cfg).await;
     // Three idle web connections are held; a fourth from the same address is closed.
-    let mut held = Vec::new();
-    for _ in 0..3 {
-        held.push(
-            tokio::net::TcpStream::connect(p.web_addr)
-                .await
-                .expect("connect"),
-        );
-    }
-    let mut fourth = tokio::net::TcpStream::connect(p.web_addr)
-        .await
-        .expect("connect");
-    assert!(
-        closed_at_once(&mut fourth).await,
-        "a fourth connection was kept"
-    );
+    let held = held_to_the_cap(p.web_addr, 3, "a fourth connection was kept").await;
     drop(held);
     // Once they are gone, a new one is served.
     eventually(
@@ -1773,21 +1775,12 @@ async fn connections_and_handshakes_are_capped_per_address() {
     .await;
 
     // Eight silent tunnel handshakes from one address are waited on; a ninth is closed.
-    let mut silent = Vec::new();
-    for _ in 0..portico_tunnel::MAX_HANDSHAKES_PER_ADDRESS {
-        silent.push(
-            tokio::net::TcpStream::connect(p.tunnel_addr)
-                .await
-                .expect("connect"),
-        );
-    }
-    let mut ninth = tokio::net::TcpStream::connect(p.tunnel_addr)
-        .await
-        .expect("connect");
-    assert!(
-        closed_at_once(&mut ninth).await,
-        "a ninth handshake was waited on"
-    );
+    let mut silent = held_to_the_cap(
+        p.tunnel_addr,
+        portico_tunnel::MAX_HANDSHAKES_PER_ADDRESS,
+        "a ninth handshake was waited on",
+    )
+    .await;
     // Silence is not waited on for long: the held ones are closed within seconds.
     for s in &mut silent {
         use tokio::io::AsyncReadExt;
@@ -1803,21 +1796,12 @@ async fn connections_and_handshakes_are_capped_per_address() {
     // The auth-service's listener, likewise: silent connections from one
     // address take at most their share of handshakes, and one beyond is
     // closed at once rather than left to wait on the accept loop.
-    let mut silent = Vec::new();
-    for _ in 0..portico_tls::net::MAX_HANDSHAKES_PER_ADDRESS {
-        silent.push(
-            tokio::net::TcpStream::connect(c.auth_addr)
-                .await
-                .expect("connect"),
-        );
-    }
-    let mut over = tokio::net::TcpStream::connect(c.auth_addr)
-        .await
-        .expect("connect");
-    assert!(
-        closed_at_once(&mut over).await,
-        "a handshake beyond the address's share was waited on"
-    );
+    let silent = held_to_the_cap(
+        c.auth_addr,
+        portico_tls::net::MAX_HANDSHAKES_PER_ADDRESS,
+        "a handshake beyond the address's share was waited on",
+    )
+    .await;
     drop(silent);
     eventually(
         Duration::from_secs(10),

@@ -25,6 +25,7 @@ use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use portico_tls::net::HandshakeSlot;
 use portico_tls::{CertRole, PeerId};
 use rand::Rng;
 use rustls::{ClientConfig, ServerConfig};
@@ -629,5 +630,3 @@ impl TunnelServer {
         result
     }
 }
-
-pub use portico_tls::net::{HandshakeSlot, network_of};
